@@ -1,0 +1,276 @@
+"""PPO-family losses in plain PyTorch: KL estimators, the clipped policy objective, the clipped value loss.
+
+This is the ground truth the Triton kernels (`kernels/ppo.py`, `kernels/kl.py`) are tested against,
+and the path used off-GPU. It also owns the argument checks, which the public functions in
+`fastrlhf.losses.ppo` reuse so both backends reject exactly the same inputs.
+
+Conventions (DESIGN.md): log-ratios are clamped to [-20, 20] before `exp`; tokens with mask 0 are
+zeroed before any arithmetic, so NaN/inf padding never reaches the loss or the gradients; a fully
+masked row or an all-zero mask gives loss 0 and zero gradients. `old_logps`, `advantages`,
+`old_values` and `returns` are treated as constants (detached), as in every PPO implementation.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastrlhf._checks import (
+    as_float_mask,
+    check_choice,
+    check_floating,
+    check_ndim,
+    check_non_negative,
+    check_positive,
+    check_same_device,
+    check_same_shape,
+)
+
+LOG_RATIO_LIMIT = 20.0
+
+# Estimator names accepted, with the aliases verl uses ("kl", "mse", "low_var_kl") mapped to
+# the k1 / k2 / k3 names of OpenRLHF and TRL.
+KL_ESTIMATORS = {"k1": "k1", "kl": "k1", "k2": "k2", "mse": "k2", "k3": "k3", "low_var_kl": "k3"}
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+
+# ----------------------------------------------------------------------------- argument checks
+def canonical_kl_estimator(name: str, estimator: str) -> str:
+    """Map an estimator name or alias to "k1" | "k2" | "k3"; ValueError naming argument `name` otherwise."""
+    check_choice(name, estimator, tuple(KL_ESTIMATORS))
+    return KL_ESTIMATORS[estimator]
+
+
+def check_kl_args(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) -> str:
+    check_floating("logps", logps)
+    check_floating("ref_logps", ref_logps)
+    check_same_shape("logps", logps, ref_logps=ref_logps)
+    check_same_device(logps=logps, ref_logps=ref_logps)
+    return canonical_kl_estimator("estimator", estimator)
+
+
+def check_ppo_args(
+    logps, old_logps, advantages, mask, *, clip_eps, clip_eps_high, dual_clip, ref_logps, kl_coef,
+    kl_estimator, entropy, entropy_coef, loss_agg,
+) -> tuple[str, float, torch.Tensor]:
+    """Validate `ppo_loss` arguments. Returns (canonical estimator, clip_eps_high, fp32 mask)."""
+    for name, tensor in (("logps", logps), ("old_logps", old_logps), ("advantages", advantages)):
+        check_floating(name, tensor)
+    check_ndim("logps", logps, 2, "[B, T]")
+    for name, tensor in (("ref_logps", ref_logps), ("entropy", entropy)):
+        if tensor is not None:
+            check_floating(name, tensor)
+    check_same_shape("logps", logps, old_logps=old_logps, advantages=advantages, ref_logps=ref_logps,
+                     entropy=entropy)
+    mask_f = as_float_mask("mask", mask, logps)
+    check_same_device(logps=logps, old_logps=old_logps, advantages=advantages, mask=mask,
+                      ref_logps=ref_logps, entropy=entropy)
+    check_positive("clip_eps", clip_eps)
+    if clip_eps_high is None:
+        clip_eps_high = clip_eps
+    check_positive("clip_eps_high", clip_eps_high)
+    if dual_clip is not None and not dual_clip > 1:
+        raise ValueError(f"dual_clip must be > 1 (or None to disable it), got {dual_clip!r}")
+    check_non_negative("kl_coef", kl_coef)
+    check_non_negative("entropy_coef", entropy_coef)
+    if kl_coef > 0 and ref_logps is None:
+        raise ValueError("kl_coef > 0 needs ref_logps ([B, T] reference log-probs), got ref_logps=None")
+    if entropy_coef > 0 and entropy is None:
+        raise ValueError("entropy_coef > 0 needs entropy ([B, T] per-token entropy), got entropy=None")
+    check_choice("loss_agg", loss_agg, LOSS_AGGS)
+    return canonical_kl_estimator("kl_estimator", kl_estimator), clip_eps_high, mask_f
+
+
+def check_value_args(values, old_values, returns, mask, *, clip_eps, loss_agg) -> torch.Tensor:
+    """Validate `value_loss` arguments. Returns the fp32 mask."""
+    for name, tensor in (("values", values), ("old_values", old_values), ("returns", returns)):
+        check_floating(name, tensor)
+    check_ndim("values", values, 2, "[B, T]")
+    check_same_shape("values", values, old_values=old_values, returns=returns)
+    mask_f = as_float_mask("mask", mask, values)
+    check_same_device(values=values, old_values=old_values, returns=returns, mask=mask)
+    check_positive("clip_eps", clip_eps)
+    check_choice("loss_agg", loss_agg, LOSS_AGGS)
+    return mask_f
+
+
+# ----------------------------------------------------------------------------- helpers
+def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 inputs, fp64 if any input is fp64 (so gradcheck runs in float64)."""
+    dtype = torch.float32
+    for t in tensors:
+        if t is not None:
+            dtype = torch.promote_types(dtype, t.dtype)
+    return dtype
+
+
+def _counted(x: torch.Tensor, counts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`x` in `dtype` with the tokens that do not count set to 0 (padding may hold NaN/inf)."""
+    return torch.where(counts, x.to(dtype), torch.zeros((), dtype=dtype, device=x.device))
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum(x * mask) / sum(mask), and 0 when the mask is empty."""
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_agg: str) -> torch.Tensor:
+    """Reduce a [B, T] per-token loss (already 0 where mask is 0) to a scalar as `loss_agg` says."""
+    masked = per_token * mask
+    if loss_agg == "token-mean":
+        return masked.sum() / mask.sum().clamp(min=1)
+    if loss_agg == "seq-mean-token-mean":
+        tokens_per_seq = mask.sum(-1)
+        seq_means = masked.sum(-1) / tokens_per_seq.clamp(min=1)
+        seqs_with_tokens = (tokens_per_seq > 0).sum().clamp(min=1)
+        return seq_means.sum() / seqs_with_tokens
+    if loss_agg == "seq-mean-token-sum-norm":
+        return masked.sum() / max(mask.numel(), 1)
+    raise ValueError(f"loss_agg must be one of {LOSS_AGGS}, got {loss_agg!r}")
+
+
+def _kl_terms(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) -> torch.Tensor:
+    log_ratio = torch.clamp(logps - ref_logps, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio.square()
+    return torch.exp(-log_ratio) + log_ratio - 1.0
+
+
+# ----------------------------------------------------------------------------- public twins
+def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, *, estimator: str = "k1") -> torch.Tensor:
+    """Per-token KL estimate between the policy and the reference.
+
+    Args:
+        logps: policy log-probs, any shape (typically `[B, T]`).
+        ref_logps: reference log-probs, same shape.
+        estimator: with d = clamp(logps - ref_logps, -20, 20): "k1" d, "k2" d²/2,
+            "k3" exp(-d) + d - 1 (aliases "kl", "mse", "low_var_kl" as in verl).
+
+    Returns:
+        KL per token, same shape, dtype of `logps` promoted with `ref_logps`.
+        Differentiable w.r.t. both inputs.
+    """
+    estimator = check_kl_args(logps, ref_logps, estimator)
+    dtype = _compute_dtype(logps, ref_logps)
+    kl = _kl_terms(logps.to(dtype), ref_logps.to(dtype), estimator)
+    return kl.to(torch.promote_types(logps.dtype, ref_logps.dtype))
+
+
+def ppo_loss(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
+    ref_logps: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
+    loss_agg: str = "token-mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped PPO policy loss with token-level advantages, optional KL-to-reference and entropy terms.
+
+    Args:
+        logps, old_logps, advantages: `[B, T]`; gradients flow to `logps` only.
+        mask: `[B, T]` bool/int/float, tokens that count.
+        clip_eps, clip_eps_high: ratio clipped to [1 - clip_eps, 1 + clip_eps_high]
+            (clip_eps_high defaults to clip_eps).
+        dual_clip: c > 1 caps the loss of tokens with A < 0 at -A·c; None disables it.
+        ref_logps: `[B, T]` reference log-probs (gradient flows if it requires grad).
+        kl_coef, kl_estimator: adds kl_coef · KL(logps, ref_logps) per token (see `kl_penalty`).
+        entropy, entropy_coef: `[B, T]` per-token entropy; subtracts entropy_coef · entropy.
+        loss_agg: "token-mean" (Σ mask·l / Σ mask), "seq-mean-token-mean" (mean over sequences
+            with ≥ 1 counted token of their token means), "seq-mean-token-sum-norm" (Σ mask·l / (B·T)).
+
+    Returns:
+        `(loss, metrics)`: fp32 scalar loss, and detached scalars `pg_loss` (policy term alone,
+        aggregated like the loss), `clipfrac`, `approx_kl` (mean ½·log_ratio²), `ratio_mean`, plus
+        `kl` (with ref_logps), `entropy` (with entropy), `dual_clipfrac` (with dual_clip); all
+        except `pg_loss` are means over counted tokens.
+    """
+    estimator, clip_eps_high, mask_f = check_ppo_args(
+        logps, old_logps, advantages, mask, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
+        dual_clip=dual_clip, ref_logps=ref_logps, kl_coef=kl_coef, kl_estimator=kl_estimator,
+        entropy=entropy, entropy_coef=entropy_coef, loss_agg=loss_agg,
+    )
+    dtype = _compute_dtype(logps, old_logps, advantages, ref_logps, entropy)
+    counts = mask_f != 0
+    m = mask_f.to(dtype)
+    logps = _counted(logps, counts, dtype)
+    old_logps = _counted(old_logps.detach(), counts, dtype)
+    advantages = _counted(advantages.detach(), counts, dtype)
+
+    log_ratio = torch.clamp(logps - old_logps, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps_high)
+    pg = torch.maximum(unclipped, clipped)
+    metrics = {"clipfrac": masked_mean((clipped > unclipped).to(dtype), m)}
+    if dual_clip is not None:
+        bound = -advantages * dual_clip
+        dual_active = (advantages < 0) & (pg > bound)
+        pg = torch.where(advantages < 0, torch.minimum(pg, bound), pg)
+        metrics["dual_clipfrac"] = masked_mean(dual_active.to(dtype), m)
+
+    per_token = pg
+    if ref_logps is not None:
+        kl = _kl_terms(logps, _counted(ref_logps, counts, dtype), estimator)
+        per_token = per_token + kl_coef * kl
+        metrics["kl"] = masked_mean(kl, m)
+    if entropy is not None:
+        entropy = _counted(entropy, counts, dtype)
+        per_token = per_token - entropy_coef * entropy
+        metrics["entropy"] = masked_mean(entropy, m)
+
+    loss = aggregate(per_token, m, loss_agg)
+    metrics["pg_loss"] = aggregate(pg, m, loss_agg)
+    metrics["approx_kl"] = masked_mean(0.5 * log_ratio.square(), m)
+    metrics["ratio_mean"] = masked_mean(ratio, m)
+    return loss, {name: value.detach() for name, value in metrics.items()}
+
+
+def value_loss(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    clip_eps: float = 0.2,
+    loss_agg: str = "token-mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss: per token 0.5 · max((v − R)², (old_v + clip(v − old_v, −eps, eps) − R)²).
+
+    Args:
+        values: `[B, T]` current value predictions (gradients flow here only).
+        old_values: `[B, T]` values at rollout time; returns: `[B, T]` targets.
+        mask: `[B, T]` tokens that count.
+        clip_eps: value clip range (> 0; `math.inf` disables clipping).
+        loss_agg: as in `ppo_loss`.
+
+    Returns:
+        `(loss, metrics)`: fp32 scalar loss; detached `vf_loss` (= loss), `vf_clipfrac` (fraction of
+        counted tokens where the clipped error is the larger one), `vpred` (mean counted value).
+    """
+    mask_f = check_value_args(values, old_values, returns, mask, clip_eps=clip_eps, loss_agg=loss_agg)
+    dtype = _compute_dtype(values, old_values, returns)
+    counts = mask_f != 0
+    m = mask_f.to(dtype)
+    values = _counted(values, counts, dtype)
+    old_values = _counted(old_values.detach(), counts, dtype)
+    returns = _counted(returns.detach(), counts, dtype)
+
+    values_clipped = old_values + torch.clamp(values - old_values, -clip_eps, clip_eps)
+    sq_err = (values - returns).square()
+    sq_err_clipped = (values_clipped - returns).square()
+    per_token = 0.5 * torch.maximum(sq_err, sq_err_clipped)
+    loss = aggregate(per_token, m, loss_agg)
+    metrics = {
+        "vf_loss": loss,
+        "vf_clipfrac": masked_mean((sq_err_clipped > sq_err).to(dtype), m),
+        "vpred": masked_mean(values, m),
+    }
+    return loss, {name: value.detach() for name, value in metrics.items()}

@@ -1,0 +1,240 @@
+"""Fused PPO objective and clipped value loss as Triton kernels (forward computes the gradient too).
+
+Both losses are weighted sums of per-token terms, loss = sum_t w_t * l_t, with the aggregation
+weight w_t = mask_t * row_scale[row(t)] (row_scale comes from `loss_agg`, computed by the caller
+with torch ops). So d loss / d x_t = w_t * d l_t / d x_t is known in the forward pass: the kernel
+writes it next to the loss and the backward pass is a single multiply by grad_output.
+We save that fp32 gradient rather than recomputing in backward because it costs one [B, T] fp32
+buffer (4 bytes/token, tiny next to the logits that produced the logps) and replaces a second read of
+five to seven [B, T] inputs plus a second launch; the inputs need not be kept for backward.
+
+Each program also reduces its block to a few partial sums (loss, metric numerators), which the
+caller adds up with one torch `sum`: no atomics (deterministic), no host sync.
+
+Tokens with mask 0 are zeroed right after loading, so NaN/inf padding cannot leak into the loss,
+the metrics or the gradients.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from fastrlhf.kernels.kl import ESTIMATOR_CODES, LOG_RATIO_LIMIT, clamped_log_ratio, kl_estimate
+
+_BLOCK = 1024
+
+# Layout of the per-program partial sums written by `_ppo_objective_kernel`.
+PPO_STATS = (
+    "loss",          # sum w * (pg + kl_coef * kl - entropy_coef * entropy)
+    "pg_loss",       # sum w * pg
+    "clipped",       # sum m * [clipped surrogate > unclipped surrogate]
+    "approx_kl",     # sum m * 0.5 * log_ratio^2
+    "ratio",         # sum m * ratio
+    "kl",            # sum m * kl           (0 without ref_logps)
+    "entropy",       # sum m * entropy      (0 without entropy)
+    "dual_clipped",  # sum m * [dual clip active]  (0 without dual_clip)
+)
+# Layout of the partial sums written by `_value_loss_kernel`.
+VALUE_STATS = ("loss", "clipped", "values")
+
+
+@triton.jit
+def _load_counted(ptr, offs, valid, counted):
+    """Load as fp32 and zero the tokens that do not count (so padding garbage is inert)."""
+    x = tl.load(ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    return tl.where(counted, x, 0.0)
+
+
+@triton.jit
+def _ppo_objective_kernel(
+    logps_ptr, old_ptr, adv_ptr, mask_ptr, row_scale_ptr, ref_ptr, ent_ptr,
+    grad_logps_ptr, grad_ref_ptr, grad_ent_ptr, partials_ptr,
+    n, T, clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
+    HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, DUAL: tl.constexpr, ESTIMATOR: tl.constexpr,
+    LIMIT: tl.constexpr, GRAD_LOGPS: tl.constexpr, GRAD_REF: tl.constexpr, GRAD_ENT: tl.constexpr,
+    NUM_STATS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < n
+    m = tl.load(mask_ptr + offs, mask=valid, other=0.0)
+    counted = m != 0.0
+    w = m * tl.load(row_scale_ptr + offs // T, mask=valid, other=0.0)
+
+    logps = _load_counted(logps_ptr, offs, valid, counted)
+    old = _load_counted(old_ptr, offs, valid, counted)
+    adv = _load_counted(adv_ptr, offs, valid, counted)
+
+    # Clipped surrogate: pg = max(-A r, -A clip(r, 1 - eps, 1 + eps_high)).
+    log_ratio, dclamp = clamped_log_ratio(logps - old, LIMIT)
+    ratio = tl.exp(log_ratio)
+    unclipped = -adv * ratio
+    clipped = -adv * tl.minimum(tl.maximum(ratio, clip_low), clip_high)
+    pg = tl.maximum(unclipped, clipped)
+    is_clipped = clipped > unclipped
+    # Only the unclipped branch depends on logps; d(-A r)/d logps = -A r (times the clamp's 0/1).
+    dpg = tl.where(is_clipped, 0.0, unclipped * dclamp)
+    if DUAL:
+        # For A < 0 the loss is also capped at -A * c (dual clip, Ye et al. 2020); the cap is constant.
+        bound = -adv * dual_clip
+        dual_active = (adv < 0.0) & (pg > bound)
+        pg = tl.where(dual_active, bound, pg)
+        dpg = tl.where(dual_active, 0.0, dpg)
+
+    loss_t = pg
+    dloss_t = dpg
+    kl = tl.zeros_like(pg)
+    if HAS_REF:
+        ref = _load_counted(ref_ptr, offs, valid, counted)
+        ref_log_ratio, ref_dclamp = clamped_log_ratio(logps - ref, LIMIT)
+        kl, dkl = kl_estimate(ref_log_ratio, ESTIMATOR)
+        dkl = dkl * ref_dclamp
+        loss_t += kl_coef * kl
+        dloss_t += kl_coef * dkl
+        if GRAD_REF:
+            tl.store(grad_ref_ptr + offs, -w * kl_coef * dkl, mask=valid)
+    ent = tl.zeros_like(pg)
+    if HAS_ENT:
+        ent = _load_counted(ent_ptr, offs, valid, counted)
+        loss_t -= entropy_coef * ent
+        if GRAD_ENT:
+            tl.store(grad_ent_ptr + offs, -w * entropy_coef, mask=valid)
+    if GRAD_LOGPS:
+        tl.store(grad_logps_ptr + offs, w * dloss_t, mask=valid)
+
+    out = partials_ptr + pid * NUM_STATS
+    tl.store(out + 0, tl.sum(w * loss_t, axis=0))
+    tl.store(out + 1, tl.sum(w * pg, axis=0))
+    tl.store(out + 2, tl.sum(tl.where(is_clipped, m, 0.0), axis=0))
+    tl.store(out + 3, tl.sum(m * 0.5 * log_ratio * log_ratio, axis=0))
+    tl.store(out + 4, tl.sum(m * ratio, axis=0))
+    tl.store(out + 5, tl.sum(m * kl, axis=0))
+    tl.store(out + 6, tl.sum(m * ent, axis=0))
+    if DUAL:
+        tl.store(out + 7, tl.sum(tl.where(dual_active, m, 0.0), axis=0))
+    else:
+        tl.store(out + 7, 0.0)
+
+
+@triton.jit
+def _value_loss_kernel(
+    values_ptr, old_ptr, returns_ptr, mask_ptr, row_scale_ptr, grad_ptr, partials_ptr,
+    n, T, clip_eps,
+    GRAD: tl.constexpr, NUM_STATS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < n
+    m = tl.load(mask_ptr + offs, mask=valid, other=0.0)
+    counted = m != 0.0
+    w = m * tl.load(row_scale_ptr + offs // T, mask=valid, other=0.0)
+
+    values = _load_counted(values_ptr, offs, valid, counted)
+    old = _load_counted(old_ptr, offs, valid, counted)
+    returns = _load_counted(returns_ptr, offs, valid, counted)
+
+    # 0.5 * max((v - R)^2, (v_clipped - R)^2) with v_clipped = old + clip(v - old, -eps, eps).
+    delta = values - old
+    err = values - returns
+    err_clipped = old + tl.minimum(tl.maximum(delta, -clip_eps), clip_eps) - returns
+    sq = err * err
+    sq_clipped = err_clipped * err_clipped
+    is_clipped = sq_clipped > sq
+    loss_t = 0.5 * tl.maximum(sq, sq_clipped)
+    if GRAD:
+        inside = (delta >= -clip_eps) & (delta <= clip_eps)
+        dloss = tl.where(is_clipped, tl.where(inside, err_clipped, 0.0), err)
+        tl.store(grad_ptr + offs, w * dloss, mask=valid)
+
+    out = partials_ptr + pid * NUM_STATS
+    tl.store(out + 0, tl.sum(w * loss_t, axis=0))
+    tl.store(out + 1, tl.sum(tl.where(is_clipped, m, 0.0), axis=0))
+    tl.store(out + 2, tl.sum(m * values, axis=0))
+
+
+def _grad_buffer(like: torch.Tensor, wanted: bool) -> torch.Tensor | None:
+    return torch.empty(like.shape, dtype=torch.float32, device=like.device) if wanted else None
+
+
+def _partials(n: int, num_stats: int, device: torch.device) -> tuple[torch.Tensor, int]:
+    programs = triton.cdiv(n, _BLOCK)
+    return torch.zeros((max(programs, 1), num_stats), dtype=torch.float32, device=device), programs
+
+
+def ppo_objective_fwd(
+    logps: torch.Tensor,
+    old_logps: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    row_scale: torch.Tensor,
+    ref_logps: torch.Tensor | None,
+    entropy: torch.Tensor | None,
+    *,
+    clip_low: float,
+    clip_high: float,
+    dual_clip: float | None,
+    kl_coef: float,
+    entropy_coef: float,
+    estimator: str,
+    grad_logps: bool,
+    grad_ref: bool,
+    grad_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """PPO objective over [B, T] tensors (any float dtype; `mask` fp32, `row_scale` fp32 [B]).
+
+    Returns `(stats, d_logps, d_ref, d_entropy)`: `stats` is fp32 `[len(PPO_STATS)]` (sums over all
+    tokens, see PPO_STATS), and the d_* are fp32 [B, T] d loss / d input (None when not asked for).
+    """
+    B, T = logps.shape
+    n = B * T
+    tensors = [t.contiguous() if t is not None else None
+               for t in (logps, old_logps, advantages, mask, ref_logps, entropy)]
+    logps, old_logps, advantages, mask, ref_logps, entropy = tensors
+    d_logps = _grad_buffer(logps, grad_logps)
+    d_ref = _grad_buffer(logps, grad_ref and ref_logps is not None)
+    d_ent = _grad_buffer(logps, grad_entropy and entropy is not None)
+    partials, programs = _partials(n, len(PPO_STATS), logps.device)
+    if programs:
+        dummy = logps  # stands in for absent optional pointers; never read or written
+        _ppo_objective_kernel[(programs,)](
+            logps, old_logps, advantages, mask, row_scale.contiguous(),
+            ref_logps if ref_logps is not None else dummy,
+            entropy if entropy is not None else dummy,
+            d_logps if d_logps is not None else partials,
+            d_ref if d_ref is not None else partials,
+            d_ent if d_ent is not None else partials,
+            partials,
+            n, T, float(clip_low), float(clip_high), float(dual_clip or 0.0), float(kl_coef), float(entropy_coef),
+            HAS_REF=ref_logps is not None, HAS_ENT=entropy is not None, DUAL=dual_clip is not None,
+            ESTIMATOR=ESTIMATOR_CODES[estimator], LIMIT=LOG_RATIO_LIMIT,
+            GRAD_LOGPS=d_logps is not None, GRAD_REF=d_ref is not None, GRAD_ENT=d_ent is not None,
+            NUM_STATS=len(PPO_STATS), BLOCK=_BLOCK,
+        )
+    return partials.sum(0), d_logps, d_ref, d_ent
+
+
+def value_loss_fwd(
+    values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    row_scale: torch.Tensor,
+    *,
+    clip_eps: float,
+    grad_values: bool,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Clipped value loss over [B, T] tensors. Returns `(stats [len(VALUE_STATS)], d_values | None)`."""
+    B, T = values.shape
+    n = B * T
+    values, old_values, returns, mask = (t.contiguous() for t in (values, old_values, returns, mask))
+    d_values = _grad_buffer(values, grad_values)
+    partials, programs = _partials(n, len(VALUE_STATS), values.device)
+    if programs:
+        _value_loss_kernel[(programs,)](
+            values, old_values, returns, mask, row_scale.contiguous(),
+            d_values if d_values is not None else partials, partials,
+            n, T, float(clip_eps),
+            GRAD=grad_values, NUM_STATS=len(VALUE_STATS), BLOCK=_BLOCK,
+        )
+    return partials.sum(0), d_values
