@@ -1,0 +1,80 @@
+"""Advantages for PPO and GRPO: GAE (one parallel scan, Triton), masked whitening, group advantages.
+
+`gae` runs the Triton scan in `fastrlhf.kernels.gae` on CUDA (or under TRITON_INTERPRET=1), else
+its PyTorch twin in `fastrlhf.reference.advantages`. All outputs are detached targets.
+
+`whiten` and `group_advantages` run the same few torch ops on every backend: each is a tiny global
+reduction done once per RL step (a handful of launches on `[B, T]` or `[B]`), so a kernel would
+save microseconds, while a single-program Triton reduction over a whole `[B, T]` batch would be
+slower than torch's multi-block one. `whiten`'s reductions all go through
+`fastrlhf.reference.advantages.masked_sum`, where a cross-rank all-reduce belongs.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastrlhf._dispatch import resolve_backend
+from fastrlhf.reference import advantages as reference
+
+
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation over `[B, T]` in one kernel launch.
+
+    rewards, values: `[B, T]` float (any float dtype, fp32 accumulation);
+    mask: `[B, T]` bool/int/float, 1 = response token.
+        delta_t = r_t + gamma * V_{t+1} * m_{t+1} - V_t
+        A_t     = delta_t + gamma * lam * m_{t+1} * A_{t+1}      (V_T = A_T = 0 past the end)
+    A token followed by a masked one is treated as terminal.
+    Returns `(advantages, returns)`: `[B, T]` float32 (float64 only for float64 inputs on the torch
+    backend), 0 where mask is 0, returns = (A + V) * m. Outputs are detached targets: no gradient
+    flows to rewards or values.
+    """
+    reference.check_gae_args(rewards, values, mask, gamma, lam)
+    if resolve_backend(backend, rewards, values, mask) == "torch":
+        return reference.gae(rewards, values, mask, gamma=gamma, lam=lam)
+    from fastrlhf.kernels.gae import gae_scan
+
+    return gae_scan(rewards.detach(), values.detach(), mask.detach(), gamma, lam)
+
+
+def whiten(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Masked whitening of `x` (any shape, e.g. `[B, T]`; mask of the same shape), as TRL's
+    `masked_whiten`: (x - mean) * rsqrt(var + eps) with the UNBIASED masked variance
+    (n / (n - 1), like TRL's `masked_var`), + mean again if `shift_mean=False`.
+    0 outside the mask; an empty mask gives zeros, one counted element gives var = 0 (no NaN).
+    float32 (float64 for float64 x), differentiable in x. Same torch ops on every backend.
+    """
+    resolve_backend(backend, x, mask)  # validates the name; both backends share the torch ops
+    return reference.whiten(x, mask, shift_mean=shift_mean, eps=eps)
+
+
+def group_advantages(
+    scores: torch.Tensor,
+    group_size: int,
+    *,
+    scale: bool = True,
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """GRPO advantages for scores `[B]` grouped in consecutive blocks of `group_size`:
+    (s - group mean) / (group std + eps) with the biased std (unbiased=False), or s - group mean
+    with `scale=False`. Returns `[B]` float32 (float64 for float64 scores), detached.
+    `group_size` must divide B (ValueError otherwise). Same torch ops on every backend.
+    """
+    resolve_backend(backend, scores)
+    return reference.group_advantages(scores, group_size, scale=scale, eps=eps)

@@ -1,0 +1,162 @@
+"""Preference losses: DPO family and Bradley-Terry reward loss (fused Triton), sequence log-probs.
+
+On CUDA (or under TRITON_INTERPRET=1) `dpo_loss` and `reward_loss` run one Triton kernel that
+computes, in a single pass over the batch, the loss, every metric and the per-row gradients;
+backward only scales the stored gradients. Otherwise they run the PyTorch twins in
+`fastrlhf.reference.preference` (same signatures minus `backend`, same checks, same metric names).
+"""
+from __future__ import annotations
+
+import torch
+
+from fastrlhf._dispatch import resolve_backend
+from fastrlhf.reference import preference as reference
+from fastrlhf.reference.preference import sequence_logps  # noqa: F401  (plain torch, no kernel)
+
+
+def _empty_batch(device: torch.device, names) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.zeros((), device=device), torch.zeros(len(names), device=device)
+
+
+def _dtype_of(t: torch.Tensor | None) -> torch.dtype | None:
+    return None if t is None else t.dtype
+
+
+class _PairwiseLossFunction(torch.autograd.Function):
+    """Shared autograd wiring: the kernel returns d loss / d chosen and d loss / d rejected per
+    row (already / B); reference inputs (when present) get the negatives, since the losses depend
+    on them only through chosen - ref_chosen and rejected - ref_rejected."""
+
+    @staticmethod
+    def _save(ctx, grad_chosen, grad_rejected, *inputs):
+        ctx.save_for_backward(grad_chosen, grad_rejected)
+        ctx.input_dtypes = tuple(_dtype_of(t) for t in inputs)  # (chosen, rejected, ref_c, ref_r)
+
+    @staticmethod
+    def _grads(ctx, grad_loss):
+        grad_chosen, grad_rejected = ctx.saved_tensors
+        per_row = (grad_chosen, grad_rejected, grad_chosen, grad_rejected)
+        signs = (1.0, 1.0, -1.0, -1.0)
+        return tuple(
+            None if dtype is None or not needed else (row * (grad_loss * sign)).to(dtype)
+            for row, sign, dtype, needed in zip(per_row, signs, ctx.input_dtypes, ctx.needs_input_grad)
+        )
+
+
+class _DPOFunction(_PairwiseLossFunction):
+    @staticmethod
+    def forward(ctx, chosen, rejected, ref_chosen, ref_rejected, beta, loss_type, label_smoothing, gamma):
+        from fastrlhf.kernels.preference import DPO_STATS, dpo_forward_backward
+
+        if chosen.shape[0] == 0:
+            loss, stats = _empty_batch(chosen.device, DPO_STATS)
+            grad_chosen = grad_rejected = torch.zeros(0, device=chosen.device)
+        else:
+            loss, stats, grad_chosen, grad_rejected = dpo_forward_backward(
+                *(None if t is None else t.detach().contiguous()
+                  for t in (chosen, rejected, ref_chosen, ref_rejected)),
+                beta, loss_type, label_smoothing, gamma,
+            )
+        _PairwiseLossFunction._save(ctx, grad_chosen, grad_rejected, chosen, rejected, ref_chosen, ref_rejected)
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        return (*_PairwiseLossFunction._grads(ctx, grad_loss), None, None, None, None)
+
+
+class _BradleyTerryFunction(_PairwiseLossFunction):
+    @staticmethod
+    def forward(ctx, chosen, rejected, margin, center_coef):
+        from fastrlhf.kernels.preference import REWARD_STATS, bradley_terry_forward_backward
+
+        if chosen.shape[0] == 0:
+            loss, stats = _empty_batch(chosen.device, REWARD_STATS)
+            grad_chosen = grad_rejected = torch.zeros(0, device=chosen.device)
+        else:
+            if isinstance(margin, torch.Tensor):
+                margin = margin.detach().contiguous()
+            loss, stats, grad_chosen, grad_rejected = bradley_terry_forward_backward(
+                chosen.detach().contiguous(), rejected.detach().contiguous(), margin, center_coef
+            )
+        _PairwiseLossFunction._save(ctx, grad_chosen, grad_rejected, chosen, rejected, None, None)
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        grad_chosen, grad_rejected, _, _ = _PairwiseLossFunction._grads(ctx, grad_loss)
+        return grad_chosen, grad_rejected, None, None
+
+
+def _named(stats: torch.Tensor, names, keep) -> dict[str, torch.Tensor]:
+    return {name: stats[i] for i, name in enumerate(names) if name in keep}
+
+
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None,
+    ref_rejected_logps: torch.Tensor | None,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    gamma: float = 0.0,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DPO-family loss over sequence log-probs `[B]` (policy and reference, chosen and rejected);
+    returns `(loss, metrics)`, loss = batch mean (fp32 on the Triton path; 0 for B = 0).
+
+    With h = (chosen - ref_chosen) - (rejected - ref_rejected) and eps = label_smoothing:
+      sigmoid: -(1 - eps) log s(beta h) - eps log s(-beta h)
+      robust:  [-(1 - eps) log s(beta h) + eps log s(-beta h)] / (1 - 2 eps)
+      hinge:   relu(1 - beta h)
+      ipo:     (h - 1 / (2 beta))^2                 (pass length-averaged logps)
+      simpo:   -(1 - eps) log s(x) - eps log s(-x), x = beta (chosen - rejected) - gamma
+               (reference-free: refs must be None; pass length-normalised logps)
+      orpo:    -chosen - beta log s(log odds(chosen) - log odds(rejected)), odds(p) = p / (1 - p)
+               (reference-free; pass length-averaged logps; beta = TRL's ORPO beta)
+    label_smoothing (in [0, 0.5)) applies to sigmoid, robust, simpo; gamma to simpo only.
+    Gradients flow to all given log-prob tensors.
+
+    Metrics (TRL names, detached 0-d tensors): rewards/chosen, rewards/rejected
+    (beta (logp - ref); beta logp for simpo/orpo), rewards/accuracies, rewards/margins,
+    logps/chosen, logps/rejected; orpo adds nll_loss, log_odds_ratio, log_odds_chosen.
+    """
+    reference.check_dpo_args(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                             beta, loss_type, label_smoothing, gamma)
+    kwargs = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma)
+    tensors = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    if resolve_backend(backend, *tensors) == "torch":
+        return reference.dpo_loss(*tensors, **kwargs)
+    from fastrlhf.kernels.preference import DPO_STATS
+
+    loss, stats = _DPOFunction.apply(*tensors, beta, loss_type, label_smoothing, gamma)
+    keep = set(DPO_STATS) if loss_type == "orpo" else set(DPO_STATS) - set(reference.ORPO_METRICS)
+    return loss, _named(stats, DPO_STATS, keep)
+
+
+def reward_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    *,
+    margin: torch.Tensor | float | None = None,
+    center_coef: float = 0.0,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Bradley-Terry reward-model loss over scalar rewards `[B]`, as TRL's RewardTrainer:
+        mean(-log s(r_c - r_r - margin)) + center_coef * mean((r_c + r_r)^2)
+    (center_coef = TRL's `center_rewards_coefficient`); margin: None, a float or a `[B]` tensor
+    (no gradient to it). Returns `(loss, metrics)`; loss 0 for B = 0.
+    Metrics (detached): accuracy, margin (mean r_c - r_r), rewards/chosen, rewards/rejected.
+    """
+    reference.check_reward_args(chosen_rewards, rejected_rewards, margin, center_coef)
+    margin_tensor = margin if isinstance(margin, torch.Tensor) else None
+    if resolve_backend(backend, chosen_rewards, rejected_rewards, margin_tensor) == "torch":
+        return reference.reward_loss(chosen_rewards, rejected_rewards, margin=margin, center_coef=center_coef)
+    from fastrlhf.kernels.preference import REWARD_STATS
+
+    loss, stats = _BradleyTerryFunction.apply(chosen_rewards, rejected_rewards, margin, center_coef)
+    return loss, _named(stats, REWARD_STATS, set(REWARD_STATS))

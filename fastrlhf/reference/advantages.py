@@ -1,0 +1,154 @@
+"""Advantage estimation in readable PyTorch: GAE, masked whitening, GRPO group advantages.
+
+Ground truth for the Triton scan in `fastrlhf.kernels.gae` and the torch path of
+`fastrlhf.losses.advantages` (same signatures there, plus `backend`). The argument checks live
+here too, so both paths reject the same inputs with the same messages.
+"""
+from __future__ import annotations
+
+import torch
+
+from fastrlhf._checks import (
+    as_float_mask,
+    check_floating,
+    check_ndim,
+    check_non_negative,
+    check_positive,
+    check_same_device,
+    check_same_shape,
+)
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float32 for half/bf16/fp32 inputs (fp32 accumulation), float64 if any input is float64."""
+    dtype = torch.float32
+    for tensor in tensors:
+        dtype = torch.promote_types(dtype, tensor.dtype)
+    return dtype
+
+
+def check_unit_interval(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+
+
+def check_gae_args(rewards, values, mask, gamma: float, lam: float) -> None:
+    check_floating("rewards", rewards)
+    check_floating("values", values)
+    check_ndim("rewards", rewards, 2, "[B, T]")
+    check_same_shape("rewards", rewards, values=values, mask=mask)
+    as_float_mask("mask", mask, rewards)  # validates the mask dtype
+    check_same_device(rewards=rewards, values=values, mask=mask)
+    check_unit_interval("gamma", gamma)
+    check_unit_interval("lam", lam)
+
+
+def check_whiten_args(x, mask, eps: float) -> None:
+    check_floating("x", x)
+    as_float_mask("mask", mask, x)
+    check_same_device(x=x, mask=mask)
+    check_non_negative("eps", eps)
+
+
+def check_group_args(scores, group_size: int, eps: float) -> None:
+    check_floating("scores", scores)
+    check_ndim("scores", scores, 1, "[B]")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if scores.shape[0] % group_size:
+        raise ValueError(
+            f"group_size must divide the batch size B = {scores.shape[0]} "
+            f"(groups are consecutive blocks of group_size scores), got {group_size}"
+        )
+    check_non_negative("eps", eps)
+
+
+@torch.no_grad()
+def gae(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation, one step at a time backwards in t.
+
+    rewards, values: `[B, T]` float; mask: `[B, T]` (bool/int/float, 1 = response token).
+        delta_t = r_t + gamma * V_{t+1} * m_{t+1} - V_t
+        A_t     = delta_t + gamma * lam * m_{t+1} * A_{t+1}      (V_T = A_T = 0 past the end)
+    A token followed by a masked one is treated as terminal.
+    Returns `(advantages, returns)`, `[B, T]` float32 (float64 for float64 inputs), zero where
+    mask is 0, returns = (A + V) * m. Outputs are detached targets (no gradient).
+    """
+    check_gae_args(rewards, values, mask, gamma, lam)
+    dtype = compute_dtype(rewards, values)
+    r, v, m = rewards.to(dtype), values.to(dtype), mask.to(dtype)
+    B, T = r.shape
+    advantages = torch.zeros_like(r)
+    next_adv = r.new_zeros(B)
+    next_value = r.new_zeros(B)
+    next_mask = r.new_zeros(B)
+    for t in reversed(range(T)):
+        delta = r[:, t] + gamma * next_value * next_mask - v[:, t]
+        next_adv = delta + gamma * lam * next_mask * next_adv
+        advantages[:, t] = next_adv
+        next_value, next_mask = v[:, t], m[:, t]
+    advantages = advantages * m
+    return advantages, (advantages + v) * m
+
+
+def masked_sum(x: torch.Tensor | float, mask: torch.Tensor) -> torch.Tensor:
+    """Sum of `x * mask` over all elements: the one place `whiten` reduces, so a cross-rank
+    all-reduce (to whiten over the global batch) needs adding only here."""
+    return (x * mask).sum()
+
+
+def whiten(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+) -> torch.Tensor:
+    """Masked whitening over all elements of `x` (any shape, e.g. `[B, T]`), like TRL's
+    `masked_whiten`: (x - mean) * rsqrt(var + eps), plus the mean back if `shift_mean=False`.
+
+    mean and var are over positions where mask is set; var is UNBIASED (Bessel's n / (n - 1)),
+    as TRL's `masked_var(unbiased=True)` used by `masked_whiten`. Unlike TRL, one counted
+    element gives var = 0 instead of a division by zero, and an empty mask gives all zeros.
+    Positions outside the mask are 0 in the output (whatever x holds there, NaN included).
+    Returns float32 (float64 for float64 x); differentiable in x.
+    """
+    check_whiten_args(x, mask, eps)
+    dtype = compute_dtype(x)
+    m = mask.to(dtype)
+    x = torch.where(m != 0, x.to(dtype), 0.0)
+    count = masked_sum(1.0, m)
+    mean = masked_sum(x, m) / count.clamp(min=1)
+    var = masked_sum((x - mean) ** 2, m) / (count - 1).clamp(min=1)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * m
+
+
+@torch.no_grad()
+def group_advantages(
+    scores: torch.Tensor,
+    group_size: int,
+    *,
+    scale: bool = True,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """GRPO advantages: scores `[B]` in consecutive groups of `group_size` completions of one
+    prompt; returns `[B]` (s - group mean) / (group std + eps), or only s - group mean with
+    `scale=False`. The std is the BIASED one (unbiased=False; note TRL's GRPOTrainer uses
+    torch's default unbiased std). float32 (float64 for float64 scores); detached targets.
+    """
+    check_group_args(scores, group_size, eps)
+    grouped = scores.to(compute_dtype(scores)).reshape(-1, group_size)
+    advantages = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale:
+        advantages = advantages / (grouped.std(dim=1, unbiased=False, keepdim=True) + eps)
+    return advantages.reshape(-1)

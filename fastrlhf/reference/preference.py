@@ -1,0 +1,230 @@
+"""Preference losses in readable PyTorch: DPO family, Bradley-Terry reward loss, sequence log-probs.
+
+Ground truth for the Triton kernels in `fastrlhf.kernels.preference` and the torch path of
+`fastrlhf.losses.preference` (same signatures there, plus `backend`). The argument checks and
+the metric assembly live here too, so both paths accept the same inputs and log the same names.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastrlhf._checks import (
+    as_float_mask,
+    check_choice,
+    check_floating,
+    check_ndim,
+    check_positive,
+    check_same_device,
+    check_same_shape,
+)
+from fastrlhf.reference.advantages import compute_dtype
+
+DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "simpo", "orpo")
+REFERENCE_FREE_LOSS_TYPES = ("simpo", "orpo")
+LABEL_SMOOTHING_LOSS_TYPES = ("sigmoid", "robust", "simpo")
+ORPO_MAX_LOGP = -1e-6  # log-probs clamped to <= this so the odds p / (1 - p) stay finite
+ORPO_METRICS = ("nll_loss", "log_odds_ratio", "log_odds_chosen")
+
+
+def _batch_mean(x: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch that is 0 (not NaN) for an empty batch."""
+    return x.sum() / max(x.shape[0], 1)
+
+
+# ---- argument checks (shared with fastrlhf.losses.preference) ---------------------------------
+
+def check_dpo_args(
+    chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+    beta: float, loss_type: str, label_smoothing: float, gamma: float,
+) -> None:
+    check_choice("loss_type", loss_type, DPO_LOSS_TYPES)
+    check_floating("chosen_logps", chosen_logps)
+    check_ndim("chosen_logps", chosen_logps, 1, "[B]")
+    check_floating("rejected_logps", rejected_logps)
+    refs = {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
+    if loss_type in REFERENCE_FREE_LOSS_TYPES:
+        for name, ref in refs.items():
+            if ref is not None:
+                raise ValueError(f"{name} must be None for the reference-free loss_type={loss_type!r}")
+    else:
+        for name, ref in refs.items():
+            if ref is None:
+                raise ValueError(
+                    f"{name} is required for loss_type={loss_type!r} "
+                    f"(only {REFERENCE_FREE_LOSS_TYPES} are reference-free)"
+                )
+            check_floating(name, ref)
+    check_same_shape("chosen_logps", chosen_logps, rejected_logps=rejected_logps, **refs)
+    check_same_device(chosen_logps=chosen_logps, rejected_logps=rejected_logps, **refs)
+    check_positive("beta", beta)
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
+    if label_smoothing and loss_type not in LABEL_SMOOTHING_LOSS_TYPES:
+        raise ValueError(
+            f"label_smoothing must be 0 for loss_type={loss_type!r} "
+            f"(it applies to {LABEL_SMOOTHING_LOSS_TYPES}), got {label_smoothing!r}"
+        )
+    if gamma and loss_type != "simpo":
+        raise ValueError(f"gamma must be 0 unless loss_type='simpo', got {gamma!r}")
+
+
+def check_reward_args(chosen_rewards, rejected_rewards, margin, center_coef: float) -> None:
+    check_floating("chosen_rewards", chosen_rewards)
+    check_ndim("chosen_rewards", chosen_rewards, 1, "[B]")
+    check_floating("rejected_rewards", rejected_rewards)
+    check_same_shape("chosen_rewards", chosen_rewards, rejected_rewards=rejected_rewards)
+    if isinstance(margin, torch.Tensor):
+        check_floating("margin", margin)
+        check_same_shape("chosen_rewards", chosen_rewards, margin=margin)
+        check_same_device(chosen_rewards=chosen_rewards, margin=margin)
+    elif margin is not None and not isinstance(margin, (int, float)):
+        raise ValueError(f"margin must be None, a float or a [B] tensor, got {type(margin).__name__}")
+    check_same_device(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
+    if not center_coef >= 0:
+        raise ValueError(f"center_coef must be >= 0, got {center_coef!r}")
+
+
+# ---- metrics (shared names) -------------------------------------------------------------------
+
+def dpo_metrics(
+    chosen_rewards, rejected_rewards, chosen_logps, rejected_logps, log_odds=None
+) -> dict[str, torch.Tensor]:
+    """TRL's DPOTrainer / ORPOTrainer metric names, as detached batch means."""
+    metrics = {
+        "rewards/chosen": _batch_mean(chosen_rewards),
+        "rewards/rejected": _batch_mean(rejected_rewards),
+        "rewards/accuracies": _batch_mean((chosen_rewards > rejected_rewards).to(chosen_rewards.dtype)),
+        "rewards/margins": _batch_mean(chosen_rewards - rejected_rewards),
+        "logps/chosen": _batch_mean(chosen_logps),
+        "logps/rejected": _batch_mean(rejected_logps),
+    }
+    if log_odds is not None:
+        metrics["nll_loss"] = _batch_mean(-chosen_logps)
+        metrics["log_odds_ratio"] = _batch_mean(F.logsigmoid(log_odds))
+        metrics["log_odds_chosen"] = _batch_mean(log_odds)
+    return {name: value.detach() for name, value in metrics.items()}
+
+
+def reward_metrics(chosen_rewards, rejected_rewards) -> dict[str, torch.Tensor]:
+    metrics = {
+        "accuracy": _batch_mean((chosen_rewards > rejected_rewards).to(chosen_rewards.dtype)),
+        "margin": _batch_mean(chosen_rewards - rejected_rewards),
+        "rewards/chosen": _batch_mean(chosen_rewards),
+        "rewards/rejected": _batch_mean(rejected_rewards),
+    }
+    return {name: value.detach() for name, value in metrics.items()}
+
+
+# ---- losses -------------------------------------------------------------------------------------
+
+def sequence_logps(logps: torch.Tensor, mask: torch.Tensor, *, average: bool = False) -> torch.Tensor:
+    """Per-sequence log-prob `[B]` from token log-probs `logps` `[B, T]` and `mask` `[B, T]`:
+    the masked sum, or with `average=True` the masked mean (0 for an empty row).
+    Differentiable in logps; values outside the mask are ignored (even -inf or NaN padding).
+    float32 (float64 for float64 logps)."""
+    check_floating("logps", logps)
+    check_ndim("logps", logps, 2, "[B, T]")
+    check_same_device(logps=logps, mask=mask)
+    m = as_float_mask("mask", mask, logps).to(compute_dtype(logps))
+    masked = torch.where(m != 0, logps.to(m.dtype), 0.0) * m
+    total = masked.sum(dim=-1)
+    if average:
+        return total / m.sum(dim=-1).clamp(min=1)
+    return total
+
+
+def orpo_log_odds(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor) -> torch.Tensor:
+    """log(odds(chosen) / odds(rejected)), odds(p) = p / (1 - p), from log-probs (clamped < 0)."""
+
+    def log_odds(logp: torch.Tensor) -> torch.Tensor:
+        logp = logp.clamp(max=ORPO_MAX_LOGP)
+        return logp - torch.log(-torch.expm1(logp))
+
+    return log_odds(chosen_logps) - log_odds(rejected_logps)
+
+
+def dpo_loss(
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None,
+    ref_rejected_logps: torch.Tensor | None,
+    *,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    gamma: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DPO-family loss over sequence log-probs `[B]` (policy and reference, chosen and rejected).
+
+    With h = (chosen - ref_chosen) - (rejected - ref_rejected), eps = label_smoothing and the
+    loss averaged over the batch (0 for B = 0):
+      sigmoid: -(1 - eps) log s(beta h) - eps log s(-beta h)
+      robust:  [-(1 - eps) log s(beta h) + eps log s(-beta h)] / (1 - 2 eps)
+      hinge:   relu(1 - beta h)
+      ipo:     (h - 1 / (2 beta))^2                 (pass length-averaged logps)
+      simpo:   -(1 - eps) log s(x) - eps log s(-x), x = beta (chosen - rejected) - gamma
+               (reference-free: refs must be None; pass length-normalised logps)
+      orpo:    -chosen - beta log s(log odds(chosen) - log odds(rejected)), odds(p) = p / (1 - p)
+               (reference-free; pass length-averaged logps; beta is TRL's ORPO beta / paper's
+               lambda; the first term is the SFT NLL, as a per-sequence mean of token NLLs)
+    label_smoothing applies to sigmoid, robust and simpo only; gamma to simpo only.
+
+    Metrics (TRL names, detached): rewards/chosen, rewards/rejected (beta (logp - ref);
+    beta logp for simpo/orpo), rewards/accuracies, rewards/margins, logps/chosen,
+    logps/rejected; orpo adds nll_loss, log_odds_ratio (mean log s(log odds)), log_odds_chosen.
+    """
+    check_dpo_args(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                   beta, loss_type, label_smoothing, gamma)
+    dtype = compute_dtype(*(t for t in (chosen_logps, rejected_logps, ref_chosen_logps,
+                                        ref_rejected_logps) if t is not None))
+    chosen, rejected = chosen_logps.to(dtype), rejected_logps.to(dtype)
+    if loss_type in REFERENCE_FREE_LOSS_TYPES:
+        chosen_ratio, rejected_ratio = chosen, rejected
+    else:
+        chosen_ratio = chosen - ref_chosen_logps.to(dtype)
+        rejected_ratio = rejected - ref_rejected_logps.to(dtype)
+    h = chosen_ratio - rejected_ratio
+    eps = label_smoothing
+    log_odds = None
+
+    if loss_type in ("sigmoid", "simpo"):
+        x = beta * h - (gamma if loss_type == "simpo" else 0.0)
+        losses = -(1 - eps) * F.logsigmoid(x) - eps * F.logsigmoid(-x)
+    elif loss_type == "robust":
+        x = beta * h
+        losses = (-(1 - eps) * F.logsigmoid(x) + eps * F.logsigmoid(-x)) / (1 - 2 * eps)
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    else:  # orpo
+        log_odds = orpo_log_odds(chosen, rejected)
+        losses = -chosen - beta * F.logsigmoid(log_odds)
+
+    metrics = dpo_metrics(beta * chosen_ratio, beta * rejected_ratio, chosen, rejected, log_odds)
+    return _batch_mean(losses), metrics
+
+
+def reward_loss(
+    chosen_rewards: torch.Tensor,
+    rejected_rewards: torch.Tensor,
+    *,
+    margin: torch.Tensor | float | None = None,
+    center_coef: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Bradley-Terry reward-model loss over scalar rewards `[B]`, as TRL's RewardTrainer:
+        mean(-log s(r_c - r_r - margin)) + center_coef * mean((r_c + r_r)^2)
+    (center_coef is TRL's `center_rewards_coefficient`). margin: None, a float or a `[B]` tensor
+    (it receives no gradient). Loss 0 for B = 0.
+    Metrics (detached): accuracy (mean of r_c > r_r), margin (mean r_c - r_r),
+    rewards/chosen, rewards/rejected (means).
+    """
+    check_reward_args(chosen_rewards, rejected_rewards, margin, center_coef)
+    dtype = compute_dtype(chosen_rewards, rejected_rewards)
+    chosen, rejected = chosen_rewards.to(dtype), rejected_rewards.to(dtype)
+    x = chosen - rejected
+    if margin is not None:
+        x = x - (margin.detach().to(dtype) if isinstance(margin, torch.Tensor) else margin)
+    losses = -F.logsigmoid(x) + center_coef * (chosen + rejected) ** 2
+    return _batch_mean(losses), reward_metrics(chosen, rejected)

@@ -1,0 +1,262 @@
+"""DPO-family and Bradley-Terry losses over a batch of sequence scores (Triton kernels + launchers).
+
+Each kernel makes ONE pass over the `[B]` inputs and writes, per row, the gradient of that row's
+loss with respect to the chosen and rejected inputs (already divided by B), and, per block of rows,
+the block's share of the batch-mean loss and of every metric. The backward pass is then just a
+scale by the incoming gradient: nothing is recomputed and no metric needs a separate torch op.
+With B <= MAX_BLOCK_B there is one block, so loss and metrics are views of the kernel's output.
+
+No autograd here: `fastrlhf.losses.preference` wraps these launchers in autograd.Functions.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+MAX_BLOCK_B = 1024
+
+# Loss types by constexpr id (one compiled variant each).
+DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "simpo", "orpo")
+_SIGMOID, _ROBUST, _HINGE, _IPO, _SIMPO, _ORPO = range(len(DPO_LOSS_TYPES))
+
+# Order of the per-block metric partials (means over the batch) written by the kernels.
+DPO_STATS = (
+    "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+    "logps/chosen", "logps/rejected",
+    "nll_loss", "log_odds_ratio", "log_odds_chosen",  # ORPO only (zero otherwise)
+)
+REWARD_STATS = ("accuracy", "margin", "rewards/chosen", "rewards/rejected")
+
+# ORPO's odds p / (1 - p) need p < 1: log-probs are clamped to at most this value (TRL clamps
+# exp(logp) at 1 - 1e-7 for the same reason); no gradient flows through the clamp above it.
+ORPO_MAX_LOGP = -1e-6
+
+
+# ---- numerics helpers (no libdevice: the CPU interpreter does not implement it) --------------
+
+@triton.jit
+def _log1p(y):
+    # log(1 + y) accurate for tiny y (Goldberg): the rounding of 1 + y cancels in log(u) / (u - 1).
+    u = 1.0 + y
+    is_one = u == 1.0
+    return tl.where(is_one, y, tl.log(u) * (y / tl.where(is_one, 1.0, u - 1.0)))
+
+
+@triton.jit
+def _expm1(x):
+    # exp(x) - 1 accurate near 0 (Kahan); plain exp(x) - 1 is accurate enough for |x| >= 0.5.
+    u = tl.exp(x)
+    is_one = u == 1.0
+    near_zero = tl.where(is_one, x, (u - 1.0) * (x / tl.where(is_one, 1.0, tl.log(u))))
+    return tl.where(tl.abs(x) < 0.5, near_zero, u - 1.0)
+
+
+@triton.jit
+def _log_sigmoid(x):
+    return tl.minimum(x, 0.0) - _log1p(tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _sigmoid(x):
+    e = tl.exp(-tl.abs(x))  # never overflows
+    return tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def _store_block_mean(stats_ptr, slot, values, valid, inv_n):
+    tl.store(stats_ptr + slot, tl.sum(tl.where(valid, values, 0.0), axis=0) * inv_n)
+
+
+# ---- DPO family ---------------------------------------------------------------------------------
+
+@triton.jit
+def _dpo_kernel(
+    chosen_ptr, rejected_ptr, ref_chosen_ptr, ref_rejected_ptr,
+    grad_chosen_ptr, grad_rejected_ptr, loss_ptr, stats_ptr,
+    B, inv_B, beta, label_smoothing, gamma, orpo_max_logp,
+    LOSS_TYPE: tl.constexpr, HAS_REF: tl.constexpr, N_STATS: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    valid = offs < B
+    chosen = tl.load(chosen_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    rejected = tl.load(rejected_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    if HAS_REF:
+        chosen_ratio = chosen - tl.load(ref_chosen_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+        rejected_ratio = rejected - tl.load(ref_rejected_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    else:
+        chosen_ratio = chosen
+        rejected_ratio = rejected
+    h = chosen_ratio - rejected_ratio
+    log_odds = tl.zeros_like(h)
+    log_sig_log_odds = tl.zeros_like(h)
+
+    if LOSS_TYPE == _HINGE:
+        x = beta * h
+        loss = tl.maximum(1.0 - x, 0.0)
+        grad_chosen = tl.where(x < 1.0, -beta, 0.0)
+        grad_rejected = -grad_chosen
+    elif LOSS_TYPE == _IPO:
+        diff = h - 0.5 / beta
+        loss = diff * diff
+        grad_chosen = 2.0 * diff
+        grad_rejected = -grad_chosen
+    elif LOSS_TYPE == _ORPO:
+        # log odds(p) = logp - log(1 - p) = logp - log(-expm1(logp)); d/dlogp = -1 / expm1(logp)
+        c = tl.minimum(chosen, orpo_max_logp)
+        r = tl.minimum(rejected, orpo_max_logp)
+        expm1_c = _expm1(c)
+        expm1_r = _expm1(r)
+        log_odds = (c - tl.log(-expm1_c)) - (r - tl.log(-expm1_r))
+        log_sig_log_odds = _log_sigmoid(log_odds)
+        loss = -chosen - beta * log_sig_log_odds  # NLL of chosen + beta * odds-ratio term
+        dloss_dlog_odds = -beta * _sigmoid(-log_odds)
+        grad_chosen = -1.0 + dloss_dlog_odds * tl.where(chosen <= orpo_max_logp, -1.0 / expm1_c, 0.0)
+        grad_rejected = dloss_dlog_odds * tl.where(rejected <= orpo_max_logp, 1.0 / expm1_r, 0.0)
+    else:  # sigmoid, robust, simpo: functions of x = beta * h (- gamma)
+        x = beta * h
+        if LOSS_TYPE == _SIMPO:
+            x = x - gamma
+        log_sig_pos = _log_sigmoid(x)
+        log_sig_neg = log_sig_pos - x  # log sigmoid(-x)
+        sig_neg = _sigmoid(-x)
+        sig_pos = 1.0 - sig_neg
+        eps = label_smoothing
+        if LOSS_TYPE == _ROBUST:
+            loss = (-(1.0 - eps) * log_sig_pos + eps * log_sig_neg) / (1.0 - 2.0 * eps)
+            dloss_dx = (-(1.0 - eps) * sig_neg - eps * sig_pos) / (1.0 - 2.0 * eps)
+        else:
+            loss = -(1.0 - eps) * log_sig_pos - eps * log_sig_neg
+            dloss_dx = -(1.0 - eps) * sig_neg + eps * sig_pos
+        grad_chosen = beta * dloss_dx
+        grad_rejected = -grad_chosen
+
+    tl.store(grad_chosen_ptr + offs, grad_chosen * inv_B, mask=valid)
+    tl.store(grad_rejected_ptr + offs, grad_rejected * inv_B, mask=valid)
+    tl.store(loss_ptr + pid, tl.sum(tl.where(valid, loss, 0.0), axis=0) * inv_B)
+
+    chosen_reward = beta * chosen_ratio
+    rejected_reward = beta * rejected_ratio
+    stats = stats_ptr + pid * N_STATS
+    _store_block_mean(stats, 0, chosen_reward, valid, inv_B)
+    _store_block_mean(stats, 1, rejected_reward, valid, inv_B)
+    _store_block_mean(stats, 2, (chosen_reward > rejected_reward).to(tl.float32), valid, inv_B)
+    _store_block_mean(stats, 3, chosen_reward - rejected_reward, valid, inv_B)
+    _store_block_mean(stats, 4, chosen, valid, inv_B)
+    _store_block_mean(stats, 5, rejected, valid, inv_B)
+    _store_block_mean(stats, 6, -chosen, valid, inv_B)
+    _store_block_mean(stats, 7, log_sig_log_odds, valid, inv_B)
+    _store_block_mean(stats, 8, log_odds, valid, inv_B)
+
+
+# ---- Bradley-Terry reward model -----------------------------------------------------------------
+
+@triton.jit
+def _bradley_terry_kernel(
+    chosen_ptr, rejected_ptr, margin_ptr,
+    grad_chosen_ptr, grad_rejected_ptr, loss_ptr, stats_ptr,
+    B, inv_B, margin_value, center_coef,
+    HAS_MARGIN_TENSOR: tl.constexpr, N_STATS: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    valid = offs < B
+    chosen = tl.load(chosen_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    rejected = tl.load(rejected_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    if HAS_MARGIN_TENSOR:
+        margin = tl.load(margin_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    else:
+        margin = margin_value
+    x = chosen - rejected - margin
+    total = chosen + rejected
+    loss = -_log_sigmoid(x) + center_coef * total * total
+    sig_neg = _sigmoid(-x)
+    center_grad = 2.0 * center_coef * total
+    tl.store(grad_chosen_ptr + offs, (center_grad - sig_neg) * inv_B, mask=valid)
+    tl.store(grad_rejected_ptr + offs, (center_grad + sig_neg) * inv_B, mask=valid)
+    tl.store(loss_ptr + pid, tl.sum(tl.where(valid, loss, 0.0), axis=0) * inv_B)
+
+    stats = stats_ptr + pid * N_STATS
+    _store_block_mean(stats, 0, (chosen > rejected).to(tl.float32), valid, inv_B)
+    _store_block_mean(stats, 1, chosen - rejected, valid, inv_B)
+    _store_block_mean(stats, 2, chosen, valid, inv_B)
+    _store_block_mean(stats, 3, rejected, valid, inv_B)
+
+
+# ---- launchers ----------------------------------------------------------------------------------
+
+def _block_outputs(B: int, n_stats: int, device: torch.device):
+    block_b = min(max(triton.next_power_of_2(B), 16), MAX_BLOCK_B)
+    n_blocks = triton.cdiv(B, block_b)
+    grad_chosen = torch.empty(B, dtype=torch.float32, device=device)
+    grad_rejected = torch.empty(B, dtype=torch.float32, device=device)
+    loss_partials = torch.empty(n_blocks, dtype=torch.float32, device=device)
+    stat_partials = torch.empty((n_blocks, n_stats), dtype=torch.float32, device=device)
+    return block_b, n_blocks, grad_chosen, grad_rejected, loss_partials, stat_partials
+
+
+def _finish(loss_partials: torch.Tensor, stat_partials: torch.Tensor):
+    # One block (B <= MAX_BLOCK_B): the partials already are the batch means, no extra op.
+    if loss_partials.numel() == 1:
+        return loss_partials.view(()), stat_partials.view(-1)
+    return loss_partials.sum(), stat_partials.sum(0)
+
+
+def dpo_forward_backward(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    ref_chosen: torch.Tensor | None,
+    ref_rejected: torch.Tensor | None,
+    beta: float,
+    loss_type: str,
+    label_smoothing: float,
+    gamma: float,
+):
+    """One pass over `[B]` sequence log-probs (B >= 1, contiguous, one device).
+
+    Returns `(loss, stats, grad_chosen, grad_rejected)`: the fp32 batch-mean loss (0-d), the
+    metric means in `DPO_STATS` order `[len(DPO_STATS)]`, and d loss / d chosen, d loss / d
+    rejected as fp32 `[B]` (the reference inputs' gradients are their negatives).
+    """
+    B = chosen.shape[0]
+    has_ref = ref_chosen is not None
+    block_b, n_blocks, grad_c, grad_r, loss_partials, stat_partials = _block_outputs(
+        B, len(DPO_STATS), chosen.device
+    )
+    _dpo_kernel[(n_blocks,)](
+        chosen, rejected,
+        ref_chosen if has_ref else chosen, ref_rejected if has_ref else rejected,
+        grad_c, grad_r, loss_partials, stat_partials,
+        B, 1.0 / B, float(beta), float(label_smoothing), float(gamma), ORPO_MAX_LOGP,
+        LOSS_TYPE=DPO_LOSS_TYPES.index(loss_type), HAS_REF=has_ref,
+        N_STATS=len(DPO_STATS), BLOCK_B=block_b,
+    )
+    loss, stats = _finish(loss_partials, stat_partials)
+    return loss, stats, grad_c, grad_r
+
+
+def bradley_terry_forward_backward(
+    chosen: torch.Tensor,
+    rejected: torch.Tensor,
+    margin: torch.Tensor | float | None,
+    center_coef: float,
+):
+    """One pass over `[B]` reward scores (B >= 1). `margin` is a `[B]` tensor, a float or None.
+
+    Returns `(loss, stats, grad_chosen, grad_rejected)` like `dpo_forward_backward`, with the
+    metrics in `REWARD_STATS` order.
+    """
+    B = chosen.shape[0]
+    has_margin_tensor = isinstance(margin, torch.Tensor)
+    block_b, n_blocks, grad_c, grad_r, loss_partials, stat_partials = _block_outputs(
+        B, len(REWARD_STATS), chosen.device
+    )
+    _bradley_terry_kernel[(n_blocks,)](
+        chosen, rejected, margin if has_margin_tensor else chosen,
+        grad_c, grad_r, loss_partials, stat_partials,
+        B, 1.0 / B, 0.0 if has_margin_tensor or margin is None else float(margin), float(center_coef),
+        HAS_MARGIN_TENSOR=has_margin_tensor, N_STATS=len(REWARD_STATS), BLOCK_B=block_b,
+    )
+    loss, stats = _finish(loss_partials, stat_partials)
+    return loss, stats, grad_c, grad_r
