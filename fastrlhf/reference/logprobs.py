@@ -1,0 +1,171 @@
+"""Token log-probabilities in plain PyTorch: the ground truth for `fastrlhf.losses.logprobs`.
+
+    logps[n]   = log_softmax(logits[n] / temperature)[targets[n]]        (clamped to <= 0)
+    entropy[n] = -sum_v p[n, v] log p[n, v],  p = softmax(logits[n] / temperature)
+
+`targets == -100` (IGNORE_INDEX) gives logp 0, entropy 0 and no gradient. Computation is fp32
+for fp32/bf16/fp16 inputs (fp64 stays fp64, for gradcheck).
+
+The argument checks for both backends live here too (`validate_*`), so the two paths reject
+exactly the same inputs.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from fastrlhf._checks import check_floating, check_positive, check_same_device
+
+IGNORE_INDEX = -100
+
+# A row chunk's logits take at most this many bytes (fp32): the memory bound of token_logprobs.
+CHUNK_BYTES_CUDA = 256 * 2**20
+CHUNK_BYTES_CPU = 32 * 2**20
+
+
+# --------------------------------------------------------------------------- argument checks
+
+
+def check_targets(targets: torch.Tensor, expected_shape: torch.Size, vocab_size: int) -> None:
+    """`targets` must be integer class ids of `expected_shape`, in [0, V) or -100.
+
+    The value range is checked only on CPU tensors: on an accelerator it would need a host-device
+    sync on every call. There the Triton kernels return NaN for an out-of-range target instead of
+    reading out of bounds (and PyTorch's gather raises its own device-side error).
+    """
+    if not isinstance(targets, torch.Tensor):
+        raise ValueError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be an integer tensor of token ids, got dtype {targets.dtype}")
+    if targets.shape != expected_shape:
+        raise ValueError(f"targets must have shape {tuple(expected_shape)}, got {tuple(targets.shape)}")
+    if targets.device.type == "cpu" and targets.numel():
+        bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= vocab_size))
+        if bad.any():
+            raise ValueError(
+                f"targets must be in [0, {vocab_size}) or {IGNORE_INDEX} (ignored), "
+                f"got {targets[bad].flatten()[0].item()}"
+            )
+
+
+def validate_logits_args(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> None:
+    check_floating("logits", logits)
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must be [..., V] with V >= 1, got shape {tuple(logits.shape)}")
+    check_positive("temperature", temperature)
+    check_same_device(logits=logits, targets=targets)
+    check_targets(targets, logits.shape[:-1], logits.shape[-1])
+
+
+def validate_hidden_args(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    temperature: float,
+    chunk_size: int | None,
+) -> None:
+    check_floating("hidden", hidden)
+    check_floating("weight", weight)
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden must be [N, H] or [B, T, H], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[0] == 0:
+        raise ValueError(f"weight must be [V, H] with V >= 1, got shape {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
+            f"got shape {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+    if bias is not None:
+        check_floating("bias", bias)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must be [V] = ({weight.shape[0]},), got shape {tuple(bias.shape)}")
+    check_positive("temperature", temperature)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
+    check_targets(targets, hidden.shape[:-1], weight.shape[0])
+
+
+def default_chunk_size(vocab_size: int, device: torch.device) -> int:
+    """Rows per chunk such that one chunk's fp32 logits stay under CHUNK_BYTES_{CUDA,CPU}."""
+    budget = CHUNK_BYTES_CUDA if device.type == "cuda" else CHUNK_BYTES_CPU
+    return max(1, budget // (4 * vocab_size))
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 (fp32 accumulation), fp64 for fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+# --------------------------------------------------------------------------- reference functions
+
+
+def logprobs_from_logits(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of `targets [...]` under `softmax(logits [..., V] / temperature)`.
+
+    Returns logps `[...]` (fp32), and entropy `[...]` too if `return_entropy`.
+    """
+    validate_logits_args(logits, targets, temperature)
+    log_probs = torch.log_softmax(logits.to(compute_dtype(logits.dtype)) / temperature, dim=-1)
+    ignored = targets == IGNORE_INDEX
+    safe_targets = targets.masked_fill(ignored, 0).long().unsqueeze(-1)
+    logps = log_probs.gather(-1, safe_targets).squeeze(-1)
+    logps = logps.clamp(max=0.0).masked_fill(ignored, 0.0)
+    if not return_entropy:
+        return logps
+    probs = log_probs.exp()
+    # -inf logits (a masked vocabulary) have p = 0 and contribute 0 (not 0 * -inf = NaN).
+    entropy = -(probs * log_probs.masked_fill(probs == 0, 0.0)).sum(-1)
+    return logps, entropy.masked_fill(ignored, 0.0)
+
+
+def _chunk_logprobs(hidden, weight, bias, targets, temperature, return_entropy):
+    dtype = compute_dtype(hidden.dtype)
+    logits = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    return logprobs_from_logits(logits, targets, temperature=temperature, return_entropy=return_entropy)
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    return_entropy: bool = False,
+    chunk_size: int | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of `targets` under the LM head: `log_softmax((hidden @ weight.T + bias) / temperature)`.
+
+    hidden `[N, H]` (or `[B, T, H]`), weight `[V, H]`, targets `[N]` (or `[B, T]`), bias `[V]`.
+    Returns logps shaped like targets (fp32), and entropy too if `return_entropy`.
+
+    Rows are processed `chunk_size` at a time under activation checkpointing, so no `N x V`
+    logits tensor exists at any moment, forward or backward (each chunk is recomputed in backward).
+    """
+    validate_hidden_args(hidden, weight, targets, bias, temperature, chunk_size)
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])
+    flat_targets = targets.reshape(-1)
+    chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.device)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (hidden, weight, bias)
+    )
+    pieces = []
+    # An empty batch still runs one (empty) chunk, so the result stays attached to the graph.
+    for start in range(0, max(flat_hidden.shape[0], 1), chunk):
+        args = (flat_hidden[start:start + chunk], weight, bias, flat_targets[start:start + chunk],
+                temperature, return_entropy)
+        out = checkpoint(_chunk_logprobs, *args, use_reentrant=False) if needs_grad else _chunk_logprobs(*args)
+        pieces.append(out if return_entropy else (out,))
+    outs = [torch.cat(parts).reshape(targets.shape) for parts in zip(*pieces)]
+    return tuple(outs) if return_entropy else outs[0]

@@ -1,0 +1,213 @@
+"""Row kernels for token log-probabilities over a logits matrix `[N, V]` (no autograd here).
+
+Forward, one program per row, one streaming pass over V in BLOCK_V chunks with an online
+(max, sum-exp, sum-exp·shifted-logit) triple:
+
+    z = logits / temperature          (fp32, whatever the storage dtype)
+    lse      = logsumexp(z)
+    logp     = min(z[target] - lse, 0)          (<= 0 always, by construction and by clamp)
+    entropy  = -sum p log p = log(s) - t / s    with s = sum exp(z - m), t = sum exp(z - m)·(z - m)
+
+`entropy = log(s) - t/s` is computed relative to the running max m, so it never subtracts two
+large numbers (lse - sum p·z would cancel catastrophically for logits of scale 1e4).
+
+Backward, one program per row, one pass over V, given the upstream grads g (of logp) and
+gh (of entropy) and the saved lse and entropy:
+
+    d logp    / d z_j = 1[j = target] - p_j
+    d entropy / d z_j = -p_j (log p_j + entropy)       (= -p_j (z_j - sum_k p_k z_k))
+    d logits_j        = (g (1[j = target] - p_j) - gh p_j (log p_j + entropy)) / temperature
+
+It may write its result over the logits it reads (`out=logits`), which the fused linear path
+uses to keep only one `[chunk, V]` buffer alive.
+
+Targets equal to IGNORE_INDEX (-100) give logp 0, entropy 0 and a zero gradient row, and their
+logits are never read. Targets outside [0, V) (not checked on the host on CUDA, because that
+would need a device sync) give logp NaN instead of an out-of-bounds read.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+IGNORE_INDEX = -100
+
+
+@triton.jit
+def _logprobs_fwd_kernel(
+    logits_ptr, targets_ptr, logps_ptr, lse_ptr, entropy_ptr,
+    V, stride_row, inv_temperature,
+    IGNORE: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    ignored = target == IGNORE
+    in_range = (target >= 0) & (target < V)
+    row_ptr = logits_ptr + row * stride_row
+
+    m = tl.full((), float("-inf"), tl.float32)  # running max of z
+    s = tl.zeros((), tl.float32)  # sum exp(z - m)
+    t = tl.zeros((), tl.float32)  # sum exp(z - m) * (z - m)
+    n_cols = tl.where(ignored, 0, V)  # ignored rows skip the pass entirely
+    offsets = tl.arange(0, BLOCK_V)
+    for start in range(0, n_cols, BLOCK_V):
+        cols = start + offsets
+        z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temperature
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        # Stay finite while every z seen so far is -inf (masked vocab): shift by 0 instead.
+        m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        z_shifted = z - m_shift
+        e = tl.exp(z_shifted)
+        alpha = tl.exp(m - m_shift)
+        if COMPUTE_ENTROPY:
+            # exp(z)·z is 0·(-inf) = NaN for -inf logits (and padding lanes): define those terms as 0.
+            t_block = tl.sum(e * tl.where(e > 0, z_shifted, 0.0), axis=0)
+            # Re-centre the old sum on the new max (s = 0 while m = -inf: nothing to move).
+            t_old = t + s * tl.where(s > 0, m - m_shift, 0.0)
+            t = alpha * t_old + t_block
+        s = alpha * s + tl.sum(e, axis=0)
+        m = m_new
+
+    s = tl.where(ignored, 1.0, s)  # ignored rows never summed: keep their arithmetic finite
+    log_s = tl.log(s)
+    lse = tl.where(ignored, 0.0, m) + log_s
+    z_target = tl.load(row_ptr + tl.where(in_range, target, 0), mask=target != IGNORE, other=0.0).to(tl.float32)
+    logp = tl.minimum(z_target * inv_temperature - lse, 0.0)
+    logp = tl.where(in_range, logp, float("nan"))
+    tl.store(logps_ptr + row, tl.where(ignored, 0.0, logp))
+    tl.store(lse_ptr + row, tl.where(ignored, 0.0, lse))
+    if COMPUTE_ENTROPY:
+        entropy = tl.maximum(log_s - t / s, 0.0)
+        tl.store(entropy_ptr + row, tl.where(ignored, 0.0, entropy))
+
+
+@triton.jit
+def _logprobs_bwd_kernel(
+    logits_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logps_ptr, grad_entropy_ptr, dlogits_ptr,
+    V, stride_logits, stride_dlogits, inv_temperature,
+    IGNORE: tl.constexpr, HAS_GRAD_LOGPS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    ignored = target == IGNORE
+    n_read = tl.where(ignored, 0, V)  # ignored rows only write zeros, never read their logits
+    lse = tl.load(lse_ptr + row)
+    if HAS_GRAD_LOGPS:
+        g = tl.load(grad_logps_ptr + row).to(tl.float32)
+    else:
+        g = 0.0
+    if HAS_GRAD_ENTROPY:
+        gh = tl.load(grad_entropy_ptr + row).to(tl.float32)
+        entropy = tl.load(entropy_ptr + row)
+    in_ptr = logits_ptr + row * stride_logits
+    out_ptr = dlogits_ptr + row * stride_dlogits
+    offsets = tl.arange(0, BLOCK_V)
+    for start in range(0, V, BLOCK_V):
+        cols = start + offsets
+        valid = cols < V
+        z = tl.load(in_ptr + cols, mask=cols < n_read, other=0.0).to(tl.float32) * inv_temperature
+        log_p = z - lse
+        p = tl.exp(log_p)
+        dz = tl.where(cols == target, g, 0.0) - g * p
+        if HAS_GRAD_ENTROPY:
+            dz -= gh * p * tl.where(p > 0, log_p + entropy, 0.0)  # 0·(-inf) := 0
+        dz = tl.where(ignored, 0.0, dz * inv_temperature)
+        tl.store(out_ptr + cols, dz.to(dlogits_ptr.dtype.element_ty), mask=valid)
+
+
+def _block_v(V: int, device: torch.device, block_v: int | None) -> int:
+    if block_v is not None:
+        return block_v
+    # GPU: 4096 fp32 per iteration keeps 8 warps streaming; the CPU interpreter pays per
+    # iteration, so there it takes the widest block that is still a reasonable numpy array.
+    cap = 4096 if device.type == "cuda" else 32768
+    return min(triton.next_power_of_2(V), cap)
+
+
+def _num_warps(block: int) -> int:
+    return 8 if block >= 4096 else 4
+
+
+def _check_rows(logits: torch.Tensor, targets: torch.Tensor) -> None:
+    if logits.dim() != 2 or logits.stride(1) != 1:
+        raise ValueError("logits must be a 2-D [N, V] tensor with unit stride over V")
+    if targets.shape != (logits.shape[0],) or not targets.is_contiguous():
+        raise ValueError("targets must be a contiguous [N] tensor")
+
+
+def logprobs_forward(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    compute_entropy: bool = False,
+    block_v: int | None = None,
+    out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-row `(logps [N], lse [N], entropy [N] or None)`, all fp32, of `logits [N, V] / temperature`.
+
+    `logits` may be fp32/bf16/fp16 with any row stride; `targets [N]` integer, -100 = ignored.
+    `out` optionally gives the three fp32 `[N]` tensors to write (e.g. slices of a bigger result).
+    """
+    _check_rows(logits, targets)
+    N, V = logits.shape
+    if out is None:
+        logps = torch.empty(N, device=logits.device, dtype=torch.float32)
+        lse = torch.empty_like(logps)
+        entropy = torch.empty_like(logps) if compute_entropy else None
+    else:
+        logps, lse, entropy = out
+    if N == 0:
+        return logps, lse, entropy
+    block = _block_v(V, logits.device, block_v)
+    _logprobs_fwd_kernel[(N,)](
+        logits, targets, logps, lse, entropy if compute_entropy else lse,
+        V, logits.stride(0), 1.0 / temperature,
+        IGNORE=IGNORE_INDEX, COMPUTE_ENTROPY=compute_entropy, BLOCK_V=block,
+        num_warps=_num_warps(block),
+    )
+    return logps, lse, entropy
+
+
+def logprobs_backward(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    lse: torch.Tensor,
+    entropy: torch.Tensor | None,
+    grad_logps: torch.Tensor | None,
+    grad_entropy: torch.Tensor | None,
+    *,
+    temperature: float = 1.0,
+    block_v: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """`d loss / d logits [N, V]` from the upstream grads of logps and entropy (either may be None).
+
+    `out` (default: a new tensor of logits' dtype) may be `logits` itself: each element is read
+    before it is overwritten, by the same program. `entropy` is needed only with `grad_entropy`.
+    """
+    _check_rows(logits, targets)
+    N, V = logits.shape
+    if out is None:
+        out = torch.empty_like(logits, memory_format=torch.contiguous_format)
+    if out.shape != logits.shape or out.stride(1) != 1:
+        raise ValueError("out must be [N, V] with unit stride over V")
+    if N == 0:
+        return out
+    if grad_entropy is not None and entropy is None:
+        raise ValueError("grad_entropy needs the entropy saved by logprobs_forward")
+    block = _block_v(V, logits.device, block_v)
+    _logprobs_bwd_kernel[(N,)](
+        logits, targets, lse,
+        entropy if grad_entropy is not None else lse,
+        grad_logps.contiguous() if grad_logps is not None else lse,
+        grad_entropy.contiguous() if grad_entropy is not None else lse,
+        out,
+        V, logits.stride(0), out.stride(0), 1.0 / temperature,
+        IGNORE=IGNORE_INDEX, HAS_GRAD_LOGPS=grad_logps is not None,
+        HAS_GRAD_ENTROPY=grad_entropy is not None, BLOCK_V=block,
+        num_warps=_num_warps(block),
+    )
+    return out
