@@ -148,6 +148,8 @@ def group_advantages(
     """
     check_group_args(scores, group_size, eps)
     grouped = scores.to(compute_dtype(scores)).reshape(-1, group_size)
+    if grouped.numel() == 0:
+        return grouped.reshape(-1)
     advantages = grouped - grouped.mean(dim=1, keepdim=True)
     if scale:
         advantages = advantages / (grouped.std(dim=1, unbiased=False, keepdim=True) + eps)

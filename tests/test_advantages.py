@@ -1,0 +1,259 @@
+"""GAE (Triton scan vs PyTorch loop vs float64 closed form), whiten, group_advantages.
+
+Tolerances: fp32 inputs 1e-5 absolute (the scan re-associates a length-T recurrence, so its
+rounding differs from the sequential loop by a few ulps times T-dependent growth); bf16 inputs
+are compared against the closed form on the SAME bf16-rounded values with 1e-4, which only holds
+if accumulation is fp32.
+"""
+import math
+import statistics
+
+import numpy as np
+import pytest
+import torch
+
+from fastrlhf.kernels.gae import gae_scan
+from fastrlhf.losses.advantages import gae, group_advantages, whiten
+from fastrlhf.reference import advantages as ref
+
+
+# ---- independent float64 closed forms (plain Python / numpy, no torch ops) --------------------
+
+def gae_closed_form(rewards, values, mask, gamma, lam):
+    r, v, m = (np.asarray(t.double().cpu(), dtype=np.float64) for t in (rewards, values, mask))
+    B, T = r.shape
+    adv = np.zeros((B, T))
+    for b in range(B):
+        next_adv = next_value = next_mask = 0.0
+        for t in range(T - 1, -1, -1):
+            delta = r[b, t] + gamma * next_value * next_mask - v[b, t]
+            next_adv = delta + gamma * lam * next_mask * next_adv
+            adv[b, t] = next_adv * m[b, t]
+            next_value, next_mask = v[b, t], m[b, t]
+    return adv, (adv + v) * m
+
+
+def whiten_closed_form(x, mask, shift_mean, eps):
+    xs = np.asarray(x.double().cpu(), dtype=np.float64)
+    ms = np.asarray(mask.cpu(), dtype=bool)
+    out = np.zeros_like(xs)
+    picked = xs[ms]
+    if picked.size == 0:
+        return out
+    mean = picked.mean()
+    var = picked.var(ddof=1) if picked.size > 1 else 0.0  # unbiased, as TRL's masked_var
+    out[ms] = (picked - mean) / math.sqrt(var + eps) + (0.0 if shift_mean else mean)
+    return out
+
+
+def make_mask(B, T, kind, generator=None):
+    if kind == "ones":
+        return torch.ones(B, T, dtype=torch.bool)
+    if kind == "zeros":
+        return torch.zeros(B, T, dtype=torch.bool)
+    mask = torch.rand(B, T, generator=generator) > 0.25  # holes
+    if kind == "right_pad":  # typical response mask: a prefix of each row, one row empty
+        lengths = torch.randint(T // 2, T + 1, (B,), generator=generator)
+        if B > 1:
+            lengths[0] = 0
+        mask = torch.arange(T)[None, :] < lengths[:, None]
+    elif B > 1:
+        mask[1] = False  # a fully masked row
+    return mask
+
+
+def assert_close_np(actual, expected, atol):
+    np.testing.assert_allclose(np.asarray(actual.double().cpu()), expected, atol=atol, rtol=0)
+
+
+# ---- GAE ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "B,T,mask_kind",
+    [(3, 1, "holes"), (3, 1, "ones"), (4, 37, "holes"), (4, 37, "right_pad"), (4, 37, "ones"),
+     (1, 4100, "right_pad"), (1, 4100, "ones")],  # T=4100: 5 blocks of 1024, 4 carries
+)
+def test_gae_matches_reference_and_closed_form(B, T, mask_kind, device):
+    rewards = torch.randn(B, T)
+    values = torch.randn(B, T)
+    mask = make_mask(B, T, mask_kind)
+    expected_adv, expected_ret = gae_closed_form(rewards, values, mask, 0.99, 0.95)
+    args = (rewards.to(device), values.to(device), mask.to(device))
+    adv_t, ret_t = gae(*args, gamma=0.99, lam=0.95, backend="triton")
+    adv_r, ret_r = ref.gae(*args, gamma=0.99, lam=0.95)
+    atol = 1e-5 if T < 1000 else 5e-5  # |A| grows like sum of (gamma lam)^k ~ 16 here
+    for actual in (adv_t, adv_r):
+        assert actual.dtype == torch.float32 and actual.shape == (B, T)
+        assert_close_np(actual, expected_adv, atol)
+    assert_close_np(ret_t, expected_ret, atol)
+    assert_close_np(ret_r, expected_ret, atol)
+
+
+@pytest.mark.parametrize("gamma,lam", [(0.0, 0.0), (1.0, 1.0), (1.0, 0.0), (0.0, 1.0), (0.9, 0.5)])
+def test_gae_gamma_lambda_edges(gamma, lam, device):
+    rewards, values = torch.randn(3, 37), torch.randn(3, 37)
+    mask = make_mask(3, 37, "holes")
+    expected_adv, expected_ret = gae_closed_form(rewards, values, mask, gamma, lam)
+    adv, ret = gae(rewards.to(device), values.to(device), mask.to(device), gamma=gamma, lam=lam, backend="triton")
+    assert_close_np(adv, expected_adv, 1e-5)
+    assert_close_np(ret, expected_ret, 1e-5)
+    if gamma == 0.0:  # A_t = r_t - V_t exactly
+        assert_close_np(adv, ((rewards - values) * mask).double().numpy(), 1e-6)
+
+
+@pytest.mark.parametrize("block_t", [1, 4, 8, 64])
+def test_gae_block_carry(block_t, device):
+    """Small blocks force many carries between blocks, including a partial first block."""
+    rewards, values = torch.randn(2, 37), torch.randn(2, 37)
+    mask = make_mask(2, 37, "holes")
+    expected_adv, _ = gae_closed_form(rewards, values, mask, 1.0, 0.95)
+    adv, _ = gae_scan(rewards.to(device), values.to(device), mask.to(device), 1.0, 0.95, block_t=block_t)
+    assert_close_np(adv, expected_adv, 1e-5)
+
+
+def test_gae_all_zero_mask_and_empty(device):
+    rewards, values = torch.randn(2, 37, device=device), torch.randn(2, 37, device=device)
+    mask = torch.zeros(2, 37, device=device)
+    for backend in ("triton", "torch"):
+        adv, ret = gae(rewards, values, mask, backend=backend)
+        assert torch.equal(adv, torch.zeros_like(adv)) and torch.equal(ret, torch.zeros_like(ret))
+        for shape in [(0, 5), (3, 0)]:
+            empty = torch.zeros(shape, device=device)
+            adv, ret = gae(empty, empty, empty, backend=backend)
+            assert adv.shape == shape and ret.shape == shape
+
+
+def test_gae_bf16_accumulates_in_fp32(device):
+    rewards = torch.randn(3, 300).bfloat16()
+    values = torch.randn(3, 300).bfloat16()
+    mask = make_mask(3, 300, "right_pad")
+    expected_adv, expected_ret = gae_closed_form(rewards, values, mask, 1.0, 0.95)
+    adv, ret = gae(rewards.to(device), values.to(device), mask.to(device), gamma=1.0, lam=0.95, backend="triton")
+    assert adv.dtype == torch.float32
+    assert_close_np(adv, expected_adv, 1e-4)
+    assert_close_np(ret, expected_ret, 1e-4)
+
+
+@pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.float32, torch.bfloat16])
+def test_gae_mask_dtypes_and_padding_independence(mask_dtype, device):
+    rewards, values = torch.randn(3, 20), torch.randn(3, 20)
+    mask = make_mask(3, 20, "right_pad")
+    base_adv, base_ret = gae(rewards.to(device), values.to(device), mask.to(device, mask_dtype), backend="triton")
+    # More right padding (with junk rewards/values under a zero mask) must not change anything.
+    pad = 13
+    rewards_p = torch.cat([rewards, torch.randn(3, pad)], 1)
+    values_p = torch.cat([values, torch.randn(3, pad)], 1)
+    mask_p = torch.cat([mask, torch.zeros(3, pad, dtype=torch.bool)], 1)
+    adv, ret = gae(rewards_p.to(device), values_p.to(device), mask_p.to(device, mask_dtype), backend="triton")
+    assert torch.equal(adv[:, :20], base_adv) and torch.equal(ret[:, :20], base_ret)
+    assert not adv[:, 20:].any()
+
+
+def test_gae_outputs_are_detached(device):
+    rewards = torch.randn(2, 9, device=device, requires_grad=True)
+    values = torch.randn(2, 9, device=device, requires_grad=True)
+    mask = torch.ones(2, 9, device=device)
+    for backend in ("triton", "torch"):
+        adv, ret = gae(rewards, values, mask, backend=backend)
+        assert not adv.requires_grad and not ret.requires_grad
+
+
+def test_gae_bad_input():
+    r, v, m = torch.randn(2, 5), torch.randn(2, 5), torch.ones(2, 5)
+    with pytest.raises(ValueError, match="rewards"):
+        gae(r.long(), v, m)
+    with pytest.raises(ValueError, match="values"):
+        gae(r, torch.randn(2, 6), m)
+    with pytest.raises(ValueError, match="mask"):
+        gae(r, v, torch.ones(2, 4))
+    with pytest.raises(ValueError, match="rewards"):
+        gae(r[0], v[0], m[0])
+    with pytest.raises(ValueError, match="gamma"):
+        gae(r, v, m, gamma=1.5)
+    with pytest.raises(ValueError, match="lam"):
+        gae(r, v, m, lam=-0.1)
+    with pytest.raises(ValueError, match="backend"):
+        gae(r, v, m, backend="cuda")
+
+
+# ---- whiten -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shift_mean", [True, False])
+@pytest.mark.parametrize("shape,mask_kind", [((4, 37), "holes"), ((3, 1), "ones"), ((2, 3, 5), "holes")])
+def test_whiten_matches_closed_form(shape, mask_kind, shift_mean, device):
+    x = torch.randn(shape) * 3 + 1
+    mask = make_mask(shape[0], math.prod(shape[1:]), mask_kind).reshape(shape)
+    expected = whiten_closed_form(x, mask, shift_mean, 1e-8)
+    for backend in ("triton", "torch"):
+        out = whiten(x.to(device), mask.to(device), shift_mean=shift_mean, backend=backend)
+        assert out.dtype == torch.float32 and out.shape == shape
+        assert_close_np(out, expected, 1e-5)
+
+
+def test_whiten_degenerate_masks(device):
+    x = torch.randn(3, 7, device=device)
+    zeros = whiten(x, torch.zeros(3, 7, device=device))
+    assert torch.equal(zeros, torch.zeros_like(zeros))
+    one = torch.zeros(3, 7, dtype=torch.bool, device=device)
+    one[1, 4] = True
+    assert torch.equal(whiten(x, one), torch.zeros_like(x))  # var = 0, x - mean = 0: no NaN
+    kept_mean = whiten(x, one, shift_mean=False)
+    assert kept_mean[1, 4] == x[1, 4] and kept_mean.count_nonzero() == 1
+    # NaN / inf outside the mask do not leak in
+    dirty = x.clone()
+    dirty[0, 0], dirty[2, 6] = float("nan"), float("inf")
+    mask = torch.ones(3, 7, dtype=torch.bool, device=device)
+    mask[0, 0] = mask[2, 6] = False
+    out = whiten(dirty, mask)
+    assert torch.isfinite(out).all()
+    assert_close_np(out, whiten_closed_form(x, mask, True, 1e-8), 1e-5)
+
+
+def test_whiten_gradcheck_and_bad_input():
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    mask = make_mask(3, 5, "holes")
+    assert torch.autograd.gradcheck(lambda t: ref.whiten(t, mask, shift_mean=False), (x,))
+    with pytest.raises(ValueError, match="mask"):
+        whiten(x, torch.ones(3, 4))
+    with pytest.raises(ValueError, match="x"):
+        whiten(torch.ones(3, 5, dtype=torch.long), mask)
+    with pytest.raises(ValueError, match="eps"):
+        whiten(x, mask, eps=-1.0)
+
+
+# ---- group advantages ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("scale", [True, False])
+@pytest.mark.parametrize("B,group_size", [(12, 4), (7, 7), (5, 1)])
+def test_group_advantages_closed_form(B, group_size, scale, device):
+    scores = torch.randn(B) * 2
+    expected = []
+    for g in range(B // group_size):
+        group = [float(s) for s in scores[g * group_size:(g + 1) * group_size]]
+        mean = statistics.fmean(group)
+        std = statistics.pstdev(group)  # biased (unbiased=False)
+        expected += [(s - mean) / (std + 1e-6) if scale else s - mean for s in group]
+    for backend in ("triton", "torch"):
+        out = group_advantages(scores.to(device), group_size, scale=scale, backend=backend)
+        assert out.shape == (B,) and out.dtype == torch.float32
+        assert_close_np(out, np.array(expected), 1e-5)
+
+
+def test_group_advantages_constant_group_and_empty(device):
+    scores = torch.tensor([1.0, 1.0, 1.0, 0.0, 2.0, 4.0], device=device)
+    out = group_advantages(scores, 3)
+    assert torch.equal(out[:3], torch.zeros(3, device=device))
+    assert torch.isfinite(out).all()
+    assert group_advantages(torch.zeros(0, device=device), 4).shape == (0,)
+
+
+def test_group_advantages_bad_input():
+    scores = torch.randn(10)
+    with pytest.raises(ValueError, match="group_size"):
+        group_advantages(scores, 4)
+    with pytest.raises(ValueError, match="group_size"):
+        group_advantages(scores, 0)
+    with pytest.raises(ValueError, match="scores"):
+        group_advantages(scores.reshape(2, 5), 5)
+    with pytest.raises(ValueError, match="scores"):
+        group_advantages(torch.arange(10), 5)
