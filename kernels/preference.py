@@ -47,9 +47,9 @@ def _log1p(y):
 def _expm1(x):
     # exp(x) - 1 accurate near 0 (Kahan); plain exp(x) - 1 is accurate enough for |x| >= 0.5.
     u = tl.exp(x)
-    is_one = u == 1.0
-    near_zero = tl.where(is_one, x, (u - 1.0) * (x / tl.where(is_one, 1.0, tl.log(u))))
-    return tl.where(tl.abs(x) < 0.5, near_zero, u - 1.0)
+    use_kahan = (tl.abs(x) < 0.5) & (u != 1.0)
+    kahan = (u - 1.0) * (x / tl.log(tl.where(use_kahan, u, 2.0)))  # log never sees 0 or 1
+    return tl.where(use_kahan, kahan, tl.where(u == 1.0, x, u - 1.0))
 
 
 @triton.jit
