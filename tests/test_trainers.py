@@ -1,0 +1,168 @@
+"""Trainers on a tiny random Llama (CPU, torch backend): each learns a toy, plus the shared machinery
+(config checks, metrics, checkpoints, exact resume, Ctrl-C, memory of the shared base)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastrlhf
+from fastrlhf.testing import tiny_llama, tiny_tokenizer
+
+
+@pytest.fixture(autouse=True)
+def _torch_backend_one_thread():
+    # conftest turns on the (slow) Triton interpreter; trainers are tested on the torch twins.
+    # One thread: tiny matmuls on a shared 2-core machine are many times faster without thread contention.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with fastrlhf.use_backend("torch"):
+        yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def make_model(tok, roles=("policy",), *, init_seed=0, lm_head_scale=10.0, **kwargs):
+    """A tiny random Llama wrapped in a RoleModel. The random lm_head is scaled up so that the frozen
+    head can express confident predictions (a random init at std 0.02 caps the logits near 0, and the
+    LoRA adapters alone could then hardly lower the loss)."""
+    from fastrlhf.roles import RoleModel
+
+    base = tiny_llama(vocab_size=len(tok), hidden_size=32, seed=0)
+    with torch.no_grad():
+        base.lm_head.weight.mul_(lm_head_scale)
+    torch.manual_seed(init_seed)  # LoRA / head init
+    kwargs.setdefault("lora_r", 8)
+    return RoleModel(base, roles=roles, **kwargs)
+
+
+def read_metrics(output_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_losses(output_dir, key="loss") -> list[float]:
+    return [r[key] for r in read_metrics(output_dir) if key in r]
+
+
+SFT_RECORDS = [
+    {"prompt": "say red", "completion": "red red red"},
+    {"prompt": "say blue", "completion": "blue cat"},
+    {"prompt": "count to three", "completion": "one two three"},
+] * 2
+
+
+def sft_config(tmp_path, **overrides):
+    from fastrlhf.trainers.sft import SFTConfig
+
+    options = dict(output_dir=str(tmp_path / "sft"), learning_rate=1e-2, batch_size=6, max_steps=12,
+                   lr_schedule="constant", progress=False, backend="torch")
+    options.update(overrides)
+    return SFTConfig(**options)
+
+
+# --------------------------------------------------------------------------- SFT + shared machinery
+
+
+def test_sft_loss_falls_and_writes_metrics_and_model(tok, tmp_path):
+    from fastrlhf.trainers.sft import SFTTrainer
+
+    config = sft_config(tmp_path, save_steps=5)
+    summary = SFTTrainer(make_model(tok), tok, config, SFT_RECORDS).train()
+    losses = train_losses(config.output_dir)
+    assert len(losses) == 12  # one line per optimizer step
+    assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3
+    records = read_metrics(config.output_dir)
+    assert [r["step"] for r in records] == list(range(1, 13))
+    assert {"lr", "grad_norm", "num_tokens", "epoch"} <= set(records[0])
+    out = Path(config.output_dir)
+    assert (out / "checkpoint-5" / "COMPLETE").is_file() and (out / "checkpoint-10").is_dir()
+    assert (out / "role-policy.safetensors").is_file() and (out / "memory_report.json").is_file()
+    assert summary["steps"] == 12 and summary["seconds"] > 0 and summary["peak_memory_bytes"] > 0
+    assert summary["memory_report"]["policy"]["trainable_bytes"] > 0
+    assert summary["metrics"]["loss"] == losses[-1]
+
+
+def test_grad_accumulation_matches_big_batch(tok, tmp_path):
+    """batch 6 == batch 2 x 3 accumulation, although micro-batches hold different token counts."""
+    from fastrlhf.trainers.sft import SFTTrainer
+
+    finals = []
+    for name, bs, accum in (("big", 6, 1), ("accum", 2, 3)):
+        model = make_model(tok)
+        config = sft_config(tmp_path / name, batch_size=bs, grad_accum_steps=accum, max_steps=3)
+        SFTTrainer(model, tok, config, SFT_RECORDS).train()
+        finals.append((train_losses(config.output_dir), model.trainable_parameters("policy")))
+    (losses_a, params_a), (losses_b, params_b) = finals
+    assert losses_a == pytest.approx(losses_b, rel=1e-5)
+    for a, b in zip(params_a, params_b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "option, value",
+    [("learning_rate", 0.0), ("batch_size", 0), ("lr_schedule", "cosine_restarts"), ("grad_accum_steps", 0),
+     ("warmup_ratio", 1.0), ("max_length", 1), ("loss_agg", "sum"), ("bf16", "maybe"), ("backend", "cuda")],
+)
+def test_bad_config_value_names_the_option(tmp_path, option, value):
+    with pytest.raises(ValueError, match=option):
+        sft_config(tmp_path, **{option: value})
+
+
+def test_bad_data_and_mutated_config_fail_before_training(tok, tmp_path):
+    from fastrlhf.trainers.sft import SFTTrainer
+
+    model = make_model(tok)
+    with pytest.raises(ValueError, match="empty|no record"):
+        SFTTrainer(model, tok, sft_config(tmp_path), [])
+    with pytest.raises(ValueError, match="completion"):
+        SFTTrainer(model, tok, sft_config(tmp_path), [{"prompt": "hi"}])
+    config = sft_config(tmp_path)
+    config.learning_rate = -1.0  # changed after construction: still caught by the trainer
+    with pytest.raises(ValueError, match="learning_rate"):
+        SFTTrainer(model, tok, config, SFT_RECORDS)
+    assert not (tmp_path / "sft" / "metrics.jsonl").exists()
+
+
+def test_ctrl_c_saves_and_resume_matches_uninterrupted_run(tok, tmp_path):
+    from fastrlhf.trainers.sft import SFTTrainer
+
+    # cosine schedule + 2 epochs of 3 batches: LR, data order and Adam state must all resume exactly
+    common = dict(batch_size=2, max_steps=0, epochs=2, lr_schedule="cosine", warmup_ratio=0.2)
+    full = sft_config(tmp_path / "full", **common)
+    SFTTrainer(make_model(tok), tok, full, SFT_RECORDS).train()
+    expected = train_losses(full.output_dir)
+    assert len(expected) == 6
+
+    # 1) a real Ctrl-C (SIGINT) during step 3: the step finishes, checkpoint-3 is saved, then KeyboardInterrupt
+    # 2) an interrupt raised inside step 5 (as a second Ctrl-C would): checkpoint-4, the half step discarded
+    cut = sft_config(tmp_path / "cut", **common)
+    for attempt, (signal_at, raise_at, saved) in enumerate(((2, None, 3), (None, 4, 4))):
+        # the same init as the full run; a resumed run gets its adapters from the checkpoint instead
+        trainer = SFTTrainer(make_model(tok, init_seed=attempt), tok, cut, SFT_RECORDS)
+        original = trainer.training_step
+
+        def step_with_interrupt():
+            if trainer.step == signal_at:
+                os.kill(os.getpid(), signal.SIGINT)
+            if trainer.step == raise_at:
+                trainer.next_batches(1)  # consume data, as a real half-done step would
+                raise KeyboardInterrupt
+            return original()
+
+        trainer.training_step = step_with_interrupt
+        with pytest.raises(KeyboardInterrupt):
+            trainer.train()
+        assert (Path(cut.output_dir) / f"checkpoint-{saved}" / "COMPLETE").is_file()
+        cut.resume = "auto"
+
+    # adapter weights come from the checkpoint, not from the (different) init
+    SFTTrainer(make_model(tok, init_seed=2), tok, cut, SFT_RECORDS).train()
+    assert train_losses(cut.output_dir) == expected  # bit-exact on CPU fp32
