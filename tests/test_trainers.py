@@ -166,3 +166,73 @@ def test_ctrl_c_saves_and_resume_matches_uninterrupted_run(tok, tmp_path):
     # adapter weights come from the checkpoint, not from the (different) init
     SFTTrainer(make_model(tok, init_seed=2), tok, cut, SFT_RECORDS).train()
     assert train_losses(cut.output_dir) == expected  # bit-exact on CPU fp32
+
+
+# --------------------------------------------------------------------------- reward model and DPO
+
+PROMPTS = ["say a word", "answer the question", "what is the sun", "say hello", "count to two", "which city"]
+# chosen completions contain "good", rejected ones do not: a rule a reward model / DPO can pick up
+PREFERENCE_RECORDS = [
+    {"prompt": p, "chosen": f"good {w}", "rejected": f"bad {w}"}
+    for p, w in zip(PROMPTS, ["cat", "dog", "sun", "moon", "fish", "bird"])
+]
+
+
+def test_reward_model_learns_preference_and_reports_eval_accuracy(tok, tmp_path):
+    from fastrlhf.trainers.rm import RewardConfig, RewardTrainer
+
+    config = RewardConfig(output_dir=str(tmp_path / "rm"), learning_rate=2e-2, batch_size=6, max_steps=15,
+                          lr_schedule="constant", progress=False, center_coef=0.01, eval_steps=5)
+    model = make_model(tok, roles=("reward",))
+    summary = RewardTrainer(model, tok, config, PREFERENCE_RECORDS, eval_records=PREFERENCE_RECORDS[:4]).train()
+    records = [r for r in read_metrics(config.output_dir) if "loss" in r]
+    assert records[-1]["loss"] < 0.5 * records[0]["loss"]
+    assert records[0]["accuracy"] <= 0.7 and records[-1]["accuracy"] == 1.0
+    assert summary["eval"]["eval/accuracy"] == 1.0
+    evals = [r for r in read_metrics(config.output_dir) if "eval/accuracy" in r]
+    assert [r["step"] for r in evals] == [5, 10, 15]
+
+
+def test_reward_margin_column_is_used(tok, tmp_path):
+    from fastrlhf.trainers.rm import RewardConfig, RewardTrainer
+
+    records = [dict(r, margin=3.0) for r in PREFERENCE_RECORDS]
+    config = RewardConfig(output_dir=str(tmp_path / "rm"), max_steps=1, batch_size=6, progress=False)
+    trainer = RewardTrainer(make_model(tok, roles=("reward",)), tok, config, records)
+    batch = trainer.collate(trainer.train_examples)
+    assert batch["margin"].tolist() == [3.0] * 6
+    loss_with, _ = trainer.compute_loss(batch)
+    loss_without, _ = trainer.compute_loss({k: v for k, v in batch.items() if k != "margin"})
+    assert loss_with > loss_without  # rewards start near 0: a margin of 3 must be paid for
+
+
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+def test_dpo_raises_reward_accuracy(tok, tmp_path, loss_type):
+    from fastrlhf.trainers.dpo import DPOConfig, DPOTrainer
+
+    config = DPOConfig(output_dir=str(tmp_path / "dpo"), learning_rate=1e-2, batch_size=6, max_steps=10,
+                       lr_schedule="constant", progress=False, loss_type=loss_type, beta=0.5)
+    DPOTrainer(make_model(tok), tok, config, PREFERENCE_RECORDS).train()
+    records = read_metrics(config.output_dir)
+    assert records[-1]["loss"] < records[0]["loss"]
+    assert records[0]["rewards/accuracies"] == 0.0  # policy == reference at step 1: every margin is 0
+    assert records[-1]["rewards/accuracies"] == 1.0 and records[-1]["rewards/margins"] > 0
+
+
+def test_dpo_without_lora_precomputes_reference_once(tok, tmp_path):
+    from fastrlhf.trainers.dpo import DPOConfig, DPOTrainer
+
+    model = make_model(tok, use_lora=False, with_reference=False)  # no reference copy at all
+    config = DPOConfig(output_dir=str(tmp_path / "dpo"), learning_rate=1e-3, batch_size=3, max_steps=4,
+                       lr_schedule="constant", progress=False, save_steps=2)
+    trainer = DPOTrainer(model, tok, config, PREFERENCE_RECORDS)
+    trainer.train()
+    assert all("ref_chosen_logps" in e for e in trainer.train_examples)
+    records = read_metrics(config.output_dir)
+    assert records[-1]["rewards/margins"] > 0
+    # the precomputed reference travels with the checkpoint, so a resumed run does not need the reference
+    resumed = DPOTrainer(make_model(tok, use_lora=False, with_reference=False), tok,
+                         DPOConfig(**{**config.to_dict(), "resume": str(Path(config.output_dir) / "checkpoint-2")}),
+                         PREFERENCE_RECORDS)
+    resumed.train()
+    assert train_losses(config.output_dir) == pytest.approx([r["loss"] for r in records], rel=1e-5)

@@ -1,0 +1,138 @@
+"""Direct preference optimisation (and IPO, hinge, robust, SimPO, ORPO) on the policy role.
+
+Chosen and rejected rows go through the policy in ONE forward (`collate_preferences`). Reference
+log-probs come from the "reference" role (LoRA: the same base with adapters disabled) in the same
+step under no_grad, or are precomputed once before training (`precompute_ref_logps`, automatic
+without LoRA, where the reference is a separate frozen copy): then they are saved in checkpoints,
+so a resumed run does not need the reference model again.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+import fastrlhf
+from fastrlhf._checks import check_choice
+from fastrlhf.reference.preference import DPO_LOSS_TYPES, LABEL_SMOOTHING_LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES
+from fastrlhf.trainers.base import SupervisedConfig, Trainer, _help, check_number
+
+# Losses defined on length-normalised sequence log-probs (IPO as in TRL, SimPO and ORPO as in their papers).
+AVERAGED_LOSS_TYPES = ("ipo", "simpo", "orpo")
+
+
+@dataclass
+class DPOConfig(SupervisedConfig):
+    beta: float = field(default=0.1, metadata=_help("inverse temperature of the implicit reward (ORPO: weight of the odds-ratio term)"))
+    loss_type: str = field(default="sigmoid", metadata=_help(f"preference loss: {', '.join(DPO_LOSS_TYPES)}"))
+    label_smoothing: float = field(default=0.0, metadata=_help(
+        f"assumed fraction of flipped labels, in [0, 0.5) ({', '.join(LABEL_SMOOTHING_LOSS_TYPES)} only)"))
+    gamma: float = field(default=0.0, metadata=_help("SimPO target reward margin (simpo only)"))
+    precompute_ref_logps: bool = field(default=False, metadata=_help(
+        "compute reference log-probs once before training instead of every step (always done without LoRA)"))
+
+    def validate(self) -> None:
+        super().validate()
+        check_choice("loss_type", self.loss_type, DPO_LOSS_TYPES)
+        check_number("beta", self.beta, low=0, low_open=True)
+        check_number("label_smoothing", self.label_smoothing, low=0, high=0.5, high_open=True)
+        if self.label_smoothing and self.loss_type not in LABEL_SMOOTHING_LOSS_TYPES:
+            raise ValueError(f"label_smoothing must be 0 for loss_type={self.loss_type!r} "
+                             f"(it applies to {LABEL_SMOOTHING_LOSS_TYPES})")
+        check_number("gamma", self.gamma)
+        if self.gamma and self.loss_type != "simpo":
+            raise ValueError(f"gamma must be 0 unless loss_type='simpo', got {self.gamma}")
+
+
+class DPOTrainer(Trainer):
+    """Trains the "policy" role on {"prompt", "chosen", "rejected"} records. Logged (TRL names):
+    loss, rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins, logps/chosen, logps/rejected."""
+
+    config_class = DPOConfig
+    data_kind = "preference"
+    trained_roles = ("policy",)
+    progress_keys = ("loss", "rewards/accuracies", "rewards/margins")
+
+    @property
+    def reference_free(self) -> bool:
+        return self.config.loss_type in REFERENCE_FREE_LOSS_TYPES
+
+    @property
+    def precompute(self) -> bool:
+        return not self.reference_free and (self.config.precompute_ref_logps or not getattr(self.model, "use_lora", True))
+
+    def prepare(self, records):
+        from fastrlhf.data import tokenize_preferences
+
+        return tokenize_preferences(records, self.tokenizer, max_length=self.config.max_length)
+
+    def collate(self, examples):
+        from fastrlhf.data import collate_preferences
+
+        batch = collate_preferences(examples, self.pad_token_id)
+        if "ref_chosen_logps" in examples[0]:
+            batch["ref_logps"] = torch.tensor(
+                [e["ref_chosen_logps"] for e in examples] + [e["ref_rejected_logps"] for e in examples],
+                dtype=torch.float32,
+            )
+        return self.to_device(batch)
+
+    def sequence_logps(self, role: str, batch) -> torch.Tensor:
+        """[2B] (length-averaged for ipo/simpo/orpo) sequence log-probs of the completions under `role`."""
+        logps = self.model.token_logprobs(role, batch["input_ids"], batch["attention_mask"])
+        average = self.config.loss_type in AVERAGED_LOSS_TYPES
+        return fastrlhf.sequence_logps(logps, batch["loss_mask"][:, 1:], average=average)
+
+    def compute_loss(self, batch):
+        chosen, rejected = self.sequence_logps("policy", batch).chunk(2)
+        ref_chosen = ref_rejected = None
+        if not self.reference_free:
+            if "ref_logps" in batch:
+                ref = batch["ref_logps"]
+            else:
+                with torch.no_grad():
+                    ref = self.sequence_logps("reference", batch)
+            ref_chosen, ref_rejected = ref.chunk(2)
+        cfg = self.config
+        return fastrlhf.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=cfg.beta,
+                                 loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, gamma=cfg.gamma)
+
+    # ---- precomputed reference log-probs (saved with checkpoints)
+    def before_train(self) -> None:
+        if not self.precompute:
+            return
+        for examples in (self.train_examples, self.eval_examples or []):
+            if examples and "ref_chosen_logps" not in examples[0]:
+                self._precompute(examples)
+
+    @torch.no_grad()
+    def _precompute(self, examples: list[dict]) -> None:
+        # Without a reference copy (RoleModel(..., with_reference=False)) the untrained policy IS the
+        # reference: this runs before the first step.
+        role = "reference"
+        if not getattr(self.model, "use_lora", True) and getattr(self.model, "_reference_lm", None) is None:
+            if self.step > 0:
+                raise RuntimeError("DPO: the model has no reference copy and the policy has already been "
+                                   "trained, so reference log-probs cannot be computed any more")
+            role = "policy"
+        self.model.eval()
+        size = self.config.eval_batch_size
+        for start in range(0, len(examples), size):
+            chunk = examples[start : start + size]
+            with self.autocast():
+                ref = self.sequence_logps(role, self.collate(chunk)).float().cpu().tolist()
+            half = len(chunk)
+            for example, c, r in zip(chunk, ref[:half], ref[half:]):
+                example["ref_chosen_logps"], example["ref_rejected_logps"] = c, r
+        self.model.train()
+
+    def extra_state(self) -> dict:
+        if not self.precompute or "ref_chosen_logps" not in self.train_examples[0]:
+            return {}
+        return {"ref_logps": [[e["ref_chosen_logps"], e["ref_rejected_logps"]] for e in self.train_examples]}
+
+    def load_extra_state(self, state: dict) -> None:
+        saved = state.get("ref_logps")
+        if saved is not None and len(saved) == len(self.train_examples):
+            for example, (c, r) in zip(self.train_examples, saved):
+                example["ref_chosen_logps"], example["ref_rejected_logps"] = c, r
