@@ -16,9 +16,10 @@ import triton.language as tl
 
 MAX_BLOCK_B = 1024
 
-# Loss types by constexpr id (one compiled variant each).
+# Loss types by constexpr id (one compiled variant each). Globals read inside @triton.jit must be
+# tl.constexpr objects: plain ints work in the interpreter but fail to compile for a GPU.
 DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "simpo", "orpo")
-_SIGMOID, _ROBUST, _HINGE, _IPO, _SIMPO, _ORPO = range(len(DPO_LOSS_TYPES))
+_SIGMOID, _ROBUST, _HINGE, _IPO, _SIMPO, _ORPO = (tl.constexpr(i) for i in range(len(DPO_LOSS_TYPES)))
 
 # Order of the per-block metric partials (means over the batch) written by the kernels.
 DPO_STATS = (
