@@ -75,12 +75,15 @@ class RoleModel(nn.Module):
             "lora_target_modules": lora_target_modules,
         }
 
-        hidden_size = base_model.get_output_embeddings().weight.shape[1]
-        device = base_model.get_output_embeddings().weight.device
+        lm_head = base_model.get_output_embeddings().weight
+        hidden_size, device = lm_head.shape[1], lm_head.device
+        head_dtype = torch.promote_types(lm_head.dtype, torch.float32)
         std = getattr(base_model.config, "initializer_range", 0.02)
-        # Heads are fp32 whatever the base dtype: one scalar per token is cheap and bf16 rounding of
-        # values/rewards would be visible in the losses.
-        self.heads = nn.ModuleDict({role: _scalar_head(hidden_size, std, device) for role in roles if role in HEAD_ROLES})
+        # Heads are (at least) fp32 whatever the base dtype: one scalar per token is cheap, and bf16
+        # rounding of values / rewards would be visible in the losses.
+        self.heads = nn.ModuleDict(
+            {role: _scalar_head(hidden_size, std, device, head_dtype) for role in roles if role in HEAD_ROLES}
+        )
 
         # The frozen no-LoRA reference is kept out of the module tree (plain __dict__ entry): .to(),
         # .parameters() and state_dict() of the RoleModel must not move, train or save it.
@@ -262,19 +265,21 @@ class RoleModel(nn.Module):
         return tuple(t.to(device) for t in out) if return_entropy else out.to(device)
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[B, T] float32 value estimates V(s_t) (value role + value head); 0 on padding."""
+        """[B, T] float32 (float64 for a float64 base) value estimates V(s_t) (value role + value head); 0 on padding."""
         self._require("value")
         hidden = self.hidden_states("value", input_ids, attention_mask)
-        values = self.heads["value"](hidden.float()).squeeze(-1)
+        head = self.heads["value"]
+        values = head(hidden.to(head.weight.dtype)).squeeze(-1)
         return values * attention_mask.to(values.device, values.dtype)
 
     def rewards(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[B] float32 scores r(x, y) of the reward role's score head at each row's last real token."""
+        """[B] float32 (float64 for a float64 base) scores r(x, y) of the reward role's score head at each row's last real token."""
         self._require("reward")
         hidden = self.hidden_states("reward", input_ids, attention_mask)
         last = last_token_index(attention_mask.to(hidden.device))
         last_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # [B, H]
-        return self.heads["reward"](last_hidden.float()).squeeze(-1)
+        head = self.heads["reward"]
+        return head(last_hidden.to(head.weight.dtype)).squeeze(-1)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **generate_kwargs) -> torch.Tensor:
@@ -465,8 +470,8 @@ def _check_roles(name: str, roles: tuple, allowed: tuple = ROLES) -> None:
         raise ValueError(f"{name} must be a subset of {allowed}, got {bad}")
 
 
-def _scalar_head(hidden_size: int, std: float, device) -> nn.Linear:
-    head = nn.Linear(hidden_size, 1, device=device, dtype=torch.float32)
+def _scalar_head(hidden_size: int, std: float, device, dtype: torch.dtype) -> nn.Linear:
+    head = nn.Linear(hidden_size, 1, device=device, dtype=dtype)
     nn.init.normal_(head.weight, std=std)
     nn.init.zeros_(head.bias)
     return head
