@@ -227,6 +227,25 @@ def test_token_logprobs_large_prime_vocab(device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_head_and_autocast(backend, device):
+    """LoRA case: weight frozen (only hidden gets a gradient), called under bf16 autocast. Autocast
+    must not re-cast the matmuls (fp32 inputs keep fp32 precision, forward = recomputed backward)."""
+    hidden, weight, _ = head(131, 16, torch.float32, device, bias=False)
+    targets = make_targets((2, 7), 131, device)
+    g = torch.randn(2, 7, device=device)
+    exp_logps, _, exp_grads = expected_token_logprobs(hidden, weight, None, targets, 1.0, g, torch.zeros_like(g))
+    x = hidden.clone().requires_grad_()
+    with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16):
+        logps = token_logprobs(x, weight, targets, chunk_size=4, backend=backend)
+    (logps * g).sum().backward()  # outside autocast, as PyTorch recommends
+    assert weight.grad is None
+    assert_close(logps.detach(), exp_logps, 2e-5, "logps")
+    assert_close(x.grad, exp_grads[0], 2e-5, "dhidden")
+    with torch.no_grad():
+        assert_close(token_logprobs(hidden, weight, targets, backend=backend), exp_logps, 2e-5, "no_grad logps")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_extreme_logits_stay_finite_and_nonpositive(backend, device):
     """Logits of scale 1e4: no NaN/inf, logp <= 0 (0 exactly for a dominant target), entropy >= 0."""
     V = 131

@@ -17,6 +17,7 @@ from fastrlhf.reference import logprobs as reference
 from fastrlhf.reference.logprobs import (
     compute_dtype,
     default_chunk_size,
+    no_autocast,
     validate_hidden_args,
     validate_logits_args,
 )
@@ -105,7 +106,11 @@ def _row_chunks(n_rows: int, chunk: int):
 
 
 class _FusedLinearLogprobs(torch.autograd.Function):
-    """hidden `[N, H]`, weight `[V, H]`, bias `[V]` -> logps `[N]` (+ entropy), one row chunk at a time."""
+    """hidden `[N, H]`, weight `[V, H]`, bias `[V]` -> logps `[N]` (+ entropy), one row chunk at a time.
+
+    Autocast is off inside: the matmul precision follows the input dtypes, and the logits
+    recomputed in backward must be bit-identical to the forward ones.
+    """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, return_entropy, chunk):
@@ -114,13 +119,14 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         logps = torch.empty(n_rows, device=hidden.device, dtype=torch.float32)
         lse = torch.empty_like(logps)
         entropy = torch.empty_like(logps) if return_entropy else None
-        for start, end in _row_chunks(n_rows, chunk):
-            logits = _chunk_logits(hidden[start:end], weight, bias)
-            kernels.logprobs_forward(
-                logits, targets[start:end], temperature=temperature, compute_entropy=return_entropy,
-                out=(logps[start:end], lse[start:end], entropy[start:end] if return_entropy else None),
-            )
-            del logits  # free before the next chunk's is made
+        with no_autocast(hidden.device):
+            for start, end in _row_chunks(n_rows, chunk):
+                logits = _chunk_logits(hidden[start:end], weight, bias)
+                kernels.logprobs_forward(
+                    logits, targets[start:end], temperature=temperature, compute_entropy=return_entropy,
+                    out=(logps[start:end], lse[start:end], entropy[start:end] if return_entropy else None),
+                )
+                del logits  # free before the next chunk's is made
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
         ctx.temperature, ctx.chunk = temperature, chunk
         ctx.set_materialize_grads(False)
@@ -137,26 +143,26 @@ class _FusedLinearLogprobs(torch.autograd.Function):
         # fp32 accumulators: bf16 weights would otherwise round the running sum once per chunk.
         grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=compute_dtype(weight.dtype)) if need_weight else None
         grad_bias = torch.zeros(bias.shape, device=bias.device, dtype=compute_dtype(bias.dtype)) if need_bias else None
-        for start, end in _row_chunks(hidden.shape[0], ctx.chunk):
-            rows = slice(start, end)
-            hidden_c = hidden[rows]
-            logits = _chunk_logits(hidden_c, weight, bias)
-            # d logits in the weight's dtype for the matmuls; in place when that is the logits' dtype.
-            out = logits if logits.dtype == weight.dtype else torch.empty_like(logits, dtype=weight.dtype)
-            dlogits = kernels.logprobs_backward(
-                logits, targets[rows], lse[rows], None if entropy is None else entropy[rows],
-                None if grad_logps is None else grad_logps[rows],
-                None if grad_entropy is None else grad_entropy[rows],
-                temperature=ctx.temperature, out=out,
-            )
-            del logits
-            if need_hidden:
-                torch.mm(dlogits, weight, out=grad_hidden[rows])
-            if need_weight:
-                _accumulate_matmul(grad_weight, dlogits.t(), hidden_c)
-            if need_bias:
-                grad_bias += dlogits.sum(0, dtype=grad_bias.dtype)
-            del dlogits, out
+        with no_autocast(hidden.device):
+            for start, end in _row_chunks(hidden.shape[0], ctx.chunk):
+                rows = slice(start, end)
+                logits = _chunk_logits(hidden[rows], weight, bias)
+                # d logits in the weight's dtype for the matmuls; in place when that is the logits' dtype.
+                out = logits if logits.dtype == weight.dtype else torch.empty_like(logits, dtype=weight.dtype)
+                dlogits = kernels.logprobs_backward(
+                    logits, targets[rows], lse[rows], None if entropy is None else entropy[rows],
+                    None if grad_logps is None else grad_logps[rows],
+                    None if grad_entropy is None else grad_entropy[rows],
+                    temperature=ctx.temperature, out=out,
+                )
+                del logits, out  # dlogits may be the same buffer; only one [chunk, V] stays alive
+                if need_hidden:
+                    torch.mm(dlogits, weight, out=grad_hidden[rows])
+                if need_weight:
+                    _accumulate_matmul(grad_weight, dlogits.t(), hidden[rows])
+                if need_bias:
+                    grad_bias += dlogits.sum(0, dtype=grad_bias.dtype)
+                del dlogits
         return (
             grad_hidden,
             None if grad_weight is None else grad_weight.to(weight.dtype),

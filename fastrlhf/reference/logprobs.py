@@ -11,6 +11,8 @@ exactly the same inputs.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
@@ -96,6 +98,14 @@ def default_chunk_size(vocab_size: int, device: torch.device) -> int:
     return max(1, budget // (4 * vocab_size))
 
 
+def no_autocast(device: torch.device):
+    """Autocast off: the precision here follows the input dtypes (fp32 logits even for bf16
+    inputs), and forward and recomputed backward logits must be bit-identical."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """fp32 for fp32/bf16/fp16 (fp32 accumulation), fp64 for fp64."""
     return torch.promote_types(dtype, torch.float32)
@@ -131,7 +141,8 @@ def logprobs_from_logits(
 
 def _chunk_logprobs(hidden, weight, bias, targets, temperature, return_entropy):
     dtype = compute_dtype(hidden.dtype)
-    logits = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
+    with no_autocast(hidden.device):
+        logits = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
     return logprobs_from_logits(logits, targets, temperature=temperature, return_entropy=return_entropy)
 
 
