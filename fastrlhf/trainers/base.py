@@ -397,8 +397,9 @@ class Trainer:
         local_total = torch.stack(weights).sum() if weights else torch.zeros((), device=self.device)
         global_total = self.ctx.all_reduce_sum(local_total.clone()).clamp(min=1e-12)
         # sync_gradients / FSDP average over ranks, so scale by world_size to get the global mean
+        # The same weights make the logged metrics exact: reduce_metrics takes the mean over ranks of
+        # sum(metric * w * world / global_total), i.e. the global weighted mean of the whole step.
         scale = self.ctx.world_size / global_total
-        local_share = 1.0 / local_total.clamp(min=1e-12)
 
         total_loss = torch.zeros((), device=self.device)
         sums: dict[str, torch.Tensor] = {}
@@ -407,7 +408,7 @@ class Trainer:
                 with self.autocast():
                     loss, metrics = loss_fn(mb)
                 (loss * (w * scale)).backward()
-                share = w * local_share
+                share = w * scale
                 total_loss = total_loss + loss.detach().float() * share
                 for key, value in metrics.items():
                     sums[key] = sums.get(key, 0.0) + value.detach().float() * share
