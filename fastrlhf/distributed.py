@@ -179,7 +179,7 @@ class DistContext:
     def reduce_metrics(self, metrics: Mapping[str, object]) -> dict[str, torch.Tensor]:
         """Mean of each scalar metric over ranks (one collective for the whole dict).
 
-        Values may be floats/ints or scalar tensors; the result holds detached fp32 scalar tensors on
+        Values may be floats/ints or scalar tensors (DTensors are materialised); the result holds detached fp32 scalar tensors on
         this rank's device (the caller decides when to sync them to the host). Every rank must pass
         the same keys.
         """
@@ -187,7 +187,7 @@ class DistContext:
         if not keys:
             return {}
         values = [
-            v.detach().float().reshape(()).to(self.device)
+            _materialize(v).detach().float().reshape(()).to(self.device)
             if isinstance(v, torch.Tensor)
             else torch.tensor(float(v), device=self.device)
             for v in (metrics[k] for k in keys)
@@ -257,6 +257,7 @@ class DistContext:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
+        names_before = {id(p): name for name, p in module.named_parameters(remove_duplicate=False)}
         mesh = init_device_mesh(self.device.type, (self.world_size,))
         kwargs: dict = {"mesh": mesh}
         if mixed_precision is not None:
@@ -267,6 +268,10 @@ class DistContext:
         for name in forward_methods:
             if hasattr(module, name):
                 register_fsdp_forward_method(module, name)
+        # fully_shard swaps every nn.Parameter for a new DTensor Parameter: references cached before
+        # (e.g. RoleModel's per-role adapter lists) would point at tensors that never get gradients.
+        after = dict(module.named_parameters(remove_duplicate=False))
+        _rebind_cached_parameters(module, {old: after[name] for old, name in names_before.items() if name in after})
         self.fsdp = True
         self._fsdp_params = {id(p) for p in module.parameters()}
         return module
@@ -328,6 +333,35 @@ def decoder_layers(module: torch.nn.Module) -> list[torch.nn.Module]:
         if isinstance(child, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layers", "h", "blocks"):
             found.extend(child)
     return found
+
+
+def _materialize(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor for a DTensor (e.g. the grad norm clip_grad_norm_ returns under FSDP2);
+    a collective when the DTensor is partial, so callers run it on every rank in the same order."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _rebind_cached_parameters(module: torch.nn.Module, replacement: dict[int, torch.nn.Parameter]) -> None:
+    """Swap stale Parameters cached in plain attributes of `module` and its submodules (a list of
+    them, or a dict whose values are Parameters or lists of them) for the sharded ones, in place."""
+
+    def rebind_list(items: list) -> None:
+        for i, item in enumerate(items):
+            if isinstance(item, torch.nn.Parameter):
+                items[i] = replacement.get(id(item), item)
+
+    for owner in module.modules():
+        for attr, value in vars(owner).items():
+            if attr in ("_parameters", "_buffers", "_modules"):
+                continue
+            if isinstance(value, list):
+                rebind_list(value)
+            elif isinstance(value, dict):
+                for key, item in list(value.items()):
+                    if isinstance(item, list):
+                        rebind_list(item)
+                    elif isinstance(item, torch.nn.Parameter):
+                        value[key] = replacement.get(id(item), item)
 
 
 def _buckets(params: list[torch.nn.Parameter], max_bytes: int) -> Iterable[list[torch.nn.Parameter]]:

@@ -55,12 +55,13 @@ class NonFiniteGuard:
         loss_t = loss.detach() if isinstance(loss, torch.Tensor) else torch.tensor(float(loss))
         checks = [loss_t.float().reshape(-1)]
         if grad_norm is not None:
-            checks.append(grad_norm.detach().float().reshape(-1).to(loss_t.device))
+            checks.append(_local(grad_norm.detach()).float().reshape(-1).to(loss_t.device))
         elif params:
-            norms = torch._foreach_norm([p.grad for p in params])
+            norms = torch._foreach_norm([_local(p.grad) for p in params])
             checks.append(torch.stack([n.float() for n in norms]).to(loss_t.device))
         bad = (~torch.isfinite(torch.cat(checks)).all()).to(torch.int32).reshape(1)
         if self.ctx is not None and getattr(self.ctx, "distributed", False):
+            # every rank must take the same decision, or the replicas would drift apart
             bad = bad.to(self.ctx.device)
             self.ctx.all_reduce_max(bad)
         if not bool(bad.item()):  # the one host sync per optimizer step
@@ -84,6 +85,12 @@ class NonFiniteGuard:
     def load_state_dict(self, state: dict) -> None:
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.consecutive = int(state.get("consecutive", 0))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of an FSDP2 DTensor (plain tensors unchanged). A shard is finite iff its
+    local values are; the ranks then agree through the all-reduce in `step_ok`."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def _fmt(loss: torch.Tensor) -> str:
