@@ -45,6 +45,8 @@ def load_records(source: str | Sequence[dict], *, split: str = "train") -> list[
         return _load_file(path)
     if os.path.isdir(path):
         return _load_dataset_dir(path, split)
+    if os.path.splitext(path)[1].lower() in _FILE_TYPES or path.startswith(("/", ".", "~")):
+        raise FileNotFoundError(f"dataset file {path!r} does not exist")
     try:
         import datasets
 
@@ -54,6 +56,9 @@ def load_records(source: str | Sequence[dict], *, split: str = "train") -> list[
             f"Could not load dataset {path!r}: it is not a file or directory, and datasets.load_dataset "
             f"failed ({type(error).__name__}: {error}). Give a .jsonl, .json or .parquet file."
         ) from error
+
+
+_FILE_TYPES = (".jsonl", ".json", ".parquet")
 
 
 def _load_file(path: str) -> list[dict]:

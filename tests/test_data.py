@@ -1,0 +1,231 @@
+"""fastrlhf.data: loading TRL-format records, validation errors, chat-template tokenisation with
+completion-only loss masks, truncation warnings, collators. Offline tiny tokenizer (fastrlhf.testing);
+one slow test uses the real SmolLM2 tokenizer (its template injects a default system prompt)."""
+import json
+
+import pytest
+import torch
+
+from fastrlhf.data import (
+    collate_preferences,
+    collate_prompts,
+    collate_sft,
+    load_records,
+    tokenize_preferences,
+    tokenize_prompts,
+    tokenize_sft,
+    validate_records,
+)
+from fastrlhf.testing import tiny_tokenizer
+
+SFT = [
+    {"prompt": "what is the capital of france?", "completion": "paris"},
+    {"prompt": "say yes", "completion": "yes yes"},
+]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def trained_tokens(tokenizer, example, prefix=""):
+    ids, mask = example[f"{prefix}input_ids"], example[f"{prefix}loss_mask"]
+    assert len(ids) == len(mask)
+    return tokenizer.convert_ids_to_tokens([i for i, m in zip(ids, mask) if m])
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def test_load_records_from_every_file_type(tmp_path):
+    import datasets
+
+    (tmp_path / "a.jsonl").write_text("\n".join(json.dumps(r) for r in SFT) + "\n\n")
+    (tmp_path / "b.json").write_text(json.dumps(SFT))
+    (tmp_path / "c.json").write_text(json.dumps({"prompt": [r["prompt"] for r in SFT],
+                                                 "completion": [r["completion"] for r in SFT]}))
+    datasets.Dataset.from_list(SFT).to_parquet(str(tmp_path / "d.parquet"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(SFT)}).save_to_disk(str(tmp_path / "e"))
+    for name in ("a.jsonl", "b.json", "c.json", "d.parquet", "e"):
+        assert load_records(str(tmp_path / name)) == SFT, name
+    assert load_records(SFT) == SFT and load_records(SFT) is not SFT
+
+
+def test_load_records_errors_name_the_file(tmp_path, monkeypatch):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": oops}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl: line 2 is not valid JSON"):
+        load_records(str(bad))
+    (tmp_path / "x.csv").write_text("prompt,completion\n")
+    with pytest.raises(ValueError, match=r"x.csv: unsupported file type '.csv'"):
+        load_records(str(tmp_path / "x.csv"))
+    with pytest.raises(FileNotFoundError, match="missing.jsonl"):
+        load_records(str(tmp_path / "missing.jsonl"))
+    with pytest.raises(ValueError, match="record 1 must be a dict"):
+        load_records([{"prompt": "a"}, "b"])
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(ValueError, match=r"Could not load dataset 'org/name'.*Couldn't reach the Hub"):
+        load_records("org/name")
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    "kind, records, message",
+    [
+        ("sft", [], r"data.jsonl: the dataset is empty"),
+        ("sft", [SFT[0], {"prompt": "x"}], r"data.jsonl: record 1 has no column 'completion'"),
+        ("sft", [{"text": "x"}], r"no column 'prompt'.*'prompt' and 'completion', or 'messages'"),
+        ("sft", [{"messages": [{"role": "user", "content": "x"}]}], r"record 0, column 'messages': no assistant"),
+        ("sft", [{"messages": [{"role": "user"}]}], r"column 'messages': message 0 must be a dict"),
+        ("sft", [{"prompt": 3, "completion": "x"}], r"column 'prompt' must be a string or a list of messages"),
+        ("preference", [{"prompt": "p", "chosen": "a"}], r"record 0 has no column 'rejected'"),
+        ("preference", [{"chosen": "a", "rejected": "b"}], r"record 0 has no column 'prompt'"),
+        ("prompt", [{"question": "q"}], r"record 0 has no column 'prompt'"),
+        ("dpo", SFT, r"kind must be one of"),
+    ],
+)
+def test_validation_errors_name_source_record_and_column(kind, records, message):
+    with pytest.raises(ValueError, match=message):
+        validate_records(records, kind, source="data.jsonl")
+
+
+# --------------------------------------------------------------------------- tokenisation
+
+
+def test_sft_loss_mask_covers_exactly_the_completion(tok):
+    examples = tokenize_sft(SFT, tok, max_length=64)
+    assert trained_tokens(tok, examples[0]) == ["paris", "<|im_end|>"]
+    assert trained_tokens(tok, examples[1]) == ["yes", "yes", "<|im_end|>"]
+    # the untrained part is exactly the prompt rendered with the generation prompt
+    prompt_ids = tokenize_prompts([SFT[0]], tok, max_prompt_length=64)[0]["input_ids"]
+    n = len(prompt_ids)
+    assert examples[0]["input_ids"][:n] == prompt_ids and not any(examples[0]["loss_mask"][:n])
+
+
+def test_sft_messages_train_every_assistant_turn_only(tok):
+    record = {"messages": [
+        {"role": "system", "content": "be short"},
+        {"role": "user", "content": "hello"},
+        {"role": "assistant", "content": "hi"},
+        {"role": "user", "content": "count to three"},
+        {"role": "assistant", "content": "one two three"},
+    ]}
+    (example,) = tokenize_sft([record], tok, max_length=64)
+    assert trained_tokens(tok, example) == ["hi", "<|im_end|>", "one", "two", "three", "<|im_end|>"]
+    full = tok.apply_chat_template(record["messages"], tokenize=False)
+    assert example["input_ids"] == tok(full, add_special_tokens=False)["input_ids"]
+
+
+def test_conversational_prompt_completion_and_no_template_fallback(tok):
+    record = {"prompt": [{"role": "user", "content": "say yes"}], "completion": [{"role": "assistant", "content": "yes"}]}
+    (example,) = tokenize_sft([record], tok, max_length=64)
+    assert trained_tokens(tok, example) == ["yes", "<|im_end|>"]
+    plain = tiny_tokenizer(chat_template=False)
+    (example,) = tokenize_sft([SFT[0]], plain, max_length=64)
+    assert plain.convert_ids_to_tokens(example["input_ids"]) == ["what", "is", "the", "capital", "of", "france", "?",
+                                                                 "paris", "<|im_end|>"]
+    assert example["loss_mask"] == [0] * 7 + [1, 1]
+    with pytest.raises(ValueError, match="chat template"):
+        tokenize_sft([record], plain, max_length=64)
+
+
+def test_template_that_is_not_prefix_consistent_falls_back_with_a_warning():
+    tokenizer = tiny_tokenizer()
+    # the generation prompt says "assistant :" but a rendered assistant turn says "assistant" only
+    tokenizer.chat_template = tokenizer.chat_template.replace(
+        "{{ '<|im_start|>assistant\n' }}", "{{ '<|im_start|>assistant :\n' }}"
+    )
+    import fastrlhf.data as data
+
+    data._prefix_warned = False
+    with pytest.warns(UserWarning, match="prefix-consistently"):
+        (example,) = tokenize_sft([SFT[0]], tokenizer, max_length=64)
+    assert trained_tokens(tokenizer, example) == ["paris", "<|im_end|>"]
+
+
+def test_truncation_is_counted_warned_and_empty_examples_dropped(tok):
+    records = SFT + [{"prompt": "one two three four five six seven eight nine ten", "completion": "ok"}]
+    with pytest.warns(UserWarning, match=r"train.jsonl: 2 of 3 sequences were longer than max_length=13 .*"
+                                         r"1 had no completion token left and were dropped"):
+        examples = tokenize_sft(records, tok, max_length=13, source="train.jsonl")
+    assert len(examples) == 2 and all(len(e["input_ids"]) <= 13 for e in examples)
+    assert trained_tokens(tok, examples[0]) == ["paris"]  # cut before its <|im_end|>
+    with pytest.raises(ValueError, match="no example has a completion token"):
+        with pytest.warns(UserWarning):
+            tokenize_sft(records[2:], tok, max_length=8)
+
+
+def test_preferences_explicit_and_implicit_prompt(tok):
+    explicit = {"prompt": "say yes", "chosen": "yes", "rejected": "no no"}
+    implicit = {
+        "chosen": [{"role": "user", "content": "say yes"}, {"role": "assistant", "content": "yes"}],
+        "rejected": [{"role": "user", "content": "say yes"}, {"role": "assistant", "content": "no no"}],
+    }
+    a, b = tokenize_preferences([explicit, implicit], tok, max_length=64)
+    assert a == b
+    assert trained_tokens(tok, a, "chosen_") == ["yes", "<|im_end|>"]
+    assert trained_tokens(tok, a, "rejected_") == ["no", "no", "<|im_end|>"]
+
+
+def test_prompts_keep_fields_and_the_generation_prompt_when_truncated(tok):
+    records = [{"prompt": "say yes", "target": "yes"}, {"prompt": "one two three four five six seven eight nine"}]
+    with pytest.warns(UserWarning, match=r"1 of 2 prompts were longer than max_prompt_length=8"):
+        short, long = tokenize_prompts(records, tok, max_prompt_length=8)
+    assert short["target"] == "yes" and short["prompt"] == "say yes"
+    assert short["prompt_text"].endswith("<|im_start|>assistant\n")
+    assert len(long["input_ids"]) == 8
+    assert tok.convert_ids_to_tokens(long["input_ids"][-2:]) == ["<|im_start|>", "assistant"]
+
+
+# --------------------------------------------------------------------------- collators
+
+
+def test_collators_pad_on_the_right_side(tok):
+    sft = collate_sft(tokenize_sft(SFT, tok, max_length=64), tok.pad_token_id)
+    assert set(sft) == {"input_ids", "attention_mask", "loss_mask"}
+    assert sft["input_ids"].dtype == torch.long and sft["input_ids"].shape == sft["loss_mask"].shape
+    lengths = sft["attention_mask"].sum(1)
+    assert (sft["attention_mask"][0, : lengths[0]] == 1).all() and (sft["attention_mask"][0, lengths[0]:] == 0).all()
+    assert (sft["loss_mask"] <= sft["attention_mask"]).all()
+    assert (sft["input_ids"][sft["attention_mask"] == 0] == tok.pad_token_id).all()
+
+    pairs = tokenize_preferences([{"prompt": "say yes", "chosen": "yes", "rejected": "no no no"},
+                                  {"prompt": "hi", "chosen": "hello", "rejected": "bye"}], tok, max_length=64)
+    pref = collate_preferences(pairs, tok.pad_token_id)
+    assert pref["input_ids"].shape[0] == 4
+    for i, pair in enumerate(pairs):
+        for row, side in ((i, "chosen"), (i + 2, "rejected")):
+            n = len(pair[f"{side}_input_ids"])
+            assert pref["input_ids"][row, :n].tolist() == pair[f"{side}_input_ids"]
+            assert pref["loss_mask"][row, :n].tolist() == pair[f"{side}_loss_mask"]
+
+    prompts = collate_prompts(tokenize_prompts(SFT, tok, max_prompt_length=64), tok.pad_token_id)
+    assert set(prompts) == {"input_ids", "attention_mask"}
+    assert (prompts["attention_mask"][:, -1] == 1).all()  # left-padded: every row ends with a real token
+    assert prompts["attention_mask"][1, 0] == 0
+
+
+@pytest.mark.slow
+def test_real_smollm2_template_masks_only_the_answer():
+    from fastrlhf.models import default_model_source
+
+    try:
+        directory, gguf = default_model_source()
+    except FileNotFoundError as error:
+        pytest.skip(str(error))
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf)
+    record = {"prompt": "What is the capital of France?", "completion": "Paris."}
+    (example,) = tokenize_sft([record], tokenizer, max_length=256)
+    trained = tokenizer.decode([i for i, m in zip(example["input_ids"], example["loss_mask"]) if m])
+    assert trained.startswith("Paris.<|im_end|>")
+    assert "You are a helpful AI assistant" in tokenizer.decode(example["input_ids"])  # default system prompt
