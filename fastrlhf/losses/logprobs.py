@@ -34,26 +34,29 @@ def _kernels():
 
 # --------------------------------------------------------------------------- fp32-output matmuls
 
-# aten::mm/addmm with out_dtype (bf16/fp16 in, fp32 out) exist on CUDA only, in recent torch.
-_fp32_out_matmul_ok = hasattr(torch.ops.aten.mm, "dtype")
+# aten::mm / aten::addmm with out_dtype (bf16/fp16 in, fp32 out) exist on CUDA only, in recent torch.
+# Each flag turns off for the process the first time its op is refused.
+_fp32_out_ok = {"mm": hasattr(torch.ops.aten.mm, "dtype"), "addmm": hasattr(torch.ops.aten.addmm, "dtype")}
 
 
 def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """`hidden @ weight.T + bias` as fp32 `[rows, V]` (fp64 for fp64), never rounded to bf16/fp16."""
-    global _fp32_out_matmul_ok
+    """`hidden @ weight.T + bias` as fp32 `[rows, V]` (fp64 for fp64 inputs).
+
+    bf16/fp16 inputs: on CUDA a gemm with fp32 output, so the logits are not rounded to bf16; on
+    CPU exact upcasting (fp32 gemm is the fast CPU path anyway). Only on CUDA without such a gemm
+    are the logits rounded, as the model's own lm_head would round them.
+    """
     dtype = compute_dtype(weight.dtype)
     logits = None
     if weight.dtype == dtype:
         logits = F.linear(hidden, weight)
-    elif hidden.is_cuda and _fp32_out_matmul_ok:
+    elif hidden.is_cuda and _fp32_out_ok["mm"]:
         try:
             logits = torch.mm(hidden, weight.t(), out_dtype=dtype)
         except (RuntimeError, TypeError):
-            _fp32_out_matmul_ok = False
+            _fp32_out_ok["mm"] = False
     if logits is None:
-        # CPU: upcasting is exact and fp32 gemm is the fast path there. CUDA without an fp32-output
-        # gemm: round the logits like the model's own lm_head would, rather than copy W to fp32.
-        logits = F.linear(hidden.to(dtype), weight.to(dtype)) if not hidden.is_cuda else F.linear(hidden, weight).to(dtype)
+        logits = F.linear(hidden, weight).to(dtype) if hidden.is_cuda else F.linear(hidden.to(dtype), weight.to(dtype))
     if bias is not None:
         logits += bias.to(dtype)
     return logits
@@ -61,17 +64,16 @@ def _chunk_logits(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 
 def _accumulate_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """`acc += a @ b` with `acc` fp32 and `a, b` possibly bf16/fp16, summing in fp32 across calls."""
-    global _fp32_out_matmul_ok
     if a.dtype == acc.dtype and b.dtype == acc.dtype:
         acc.addmm_(a, b)
         return
-    if acc.is_cuda and _fp32_out_matmul_ok:
+    if acc.is_cuda and _fp32_out_ok["addmm"]:
         try:
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
             return
         except (RuntimeError, TypeError):
-            _fp32_out_matmul_ok = False
-    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+            _fp32_out_ok["addmm"] = False
+    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))  # temporaries of a's and b's size: one chunk
 
 
 # --------------------------------------------------------------------------- autograd functions
