@@ -236,3 +236,142 @@ def test_dpo_without_lora_precomputes_reference_once(tok, tmp_path):
                          PREFERENCE_RECORDS)
     resumed.train()
     assert train_losses(config.output_dir) == pytest.approx([r["loss"] for r in records], rel=1e-5)
+
+
+# --------------------------------------------------------------------------- PPO and GRPO
+
+PROMPT_RECORDS = [{"prompt": p} for p in PROMPTS + ["say yes", "hi"]]
+
+
+def frequent_token_reward(tok, model, n_tokens=3):
+    """reward_fn: +1 per occurrence of a few given token ids in the completion. They are the ones the
+    initial policy samples most often, so the signal is there from the first iteration on."""
+    from collections import Counter
+
+    from fastrlhf.data import tokenize_prompts
+    from fastrlhf.trainers.rollout import HFGenerateEngine
+
+    prompts = [e["input_ids"] for e in tokenize_prompts(PROMPT_RECORDS, tok, max_prompt_length=32)]
+    engine = HFGenerateEngine(model, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, max_new_tokens=8)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        counts = Counter(t for row in engine.generate(prompts * 4) for t in row if t not in tok.all_special_ids)
+    words = {tok.convert_ids_to_tokens(t) for t, _ in counts.most_common(n_tokens)}
+
+    def reward_fn(prompts, completions, records):
+        assert len(prompts) == len(completions) == len(records) and "prompt" in records[0]
+        return [float(sum(w in words for w in text.split())) for text in completions]
+
+    return reward_fn
+
+
+def pg_options(tmp_path, name, **overrides):
+    options = dict(output_dir=str(tmp_path / name), learning_rate=1e-2, batch_size=8, max_steps=12,
+                   max_new_tokens=8, lr_schedule="constant", progress=False)
+    options.update(overrides)
+    return options
+
+
+def test_ppo_raises_rule_based_reward(tok, tmp_path):
+    from fastrlhf.trainers.ppo import PPOConfig, PPOTrainer
+
+    model = make_model(tok, roles=("policy", "value"))
+    config = PPOConfig(**pg_options(tmp_path, "ppo", ppo_epochs=2, num_minibatches=2, kl_coef=0.01))
+    PPOTrainer(model, tok, config, PROMPT_RECORDS, reward_fn=frequent_token_reward(tok, model)).train()
+    records = read_metrics(config.output_dir)
+    scores = [r["objective/scores"] for r in records]
+    assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3 + 1.0, scores
+    for key in ("objective/kl", "entropy", "clipfrac", "approx_kl", "completions/mean_length", "vf_loss", "kl_coef"):
+        assert key in records[-1]
+    assert records[-1]["objective/kl"] > 0  # the policy moved away from the reference
+
+
+def test_grpo_raises_rule_based_reward(tok, tmp_path):
+    from fastrlhf.trainers.grpo import GRPOConfig, GRPOTrainer
+
+    model = make_model(tok, roles=("policy",))
+    config = GRPOConfig(**pg_options(tmp_path, "grpo", batch_size=4, group_size=4, kl_coef=0.01))
+    GRPOTrainer(model, tok, config, PROMPT_RECORDS, reward_fn=frequent_token_reward(tok, model)).train()
+    records = read_metrics(config.output_dir)
+    rewards = [r["reward"] for r in records]
+    assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 1.0, rewards
+    assert records[-1]["kl"] > 0 and "reward_std" in records[-1]
+
+
+def test_ppo_with_reward_role_kl_in_loss_and_exact_resume(tok, tmp_path):
+    """Reward from the (frozen) reward role, KL in the loss, adaptive KL: a run resumed from its
+    checkpoint repeats the uninterrupted run's iterations exactly (sampling RNG, KL state, Adam)."""
+    from fastrlhf.trainers.ppo import PPOConfig, PPOTrainer
+
+    def run(name, resume=""):
+        model = make_model(tok, roles=("policy", "value", "reward"), trainable_roles=("policy", "value"))
+        config = PPOConfig(**pg_options(tmp_path, name, batch_size=4, max_steps=4, save_steps=2, kl_in_reward=False,
+                                        adaptive_kl=True, kl_target=0.5, kl_horizon=100, resume=resume))
+        trainer = PPOTrainer(model, tok, config, PROMPT_RECORDS)
+        trainer.train()
+        return trainer, read_metrics(config.output_dir)
+
+    trainer, full = run("full")
+    assert [r["kl_coef"] for r in full][-1] != pytest.approx(0.05)  # the adaptive controller moved
+    assert "kl" in full[-1]  # KL is part of the loss
+    state = torch.load(Path(trainer.config.output_dir) / "checkpoint-2" / "trainer_state.pt", weights_only=False)
+    assert state["kl_controller"]["value"] == pytest.approx(full[2]["kl_coef"])
+
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    import shutil
+
+    shutil.copytree(Path(trainer.config.output_dir) / "checkpoint-2", resumed_dir / "checkpoint-2")
+    _, resumed = run("resumed", resume="auto")
+    assert [r["step"] for r in resumed] == [3, 4]
+    for a, b in zip(full[2:], resumed):
+        assert a["loss"] == b["loss"] and a["objective/scores"] == b["objective/scores"]
+
+
+def test_ppo_shares_one_base_across_four_roles(tok, tmp_path):
+    """Policy, reference, value and reward all run on ONE copy of the base weights; params + optimizer
+    state of the 4-role PPO model stay below 1.5x of the policy alone (4 separate models: ~4x)."""
+    from fastrlhf.roles import RoleModel
+    from fastrlhf.trainers.ppo import PPOConfig, PPOTrainer
+
+    # hidden 128 with LoRA r=2: each role's adapter is ~3% of the base, about what r=16 is on SmolLM2-135M
+    base = tiny_llama(vocab_size=len(tok), hidden_size=128, intermediate_size=256)
+    base_ptrs = {p.data_ptr() for p in base.parameters()}
+    model = RoleModel(base, roles=("policy", "value", "reward"), trainable_roles=("policy", "value"), lora_r=2)
+    config = PPOConfig(**pg_options(tmp_path, "mem", batch_size=2, max_steps=1, max_new_tokens=4))
+    summary = PPOTrainer(model, tok, config, PROMPT_RECORDS).train()
+
+    params = list(model.parameters())
+    frozen_base = [p for p in params if p.data_ptr() in base_ptrs]
+    assert {p.data_ptr() for p in frozen_base} == base_ptrs  # the HF model's own tensors, not copies
+    assert all(not p.requires_grad for p in frozen_base)
+    others = [p for p in params if p.data_ptr() not in base_ptrs]
+    base_bytes = sum(p.numel() * p.element_size() for p in {p.data_ptr(): p for p in frozen_base}.values())
+    assert sum(p.numel() * p.element_size() for p in others) < 0.1 * base_bytes  # 3 adapters + 2 heads only
+
+    report = summary["memory_report"]
+    assert report["reference"]["params_bytes"] == 0 and report["base"]["params_bytes"] == base_bytes
+    assert report["policy"]["optimizer_bytes"] > 0 and report["value"]["optimizer_bytes"] > 0
+    policy_alone = report["base"]["params_bytes"] + report["policy"]["params_bytes"] + report["policy"]["optimizer_bytes"]
+    four_separate = 4 * report["base"]["params_bytes"]
+    assert report["total_bytes"] < 1.5 * policy_alone < four_separate
+
+
+def test_policy_gradient_config_and_reward_checks(tok, tmp_path):
+    from fastrlhf.trainers.grpo import GRPOConfig, GRPOTrainer
+    from fastrlhf.trainers.ppo import PPOConfig, PPOTrainer
+
+    for option, value in (("group_size", 1), ("temperature", 0.0), ("kl_estimator", "k4"), ("top_p", 1.5)):
+        with pytest.raises(ValueError, match=option):
+            GRPOConfig(**pg_options(tmp_path, "x", **{option: value}))
+    with pytest.raises(ValueError, match="lam"):
+        PPOConfig(**pg_options(tmp_path, "x", lam=1.5))
+    with pytest.raises(ValueError, match="reward"):  # neither reward_fn nor a reward role
+        GRPOTrainer(make_model(tok), tok, GRPOConfig(**pg_options(tmp_path, "x")), PROMPT_RECORDS)
+    with pytest.raises(ValueError, match="value"):  # PPO needs the value role
+        PPOTrainer(make_model(tok), tok, PPOConfig(**pg_options(tmp_path, "x")), PROMPT_RECORDS,
+                   reward_fn=lambda p, c, r: [0.0] * len(c))
+    trainer = GRPOTrainer(make_model(tok), tok, GRPOConfig(**pg_options(tmp_path, "x", max_steps=1)),
+                          PROMPT_RECORDS, reward_fn=lambda p, c, r: [1.0])
+    with pytest.raises(ValueError, match="reward_fn must return"):
+        trainer.train()

@@ -81,21 +81,19 @@ class HFGenerateEngine:
         self.top_k = int(top_k)
         self.top_p = float(top_p)
 
-    def generation_config(self):
-        from transformers import GenerationConfig
-
-        # An explicit GenerationConfig so the model's own defaults (e.g. top_k=50 or a low
-        # temperature in generation_config.json) never silently change the sampling distribution
-        # that the PPO ratio assumes.
-        sampling = dict(temperature=self.temperature, top_k=self.top_k or None, top_p=self.top_p) if self.do_sample else {}
+    def generation_kwargs(self) -> dict:
+        """Every sampling option spelled out, so the model's own generation_config.json (e.g. top_k=50,
+        a low temperature or a repetition penalty) never silently changes the sampling distribution
+        that the PPO ratio assumes."""
         eos = sorted(self.eos_token_ids)
-        return GenerationConfig(
-            max_new_tokens=self.max_new_tokens,
-            do_sample=self.do_sample,
-            eos_token_id=eos[0] if len(eos) == 1 else eos,
-            pad_token_id=self.pad_token_id,
-            **sampling,
+        kwargs = dict(
+            max_new_tokens=self.max_new_tokens, do_sample=self.do_sample, num_beams=1,
+            eos_token_id=eos[0] if len(eos) == 1 else eos, pad_token_id=self.pad_token_id,
+            repetition_penalty=1.0, no_repeat_ngram_size=0,
         )
+        if self.do_sample:
+            kwargs.update(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        return kwargs
 
     def _device(self) -> torch.device:
         for p in self.model.parameters():
@@ -105,12 +103,12 @@ class HFGenerateEngine:
     @torch.no_grad()
     def generate(self, prompt_ids: Sequence[Sequence[int]]) -> list[list[int]]:
         size = self.batch_size or max(len(prompt_ids), 1)
-        config = self.generation_config()
+        kwargs = self.generation_kwargs()
         out: list[list[int]] = []
         for start in range(0, len(prompt_ids), size):
             chunk = prompt_ids[start : start + size]
             input_ids, attention_mask = left_pad(chunk, self.pad_token_id, device=self._device())
-            sequences = self.model.generate(input_ids, attention_mask, generation_config=config)
+            sequences = self.model.generate(input_ids, attention_mask, **kwargs)
             new_tokens = sequences[:, input_ids.shape[1] :].tolist()
             out.extend(cut_at_eos(row, self.eos_token_ids) for row in new_tokens)
         return out

@@ -1,0 +1,277 @@
+"""What PPO and GRPO share: rollouts, scoring, log-probs, and the clipped policy update.
+
+One loop step ("iteration") = take `batch_size` prompts -> generate -> score -> build the experience
+(advantages, old / reference log-probs; subclass) -> `ppo_epochs` passes over shuffled minibatches,
+one optimizer step per minibatch (each split into `grad_accum_steps` micro-batches).
+One JSON line per iteration in metrics.jsonl (metrics averaged over its optimizer steps).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+import fastrlhf
+from fastrlhf._checks import check_choice
+from fastrlhf.trainers.base import Trainer, TrainerConfig, _help, check_int, check_number
+from fastrlhf.trainers.rollout import HFGenerateEngine, build_rollout_batch
+
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+@dataclass
+class PolicyGradientConfig(TrainerConfig):
+    batch_size: int = field(default=8, metadata=_help(
+        "prompts per device per iteration (GRPO samples each group_size times)"))
+    max_prompt_length: int = field(default=256, metadata=_help("prompts longer than this keep their last tokens (with a warning)"))
+    max_new_tokens: int = field(default=64, metadata=_help("max generated tokens per completion (generation stops at EOS)"))
+    temperature: float = field(default=1.0, metadata=_help("sampling temperature (log-probs are computed at the same temperature)"))
+    top_k: int = field(default=0, metadata=_help("sample from the k most likely tokens; 0 = off"))
+    top_p: float = field(default=1.0, metadata=_help("nucleus sampling probability mass; 1.0 = off"))
+    ppo_epochs: int = field(default=1, metadata=_help("passes over each batch of experience"))
+    num_minibatches: int = field(default=1, metadata=_help("optimizer steps per pass over the experience"))
+    clip_eps: float = field(default=0.2, metadata=_help("PPO ratio clip range: [1 - clip_eps, 1 + clip_eps_high]"))
+    clip_eps_high: float = field(default=0.0, metadata=_help("upper clip range (DAPO clip-higher); 0 = same as clip_eps"))
+    dual_clip: float = field(default=0.0, metadata=_help("dual-clip constant c > 1 for negative advantages; 0 = off"))
+    entropy_coef: float = field(default=0.0, metadata=_help("entropy bonus weight"))
+    loss_agg: str = field(default="token-mean", metadata=_help(f"policy loss aggregation: {', '.join(LOSS_AGGS)}"))
+    kl_coef: float = field(default=0.05, metadata=_help("KL-to-reference coefficient (initial value when adaptive)"))
+    kl_estimator: str = field(default="k1", metadata=_help("KL estimator: k1 (log-ratio), k2, k3 (Schulman)"))
+    missing_eos_penalty: float = field(default=0.0, metadata=_help(
+        "subtracted from the score of completions that hit max_new_tokens without EOS"))
+
+    def validate(self) -> None:
+        super().validate()
+        check_int("max_prompt_length", self.max_prompt_length, 1)
+        check_int("max_new_tokens", self.max_new_tokens, 1)
+        check_number("temperature", self.temperature, low=0, low_open=True)
+        check_int("top_k", self.top_k, 0)
+        check_number("top_p", self.top_p, low=0, high=1, low_open=True)
+        check_int("ppo_epochs", self.ppo_epochs, 1)
+        check_int("num_minibatches", self.num_minibatches, 1)
+        check_number("clip_eps", self.clip_eps, low=0, low_open=True)
+        check_number("clip_eps_high", self.clip_eps_high, low=0)
+        if self.dual_clip != 0:
+            check_number("dual_clip", self.dual_clip, low=1, low_open=True)
+        check_number("entropy_coef", self.entropy_coef, low=0)
+        check_choice("loss_agg", self.loss_agg, LOSS_AGGS)
+        check_number("kl_coef", self.kl_coef, low=0)
+        check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
+        check_number("missing_eos_penalty", self.missing_eos_penalty, low=0)
+
+
+class PolicyGradientTrainer(Trainer):
+    """Base of PPOTrainer and GRPOTrainer (prompt records {"prompt", ...}; extra fields reach reward_fn).
+
+    reward_fn(prompts, completions, records) -> list[float]: prompts are the records' "prompt"
+    strings (the chat-rendered prompt text when the prompt is a message list), completions the
+    decoded generations (special tokens dropped), records the prompt records. Without reward_fn the
+    model's "reward" role scores the full sequence at its last token.
+    rollout_engine: any `RolloutEngine` (default: HF generate on the policy role).
+    """
+
+    data_kind = "prompt"
+    samples_per_prompt = 1
+
+    def __init__(self, *args, rollout_engine=None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        cfg = self.config
+        self.engine = rollout_engine or HFGenerateEngine(
+            self.model, eos_token_id=self.eos_token_ids(), pad_token_id=self.pad_token_id,
+            max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+        )
+
+    # ------------------------------------------------------------------ config / data
+    def _check_roles(self) -> None:
+        super()._check_roles()
+        if self.reward_fn is None and "reward" not in self.model_roles():
+            raise ValueError(f"{type(self).__name__} needs a reward: pass reward_fn=... or a RoleModel with the 'reward' role")
+        if self.reward_fn is not None and not callable(self.reward_fn):
+            raise ValueError(f"reward_fn must be callable, got {type(self.reward_fn).__name__}")
+
+    def eos_token_ids(self) -> list[int]:
+        ids = set()
+        for value in (getattr(self.tokenizer, "eos_token_id", None),
+                      getattr(getattr(self.model, "causal_lm", None), "generation_config", None) and
+                      self.model.causal_lm.generation_config.eos_token_id):
+            if isinstance(value, int):
+                ids.add(value)
+            elif isinstance(value, (list, tuple)):
+                ids.update(int(v) for v in value)
+        if not ids:
+            raise ValueError("the tokenizer has no eos_token: generation could never stop at EOS")
+        return sorted(ids)
+
+    def prepare(self, records):
+        from fastrlhf.data import tokenize_prompts
+
+        return tokenize_prompts(records, self.tokenizer, max_prompt_length=self.config.max_prompt_length)
+
+    def micro_batches_per_step(self) -> int:
+        return 1  # one batch of prompts per iteration
+
+    def optimizer_steps_per_step(self) -> int:
+        return self.config.ppo_epochs * self.config.num_minibatches
+
+    # ------------------------------------------------------------------ rollout and scoring
+    @torch.no_grad()
+    def rollout(self, prompts: list[dict], repeat: int = 1) -> dict:
+        """Generate `repeat` completions per prompt (consecutive rows) -> right-padded batch dict with
+        input_ids, attention_mask [B, T], response_mask [B, T-1], last_index, response_length [B],
+        plus "completion_ids" and "examples" (python lists)."""
+        examples = [ex for ex in prompts for _ in range(repeat)]
+        prompt_ids = [ex["input_ids"] for ex in examples]
+        completions = self.engine.generate(prompt_ids)
+        batch = build_rollout_batch(prompt_ids, completions, pad_token_id=self.pad_token_id, device=self.device)
+        eos = set(self.eos_token_ids())
+        batch["has_eos"] = torch.tensor([bool(c) and c[-1] in eos for c in completions], device=self.device)
+        batch["completion_ids"] = completions
+        batch["examples"] = examples
+        return batch
+
+    @torch.no_grad()
+    def score(self, batch: dict) -> torch.Tensor:
+        """[B] float32 sequence scores: reward_fn, else the reward role at the last token; minus
+        missing_eos_penalty where generation hit max_new_tokens."""
+        if self.reward_fn is not None:
+            examples = batch["examples"]
+            prompts = [ex["prompt"] if isinstance(ex.get("prompt"), str) else ex["prompt_text"] for ex in examples]
+            completions = self.tokenizer.batch_decode(batch["completion_ids"], skip_special_tokens=True)
+            records = [{k: v for k, v in ex.items() if k not in ("input_ids", "prompt_text")} for ex in examples]
+            values = self.reward_fn(prompts, completions, records)
+            try:
+                scores = torch.tensor([float(v) for v in values], dtype=torch.float32, device=self.device)
+            except (TypeError, ValueError) as error:
+                raise ValueError(f"reward_fn must return a list of floats, got {values!r:.200}") from error
+            if scores.shape != (len(examples),) or not torch.isfinite(scores).all():
+                raise ValueError(f"reward_fn must return {len(examples)} finite floats, got {values!r:.200}")
+        else:
+            with self.autocast():
+                scores = self.model.rewards(batch["input_ids"], batch["attention_mask"]).float()
+        if self.config.missing_eos_penalty:
+            scores = scores - self.config.missing_eos_penalty * (~batch["has_eos"]).float()
+        return scores
+
+    def logps(self, role: str, batch: dict, *, return_entropy: bool = False):
+        with self.autocast():
+            return self.model.token_logprobs(role, batch["input_ids"], batch["attention_mask"],
+                                             temperature=self.config.temperature, return_entropy=return_entropy)
+
+    def rollout_metrics(self, batch: dict, scores: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {
+            "completions/mean_length": batch["response_length"].float().mean(),
+            "completions/clipped_ratio": (~batch["has_eos"]).float().mean(),
+        }
+
+    # ------------------------------------------------------------------ experience -> update
+    def make_experience(self, prompts: list[dict]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(experience, metrics). experience: input_ids, attention_mask [B, T]; mask, advantages
+        [B, T-1]; optionally old_logps, ref_logps (and values, returns for PPO)."""
+        raise NotImplementedError
+
+    def after_update(self, experience: dict, metrics: dict) -> None:
+        """Called after the policy update of each iteration (e.g. adaptive KL)."""
+
+    def training_step(self) -> dict[str, torch.Tensor]:
+        (prompts,) = self.next_batches(1)
+        self.model.eval()
+        with torch.no_grad():
+            experience, metrics = self.make_experience(prompts)
+        self.model.train()
+        metrics.update(self.update(experience))
+        self.after_update(experience, metrics)
+        return metrics
+
+    def update(self, experience: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """ppo_epochs x num_minibatches optimizer steps over shuffled rows of the experience."""
+        cfg = self.config
+        rows = experience["input_ids"].shape[0]
+        sums: dict[str, torch.Tensor] = {}
+        steps = 0
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(rows)  # global torch RNG: restored exactly on resume
+            for minibatch in torch.tensor_split(order, cfg.num_minibatches):
+                micro = [select_rows(experience, idx) for idx in torch.tensor_split(minibatch, cfg.grad_accum_steps) if len(idx)]
+                if not micro:
+                    continue
+                step_metrics = self.optimize(micro, loss_fn=self.policy_loss, weight_fn=self.loss_weight)
+                for key, value in step_metrics.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                steps += 1
+        return {key: value / max(steps, 1) for key, value in sums.items()}
+
+    def loss_weight(self, micro: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.config.loss_agg == "token-mean":
+            return micro["mask"].sum().float()
+        return torch.tensor(float(micro["mask"].shape[0]), device=self.device)
+
+    def kl_coef_in_loss(self) -> float:
+        """KL weight inside the policy loss (GRPO: kl_coef; PPO: only with kl_in_reward=False)."""
+        return self.config.kl_coef
+
+    def policy_loss(self, micro: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg = self.config
+        logps, entropy = self.model.token_logprobs("policy", micro["input_ids"], micro["attention_mask"],
+                                                   temperature=cfg.temperature, return_entropy=True)
+        old_logps = micro["old_logps"] if "old_logps" in micro else logps.detach()  # single on-policy pass
+        kl_coef = self.kl_coef_in_loss()
+        ref_logps = micro.get("ref_logps") if kl_coef > 0 else None
+        loss, metrics = fastrlhf.ppo_loss(
+            logps, old_logps, micro["advantages"], micro["mask"],
+            clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high or None, dual_clip=cfg.dual_clip or None,
+            ref_logps=ref_logps, kl_coef=kl_coef, kl_estimator=cfg.kl_estimator,
+            entropy=entropy if cfg.entropy_coef > 0 else entropy.detach(), entropy_coef=cfg.entropy_coef,
+            loss_agg=cfg.loss_agg,
+        )
+        return self.extra_loss(micro, loss, metrics)
+
+    def extra_loss(self, micro, loss, metrics):
+        """Hook to add terms to the policy loss (PPO: the value loss)."""
+        return loss, metrics
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Sample one completion per eval prompt: eval/score (mean), eval/kl (mean per-sequence
+        sum of logp - ref_logp), eval/mean_length."""
+        if not self.eval_examples:
+            return {}
+        self.model.eval()
+        order = self.ctx.shard(range(len(self.eval_examples)))
+        size = self.config.eval_batch_size
+        sums = {"score": 0.0, "kl": 0.0, "mean_length": 0.0}
+        count = 0
+        for start in range(0, len(order), size):
+            batch = self.rollout([self.eval_examples[i] for i in order[start : start + size]])
+            mask = batch["response_mask"]
+            kl = ((self.logps("policy", batch) - self.logps("reference", batch)) * mask).sum(-1)
+            sums["score"] = sums["score"] + self.score(batch).sum()
+            sums["kl"] = sums["kl"] + kl.sum()
+            sums["mean_length"] = sums["mean_length"] + batch["response_length"].sum()
+            count += mask.shape[0]
+        self.model.train()
+        return self._to_floats({k: torch.as_tensor(v, device=self.device) / max(count, 1) for k, v in sums.items()},
+                               prefix="eval/")
+
+
+def select_rows(experience: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The experience of `rows`, cut to the longest sequence among them (less padding to compute)."""
+    device = experience["input_ids"].device
+    rows = rows.to(device)
+    mask = experience["attention_mask"][rows]
+    width = max(int(mask.sum(-1).max().item()), 2)
+    out = {}
+    full = experience["input_ids"].shape[1]
+    for key, value in experience.items():
+        value = value[rows]
+        if value.dim() == 2:
+            value = value[:, :width] if value.shape[1] == full else value[:, : width - 1]
+        out[key] = value
+    return out
+
+
+def sequence_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of the per-row masked sum of `x` [B, T-1]."""
+    return (x * mask).sum(-1).mean() if x.shape[0] else x.new_zeros(())
+

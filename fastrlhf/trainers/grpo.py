@@ -1,0 +1,62 @@
+"""GRPO (Shao et al. 2024, DeepSeekMath): group_size samples per prompt, advantages normalised within
+each group, broadcast over the response tokens; no value model. The KL to the reference (k3 by
+default, as verl and TRL) goes into the loss with weight kl_coef.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+import fastrlhf
+from fastrlhf.trainers._policy_gradient import PolicyGradientConfig, PolicyGradientTrainer
+from fastrlhf.trainers.base import _help, check_int
+
+
+@dataclass
+class GRPOConfig(PolicyGradientConfig):
+    group_size: int = field(default=4, metadata=_help("completions sampled per prompt (>= 2)"))
+    scale_rewards: bool = field(default=True, metadata=_help("divide group-centred rewards by the group std"))
+    kl_coef: float = field(default=0.04, metadata=_help("weight of the k3 KL to the reference in the loss; 0 = no reference pass"))
+    kl_estimator: str = field(default="k3", metadata=_help("KL estimator in the loss: k1, k2, k3"))
+
+    def validate(self) -> None:
+        super().validate()
+        check_int("group_size", self.group_size, 2)
+
+
+class GRPOTrainer(PolicyGradientTrainer):
+    """GRPO on prompt records; trains the "policy" role (reward: reward_fn or the "reward" role).
+
+    Logged per iteration: reward, reward_std (mean within-group std), frac_reward_zero_std,
+    completions/mean_length, completions/clipped_ratio, loss, pg_loss, kl, clipfrac, approx_kl,
+    entropy, grad_norm, lr.
+    """
+
+    config_class = GRPOConfig
+    trained_roles = ("policy",)
+    progress_keys = ("reward", "kl")
+
+    @torch.no_grad()
+    def make_experience(self, prompts):
+        cfg = self.config
+        batch = self.rollout(prompts, repeat=cfg.group_size)
+        mask = batch["response_mask"]
+        scores = self.score(batch)
+        advantages = fastrlhf.group_advantages(scores, cfg.group_size, scale=cfg.scale_rewards)
+        experience = {
+            "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "mask": mask,
+            "advantages": advantages.float()[:, None] * mask,
+        }
+        if cfg.ppo_epochs * cfg.num_minibatches > 1:  # off-policy after the first step: need the rollout logps
+            experience["old_logps"] = self.logps("policy", batch).float() * mask
+        if cfg.kl_coef > 0:
+            experience["ref_logps"] = self.logps("reference", batch).float() * mask
+        group_std = scores.reshape(-1, cfg.group_size).std(dim=1, unbiased=False)
+        metrics = {
+            "reward": scores.mean(),
+            "reward_std": group_std.mean(),
+            "frac_reward_zero_std": (group_std < 1e-6).float().mean(),
+            **self.rollout_metrics(batch, scores),
+        }
+        return experience, metrics
