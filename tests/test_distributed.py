@@ -213,5 +213,134 @@ def _scenario_fail():
     time.sleep(600)
 
 
+# ----------------------------------------------------------------------------- real trainer runs
+SFT_WORDS = "red green blue black white cat dog bird fish sun moon one two three four five".split()
+
+
+def sft_records(n: int = 12) -> list[dict]:
+    """Toy SFT data with completions of different lengths (token-mean weighting matters)."""
+    records = []
+    for i in range(n):
+        words = [SFT_WORDS[(i * 7 + j * 3) % len(SFT_WORDS)] for j in range(2 + i % 4)]
+        records.append({"prompt": "say " + " ".join(words[:2]), "completion": " ".join(words)})
+    return records
+
+
+def run_sft_subprocess(options: dict, *, nproc: int = 1, timeout: int = 240, wait: bool = True):
+    """Run `_scenario_sft` with `options` in a fresh process (or under torchrun with nproc > 1)."""
+    import json
+
+    args = [HERE, "sft", json.dumps(options)]
+    if nproc > 1:
+        return run_torchrun(args, nproc=nproc, timeout=timeout)
+    cmd = [sys.executable, *args]
+    if not wait:
+        return subprocess.Popen(cmd, env=torchrun_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.run(cmd, env=torchrun_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def read_run(output_dir) -> tuple[dict, list[dict]]:
+    """(final policy weights, metrics.jsonl records with a loss) of a finished `_scenario_sft` run."""
+    import json
+
+    from safetensors.torch import load_file
+
+    weights = load_file(os.path.join(output_dir, "final_policy.safetensors"))
+    with open(os.path.join(output_dir, "metrics.jsonl")) as f:
+        metrics = [r for r in map(json.loads, f) if "loss" in r]
+    return weights, metrics
+
+
+SFT_RUN = {"batch_size": 4, "max_steps": 6, "save_steps": 2}  # global batch 4, checkpoints at 2, 4, 6
+
+
+def uninterrupted_sft_run(tmp_path_factory) -> str:
+    """Output dir of the single-process reference run (made once per test session, shared by files)."""
+    out = tmp_path_factory.getbasetemp() / "sft-uninterrupted"
+    if not (out / "final_policy.safetensors").exists():
+        result = run_sft_subprocess(dict(SFT_RUN, output_dir=str(out)))
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return str(out)
+
+
+def assert_same_run(output_dir, reference_dir, *, weight_tol: float, loss_tol: float) -> None:
+    weights, metrics = read_run(output_dir)
+    ref_weights, ref_metrics = read_run(reference_dir)
+    assert sorted(weights) == sorted(ref_weights)
+    for name, value in ref_weights.items():
+        torch.testing.assert_close(weights[name], value, rtol=weight_tol, atol=weight_tol, msg=name)
+    assert [m["step"] for m in metrics] == [m["step"] for m in ref_metrics] == list(range(1, SFT_RUN["max_steps"] + 1))
+    for got, want in zip(metrics, ref_metrics):
+        assert abs(got["loss"] - want["loss"]) <= loss_tol, (got, want)
+    assert ref_metrics[-1]["loss"] < ref_metrics[0]["loss"]  # it did learn something
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp2"])
+def test_two_process_sft_matches_single_process(tmp_path, tmp_path_factory, fsdp):
+    """torchrun, 2 gloo ranks x batch 2 == 1 process x batch 4: same weights and logged losses.
+
+    Completions have different lengths, so this also checks the global token-mean weighting.
+    FSDP2 (fully_shard on each decoder layer + root) on CPU/gloo works in torch 2.13 and agrees
+    to float rounding too.
+    """
+    reference = uninterrupted_sft_run(tmp_path_factory)
+    options = dict(SFT_RUN, batch_size=2, output_dir=str(tmp_path / "run"), fsdp=fsdp)
+    result = run_sft_subprocess(options, nproc=2)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert_same_run(tmp_path / "run", reference, weight_tol=1e-5, loss_tol=1e-5)
+
+
+def _scenario_sft(options_json: str):
+    """SFTTrainer on a tiny random Llama; options: output_dir, batch_size, max_steps, save_steps,
+    fsdp, use_lora, resume, learning_rate, pause_in_save_at_step (hang inside that checkpoint's
+    save after creating <output_dir>/saving.flag, to be killed there)."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from fastrlhf.distributed import full_state_dict
+    from fastrlhf.roles import RoleModel
+    from fastrlhf.testing import tiny_llama, tiny_tokenizer
+    from fastrlhf.trainers.sft import SFTConfig, SFTTrainer
+
+    import logging
+
+    logging.basicConfig(level=logging.INFO)  # the trainer's "resumed from ..." line goes to stderr
+    opt = json.loads(options_json)
+    out = opt["output_dir"]
+    pause_step = opt.get("pause_in_save_at_step")
+    if pause_step is not None:
+        import fastrlhf.checkpoint as checkpoint
+
+        real_save = checkpoint._torch_save
+
+        def slow_save(obj, path):  # the temp dir is half written when this hangs
+            if path.name == checkpoint.TRAINER_STATE_FILE and f"checkpoint-{pause_step}-" in path.parent.name:
+                open(os.path.join(out, "saving.flag"), "w").close()
+                time.sleep(600)
+            real_save(obj, path)
+
+        checkpoint._torch_save = slow_save
+
+    ctx = DistContext.from_env()
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = RoleModel(tiny_llama(vocab_size=len(tokenizer), seed=0), roles=("policy",),
+                      use_lora=opt.get("use_lora", True), lora_r=4)
+    config = SFTConfig(
+        output_dir=out, batch_size=opt["batch_size"], max_steps=opt["max_steps"], save_steps=opt.get("save_steps", 0),
+        learning_rate=opt.get("learning_rate", 3e-3), lr_schedule="cosine", warmup_ratio=0.2, max_grad_norm=1.0,
+        seed=0, backend="torch", progress=False, fsdp=opt.get("fsdp", False), resume=opt.get("resume", ""),
+        max_length=32, save_final=False,
+    )
+    trainer = SFTTrainer(model, tokenizer, config, sft_records(), ctx=ctx)
+    trainer.train()
+    final = full_state_dict(model.role_state_dict("policy"))  # collective under FSDP
+    if ctx.is_main:
+        save_file({k: v.contiguous() for k, v in final.items()}, os.path.join(out, "final_policy.safetensors"))
+    ctx.close()
+
+
 if __name__ == "__main__":
-    {"collectives": _scenario_collectives, "fail": _scenario_fail}[sys.argv[1]]()
+    scenarios = {"collectives": _scenario_collectives, "fail": _scenario_fail, "sft": _scenario_sft}
+    scenarios[sys.argv[1]](*sys.argv[2:])

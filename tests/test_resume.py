@@ -1,0 +1,120 @@
+"""No lost work: a training process killed with SIGKILL (here: in the middle of writing a checkpoint)
+resumes with resume="auto" from the last COMPLETE checkpoint and ends exactly where an uninterrupted
+run ends (same weights, same logged loss at every step). And the non-finite guard inside the real
+trainer: a NaN loss skips the step, K in a row stop the run with a clear message.
+"""
+import json
+import math
+import os
+import signal
+import time
+
+import pytest
+import torch
+
+from fastrlhf.checkpoint import latest_checkpoint
+from test_distributed import (
+    SFT_RUN,
+    assert_same_run,
+    run_sft_subprocess,
+    sft_records,
+    uninterrupted_sft_run,
+)
+
+
+def _wait_for(path, process, timeout=180.0):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if process.poll() is not None:
+            pytest.fail(f"the run ended (rc={process.returncode}) before {path} appeared:\n{process.stdout.read()[-4000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"{path} did not appear within {timeout}s")
+        time.sleep(0.1)
+
+
+def test_sigkill_mid_checkpoint_then_resume_equals_uninterrupted_run(tmp_path, tmp_path_factory):
+    reference = uninterrupted_sft_run(tmp_path_factory)
+    out = tmp_path / "run"
+    options = dict(SFT_RUN, output_dir=str(out))
+
+    # 1) the run hangs while writing checkpoint-4 (checkpoint-2 is complete): kill -9 it right there
+    process = run_sft_subprocess(dict(options, pause_in_save_at_step=4), wait=False)
+    _wait_for(out / "saving.flag", process)
+    process.kill()  # SIGKILL, like kill -9
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+    half_written = [p for p in out.iterdir() if p.name.startswith(".tmp-checkpoint-4-")]
+    assert half_written and not (out / "checkpoint-4").exists()
+    assert latest_checkpoint(out) == out / "checkpoint-2"
+    with open(out / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4]  # steps 3-4 are lost work to redo
+
+    # 2) the same command with resume="auto" continues from checkpoint-2, never from the temp dir
+    result = run_sft_subprocess(dict(options, resume="auto"))
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert "resumed from" in result.stdout + result.stderr and "checkpoint-2" in result.stdout + result.stderr
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
+    # CPU, fp32, same seed: bit-identical to the run that was never interrupted
+    assert_same_run(out, reference, weight_tol=0.0, loss_tol=0.0)
+
+
+# ----------------------------------------------------------------------------- non-finite guard
+def _sft_trainer(tmp_path, *, max_steps, max_consecutive_nonfinite, nan_at_steps):
+    from fastrlhf.distributed import DistContext
+    from fastrlhf.roles import RoleModel
+    from fastrlhf.testing import tiny_llama, tiny_tokenizer
+    from fastrlhf.trainers.sft import SFTConfig, SFTTrainer
+
+    tokenizer = tiny_tokenizer()
+    model = RoleModel(tiny_llama(vocab_size=len(tokenizer)), roles=("policy",), lora_r=4)
+    config = SFTConfig(output_dir=str(tmp_path), batch_size=4, max_steps=max_steps, learning_rate=1e-2,
+                       lr_schedule="constant", backend="torch", progress=False, max_length=32, save_final=False,
+                       max_consecutive_nonfinite=max_consecutive_nonfinite)
+    trainer = SFTTrainer(model, tokenizer, config, sft_records(), ctx=DistContext())
+
+    # NaN fed into the loss: the policy log-probs of the chosen steps are poisoned
+    real_logprobs = model.token_logprobs
+
+    def poisoned(*args, **kwargs):
+        logps = real_logprobs(*args, **kwargs)
+        return logps * float("nan") if trainer.step + 1 in nan_at_steps else logps
+
+    model.token_logprobs = poisoned
+    # snapshot of the trainable weights after every step
+    snapshots = []
+    real_step = trainer.training_step
+
+    def recording_step():
+        metrics = real_step()
+        snapshots.append([p.detach().clone() for p in trainer.params])
+        return metrics
+
+    trainer.training_step = recording_step
+    return trainer, snapshots
+
+
+def _metrics(tmp_path):
+    with open(tmp_path / "metrics.jsonl") as f:
+        return [r for r in map(json.loads, f) if "loss" in r]
+
+
+def test_nan_loss_step_is_skipped_and_counted(tmp_path):
+    trainer, snapshots = _sft_trainer(tmp_path, max_steps=4, max_consecutive_nonfinite=3, nan_at_steps={2})
+    trainer.train()
+    assert trainer.guard.skipped_steps == 1 and trainer.guard.consecutive == 0
+    for before, after in zip(snapshots[0], snapshots[1]):  # step 2 left the weights untouched
+        torch.testing.assert_close(after, before, rtol=0, atol=0)
+    assert any(not torch.equal(a, b) for a, b in zip(snapshots[1], snapshots[2]))  # step 3 trained again
+    assert all(torch.isfinite(p).all() for p in trainer.params)
+    logged = _metrics(tmp_path)
+    assert [m["skipped"] for m in logged] == [0.0, 1.0, 0.0, 0.0]
+    assert math.isnan(logged[1]["loss"]) and all(math.isfinite(m["loss"]) for m in logged if m["step"] != 2)
+
+
+def test_k_nan_steps_in_a_row_stop_the_run_with_a_message(tmp_path):
+    trainer, snapshots = _sft_trainer(tmp_path, max_steps=10, max_consecutive_nonfinite=3, nan_at_steps=set(range(3, 11)))
+    with pytest.raises(RuntimeError, match=r"3 non-finite steps in a row \(last loss=nan.*lower the learning rate"):
+        trainer.train()
+    assert trainer.step == 4 and trainer.guard.skipped_steps == 3  # steps 3, 4 skipped; 5 raised
+    assert all(torch.isfinite(p).all() for p in trainer.params)
