@@ -1,0 +1,593 @@
+"""The benchmark cases: per kernel, the inputs, the providers (fastrlhf, its PyTorch reference eager
+and under torch.compile, peers) and a bytes/FLOPs model for "achieved GB/s or TFLOP/s".
+
+A provider is a function `inputs -> output`; the output is a tensor, a tuple of tensors, or a
+`(loss, metrics)` pair. Backward is `torch.autograd.backward` over every output that requires grad
+with fixed random upstream gradients, so providers compute exactly the same outputs per case.
+
+Sweeps live in `sweep(kernel, device, quick)`: "quick" is a tiny subset, CPU sizes are small
+(2 shared cores), GPU sizes are the ones that matter (N up to 64k tokens, V up to 152k, T up to 8k).
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from benchmarks import peers
+
+MODES = ("forward", "backward", "full")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class Provider:
+    name: str
+    fn: Callable[[dict], Any]
+    # "" when usable on this device, else why not (written as the row's status)
+    status: Callable[[str], str] = lambda device: ""
+    differentiable: bool = True
+    backend: str = ""  # what actually ran: "triton", "torch", "eager", "inductor", ...
+
+
+@dataclass
+class Case:
+    kernel: str
+    shape: dict
+    dtype: str
+    make_inputs: Callable[[str], dict]
+    providers: list[Provider]
+    # mode -> (amount, unit): bytes with unit "GB/s", flops with unit "TFLOP/s"
+    work: Callable[[str], tuple[float, str]]
+    modes: tuple = MODES
+    # (provider output, reference output, inputs) -> max abs difference on the tokens that count
+    compare: Callable[[Any, Any, dict], float] | None = None
+    note: str = ""
+
+    @property
+    def shape_str(self) -> str:
+        return ",".join(f"{k}={v}" for k, v in self.shape.items())
+
+
+# ----------------------------------------------------------------------------- provider helpers
+
+
+def fastrlhf_status(name: str) -> Callable[[str], str]:
+    def status(device: str) -> str:
+        try:
+            getattr(importlib.import_module("fastrlhf.losses"), name)
+        except Exception as exc:
+            return f"not available yet ({type(exc).__name__}: {exc})"[:160]
+        return ""
+    return status
+
+
+def reference_status(name: str) -> Callable[[str], str]:
+    def status(device: str) -> str:
+        try:
+            getattr(importlib.import_module("fastrlhf.reference"), name)
+        except Exception as exc:
+            return f"not available yet ({type(exc).__name__}: {exc})"[:160]
+        return ""
+    return status
+
+
+def fastrlhf_backend(device: str) -> str:
+    # On CPU the suite measures the torch path (the one `backend="auto"` takes without
+    # TRITON_INTERPRET): the Triton interpreter is a correctness tool, not something to time.
+    return "triton" if device.startswith("cuda") else "torch"
+
+
+def _losses(name):
+    return getattr(importlib.import_module("fastrlhf.losses"), name)
+
+
+def _reference(name):
+    return getattr(importlib.import_module("fastrlhf.reference"), name)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(name: str):
+    import torch._dynamo as dynamo
+
+    # Every shape of a sweep recompiles once; don't let dynamo fall back to eager after 8.
+    for knob in ("cache_size_limit", "recompile_limit", "accumulated_cache_size_limit"):
+        if hasattr(dynamo.config, knob):
+            setattr(dynamo.config, knob, max(getattr(dynamo.config, knob), 256))
+    return torch.compile(_reference(name))
+
+
+def standard_providers(name: str, call: Callable[[Callable, dict, str], Any], device: str, *,
+                       differentiable: bool = True) -> list[Provider]:
+    """fastrlhf, reference eager, reference under torch.compile, for public function `name`.
+    `call(fn, inputs, backend)` invokes fn on the inputs (backend None for reference functions)."""
+    backend = fastrlhf_backend(device)
+    return [
+        Provider("fastrlhf", lambda x: call(_losses(name), x, backend), fastrlhf_status(name),
+                 differentiable, backend),
+        Provider("torch-reference", lambda x: call(_reference(name), x, None), reference_status(name),
+                 differentiable, "eager"),
+        Provider("torch-compile", lambda x: call(compiled(name), x, None), reference_status(name),
+                 differentiable, "inductor"),
+    ]
+
+
+def with_backend(fn, backend, *args, **kwargs):
+    if backend is not None:
+        kwargs["backend"] = backend
+    return fn(*args, **kwargs)
+
+
+def peer(module: str, *, needs_cuda: bool = False) -> Callable[[str], str]:
+    return lambda device: peers.peer_status(module, needs_cuda=needs_cuda, device=device)
+
+
+def _first(out):
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    return out
+
+
+def max_abs_diff(out, ref, inputs=None) -> float:
+    a, b = _first(out), _first(ref)
+    return float((a.detach().float() - b.detach().float()).abs().max()) if a.numel() else 0.0
+
+
+def masked_diff(mask_key: str):
+    def compare(out, ref, inputs):
+        m = inputs[mask_key].float()
+        a, b = _first(out).detach().float(), _first(ref).detach().float()
+        return float(((a - b) * m).abs().max()) if a.numel() else 0.0
+    return compare
+
+
+def elt(dtype: str) -> int:
+    return torch.tensor([], dtype=DTYPES[dtype]).element_size()
+
+
+# ----------------------------------------------------------------------------- token log-probs
+
+
+def token_logprobs_case(N, V, H, dtype, device, *, entropy: bool) -> Case:
+    dt = DTYPES[dtype]
+
+    def make(dev):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        hidden = (torch.randn(N, H, generator=g) / H ** 0.25).to(dev, dt).requires_grad_()
+        weight = (torch.randn(V, H, generator=g) / H ** 0.25).to(dev, dt).requires_grad_()
+        targets = torch.randint(0, V, (N,), generator=g).to(dev)
+        return {"hidden": hidden, "weight": weight, "targets": targets}
+
+    def call(fn, x, backend):
+        return with_backend(fn, backend, x["hidden"], x["weight"], x["targets"], return_entropy=entropy)
+
+    providers = standard_providers("token_logprobs", call, device)
+    if entropy:
+        providers += [
+            Provider("torch-full-logits", lambda x: peers.naive_token_logprobs_entropy(x["hidden"], x["weight"],
+                                                                                       x["targets"]), backend="eager"),
+            Provider("trl-chunked", lambda x: peers.trl_chunked_logprobs(x["hidden"], x["weight"], x["targets"],
+                                                                         return_entropy=True),
+                     peer("trl.kernels"), backend="triton" if device.startswith("cuda") else "torch"),
+        ]
+    else:
+        providers += [
+            Provider("torch-full-logits", lambda x: peers.naive_token_logprobs(x["hidden"], x["weight"], x["targets"]),
+                     backend="eager"),
+            Provider("trl-full-logits", lambda x: peers.trl_full_logits_logprobs(x["hidden"], x["weight"],
+                                                                                 x["targets"]),
+                     peer("trl.trainer.utils"), backend="eager"),
+            Provider("trl-chunked", lambda x: peers.trl_chunked_logprobs(x["hidden"], x["weight"], x["targets"]),
+                     peer("trl.kernels"), backend="triton" if device.startswith("cuda") else "torch"),
+            Provider("liger-flce", lambda x: peers.liger_flce_logprobs(x["hidden"], x["weight"], x["targets"]),
+                     peer("liger_kernel.ops.fused_linear_cross_entropy", needs_cuda=True), backend="triton"),
+        ]
+
+    def work(mode):
+        mm = 2.0 * N * V * H
+        return {"forward": mm, "backward": 2 * mm, "full": 3 * mm}[mode], "TFLOP/s"
+
+    kernel = "token_logprobs+entropy" if entropy else "token_logprobs"
+    return Case(kernel, {"N": N, "V": V, "H": H}, dtype, make, providers, work, compare=max_abs_diff)
+
+
+# ----------------------------------------------------------------------------- log-probs from logits
+
+
+def logprobs_from_logits_case(N, V, dtype, device, *, entropy: bool) -> Case:
+    dt = DTYPES[dtype]
+
+    def make(dev):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        # One spare row so Liger's [B, L+1, V] helper reads the same storage without a copy.
+        padded = (torch.randn(1, N + 1, V, generator=g) * 2).to(dev, dt)
+        logits = padded[0, :N].detach().requires_grad_()
+        targets = torch.randint(0, V, (N,), generator=g).to(dev)
+        return {"logits": logits, "padded": padded, "targets": targets}
+
+    def call(fn, x, backend):
+        return with_backend(fn, backend, x["logits"], x["targets"], return_entropy=entropy)
+
+    providers = standard_providers("logprobs_from_logits", call, device)
+    if entropy:
+        providers += [
+            Provider("trl-selective", lambda x: peers.trl_selective_log_softmax_and_entropy(x["logits"], x["targets"]),
+                     peer("trl.trainer.utils"), backend="triton" if device.startswith("cuda") else "eager"),
+        ]
+    else:
+        providers += [
+            Provider("torch-naive", lambda x: peers.naive_logprobs_from_logits(x["logits"], x["targets"]),
+                     backend="eager"),
+            Provider("trl-selective", lambda x: peers.trl_selective_log_softmax(x["logits"], x["targets"]),
+                     peer("trl.trainer.utils"), backend="triton" if device.startswith("cuda") else "eager"),
+            Provider("openrlhf-fp32", lambda x: peers.openrlhf_logprobs(x["logits"], x["targets"]), backend="eager"),
+            Provider("liger-selective", lambda x: peers.liger_selective_log_softmax(x["padded"], x["targets"]),
+                     peer("liger_kernel.ops.grpo_loss", needs_cuda=True), differentiable=False, backend="triton"),
+        ]
+
+    def work(mode):
+        logits_bytes = N * V * elt(dtype)
+        return {"forward": logits_bytes, "backward": 2 * logits_bytes, "full": 3 * logits_bytes}[mode], "GB/s"
+
+    kernel = "logprobs_from_logits+entropy" if entropy else "logprobs_from_logits"
+    return Case(kernel, {"N": N, "V": V}, dtype, make, providers, work, compare=max_abs_diff)
+
+
+# ----------------------------------------------------------------------------- per-token losses
+
+
+def _token_tensors(B, T, dtype, dev, names, grad=(), seed=0):
+    """Random [B, T] tensors plus a right-padded mask (each row keeps at least half its tokens)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    dt = DTYPES[dtype]
+    out = {}
+    for name in names:
+        if "logps" in name:
+            t = -torch.rand(B, T, generator=g) * 3
+        elif name == "entropy":
+            t = torch.rand(B, T, generator=g) * 2
+        else:
+            t = torch.randn(B, T, generator=g)
+        t = t.to(dev, dt)
+        out[name] = t.requires_grad_() if name in grad else t
+    lengths = torch.randint(T // 2, T + 1, (B,), generator=g)
+    out["mask"] = (torch.arange(T)[None, :] < lengths[:, None]).to(dev)
+    return out
+
+
+def _near(x, base, spread, g):
+    return base + spread * torch.randn(base.shape, generator=g).to(base.device, base.dtype)
+
+
+def kl_case(B, T, dtype, device) -> Case:
+    def make(dev):
+        x = _token_tensors(B, T, dtype, dev, ["logps", "ref_logps"], grad=("logps",))
+        return x
+
+    def call(fn, x, backend):
+        return with_backend(fn, backend, x["logps"], x["ref_logps"], estimator="k3")
+
+    providers = standard_providers("kl_penalty", call, device) + [
+        Provider("verl", lambda x: peers.verl_kl_penalty(x["logps"], x["ref_logps"], "k3"), backend="eager"),
+        Provider("openrlhf", lambda x: peers.openrlhf_approx_kl(x["logps"], x["ref_logps"], "k3"), backend="eager"),
+    ]
+    e = elt(dtype)
+    n = B * T
+
+    def work(mode):
+        return {"forward": 3 * n * e, "backward": 4 * n * e, "full": 7 * n * e}[mode], "GB/s"
+
+    return Case("kl_penalty(k3)", {"B": B, "T": T}, dtype, make, providers, work, compare=max_abs_diff)
+
+
+PPO_KW = dict(clip_eps=0.2, clip_eps_high=0.28, dual_clip=3.0, kl_coef=0.05, kl_estimator="k3",
+              entropy_coef=0.01, loss_agg="token-mean")
+
+
+def ppo_case(B, T, dtype, device) -> Case:
+    def make(dev):
+        x = _token_tensors(B, T, dtype, dev, ["logps", "old_logps", "advantages", "ref_logps", "entropy"],
+                           grad=("logps", "entropy"))
+        return x
+
+    def call(fn, x, backend):
+        return with_backend(fn, backend, x["logps"], x["old_logps"], x["advantages"], x["mask"],
+                            ref_logps=x["ref_logps"], entropy=x["entropy"], **PPO_KW)
+
+    def verl(x):
+        return peers.verl_ppo_objective(x["logps"], x["old_logps"], x["advantages"], x["mask"].float(),
+                                        x["ref_logps"], x["entropy"], cliprange=0.2, cliprange_high=0.28,
+                                        clip_ratio_c=3.0, kl_coef=0.05, entropy_coef=0.01)
+
+    providers = standard_providers("ppo_loss", call, device) + [Provider("verl", verl, backend="eager")]
+    e = elt(dtype)
+    n = B * T
+
+    def work(mode):
+        # read logps, old, adv, ref, entropy, mask; write dlogps, dentropy
+        return {"forward": 6 * n * e, "backward": 8 * n * e, "full": 8 * n * e}[mode], "GB/s"
+
+    return Case("ppo_loss", {"B": B, "T": T}, dtype, make, providers, work, compare=max_abs_diff,
+                note="policy clip (0.2/0.28) + dual clip 3 + k3 KL 0.05 + entropy 0.01, token-mean")
+
+
+def value_loss_case(B, T, dtype, device) -> Case:
+    def make(dev):
+        return _token_tensors(B, T, dtype, dev, ["values", "old_values", "returns"], grad=("values",))
+
+    def call(fn, x, backend):
+        return with_backend(fn, backend, x["values"], x["old_values"], x["returns"], x["mask"], clip_eps=0.2)
+
+    providers = standard_providers("value_loss", call, device) + [
+        Provider("trl", lambda x: peers.trl_value_loss(x["values"], x["old_values"], x["returns"], x["mask"].float()),
+                 backend="eager")]
+    e = elt(dtype)
+    n = B * T
+
+    def work(mode):
+        return {"forward": 4 * n * e, "backward": 5 * n * e, "full": 5 * n * e}[mode], "GB/s"
+
+    return Case("value_loss", {"B": B, "T": T}, dtype, make, providers, work, compare=max_abs_diff)
+
+
+def gae_case(B, T, dtype, device) -> Case:
+    def make(dev):
+        x = _token_tensors(B, T, dtype, dev, ["rewards", "values"])
+        m = x["mask"].to(x["rewards"].dtype)
+        # Peers expect padded rewards/values already zeroed (TRL masks them before its loop).
+        x["rewards"], x["values"] = x["rewards"] * m, x["values"] * m
+        x["fmask"] = m
+        return x
+
+    def call(fn, x, backend):
+        return with_backend(fn, backend, x["rewards"], x["values"], x["mask"], gamma=1.0, lam=0.95)
+
+    providers = standard_providers("gae", call, device, differentiable=False) + [
+        Provider("trl-loop", lambda x: peers.trl_gae(x["rewards"], x["values"], x["fmask"], 1.0, 0.95),
+                 differentiable=False, backend="eager"),
+        Provider("openrlhf-loop", lambda x: peers.openrlhf_gae(x["rewards"], x["values"], x["fmask"], 1.0, 0.95),
+                 differentiable=False, backend="eager"),
+        Provider("verl-loop", lambda x: peers.verl_gae(x["rewards"], x["values"], x["fmask"], 1.0, 0.95),
+                 differentiable=False, backend="eager"),
+    ]
+    n = B * T
+
+    def work(mode):
+        return 5 * n * 4, "GB/s"  # read rewards, values, mask; write advantages, returns
+
+    return Case("gae", {"B": B, "T": T}, dtype, make, providers, work, modes=("forward",),
+                compare=masked_diff("fmask"))
+
+
+def whiten_case(B, T, dtype, device) -> Case:
+    def make(dev):
+        x = _token_tensors(B, T, dtype, dev, ["x"])
+        x["fmask"] = x["mask"].to(x["x"].dtype)
+        return x
+
+    def call(fn, x, backend):
+        return with_backend(fn, backend, x["x"], x["mask"])
+
+    providers = standard_providers("whiten", call, device, differentiable=False) + [
+        Provider("trl", lambda x: peers.masked_whiten(x["x"], x["fmask"]) * x["fmask"], differentiable=False,
+                 backend="eager")]
+    n = B * T
+
+    def work(mode):
+        return 3 * n * elt(dtype), "GB/s"
+
+    return Case("whiten", {"B": B, "T": T}, dtype, make, providers, work, modes=("forward",),
+                compare=masked_diff("fmask"))
+
+
+def group_advantages_case(B, G, dtype, device) -> Case:
+    def make(dev):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        return {"scores": torch.randn(B, generator=g).to(dev, DTYPES[dtype])}
+
+    def call(fn, x, backend):
+        return with_backend(fn, backend, x["scores"], G)
+
+    providers = standard_providers("group_advantages", call, device, differentiable=False) + [
+        Provider("trl-grpo", lambda x: peers.trl_group_advantages(x["scores"], G), differentiable=False,
+                 backend="eager")]
+
+    def work(mode):
+        return 2 * B * elt(dtype), "GB/s"
+
+    # TRL adds 1e-4 to an unbiased std, fastrlhf 1e-6 to the biased one: values differ slightly by design.
+    return Case("group_advantages", {"B": B, "G": G}, dtype, make, providers, work, modes=("forward",),
+                compare=max_abs_diff, note="TRL normalises by the unbiased std + 1e-4; fastrlhf biased std + 1e-6")
+
+
+def dpo_case(B, dtype, device, loss_type="sigmoid") -> Case:
+    def make(dev):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        dt = DTYPES[dtype]
+        names = ["chosen_logps", "rejected_logps", "ref_chosen_logps", "ref_rejected_logps"]
+        x = {n: (-torch.rand(B, generator=g) * 200).to(dev, dt) for n in names}
+        x["chosen_logps"].requires_grad_()
+        x["rejected_logps"].requires_grad_()
+        return x
+
+    def call(fn, x, backend):
+        return with_backend(fn, backend, x["chosen_logps"], x["rejected_logps"], x["ref_chosen_logps"],
+                            x["ref_rejected_logps"], beta=0.1, loss_type=loss_type)
+
+    providers = standard_providers("dpo_loss", call, device) + [
+        Provider("trl", lambda x: peers.trl_dpo_loss(x["chosen_logps"], x["rejected_logps"], x["ref_chosen_logps"],
+                                                     x["ref_rejected_logps"], beta=0.1, loss_type=loss_type),
+                 backend="eager")]
+
+    def work(mode):
+        return {"forward": 4 * B * elt(dtype), "backward": 3 * B * elt(dtype), "full": 6 * B * elt(dtype)}[mode], "GB/s"
+
+    return Case(f"dpo_loss({loss_type})", {"B": B}, dtype, make, providers, work, compare=max_abs_diff)
+
+
+def reward_loss_case(B, dtype, device) -> Case:
+    def make(dev):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        dt = DTYPES[dtype]
+        return {"chosen": torch.randn(B, generator=g).to(dev, dt).requires_grad_(),
+                "rejected": torch.randn(B, generator=g).to(dev, dt).requires_grad_()}
+
+    def call(fn, x, backend):
+        return with_backend(fn, backend, x["chosen"], x["rejected"], margin=0.5, center_coef=0.01)
+
+    providers = standard_providers("reward_loss", call, device) + [
+        Provider("trl", lambda x: peers.trl_reward_loss(x["chosen"], x["rejected"], 0.5, 0.01), backend="eager")]
+
+    def work(mode):
+        return {"forward": 2 * B * elt(dtype), "backward": 3 * B * elt(dtype), "full": 4 * B * elt(dtype)}[mode], "GB/s"
+
+    return Case("reward_loss(bradley-terry)", {"B": B}, dtype, make, providers, work, compare=max_abs_diff)
+
+
+# ----------------------------------------------------------------------------- DPO from hidden states
+
+
+def dpo_from_hidden_case(pairs, T, V, H, dtype, device) -> Case:
+    """The whole DPO head: policy and reference hidden states [2P, T, H] -> log-probs -> sequence sums
+    -> sigmoid DPO. fastrlhf = token_logprobs (+ no-grad reference) + sequence_logps + dpo_loss;
+    TRL's way = full logits + selective_log_softmax; Liger = chunked fused-linear DPO."""
+    dt = DTYPES[dtype]
+    rows = 2 * pairs
+
+    def make(dev):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        hidden = (torch.randn(rows, T, H, generator=g) / H ** 0.25).to(dev, dt).requires_grad_()
+        ref_hidden = (torch.randn(rows, T, H, generator=g) / H ** 0.25).to(dev, dt)
+        weight = (torch.randn(V, H, generator=g) / H ** 0.25).to(dev, dt).requires_grad_()
+        targets = torch.randint(0, V, (rows, T), generator=g)
+        targets[:, : T // 4] = -100  # the prompt
+        return {"hidden": hidden, "ref_hidden": ref_hidden, "weight": weight, "targets": targets.to(dev)}
+
+    def head(logps_fn, x, backend):
+        mask = x["targets"] != -100
+        sequence_logps = _losses("sequence_logps") if backend else _reference("sequence_logps")
+        dpo = _losses("dpo_loss") if backend else _reference("dpo_loss")
+        logps = logps_fn(x["hidden"], x["weight"], x["targets"])
+        with torch.no_grad():
+            ref_logps = logps_fn(x["ref_hidden"], x["weight"].detach(), x["targets"])
+        seq = sequence_logps(logps, mask)
+        ref_seq = sequence_logps(ref_logps, mask)
+        kw = {"backend": backend} if backend else {}
+        return dpo(seq[:pairs], seq[pairs:], ref_seq[:pairs], ref_seq[pairs:], beta=0.1, **kw)
+
+    backend = fastrlhf_backend(device)
+
+    def fast(x):
+        fn = _losses("token_logprobs")
+        return head(lambda h, w, t: fn(h, w, t, backend=backend), x, backend)
+
+    def reference(x):
+        return head(_reference("token_logprobs"), x, None)
+
+    def trl_way(x):
+        def logps(h, w, t):
+            lp = peers.trl_selective_log_softmax(h @ w.T, t.clamp(min=0))
+            return lp * (t != -100)
+        return head(logps, x, None)
+
+    on_cuda = device.startswith("cuda")
+
+    def liger(x):
+        return peers.liger_fused_linear_dpo(x["weight"], x["hidden"], x["targets"], x["ref_hidden"],
+                                            x["weight"].detach(), beta=0.1, compiled=on_cuda)
+
+    providers = [
+        Provider("fastrlhf", fast, fastrlhf_status("token_logprobs"), backend=backend),
+        Provider("torch-reference", reference, reference_status("token_logprobs"), backend="eager"),
+        Provider("trl-full-logits", trl_way, peer("trl.trainer.utils"), backend="eager"),
+        # On CPU Liger's torch.compile of every chunk would dominate a short run: measured eager there.
+        Provider("liger-chunked-dpo", liger, peer("liger_kernel.chunked_loss"),
+                 backend="inductor" if on_cuda else "eager"),
+    ]
+    n = rows * T
+
+    def work(mode):
+        mm = 2.0 * n * V * H
+        return {"forward": 2 * mm, "backward": 2 * mm, "full": 4 * mm}[mode], "TFLOP/s"
+
+    return Case("dpo_from_hidden", {"pairs": pairs, "T": T, "V": V, "H": H}, dtype, make, providers, work,
+                compare=max_abs_diff, note="policy fwd+bwd, reference fwd (no grad), sigmoid DPO")
+
+
+# ----------------------------------------------------------------------------- sweeps
+
+KERNELS = ("token_logprobs", "token_logprobs+entropy", "logprobs_from_logits", "logprobs_from_logits+entropy",
+           "kl_penalty", "ppo_loss", "value_loss", "gae", "whiten", "group_advantages", "dpo_loss",
+           "reward_loss", "dpo_from_hidden")
+
+
+def sweep(kernel: str, device: str, quick: bool) -> list[Case]:
+    """The cases of one kernel family, most informative first (a time budget cuts from the end)."""
+    gpu = device.startswith("cuda")
+    C = []
+    if kernel in ("token_logprobs", "token_logprobs+entropy"):
+        ent = kernel.endswith("entropy")
+        if gpu and quick:
+            grid = [(4096, 32000, 2048, "bf16")]
+        elif gpu:
+            V, H = 151936, 4096
+            grid = [(n, V, H, "bf16") for n in (4096, 16384, 65536)]
+            if not ent:
+                grid += [(16384, 32000, 4096, "bf16"), (16384, 128256, 4096, "bf16"), (16384, V, 2048, "bf16"),
+                         (4096, 128256, 4096, "fp32")]
+        elif quick:
+            grid = [(n, 32000, 64, "fp32") for n in ((256, 1024) if not ent else (256,))]
+        else:
+            grid = [(n, 32000, 128, "fp32") for n in (256, 1024, 4096)] + [(1024, 32000, 128, "bf16")]
+        C = [token_logprobs_case(n, v, h, dt, device, entropy=ent) for n, v, h, dt in grid]
+    elif kernel in ("logprobs_from_logits", "logprobs_from_logits+entropy"):
+        ent = kernel.endswith("entropy")
+        if gpu and quick:
+            grid = [(4096, 32000, "bf16")]
+        elif gpu:
+            grid = [(n, 151936, "bf16") for n in (4096, 16384, 65536 if not ent else 32768)]
+            if not ent:
+                grid += [(16384, 32000, "bf16"), (16384, 128256, "bf16"), (16384, 151936, "fp32")]
+        elif quick:
+            grid = [(n, 32000, "fp32") for n in ((256, 1024) if not ent else (256,))]
+        else:
+            grid = [(n, 32000, "fp32") for n in (256, 1024, 4096)] + [(1024, 32000, "bf16")]
+        C = [logprobs_from_logits_case(n, v, dt, device, entropy=ent) for n, v, dt in grid]
+    elif kernel == "gae":
+        if gpu:
+            Ts = (1024,) if quick else (512, 2048, 8192)
+            C = [gae_case(32, t, "fp32", device) for t in Ts]
+        else:
+            Ts = (256, 1024) if quick else (256, 1024, 4096)
+            C = [gae_case(16, t, "fp32", device) for t in Ts]
+    elif kernel in ("kl_penalty", "ppo_loss", "value_loss", "whiten"):
+        make = {"kl_penalty": kl_case, "ppo_loss": ppo_case, "value_loss": value_loss_case,
+                "whiten": whiten_case}[kernel]
+        if gpu:
+            grid = [(64, 1024, "bf16")] if quick else [(64, 1024, "bf16"), (256, 2048, "bf16"), (512, 4096, "bf16"),
+                                                        (256, 2048, "fp32")]
+        else:
+            grid = [(8, 512, "fp32")] if quick else [(8, 512, "fp32"), (32, 1024, "fp32"), (64, 2048, "fp32")]
+        C = [make(b, t, dt, device) for b, t, dt in grid]
+    elif kernel == "group_advantages":
+        Bs = ((4096,) if quick else (1024, 16384, 262144)) if gpu else ((512,) if quick else (512, 8192))
+        C = [group_advantages_case(b, 16, "fp32", device) for b in Bs]
+    elif kernel == "dpo_loss":
+        Bs = ((1024,) if quick else (64, 4096, 262144)) if gpu else ((256,) if quick else (256, 8192))
+        C = [dpo_case(b, "fp32", device) for b in Bs]
+    elif kernel == "reward_loss":
+        Bs = ((1024,) if quick else (64, 4096, 262144)) if gpu else ((256,) if quick else (256, 8192))
+        C = [reward_loss_case(b, "fp32", device) for b in Bs]
+    elif kernel == "dpo_from_hidden":
+        if gpu:
+            grid = [(2, 512, 32000, 2048, "bf16")] if quick else [(4, 1024, 151936, 2048, "bf16"),
+                                                                   (8, 2048, 151936, 2048, "bf16")]
+        else:
+            grid = [(2, 64, 4096, 64, "fp32")] if quick else [(2, 128, 16000, 64, "fp32")]
+        C = [dpo_from_hidden_case(p, t, v, h, dt, device) for p, t, v, h, dt in grid]
+    else:
+        raise ValueError(f"unknown kernel {kernel!r}; known: {', '.join(KERNELS)}")
+    return C
