@@ -81,7 +81,7 @@ def test_sft_loss_falls_and_writes_metrics_and_model(tok, tmp_path):
     assert sum(losses[-3:]) / 3 < 0.5 * sum(losses[:3]) / 3
     records = read_metrics(config.output_dir)
     assert [r["step"] for r in records] == list(range(1, 13))
-    assert {"lr", "grad_norm", "num_tokens", "epoch"} <= set(records[0])
+    assert {"lr", "grad_norm", "skipped", "epoch", "elapsed_s"} <= set(records[0])
     out = Path(config.output_dir)
     assert (out / "checkpoint-5" / "COMPLETE").is_file() and (out / "checkpoint-10").is_dir()
     assert (out / "role-policy.safetensors").is_file() and (out / "memory_report.json").is_file()

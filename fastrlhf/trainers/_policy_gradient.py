@@ -108,6 +108,15 @@ class PolicyGradientTrainer(Trainer):
 
         return tokenize_prompts(records, self.tokenizer, max_prompt_length=self.config.max_prompt_length)
 
+    def check_config_against_data(self) -> None:
+        cfg = self.config
+        rows = cfg.batch_size * self.samples_per_prompt
+        if rows < cfg.num_minibatches * cfg.grad_accum_steps:
+            raise ValueError(
+                f"num_minibatches x grad_accum_steps = {cfg.num_minibatches * cfg.grad_accum_steps} exceeds the "
+                f"{rows} completions per iteration (batch_size x samples per prompt)"
+            )
+
     def micro_batches_per_step(self) -> int:
         return 1  # one batch of prompts per iteration
 
@@ -175,10 +184,11 @@ class PolicyGradientTrainer(Trainer):
 
     def training_step(self) -> dict[str, torch.Tensor]:
         (prompts,) = self.next_batches(1)
+        # eval mode throughout (as TRL): with LoRA dropout on, the update's log-probs would differ
+        # from the rollout's even before any step and the PPO ratio would start off 1
         self.model.eval()
         with torch.no_grad():
             experience, metrics = self.make_experience(prompts)
-        self.model.train()
         metrics.update(self.update(experience))
         self.after_update(experience, metrics)
         return metrics
@@ -250,7 +260,6 @@ class PolicyGradientTrainer(Trainer):
             sums["kl"] = sums["kl"] + kl.sum()
             sums["mean_length"] = sums["mean_length"] + batch["response_length"].sum()
             count += mask.shape[0]
-        self.model.train()
         return self._to_floats({k: torch.as_tensor(v, device=self.device) / max(count, 1) for k, v in sums.items()},
                                prefix="eval/")
 

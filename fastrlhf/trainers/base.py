@@ -201,6 +201,7 @@ class Trainer:
         self._boundary: dict = {}     # data position + RNG after the last completed step (Ctrl-C saves)
         self._weights_dirty = False   # the optimizer already stepped inside the current loop step
         self._interrupt_requested = False
+        self._saved_step = -1         # step of the last checkpoint written (or resumed from)
         self._window: dict[str, torch.Tensor] = {}
         self._window_steps = 0
         self.last_metrics: dict[str, float] = {}
@@ -580,6 +581,7 @@ class Trainer:
                 keep_last=self.config.save_total_limit or None,
             )
         self.ctx.barrier()
+        self._saved_step = self.step
         return path
 
     def _resume(self) -> bool:
@@ -640,7 +642,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, desc=type(self).__name__, dynamic_ncols=True,
                    disable=not (cfg.progress and self.is_main), file=sys.stderr)
         started = time.perf_counter()
-        saved_step = self.step if resumed else -1
+        self._saved_step = self.step if resumed else -1
         self._mark_step_boundary()
         try:
             with self._deferred_ctrl_c():
@@ -657,7 +659,6 @@ class Trainer:
                     stop = self._stop_requested()
                     if (cfg.save_steps and self.step % cfg.save_steps == 0) or stop:
                         path = self.save_checkpoint()
-                        saved_step = self.step
                     if stop:
                         self._say(f"interrupted: saved {path} at step {self.step}; continue with resume='auto'")
                         raise KeyboardInterrupt
@@ -666,7 +667,7 @@ class Trainer:
             # completed step with its data position and RNG; if the optimizer had already updated the
             # weights in the interrupted step, they are saved as they are (and flagged).
             self.optimizer.zero_grad(set_to_none=True)
-            if self.step > 0 and saved_step != self.step and not self.ctx.distributed:
+            if self.step > 0 and self._saved_step != self.step and not self.ctx.distributed:
                 consumed, rng = self.consumed_batches, self._boundary["rng"]
                 self.consumed_batches = self._boundary["consumed_batches"]
                 path = self.save_checkpoint(rng_states=[rng], partial_step=self._weights_dirty)
@@ -721,9 +722,13 @@ class Trainer:
         return bool(flag.item()) if self.ctx.distributed else self._interrupt_requested
 
     def save_model(self) -> None:
-        """The trained roles' adapters and heads into output_dir (RoleModel.save)."""
+        """The trained roles' adapters and heads into output_dir (RoleModel.save). Under FSDP the
+        sharded weights are gathered into a final checkpoint-<step> instead."""
         if self.ctx.fsdp:
-            return  # sharded: save through checkpoints (gathered) instead
+            if self._saved_step != self.step:
+                path = self.save_checkpoint()
+                self._say(f"FSDP: final weights saved in {path}")
+            return
         if self.is_main:
             self.model.save(self.config.output_dir)
         self.ctx.barrier()

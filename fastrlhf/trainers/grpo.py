@@ -35,6 +35,10 @@ class GRPOTrainer(PolicyGradientTrainer):
 
     config_class = GRPOConfig
     trained_roles = ("policy",)
+
+    @property
+    def samples_per_prompt(self) -> int:
+        return self.config.group_size
     progress_keys = ("reward", "kl")
 
     @torch.no_grad()

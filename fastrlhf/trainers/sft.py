@@ -7,8 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
-
 import fastrlhf
 from fastrlhf._checks import check_choice
 from fastrlhf.trainers.base import SupervisedConfig, Trainer, _help
@@ -52,9 +50,8 @@ class SFTTrainer(Trainer):
     def compute_loss(self, batch):
         logps = self.model.token_logprobs("policy", batch["input_ids"], batch["attention_mask"])
         mask = batch["loss_mask"][:, 1:]
-        tokens = mask.sum().float()
         if self.config.loss_agg == "token-mean":
-            loss = -fastrlhf.sequence_logps(logps, mask).sum() / tokens.clamp(min=1)
+            loss = -fastrlhf.sequence_logps(logps, mask).sum() / mask.sum().clamp(min=1)
         else:
             loss = -fastrlhf.sequence_logps(logps, mask, average=True).mean()
-        return loss, {"num_tokens": tokens.detach()}
+        return loss, {}
