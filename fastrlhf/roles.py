@@ -16,6 +16,7 @@ Hidden states come from the decoder (after the final norm), never from the Causa
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -254,20 +255,26 @@ class RoleModel(nn.Module):
             raise ValueError(f"role must be 'policy' or 'reference' for token_logprobs, got {role!r}")
         with torch.set_grad_enabled(torch.is_grad_enabled() and role != REFERENCE):
             hidden = self._decoder_hidden(role, input_ids, attention_mask)
-            mask = attention_mask.to(hidden.device)
-            targets = input_ids.to(hidden.device)[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)
-            head = self._trunk(role).get_output_embeddings()
-            out = fastrlhf.token_logprobs(
-                hidden[:, :-1], head.weight, targets, bias=getattr(head, "bias", None),
-                temperature=temperature, return_entropy=return_entropy,
-            )
+            return self._logprobs_from_hidden(role, hidden, input_ids, attention_mask, temperature, return_entropy)
+
+    def _logprobs_from_hidden(self, role, hidden, input_ids, attention_mask, temperature, return_entropy):
+        """Fused lm_head + log-softmax + gather on the trunk's device; results on the policy device."""
+        mask = attention_mask.to(hidden.device)
+        targets = input_ids.to(hidden.device)[:, 1:].masked_fill(mask[:, 1:] == 0, IGNORE_INDEX)
+        head = self._trunk(role).get_output_embeddings()
+        out = fastrlhf.token_logprobs(
+            hidden[:, :-1], head.weight, targets, bias=getattr(head, "bias", None),
+            temperature=temperature, return_entropy=return_entropy,
+        )
         device = self.device
         return tuple(t.to(device) for t in out) if return_entropy else out.to(device)
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[B, T] float32 (float64 for a float64 base) value estimates V(s_t) (value role + value head); 0 on padding."""
         self._require("value")
-        hidden = self.hidden_states("value", input_ids, attention_mask)
+        return self._values_from_hidden(self.hidden_states("value", input_ids, attention_mask), attention_mask)
+
+    def _values_from_hidden(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         head = self.heads["value"]
         values = head(hidden.to(head.weight.dtype)).squeeze(-1)
         return values * attention_mask.to(values.device, values.dtype)
@@ -306,9 +313,58 @@ class RoleModel(nn.Module):
         return params
 
     def gradient_checkpointing_enable(self) -> None:
-        """Recompute decoder activations in backward (non-reentrant: works with frozen embeddings)."""
-        for trunk in {id(self._trunk(r)): self._trunk(r) for r in self.roles}.values():
-            trunk.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        """Recompute decoder activations during backward instead of storing them.
+
+        Non-reentrant checkpointing (works with a frozen embedding). In LoRA mode the recomputation
+        re-activates the adapter that was active in the forward: PPO switches from the policy to the
+        value adapter between forward and backward, and a plain recompute would silently use the
+        wrong adapter.
+        """
+        kwargs = {"use_reentrant": False}
+        if self.use_lora:
+            kwargs["context_fn"] = self._checkpoint_contexts
+        trunks = {id(self._trunk(r)): self._trunk(r) for r in self.roles}.values()
+        for trunk in trunks:
+            if hasattr(trunk, "activation_checkpointing_enable"):  # transformers >= 5
+                trunk.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+            else:
+                trunk.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+    def _checkpoint_contexts(self):
+        """torch.utils.checkpoint context_fn: (forward context, recompute context)."""
+        return contextlib.nullcontext(), self._adapter_during(self._active_adapter)
+
+    @contextlib.contextmanager
+    def _adapter_during(self, role: str):
+        previous = self._active_adapter
+        self._activate(role)
+        try:
+            yield
+        finally:
+            self._activate(previous)
+
+    def token_logprobs_and_values(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        temperature: float = 1.0,
+        return_entropy: bool = False,
+    ):
+        """(logps [B, T-1], values [B, T]) or (logps, entropy, values): the policy and value roles
+        together. Without LoRA the value head sits on the policy trunk, so ONE trunk forward serves
+        both; with LoRA it is one forward per adapter."""
+        self._require("policy")
+        self._require("value")
+        if self.use_lora:
+            out = self.token_logprobs("policy", input_ids, attention_mask,
+                                      temperature=temperature, return_entropy=return_entropy)
+            values = self.values(input_ids, attention_mask)
+        else:
+            hidden = self._decoder_hidden("policy", input_ids, attention_mask)
+            out = self._logprobs_from_hidden("policy", hidden, input_ids, attention_mask, temperature, return_entropy)
+            values = self._values_from_hidden(hidden, attention_mask)
+        return (*out, values) if return_entropy else (out, values)
 
     # ------------------------------------------------------------------ memory
 
@@ -447,6 +503,10 @@ class RoleModel(nn.Module):
             merged = copy.deepcopy(self.policy_lm)
         else:
             merged = copy.deepcopy(self.peft_model).merge_and_unload(adapter_names=["policy"])
+            # its copied checkpoint functions would call back into THIS RoleModel's adapter switching
+            disable = getattr(merged, "activation_checkpointing_disable", None) or merged.gradient_checkpointing_disable
+            if merged.supports_gradient_checkpointing:
+                disable()
         return merged.requires_grad_(True)
 
     # ------------------------------------------------------------------ checks

@@ -207,6 +207,29 @@ def test_joint_backward_equals_adapters_applied_separately_and_finite_difference
         assert (up - down) / (2 * eps) == pytest.approx(expected.item(), rel=1e-2, abs=1e-3), role
 
 
+def test_gradient_checkpointing_recomputes_with_the_adapter_of_the_forward():
+    """Checkpointed layers re-run their forward during backward, after the value forward switched
+    the active adapter: gradients must still equal those without checkpointing."""
+    def build():
+        torch.manual_seed(0)  # same value head
+        model = RoleModel(tiny_llama(), roles=("policy", "value"), lora_r=4)
+        randomize_adapters(model)
+        model.causal_lm.train()
+        return model
+
+    plain, checkpointed = build(), build()
+    checkpointed.gradient_checkpointing_enable()
+    assert checkpointed.causal_lm.model.gradient_checkpointing
+    _, ids, mask = batch([7, 5], left=True)
+    grads = []
+    for model in (plain, checkpointed):
+        logps, values = model.token_logprobs_and_values(ids, mask)
+        model.token_logprobs("reference", ids, mask)
+        grads.append(torch.autograd.grad(logps.sum() + (values ** 2).sum(), model.trainable_parameters()))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
 # --------------------------------------------------------------------------- log-probs, padding
 
 
@@ -306,6 +329,10 @@ def test_full_finetuning_mode_reference_is_a_frozen_copy():
     assert not ref_ptrs & {p.data_ptr() for p in model.parameters()}
     assert all(not p.requires_grad for p in model._reference_lm.parameters())
     assert not any(p is q for p in model.parameters() for q in model._reference_lm.parameters())
+    with torch.no_grad():
+        both = model.token_logprobs_and_values(ids, mask)  # one trunk forward
+        torch.testing.assert_close(both[0], model.token_logprobs("policy", ids, mask))
+        torch.testing.assert_close(both[1], model.values(ids, mask))
     report = model.memory_report()
     assert report["policy"]["params_bytes"] == 0  # it trains the base itself
     assert report["policy"]["trainable_bytes"] == report["base"]["params_bytes"]
