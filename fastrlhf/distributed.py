@@ -268,6 +268,11 @@ class DistContext:
         for name in forward_methods:
             if hasattr(module, name):
                 register_fsdp_forward_method(module, name)
+        # HF `generate` turns on synced_gpus (keep stepping until EVERY rank is done) only for modules
+        # it recognises as FSDP-managed. Without it a rank whose samples all hit EOS early stops
+        # calling the layers' all-gathers and the other ranks hang (PPO/GRPO rollouts under --fsdp).
+        for sub in module.modules():
+            sub._is_fsdp_managed_module = True
         # fully_shard swaps every nn.Parameter for a new DTensor Parameter: references cached before
         # (e.g. RoleModel's per-role adapter lists) would point at tensors that never get gradients.
         after = dict(module.named_parameters(remove_duplicate=False))
