@@ -117,10 +117,6 @@ class RoleModel(nn.Module):
             self.peft_model.add_adapter(role, config)
         if isinstance(self.causal_lm.get_output_embeddings(), BaseTunerLayer):
             raise ValueError("lora_target_modules must not include the lm_head (it is shared by all roles)")
-        self._adapter_params = {
-            role: [p for name, p in self.peft_model.named_parameters() if f".{role}." in name and "lora_" in name]
-            for role in self.roles
-        }
         self._active_adapter = None
         self._activate(self.roles[0])
 
@@ -184,16 +180,29 @@ class RoleModel(nn.Module):
             self._refresh_requires_grad()
 
     def _refresh_requires_grad(self) -> None:
+        adapters = self._adapter_params if self.use_lora else None
         for role in self.roles:
             trainable = role in self.trainable_roles
-            for p in self._role_params(role):
+            for p in self._role_params(role, adapters):
                 p.requires_grad_(trainable)
 
-    def _role_params(self, role: str) -> list[nn.Parameter]:
+    @property
+    def _adapter_params(self) -> dict[str, list[nn.Parameter]]:
+        """{role: its LoRA parameters}. Looked up by name on every call, never cached: FSDP2 and
+        other wrappers replace Parameter objects, and a cached list would then miss the gradients."""
+        params: dict[str, list[nn.Parameter]] = {role: [] for role in self.roles}
+        for name, p in self.peft_model.named_parameters():
+            parts = name.split(".")  # ...q_proj.lora_A.<role>.weight / ...lora_embedding_A.<role>
+            at = next((i for i, part in enumerate(parts) if part.startswith("lora_")), None)
+            if at is not None and at + 1 < len(parts) and parts[at + 1] in params:
+                params[parts[at + 1]].append(p)
+        return params
+
+    def _role_params(self, role: str, adapters: dict | None = None) -> list[nn.Parameter]:
         """Parameters that belong to `role` alone (adapter / trunk and head), trainable or not."""
         params = list(self.heads[role].parameters()) if role in self.heads else []
         if self.use_lora:
-            params += self._adapter_params[role]
+            params += (adapters or self._adapter_params)[role]
         elif self._role_owns_trunk(role):
             params += list(self._trunk(role).parameters())
         return params

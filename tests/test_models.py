@@ -230,6 +230,17 @@ def test_gradient_checkpointing_recomputes_with_the_adapter_of_the_forward():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
+def test_parameter_lists_follow_replaced_parameters():
+    """Wrappers such as FSDP2 swap Parameter objects: role parameter lists must not be stale caches."""
+    model = RoleModel(tiny_llama(), roles=("policy", "value"), lora_r=2)
+    q_proj = model.causal_lm.model.layers[0].self_attn.q_proj
+    old = q_proj.lora_A["policy"].weight
+    q_proj.lora_A["policy"].weight = torch.nn.Parameter(old.detach().clone())
+    ids = {id(p) for p in model.trainable_parameters("policy")}
+    assert id(q_proj.lora_A["policy"].weight) in ids and id(old) not in ids
+    assert not ids & {id(p) for p in model.trainable_parameters("value")}
+
+
 # --------------------------------------------------------------------------- log-probs, padding
 
 
