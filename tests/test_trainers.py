@@ -206,7 +206,7 @@ def test_reward_margin_column_is_used(tok, tmp_path):
     assert loss_with > loss_without  # rewards start near 0: a margin of 3 must be paid for
 
 
-@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo"])
+@pytest.mark.parametrize("loss_type", ["sigmoid", "ipo", "simpo"])
 def test_dpo_raises_reward_accuracy(tok, tmp_path, loss_type):
     from fastrlhf.trainers.dpo import DPOConfig, DPOTrainer
 
@@ -215,7 +215,8 @@ def test_dpo_raises_reward_accuracy(tok, tmp_path, loss_type):
     DPOTrainer(make_model(tok), tok, config, PREFERENCE_RECORDS).train()
     records = read_metrics(config.output_dir)
     assert records[-1]["loss"] < records[0]["loss"]
-    assert records[0]["rewards/accuracies"] == 0.0  # policy == reference at step 1: every margin is 0
+    if loss_type != "simpo":  # reference-free simpo: rewards are beta * logp, not 0 at the start
+        assert records[0]["rewards/accuracies"] == 0.0  # policy == reference at step 1: every margin is 0
     assert records[-1]["rewards/accuracies"] == 1.0 and records[-1]["rewards/margins"] > 0
 
 
@@ -290,12 +291,15 @@ def test_grpo_raises_rule_based_reward(tok, tmp_path):
     from fastrlhf.trainers.grpo import GRPOConfig, GRPOTrainer
 
     model = make_model(tok, roles=("policy",))
-    config = GRPOConfig(**pg_options(tmp_path, "grpo", batch_size=4, group_size=4, kl_coef=0.01))
-    GRPOTrainer(model, tok, config, PROMPT_RECORDS, reward_fn=frequent_token_reward(tok, model)).train()
-    records = read_metrics(config.output_dir)
+    config = GRPOConfig(**pg_options(tmp_path, "grpo", batch_size=4, group_size=4, kl_coef=0.01, ppo_epochs=2, num_minibatches=2))
+    summary = GRPOTrainer(model, tok, config, PROMPT_RECORDS, eval_records=PROMPT_RECORDS[:4],
+                          reward_fn=frequent_token_reward(tok, model)).train()
+    records = [r for r in read_metrics(config.output_dir) if "reward" in r]
     rewards = [r["reward"] for r in records]
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 1.0, rewards
     assert records[-1]["kl"] > 0 and "reward_std" in records[-1]
+    assert max(r["approx_kl"] for r in records) > 0  # 2 epochs x 2 minibatches: later steps are off-policy
+    assert summary["eval"]["eval/score"] > rewards[0] and summary["eval"]["eval/kl"] > 0
 
 
 def test_ppo_with_reward_role_kl_in_loss_and_exact_resume(tok, tmp_path):

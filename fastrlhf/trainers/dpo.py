@@ -27,7 +27,7 @@ class DPOConfig(SupervisedConfig):
     loss_type: str = field(default="sigmoid", metadata=_help(f"preference loss: {', '.join(DPO_LOSS_TYPES)}"))
     label_smoothing: float = field(default=0.0, metadata=_help(
         f"assumed fraction of flipped labels, in [0, 0.5) ({', '.join(LABEL_SMOOTHING_LOSS_TYPES)} only)"))
-    gamma: float = field(default=0.0, metadata=_help("SimPO target reward margin (simpo only)"))
+    simpo_gamma: float = field(default=0.0, metadata=_help("SimPO target reward margin (simpo only; TRL's simpo_gamma)"))
     precompute_ref_logps: bool = field(default=False, metadata=_help(
         "compute reference log-probs once before training instead of every step (always done without LoRA)"))
 
@@ -39,9 +39,9 @@ class DPOConfig(SupervisedConfig):
         if self.label_smoothing and self.loss_type not in LABEL_SMOOTHING_LOSS_TYPES:
             raise ValueError(f"label_smoothing must be 0 for loss_type={self.loss_type!r} "
                              f"(it applies to {LABEL_SMOOTHING_LOSS_TYPES})")
-        check_number("gamma", self.gamma)
-        if self.gamma and self.loss_type != "simpo":
-            raise ValueError(f"gamma must be 0 unless loss_type='simpo', got {self.gamma}")
+        check_number("simpo_gamma", self.simpo_gamma)
+        if self.simpo_gamma and self.loss_type != "simpo":
+            raise ValueError(f"simpo_gamma must be 0 unless loss_type='simpo', got {self.simpo_gamma}")
 
 
 class DPOTrainer(Trainer):
@@ -95,7 +95,7 @@ class DPOTrainer(Trainer):
             ref_chosen, ref_rejected = ref.chunk(2)
         cfg = self.config
         return fastrlhf.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=cfg.beta,
-                                 loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, gamma=cfg.gamma)
+                                 loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, gamma=cfg.simpo_gamma)
 
     # ---- precomputed reference log-probs (saved with checkpoints)
     def before_train(self) -> None:
