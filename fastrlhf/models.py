@@ -98,7 +98,7 @@ def load_causal_lm(
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            name_or_path, dtype=dtype, attn_implementation=attn_implementation, **extra
+            name_or_path, attn_implementation=attn_implementation, **{_dtype_kwarg(): dtype}, **extra
         )
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **extra)
     except (OSError, ValueError) as error:
@@ -136,6 +136,14 @@ def save_causal_lm(model, tokenizer, output_dir: str) -> str:
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)
     return output_dir
+
+
+def _dtype_kwarg() -> str:
+    """from_pretrained's dtype argument: `dtype` since transformers 4.56, `torch_dtype` before."""
+    import transformers
+    from packaging.version import Version
+
+    return "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
 
 
 def _is_quantized(model) -> bool:

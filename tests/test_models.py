@@ -20,6 +20,8 @@ from fastrlhf.models import (
 )
 from fastrlhf.testing import tiny_llama, tiny_tokenizer
 
+# peft (0.21) still reads transformers' deprecated `is_gradient_checkpointing`
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
 @pytest.fixture(autouse=True)
 def torch_backend():
@@ -415,6 +417,38 @@ def test_save_and_load_causal_lm_roundtrip(tmp_path):
         torch.testing.assert_close(
             full_logits_logps(merged, ids, torch.ones_like(ids)).float(), roles.token_logprobs("policy", ids, torch.ones_like(ids))
         )
+
+
+def test_save_causal_lm_of_a_model_marked_quantized(tmp_path):
+    """GGUF-loaded models carry a quantization_config that makes save_pretrained refuse them; the
+    saved copy is a plain model with the same (tied) weights."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils.quantization_config import GgufConfig
+
+    model = tiny_llama(tie=True)
+    model.config.quantization_config = GgufConfig()
+    save_causal_lm(model, tiny_tokenizer(), tmp_path / "q")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    assert getattr(loaded.config, "quantization_config", None) is None
+    assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    ids = torch.tensor([[3, 6, 50, 28]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits)
+
+
+def test_bfloat16_base_gives_fp32_logps_values_and_rewards():
+    fp32 = RoleModel(tiny_llama(tie=True), roles=("policy", "value", "reward"), lora_r=4)
+    randomize_adapters(fp32)
+    bf16 = copy.deepcopy(fp32)
+    bf16.causal_lm.to(torch.bfloat16)
+    _, ids, mask = batch([7, 4], left=True)
+    with torch.no_grad():
+        for f32, b16 in zip(
+            (fp32.token_logprobs("policy", ids, mask), fp32.values(ids, mask), fp32.rewards(ids, mask)),
+            (bf16.token_logprobs("policy", ids, mask), bf16.values(ids, mask), bf16.rewards(ids, mask)),
+        ):
+            assert b16.dtype == torch.float32
+            torch.testing.assert_close(b16, f32, atol=0.1, rtol=0.05)  # bf16 trunk: ~3 significant digits
 
 
 def test_missing_default_model_says_how_to_install(monkeypatch):
