@@ -379,3 +379,19 @@ def test_policy_gradient_config_and_reward_checks(tok, tmp_path):
                           PROMPT_RECORDS, reward_fn=lambda p, c, r: [1.0])
     with pytest.raises(ValueError, match="reward_fn must return"):
         trainer.train()
+
+
+def test_ppo_full_finetuning_without_lora(tok, tmp_path):
+    """--no-lora: the policy trains the whole base, the value head rides on its trunk (one forward for
+    both), the reference is a frozen copy; the optimizer holds each shared parameter once."""
+    from fastrlhf.trainers.ppo import PPOConfig, PPOTrainer
+
+    model = make_model(tok, roles=("policy", "value"), use_lora=False)
+    reference_before = [p.clone() for p in model._reference_lm.parameters()]
+    config = PPOConfig(**pg_options(tmp_path, "full", batch_size=4, max_steps=2, learning_rate=1e-3))
+    trainer = PPOTrainer(model, tok, config, PROMPT_RECORDS, reward_fn=frequent_token_reward(tok, model))
+    assert len({id(p) for p in trainer.params}) == len(trainer.params)
+    trainer.train()
+    assert read_metrics(config.output_dir)[-1]["objective/kl"] > 0
+    for before, after in zip(reference_before, model._reference_lm.parameters()):
+        assert torch.equal(before, after)  # the reference never trains

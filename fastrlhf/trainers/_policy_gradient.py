@@ -220,10 +220,15 @@ class PolicyGradientTrainer(Trainer):
         """KL weight inside the policy loss (GRPO: kl_coef; PPO: only with kl_in_reward=False)."""
         return self.config.kl_coef
 
+    def policy_forward(self, micro: dict[str, torch.Tensor]):
+        """(logps, entropy [B, T-1], extras) of the policy on a micro-batch; PPO adds the values."""
+        logps, entropy = self.model.token_logprobs("policy", micro["input_ids"], micro["attention_mask"],
+                                                   temperature=self.config.temperature, return_entropy=True)
+        return logps, entropy, {}
+
     def policy_loss(self, micro: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.config
-        logps, entropy = self.model.token_logprobs("policy", micro["input_ids"], micro["attention_mask"],
-                                                   temperature=cfg.temperature, return_entropy=True)
+        logps, entropy, extras = self.policy_forward(micro)
         old_logps = micro["old_logps"] if "old_logps" in micro else logps.detach()  # single on-policy pass
         kl_coef = self.kl_coef_in_loss()
         ref_logps = micro.get("ref_logps") if kl_coef > 0 else None
@@ -234,10 +239,10 @@ class PolicyGradientTrainer(Trainer):
             entropy=entropy if cfg.entropy_coef > 0 else entropy.detach(), entropy_coef=cfg.entropy_coef,
             loss_agg=cfg.loss_agg,
         )
-        return self.extra_loss(micro, loss, metrics)
+        return self.extra_loss(micro, extras, loss, metrics)
 
-    def extra_loss(self, micro, loss, metrics):
-        """Hook to add terms to the policy loss (PPO: the value loss)."""
+    def extra_loss(self, micro, extras, loss, metrics):
+        """Hook to add terms to the policy loss (PPO: the value loss on `extras["values"]`)."""
         return loss, metrics
 
     # ------------------------------------------------------------------ evaluation

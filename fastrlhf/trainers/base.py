@@ -296,7 +296,8 @@ class Trainer:
         if self.config.fsdp and self.ctx.distributed:
             self.ctx.apply_fsdp(
                 self.model,
-                forward_methods=("hidden_states", "token_logprobs", "values", "rewards", "generate"),
+                forward_methods=("hidden_states", "token_logprobs", "token_logprobs_and_values", "values",
+                                 "rewards", "generate"),
                 mixed_precision=torch.bfloat16 if self.use_bf16 else None,
             )
 

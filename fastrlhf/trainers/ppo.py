@@ -70,10 +70,12 @@ class PPOTrainer(PolicyGradientTrainer):
         cfg = self.config
         batch = self.rollout(prompts)
         mask = batch["response_mask"]
-        old_logps = self.logps("policy", batch).float() * mask
+        with self.autocast():  # one trunk forward for both without LoRA (value head on the policy trunk)
+            old_logps, values = self.model.token_logprobs_and_values(
+                batch["input_ids"], batch["attention_mask"], temperature=cfg.temperature)
+        old_logps = old_logps.float() * mask
+        values = values[:, :-1].float() * mask  # V(s_t) aligned with the token t+1 that logps[:, t] scores
         ref_logps = self.logps("reference", batch).float() * mask
-        with self.autocast():
-            values = self.model.values(batch["input_ids"], batch["attention_mask"])[:, :-1].float() * mask
         scores = self.score(batch)
 
         self._beta = self.kl_ctl.value
@@ -102,10 +104,14 @@ class PPOTrainer(PolicyGradientTrainer):
         }
         return experience, metrics
 
-    def extra_loss(self, micro, loss, metrics):
+    def policy_forward(self, micro):
+        logps, entropy, values = self.model.token_logprobs_and_values(
+            micro["input_ids"], micro["attention_mask"], temperature=self.config.temperature, return_entropy=True)
+        return logps, entropy, {"values": values[:, :-1]}
+
+    def extra_loss(self, micro, extras, loss, metrics):
         cfg = self.config
-        values = self.model.values(micro["input_ids"], micro["attention_mask"])[:, :-1]
-        vf_loss, vf_metrics = fastrlhf.value_loss(values, micro["values"], micro["returns"], micro["mask"],
+        vf_loss, vf_metrics = fastrlhf.value_loss(extras["values"], micro["values"], micro["returns"], micro["mask"],
                                                   clip_eps=cfg.value_clip_eps, loss_agg=cfg.loss_agg)
         return loss + cfg.vf_coef * vf_loss, {**metrics, **vf_metrics}
 
