@@ -44,7 +44,7 @@ class RoleModel(nn.Module):
     trainable_roles: roles whose adapter / head / trunk get gradients (default: all of `roles`), e.g.
         PPO trains ("policy", "value") and keeps a loaded "reward" frozen.
     with_reference: no-LoRA only; False skips the frozen reference copy (e.g. DPO with precomputed
-        reference log-probs).
+        reference log-probs). Without a policy role there is no copy either (nothing to refer to).
     """
 
     def __init__(
@@ -102,6 +102,11 @@ class RoleModel(nn.Module):
         from peft import LoraConfig, get_peft_model
         from peft.tuners.tuners_utils import BaseTunerLayer
 
+        targets = self.lora_settings["lora_target_modules"]
+        head_name = next(n for n, m in base_model.named_modules() if m is base_model.get_output_embeddings())
+        if isinstance(targets, (list, tuple)) and any(head_name == t or head_name.endswith("." + t) for t in targets):
+            # checked before peft wraps the base in place
+            raise ValueError("lora_target_modules must not include the lm_head (it is shared by all roles)")
         config = LoraConfig(
             r=self.lora_settings["lora_r"],
             lora_alpha=self.lora_settings["lora_alpha"],
@@ -125,7 +130,7 @@ class RoleModel(nn.Module):
         self.policy_lm = base_model  # the trunk of the policy (and value head), or of the reward alone
         if "reward" in self.roles and "policy" in self.roles:
             self.reward_lm = copy.deepcopy(base_model)
-        if with_reference:
+        if with_reference and "policy" in self.roles:
             self.__dict__["_reference_lm"] = copy.deepcopy(base_model).to(self._reference_device).eval()
 
     # ------------------------------------------------------------------ plumbing
@@ -155,7 +160,9 @@ class RoleModel(nn.Module):
             if self.use_lora:
                 return self.causal_lm
             if self._reference_lm is None:
-                raise ValueError("this RoleModel was built with with_reference=False: no reference role")
+                raise ValueError(
+                    "this full fine-tuning RoleModel has no reference copy (with_reference=False, or no policy role)"
+                )
             return self._reference_lm
         if not self.use_lora and role == "reward" and "policy" in self.roles:
             return self.reward_lm
