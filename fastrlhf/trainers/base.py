@@ -635,7 +635,7 @@ class Trainer:
         if self.is_main:
             out = Path(cfg.output_dir)
             (out / "trainer_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
-            report = self.model.memory_report()
+            report = self.model.memory_report(self.optimizer)
             (out / "memory_report.json").write_text(json.dumps(report, indent=2))
             self._say(memory_summary(report))
         self.before_train()
@@ -743,7 +743,7 @@ class Trainer:
             "eval": dict(self.last_eval),
             "peak_memory_bytes": peak_memory_bytes(self.device),
             "peak_memory_kind": "cuda_max_allocated" if self.device.type == "cuda" else "process_max_rss",
-            "memory_report": self.model.memory_report(),
+            "memory_report": self.model.memory_report(self.optimizer),
         }
 
 
