@@ -52,9 +52,14 @@ def main(argv: list[str] | None = None) -> int:
 
     runner.log(f"device: {info.name}  ->  {path}")
     runner.log(f"versions: {info.versions}")
-    cases = [c for k in wanted if k != "e2e" for c in cases_mod.sweep(k, info.device, args.quick)]
+    sweeps = [cases_mod.sweep(k, info.device, args.quick) for k in wanted if k != "e2e"]
+    # Round-robin over kernels (first shape of every kernel, then the second, ...), so a time budget
+    # cuts the big shapes at the end rather than whole kernels.
+    cases = [s[i] for i in range(max(map(len, sweeps), default=0)) for s in sweeps if i < len(s)]
     started = time.monotonic()
-    runner.run_all(cases, info, path, quick=args.quick, fresh=args.fresh, deadline=deadline,
+    # Keep a minute of the budget for the end-to-end steps.
+    kernel_deadline = deadline - 60 if deadline is not None and "e2e" in wanted else deadline
+    runner.run_all(cases, info, path, quick=args.quick, fresh=args.fresh, deadline=kernel_deadline,
                    providers=providers, modes=modes)
     if "e2e" in wanted:
         from benchmarks import e2e
