@@ -562,6 +562,7 @@ class Trainer:
             "epoch": self.consumed_batches // self.batches_per_epoch,
             "batch_in_epoch": self.consumed_batches % self.batches_per_epoch,
             "guard": self.guard.state_dict(),
+            "world_size": self.ctx.world_size,
             **self.extra_state(),
         }
 
@@ -606,6 +607,14 @@ class Trainer:
         else:
             model_state, state = load_checkpoint(path, optimizer=self.optimizer, scheduler=self.scheduler,
                                                  rank=self.ctx.rank)
+        saved_world = int(state.get("world_size", self.ctx.world_size))
+        if saved_world != self.ctx.world_size:
+            # consumed_batches counts per-rank batches and the RNG states are per rank: neither maps
+            # onto another number of processes, so the resume would silently replay or skip data.
+            raise ValueError(
+                f"resume: {path} was written by {saved_world} processes but this run has "
+                f"{self.ctx.world_size}; resume with the same number of processes (torchrun --nproc-per-node)"
+            )
         for role in self.trained_roles:
             prefix = f"{role}/"
             self.model.load_role_state_dict(role, {k[len(prefix):]: v for k, v in model_state.items() if k.startswith(prefix)})
