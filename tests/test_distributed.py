@@ -292,6 +292,15 @@ def test_two_process_sft_matches_single_process(tmp_path, tmp_path_factory, fsdp
     result = run_sft_subprocess(options, nproc=2)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     assert_same_run(tmp_path / "run", reference, weight_tol=1e-5, loss_tol=1e-5)
+    if fsdp:  # resume a sharded run (gathered adapters + DCP optimizer state) from checkpoint-4
+        import shutil
+
+        shutil.rmtree(tmp_path / "run" / "checkpoint-6")
+        os.remove(tmp_path / "run" / "final_policy.safetensors")
+        result = run_sft_subprocess(dict(options, resume="auto"), nproc=2)
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+        assert "checkpoint-4 at step 4" in result.stderr
+        assert_same_run(tmp_path / "run", reference, weight_tol=1e-5, loss_tol=1e-5)
 
 
 def _scenario_sft(options_json: str):

@@ -118,3 +118,17 @@ def test_k_nan_steps_in_a_row_stop_the_run_with_a_message(tmp_path):
         trainer.train()
     assert trainer.step == 4 and trainer.guard.skipped_steps == 3  # steps 3, 4 skipped; 5 raised
     assert all(torch.isfinite(p).all() for p in trainer.params)
+
+
+def test_resume_with_another_number_of_processes_is_refused(tmp_path):
+    trainer, _ = _sft_trainer(tmp_path, max_steps=2, max_consecutive_nonfinite=3, nan_at_steps=set())
+    trainer.config.save_steps = 2
+    trainer.train()
+    state_file = tmp_path / "checkpoint-2" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=False)
+    assert state["world_size"] == 1
+    torch.save(dict(state, world_size=2), state_file)  # as if written by a 2-process torchrun job
+    trainer, _ = _sft_trainer(tmp_path, max_steps=4, max_consecutive_nonfinite=3, nan_at_steps=set())
+    trainer.config.resume = "auto"
+    with pytest.raises(ValueError, match="written by 2 processes but this run has 1"):
+        trainer.train()
