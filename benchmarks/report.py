@@ -25,6 +25,11 @@ START, END = "<!-- bench:start -->", "<!-- bench:end -->"
 OURS = "fastrlhf"
 
 
+def is_ours(provider: str) -> bool:
+    """fastrlhf's own rows: "fastrlhf" for kernels, "fastrlhf-shared-lora" for the end-to-end steps."""
+    return provider == OURS or provider.startswith(OURS + "-")
+
+
 def _float(x) -> float | None:
     try:
         v = float(x)
@@ -86,11 +91,15 @@ def summarise(rows: list[dict]) -> list[dict]:
         groups[(r["kernel"], r["shape"], r["dtype"], r["mode"])].append(r)
     out = []
     for (kernel, shape, dtype, mode), rs in groups.items():
-        ours = [r for r in rs if r["provider"] == OURS and r.get("status") == "ok"]
+        ours = [r for r in rs if is_ours(r["provider"]) and r.get("status") == "ok"]
         if not ours:
             continue
         ours = ours[0]
-        alts = [r for r in rs if r["provider"] != OURS and r.get("status") == "ok" and _float(r["median_ms"])]
+        alts = [r for r in rs if not is_ours(r["provider"]) and r.get("status") == "ok" and _float(r["median_ms"])]
+        if ours.get("backend") == "torch":
+            # fastrlhf's torch path IS the PyTorch reference (same function): comparing the two would only
+            # measure noise, so on that path the reference is not counted as an alternative.
+            alts = [r for r in alts if r["provider"] != "torch-reference"]
         t_ours = _float(ours["median_ms"])
         best_t = min(alts, key=lambda r: _float(r["median_ms"]), default=None)
         mem_alts = [r for r in alts if _float(r.get("peak_bytes")) is not None]
@@ -140,7 +149,7 @@ def detail_table(rows: list[dict]) -> list[str]:
             "achieved", "% peak", "max |Δ| vs ref", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     rows = sorted(rows, key=lambda r: (r["kernel"], _shape_key(r["shape"]), r["dtype"],
-                                       MODE_ORDER.get(r["mode"], 9), r["provider"] != OURS, r["provider"]))
+                                       MODE_ORDER.get(r["mode"], 9), not is_ours(r["provider"]), r["provider"]))
     for r in rows:
         ok = r.get("status") == "ok"
         lines.append("| " + " | ".join([
@@ -178,7 +187,8 @@ def results_readme(data: dict[str, list[dict]], plots: dict[str, list[str]]) -> 
              "and mode: < 1 means fastrlhf is faster (smaller), **bold > 1 means it loses**. Peak memory is the "
              "extra memory the call allocates beyond its inputs (see benchmarks/measure.py). CPU rows time "
              "fastrlhf's torch path (`backend` column) on one thread of a shared machine: they are noisy and say "
-             "nothing about GPU speed.", ""]
+             "nothing about GPU speed; there the torch path is the PyTorch reference itself, so the reference "
+             "is left out of the alternatives.", ""]
     for slug, rows in data.items():
         if not rows:
             continue
@@ -200,9 +210,9 @@ def pick(entries, kernel):
     es = [e for e in entries if e["kernel"] == kernel]
     if not es:
         return None
-    largest = max(es, key=lambda e: (_shape_key(e["shape"]) and max(v for _, v in _shape_key(e["shape"])
-                                                                       if isinstance(v, int)),
-                                     e["dtype"] == "bf16"))
+    def size(e):
+        return math.prod(v for _, v in _shape_key(e["shape"]) if isinstance(v, int))
+    largest = max(es, key=lambda e: (size(e), e["dtype"] == "bf16"))
     same = [e for e in es if e["shape"] == largest["shape"] and e["dtype"] == largest["dtype"]]
     return min(same, key=lambda e: MODE_ORDER.get(e["mode"], 9))
 
@@ -283,9 +293,9 @@ def plot(data: dict[str, list[dict]], results_dir: Path) -> dict[str, list[str]]
             if len({x for pts in series.values() for x, _, _ in pts}) < 2:
                 continue
             fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4))
-            for provider, pts in sorted(series.items(), key=lambda kv: kv[0] != OURS):
+            for provider, pts in sorted(series.items(), key=lambda kv: not is_ours(kv[0])):
                 pts.sort()
-                style = dict(linewidth=2.5, marker="o") if provider == OURS else dict(linewidth=1.2, marker=".")
+                style = dict(linewidth=2.5, marker="o") if is_ours(provider) else dict(linewidth=1.2, marker=".")
                 ax_t.plot([p[0] for p in pts], [p[1] for p in pts], label=provider, **style)
                 mem = [(p[0], p[2]) for p in pts if p[2] is not None]
                 if mem:
