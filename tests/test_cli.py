@@ -1,0 +1,226 @@
+"""`python -m fastrlhf.train`: options built from the config dataclasses, YAML merge, clear errors, and
+each subcommand running 2 steps on a tiny random Llama (torch backend; the stages run in-process
+through `fastrlhf.train.main`, one subprocess checks the real module entry point)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fastrlhf import use_backend
+from fastrlhf.cli import ModelOptions, _fields, option_name, parse_args
+from fastrlhf.train import DataOptions, RewardOptions, commands, main
+
+WORDS = "the cat is big . the dog is small . say yes or no . what is the sun ? the moon is white .".split()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A tiny random Llama + word-level ChatML tokenizer saved like a real model, and tiny datasets."""
+    from fastrlhf.testing import tiny_llama, tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("cli")
+    tokenizer = tiny_tokenizer()
+    model = tiny_llama(vocab_size=len(tokenizer), tie=True)
+    model.save_pretrained(root / "tiny")
+    tokenizer.save_pretrained(root / "tiny")
+    sft = [{"prompt": "say yes", "completion": "yes"}, {"prompt": "what is the sun ?", "completion": "the sun is big ."},
+           {"prompt": "say no", "completion": "no"}, {"prompt": "the cat is", "completion": "small ."}]
+    pairs = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": "the dog the dog"} for r in sft]
+    prompts = [{"prompt": r["prompt"]} for r in sft]
+    for name, rows in (("sft", sft), ("pairs", pairs), ("prompts", prompts)):
+        (root / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "empty.jsonl").write_text("")
+    (root / "reward.py").write_text(
+        "def reward(prompts, completions, records):\n    return [float(c.count('yes')) for c in completions]\n")
+    return root
+
+
+def run_main(argv, capsys):
+    """main(argv) -> (exit status, stderr)."""
+    with use_backend("torch"):
+        try:
+            status = main([str(a) for a in argv])
+        except SystemExit as exit_:
+            status = exit_.code
+    return status, capsys.readouterr().err
+
+
+def common(workdir, out, model=None):
+    return ["--model", model or workdir / "tiny", "--output-dir", workdir / out, "--max-steps", 2,
+            "--batch-size", 2, "--no-progress"]
+
+
+# ------------------------------------------------------------------------------ --help
+
+
+def test_module_entry_point_help():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "fastrlhf.train", "--help"], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for name in ("sft", "rm", "dpo", "ppo", "grpo", "pipeline"):
+        assert name in out.stdout
+    assert "runs `pipeline`" in out.stdout
+
+
+@pytest.mark.parametrize("name", ["sft", "rm", "dpo", "ppo", "grpo", "pipeline"])
+def test_help_lists_every_option_with_default(name, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([name, "--help"])
+    assert exit_.value.code == 0
+    # argparse wraps lines (also at hyphens): compare with all whitespace removed
+    text = "".join(capsys.readouterr().out.split())
+    fields = _fields(commands()[name].option_classes)
+    assert len(fields) > 10
+    for _, f, kind in fields:
+        option = option_name(f.name)
+        assert option in text, option
+        if kind is bool:
+            assert f"--no-{f.name.replace('_', '-')}" in text
+        help_text = "".join(f.metadata["help"].split())
+        assert help_text and help_text in text, option
+        default = f.default
+        shown = {True: "true", False: "false", "": '""'}.get(default, str(default)) if isinstance(default, (bool, str)) else str(default)
+        assert f"{help_text}(default:{shown})" in text, option
+
+
+def test_trainer_config_fields_all_reach_the_cli():
+    from fastrlhf.trainers import PPOConfig, SFTConfig
+
+    for config, command in ((SFTConfig, "sft"), (PPOConfig, "ppo")):
+        names = {f.name for _, f, _ in _fields(commands()[command].option_classes)}
+        assert set(config.__dataclass_fields__) <= names
+
+
+# ------------------------------------------------------------------------------ parsing, YAML merge
+
+
+def parse(argv):
+    from fastrlhf.cli import build_parser
+
+    return parse_args(build_parser(commands()), argv, default_command="pipeline")
+
+
+def test_defaults_and_command_line_values():
+    from fastrlhf.trainers import SFTConfig
+
+    command, options = parse(["sft", "--learning-rate", "3e-4", "--no-lora", "--data", "x.jsonl"])
+    assert command == "sft"
+    assert options[SFTConfig].learning_rate == 3e-4 and options[SFTConfig].batch_size == SFTConfig().batch_size
+    assert options[ModelOptions].lora is False and options[ModelOptions].lora_r == 16
+    assert options[DataOptions].data == "x.jsonl"
+
+
+def test_no_subcommand_means_pipeline():
+    from fastrlhf.pipeline import PipelineOptions
+
+    assert parse([])[0] == "pipeline"
+    command, options = parse(["--output-dir", "elsewhere", "--seed", "3"])
+    assert command == "pipeline"
+    assert options[PipelineOptions].output_dir == "elsewhere" and options[PipelineOptions].seed == 3
+
+
+def test_yaml_config_merged_under_command_line(tmp_path):
+    from fastrlhf.trainers import PPOConfig
+
+    config = tmp_path / "ppo.yaml"
+    # 1e-5 without a dot is a *string* in YAML 1.1: it must still become a float
+    config.write_text("learning-rate: 1e-5\nbatch_size: 4\nkl_coef: 0.2\nadaptive_kl: true\nreward_fn: m:f\n")
+    _, options = parse(["ppo", "--config", str(config), "--batch-size", "2"])
+    cfg = options[PPOConfig]
+    assert cfg.learning_rate == 1e-5 and isinstance(cfg.learning_rate, float)
+    assert cfg.batch_size == 2  # command line wins
+    assert cfg.kl_coef == 0.2 and cfg.adaptive_kl is True
+    assert options[RewardOptions].reward_fn == "m:f"
+
+
+@pytest.mark.parametrize("yaml_text, message", [
+    ("learning_rat: 0.1\n", "unknown option 'learning_rat' (did you mean --learning-rate?)"),
+    ("batch_size: many\n", "option 'batch_size': expected int, got 'many'"),
+    ("adaptive_kl: maybe\n", "option 'adaptive_kl': expected true or false"),
+    ("batch_size: 0\n", "--batch-size: batch_size must be an integer >= 1, got 0"),
+    ("- a\n- b\n", "expected a mapping"),
+])
+def test_yaml_errors_name_the_option(tmp_path, capsys, yaml_text, message):
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml_text)
+    status, err = run_main(["ppo", "--config", config], capsys)
+    assert status == 2 and message in err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["sft", "--bogus", "1"], "unknown option --bogus"),
+    (["sft", "--learning-rat", "1"], "unknown option --learning-rat (did you mean --learning-rate?)"),
+    (["sft", "--batch-size", "x"], "argument --batch-size: invalid int value: 'x'"),
+    (["sft", "--batch-size", "0"], "--batch-size: batch_size must be an integer >= 1, got 0"),
+    (["dpo", "--loss-type", "nope"], "--loss-type: loss_type must be one of"),
+    (["pipeline", "--samples-per-prompt", "1"], "--samples-per-prompt: samples_per_prompt must be an integer >= 2"),
+    (["sft"], "--data is required for sft"),
+    (["sft", "--data", "missing.jsonl"], "--data: dataset file 'missing.jsonl' does not exist"),
+    (["sft", "--config", "missing.yaml"], "--config: file 'missing.yaml' does not exist"),
+])
+def test_bad_options_fail_before_loading_anything(argv, message, capsys):
+    status, err = run_main(argv, capsys)
+    assert status == 2
+    assert message in err
+
+
+def test_data_and_reward_errors(workdir, capsys):
+    status, err = run_main(["sft", "--data", workdir / "empty.jsonl"], capsys)
+    assert status == 2 and "--data:" in err and "empty" in err
+    status, err = run_main(["sft", "--data", workdir / "pairs.jsonl"], capsys)
+    assert status == 2 and "has no column 'completion'" in err
+    status, err = run_main(["rm", "--data", workdir / "sft.jsonl"], capsys)
+    assert status == 2 and "has no column 'chosen'" in err
+    status, err = run_main(["ppo", "--data", workdir / "prompts.jsonl"], capsys)
+    assert status == 2 and "exactly one of --reward-model" in err
+    status, err = run_main(["grpo", "--data", workdir / "prompts.jsonl", "--reward-fn", "nomodule_xyz:f"], capsys)
+    assert status == 2 and "--reward-fn: cannot import module 'nomodule_xyz'" in err
+    status, err = run_main(["grpo", "--data", workdir / "prompts.jsonl", "--reward-fn", "fastrlhf.demo:nope"], capsys)
+    assert status == 2 and "has no attribute 'nope'" in err
+    status, err = run_main(["ppo", "--data", workdir / "prompts.jsonl", "--reward-model", workdir], capsys)
+    assert status == 2 and "not a directory written by `fastrlhf.train rm`" in err
+    status, err = run_main(["sft", "--data", workdir / "sft.jsonl", "--model", workdir / "no-such-model"], capsys)
+    assert status == 2 and "--model:" in err
+
+
+# ------------------------------------------------------------------------------ every stage, 2 steps
+
+
+def test_every_stage_runs_two_steps(workdir, capsys):
+    status, err = run_main(["sft", "--data", workdir / "sft.jsonl", *common(workdir, "sft")], capsys)
+    assert status == 0, err
+    merged = workdir / "sft" / "merged"
+    assert (merged / "config.json").is_file()
+    summary = json.loads((workdir / "sft" / "summary.json").read_text())
+    assert summary["steps"] == 2
+
+    assert run_main(["rm", "--data", workdir / "pairs.jsonl", "--eval-data", workdir / "pairs.jsonl",
+                     *common(workdir, "rm", merged)], capsys)[0] == 0
+    rm_summary = json.loads((workdir / "rm" / "summary.json").read_text())
+    assert rm_summary["steps"] == 2 and "eval/accuracy" in rm_summary["eval"]
+    assert (workdir / "rm" / "role-reward.safetensors").is_file()
+
+    assert run_main(["dpo", "--data", workdir / "pairs.jsonl", "--no-save-merged", *common(workdir, "dpo", merged)],
+                    capsys)[0] == 0
+    assert not (workdir / "dpo" / "merged").exists()
+
+    # the reward model must come with matching LoRA settings
+    status, err = run_main(["ppo", "--data", workdir / "prompts.jsonl", "--reward-model", workdir / "rm",
+                            "--lora-r", 8, *common(workdir, "ppo", merged)], capsys)
+    assert status == 2 and "pass --lora-r 16" in err
+    status, err = run_main(["ppo", "--data", workdir / "prompts.jsonl", "--reward-model", workdir / "rm",
+                            "--max-new-tokens", 4, "--no-save-merged", *common(workdir, "ppo", merged)], capsys)
+    assert status == 0, err
+    ppo_summary = json.loads((workdir / "ppo" / "summary.json").read_text())
+    assert ppo_summary["steps"] == 2 and "objective/scores" in ppo_summary["metrics"]
+
+    status, err = run_main(["grpo", "--data", workdir / "prompts.jsonl", "--reward-fn", f"{workdir / 'reward.py'}:reward",
+                            "--group-size", 2, "--max-new-tokens", 4, "--no-save-merged",
+                            *common(workdir, "grpo", merged)], capsys)
+    assert status == 0, err
+    assert json.loads((workdir / "grpo" / "summary.json").read_text())["steps"] == 2
