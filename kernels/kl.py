@@ -15,12 +15,12 @@ import torch
 import triton
 import triton.language as tl
 
+from fastrlhf.kernels._launch import check_int32_indexable, elementwise_block
+
 LOG_RATIO_LIMIT = 20.0
 
 # Integer codes for the constexpr ESTIMATOR argument of the kernels.
 ESTIMATOR_CODES = {"k1": 1, "k2": 2, "k3": 3}
-
-_BLOCK = 1024
 
 
 @triton.jit
@@ -78,9 +78,11 @@ def kl_penalty_fwd(
     dkl = torch.empty(logps.shape, dtype=torch.float32, device=logps.device) if need_grad else None
     if n == 0:
         return kl, dkl
-    grid = (triton.cdiv(n, _BLOCK),)
+    check_int32_indexable("logps", n)
+    block = elementwise_block(n, logps.device)
+    grid = (triton.cdiv(n, block),)
     _kl_penalty_kernel[grid](
         logps, ref_logps, kl, dkl if need_grad else kl, n,
-        ESTIMATOR=ESTIMATOR_CODES[estimator], LIMIT=LOG_RATIO_LIMIT, WRITE_GRAD=need_grad, BLOCK=_BLOCK,
+        ESTIMATOR=ESTIMATOR_CODES[estimator], LIMIT=LOG_RATIO_LIMIT, WRITE_GRAD=need_grad, BLOCK=block,
     )
     return kl, dkl

@@ -20,9 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastrlhf.kernels._launch import check_int32_indexable, elementwise_block
 from fastrlhf.kernels.kl import ESTIMATOR_CODES, LOG_RATIO_LIMIT, clamped_log_ratio, kl_estimate
-
-_BLOCK = 1024
 
 # Layout of the per-program partial sums written by `_ppo_objective_kernel`.
 PPO_STATS = (
@@ -157,9 +156,12 @@ def _grad_buffer(like: torch.Tensor, wanted: bool) -> torch.Tensor | None:
     return torch.empty(like.shape, dtype=torch.float32, device=like.device) if wanted else None
 
 
-def _partials(n: int, num_stats: int, device: torch.device) -> tuple[torch.Tensor, int]:
-    programs = triton.cdiv(n, _BLOCK)
-    return torch.zeros((max(programs, 1), num_stats), dtype=torch.float32, device=device), programs
+def _partials(n: int, num_stats: int, device: torch.device) -> tuple[torch.Tensor, int, int]:
+    """Zeroed per-program partial sums, the number of programs and the block size for `n` tokens."""
+    check_int32_indexable("the [B, T] inputs", n)
+    block = elementwise_block(n, device)
+    programs = triton.cdiv(n, block)
+    return torch.zeros((max(programs, 1), num_stats), dtype=torch.float32, device=device), programs, block
 
 
 def ppo_objective_fwd(
@@ -194,7 +196,7 @@ def ppo_objective_fwd(
     d_logps = _grad_buffer(logps, grad_logps)
     d_ref = _grad_buffer(logps, grad_ref and ref_logps is not None)
     d_ent = _grad_buffer(logps, grad_entropy and entropy is not None)
-    partials, programs = _partials(n, len(PPO_STATS), logps.device)
+    partials, programs, block = _partials(n, len(PPO_STATS), logps.device)
     if programs:
         dummy = logps  # stands in for absent optional pointers; never read or written
         _ppo_objective_kernel[(programs,)](
@@ -209,7 +211,7 @@ def ppo_objective_fwd(
             HAS_REF=ref_logps is not None, HAS_ENT=entropy is not None, DUAL=dual_clip is not None,
             ESTIMATOR=ESTIMATOR_CODES[estimator], LIMIT=LOG_RATIO_LIMIT,
             GRAD_LOGPS=d_logps is not None, GRAD_REF=d_ref is not None, GRAD_ENT=d_ent is not None,
-            NUM_STATS=len(PPO_STATS), BLOCK=_BLOCK,
+            NUM_STATS=len(PPO_STATS), BLOCK=block,
         )
     return partials.sum(0), d_logps, d_ref, d_ent
 
@@ -229,12 +231,12 @@ def value_loss_fwd(
     n = B * T
     values, old_values, returns, mask = (t.contiguous() for t in (values, old_values, returns, mask))
     d_values = _grad_buffer(values, grad_values)
-    partials, programs = _partials(n, len(VALUE_STATS), values.device)
+    partials, programs, block = _partials(n, len(VALUE_STATS), values.device)
     if programs:
         _value_loss_kernel[(programs,)](
             values, old_values, returns, mask, row_scale.contiguous(),
             d_values if d_values is not None else partials, partials,
             n, T, float(clip_eps),
-            GRAD=grad_values, NUM_STATS=len(VALUE_STATS), BLOCK=_BLOCK,
+            GRAD=grad_values, NUM_STATS=len(VALUE_STATS), BLOCK=block,
         )
     return partials.sum(0), d_values

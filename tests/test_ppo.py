@@ -494,3 +494,34 @@ def test_value_and_kl_bad_input():
         with pytest.raises(ValueError, match=name):
             call()
 
+
+
+# ============================================================================ GPU launch sizes
+def test_gpu_block_sizes_fill_an_h100_and_give_the_same_results(monkeypatch):
+    """64k tokens used to be 64 programs of 1024 (half of an H100's 132 SMs idle): small batches now
+    get blocks down to 256. The interpreter runs with those GPU sizes here (several programs, their
+    partial sums added) and must match the reference."""
+    from fastrlhf.kernels import _launch
+
+    cuda = torch.device("cuda")
+    assert 64 * 1024 // _launch.elementwise_block(64 * 1024, cuda) >= 132
+    assert _launch.elementwise_block(2**21, cuda) == 1024 and _launch.elementwise_block(10, cuda) == 256
+    with pytest.raises(ValueError, match="2\\*\\*31"):
+        _launch.check_int32_indexable("logps", 2**31)
+
+    monkeypatch.setattr(_launch, "GPU_SIZES_EVERYWHERE", True)
+    g = torch.Generator().manual_seed(3)
+    B, T = 5, 300  # 1500 tokens -> 6 programs of 256
+    logps, old, adv, ref = (torch.randn(B, T, generator=g) for _ in range(4))
+    mask = torch.rand(B, T, generator=g) > 0.3
+    kwargs = dict(ref_logps=ref, kl_coef=0.1, dual_clip=3.0, loss_agg="seq-mean-token-mean")
+    results = {}
+    for backend in ("triton", "torch"):
+        lp = logps.clone().requires_grad_()
+        loss, metrics = fastrlhf.ppo_loss(lp, old, adv, mask, **kwargs, backend=backend)
+        loss.backward()
+        v_loss, _ = fastrlhf.value_loss(logps, old, adv, mask, backend=backend)
+        kl = fastrlhf.kl_penalty(logps, ref, estimator="k3", backend=backend)
+        results[backend] = [loss, lp.grad, metrics["clipfrac"], metrics["kl"], v_loss, kl]
+    for a, b in zip(results["triton"], results["torch"]):
+        torch.testing.assert_close(a, b, **FP32_TOL)
