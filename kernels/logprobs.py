@@ -21,6 +21,11 @@ gh (of entropy) and the saved lse and entropy:
 It may write its result over the logits it reads (`out=logits`), which the fused linear path
 uses to keep only one `[chunk, V]` buffer alive.
 
+Rows are addressed as groups of rows, row r at `(r // R) * stride_group + (r % R) * stride_row`,
+so a `[B, T, V]` view that cannot be flattened without a copy (the usual `logits[:, :-1]`) is
+read in place; a plain `[N, V]` matrix is R = 1 (Triton turns the division into nothing).
+Row offsets are int64: N * V passes 2**31 at 14k rows of a 152k vocabulary.
+
 Targets equal to IGNORE_INDEX (-100) give logp 0, entropy 0 and a zero gradient row, and their
 logits are never read. Targets outside [0, V) (not checked on the host on CUDA, because that
 would need a device sync) give logp NaN instead of an out-of-bounds read.
@@ -31,20 +36,28 @@ import torch
 import triton
 import triton.language as tl
 
+from fastrlhf.kernels._launch import gpu_sizes
+
 IGNORE_INDEX = -100
+
+
+@triton.jit
+def _row_offset(row, rows_per_group, stride_group, stride_row):
+    """Element offset of row `row` (int64) in a [groups, rows_per_group, V] strided layout."""
+    return (row // rows_per_group) * stride_group + (row % rows_per_group) * stride_row
 
 
 @triton.jit
 def _logprobs_fwd_kernel(
     logits_ptr, targets_ptr, logps_ptr, lse_ptr, entropy_ptr,
-    V, stride_row, inv_temperature,
+    V, rows_per_group, stride_group, stride_row, inv_temperature,
     IGNORE: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    row = tl.program_id(0).to(tl.int64)  # int64 before any stride multiply
     target = tl.load(targets_ptr + row).to(tl.int64)
     ignored = target == IGNORE
     in_range = (target >= 0) & (target < V)
-    row_ptr = logits_ptr + row * stride_row
+    row_ptr = logits_ptr + _row_offset(row, rows_per_group, stride_group, stride_row)
 
     m = tl.full((), float("-inf"), tl.float32)  # running max of z
     s = tl.zeros((), tl.float32)  # sum exp(z - m)
@@ -85,7 +98,7 @@ def _logprobs_fwd_kernel(
 @triton.jit
 def _logprobs_bwd_kernel(
     logits_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logps_ptr, grad_entropy_ptr, dlogits_ptr,
-    V, stride_logits, stride_dlogits, inv_temperature,
+    V, rows_per_group, stride_group, stride_row, out_stride_group, out_stride_row, inv_temperature,
     IGNORE: tl.constexpr, HAS_GRAD_LOGPS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
@@ -101,8 +114,8 @@ def _logprobs_bwd_kernel(
     if HAS_GRAD_ENTROPY:
         gh = tl.load(grad_entropy_ptr + row).to(tl.float32)
         entropy = tl.load(entropy_ptr + row)
-    in_ptr = logits_ptr + row * stride_logits
-    out_ptr = dlogits_ptr + row * stride_dlogits
+    in_ptr = logits_ptr + _row_offset(row, rows_per_group, stride_group, stride_row)
+    out_ptr = dlogits_ptr + _row_offset(row, rows_per_group, out_stride_group, out_stride_row)
     offsets = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         cols = start + offsets
@@ -120,9 +133,10 @@ def _logprobs_bwd_kernel(
 def _block_v(V: int, device: torch.device, block_v: int | None) -> int:
     if block_v is not None:
         return block_v
-    # GPU: 4096 fp32 per iteration keeps 8 warps streaming; the CPU interpreter pays per
-    # iteration, so there it takes the widest block that is still a reasonable numpy array.
-    cap = 4096 if device.type == "cuda" else 32768
+    # GPU: 4096 per iteration = 16 elements per thread with 8 warps (four 16-byte loads of fp32),
+    # no spills; the CPU interpreter pays per iteration, so there it takes the widest block that
+    # is still a reasonable numpy array.
+    cap = 4096 if gpu_sizes(device) else 32768
     return min(triton.next_power_of_2(V), cap)
 
 
@@ -130,11 +144,33 @@ def _num_warps(block: int) -> int:
     return 8 if block >= 4096 else 4
 
 
+def _row_layout(logits: torch.Tensor) -> tuple[int, int, int]:
+    """(rows_per_group, stride_group, stride_row) of a [N, V] or [G, R, V] logits tensor."""
+    if logits.dim() == 2:
+        return 1, logits.stride(0), 0
+    return logits.shape[1], logits.stride(0), logits.stride(1)
+
+
 def _check_rows(logits: torch.Tensor, targets: torch.Tensor) -> None:
-    if logits.dim() != 2 or logits.stride(1) != 1:
-        raise ValueError("logits must be a 2-D [N, V] tensor with unit stride over V")
-    if targets.shape != (logits.shape[0],) or not targets.is_contiguous():
-        raise ValueError("targets must be a contiguous [N] tensor")
+    if logits.dim() not in (2, 3) or logits.stride(-1) != 1:
+        raise ValueError("logits must be a [N, V] or [G, R, V] tensor with unit stride over V")
+    n_rows = logits.shape[:-1].numel()
+    if targets.shape != (n_rows,) or not targets.is_contiguous():
+        raise ValueError(f"targets must be a contiguous [N] tensor with N = {n_rows} rows")
+
+
+def rows_view(logits: torch.Tensor) -> torch.Tensor:
+    """`logits [..., V]` as a [N, V] or [G, R, V] tensor the kernels can read: a view whenever the
+    strides allow one (e.g. `logits[:, :-1]` of a contiguous [B, T, V] is a [B, T-1, V] view,
+    where `reshape(-1, V)` would copy all of it), a contiguous copy only otherwise."""
+    V = logits.shape[-1]
+    if logits.stride(-1) == 1:
+        for shape in ((-1, V), (-1, logits.shape[-2], V)) if logits.dim() >= 3 else ((-1, V),):
+            try:
+                return logits.view(shape)
+            except RuntimeError:  # leading dims not mergeable without a copy
+                pass
+    return logits.reshape(-1, V).contiguous()
 
 
 def logprobs_forward(
@@ -148,11 +184,12 @@ def logprobs_forward(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-row `(logps [N], lse [N], entropy [N] or None)`, all fp32, of `logits [N, V] / temperature`.
 
-    `logits` may be fp32/bf16/fp16 with any row stride; `targets [N]` integer, -100 = ignored.
+    `logits` may be fp32/bf16/fp16, `[N, V]` with any row stride or `[G, R, V]` (N = G * R rows)
+    with any strides over G and R (see `rows_view`); `targets [N]` integer, -100 = ignored.
     `out` optionally gives the three fp32 `[N]` tensors to write (e.g. slices of a bigger result).
     """
     _check_rows(logits, targets)
-    N, V = logits.shape
+    N, V = targets.shape[0], logits.shape[-1]
     if out is None:
         logps = torch.empty(N, device=logits.device, dtype=torch.float32)
         lse = torch.empty_like(logps)
@@ -164,7 +201,7 @@ def logprobs_forward(
     block = _block_v(V, logits.device, block_v)
     _logprobs_fwd_kernel[(N,)](
         logits, targets, logps, lse, entropy if compute_entropy else lse,
-        V, logits.stride(0), 1.0 / temperature,
+        V, *_row_layout(logits), 1.0 / temperature,
         IGNORE=IGNORE_INDEX, COMPUTE_ENTROPY=compute_entropy, BLOCK_V=block,
         num_warps=_num_warps(block),
     )
@@ -183,17 +220,19 @@ def logprobs_backward(
     block_v: int | None = None,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """`d loss / d logits [N, V]` from the upstream grads of logps and entropy (either may be None).
+    """`d loss / d logits` (shaped like `logits`, [N, V] or [G, R, V]) from the upstream grads of
+    logps and entropy (either may be None).
 
-    `out` (default: a new tensor of logits' dtype) may be `logits` itself: each element is read
-    before it is overwritten, by the same program. `entropy` is needed only with `grad_entropy`.
+    `out` (default: a new contiguous tensor of logits' dtype) may be `logits` itself: each element
+    is read before it is overwritten, by the same program. `entropy` is needed only with
+    `grad_entropy`.
     """
     _check_rows(logits, targets)
-    N, V = logits.shape
+    N, V = targets.shape[0], logits.shape[-1]
     if out is None:
-        out = torch.empty_like(logits, memory_format=torch.contiguous_format)
-    if out.shape != logits.shape or out.stride(1) != 1:
-        raise ValueError("out must be [N, V] with unit stride over V")
+        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+    if out.shape != logits.shape or out.stride(-1) != 1:
+        raise ValueError(f"out must have the shape of logits {tuple(logits.shape)} and unit stride over V")
     if N == 0:
         return out
     if grad_entropy is not None and entropy is None:
@@ -205,7 +244,7 @@ def logprobs_backward(
         grad_logps.contiguous() if grad_logps is not None else lse,
         grad_entropy.contiguous() if grad_entropy is not None else lse,
         out,
-        V, logits.stride(0), out.stride(0), 1.0 / temperature,
+        V, *_row_layout(logits), *_row_layout(out)[1:], 1.0 / temperature,
         IGNORE=IGNORE_INDEX, HAS_GRAD_LOGPS=grad_logps is not None,
         HAS_GRAD_ENTROPY=grad_entropy is not None, BLOCK_V=block,
         num_warps=_num_warps(block),

@@ -80,7 +80,8 @@ def _accumulate_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> N
 
 
 class _LogprobsFromLogits(torch.autograd.Function):
-    """logits `[N, V]` -> logps `[N]` (+ entropy `[N]`); backward writes a new `[N, V]` gradient."""
+    """logits `[N, V]` or `[G, R, V]` -> logps `[N]` (+ entropy `[N]`); backward writes a new
+    contiguous gradient shaped like the logits."""
 
     @staticmethod
     def forward(ctx, logits, targets, temperature, return_entropy):
@@ -209,9 +210,8 @@ def logprobs_from_logits(
         return reference.logprobs_from_logits(
             logits, targets, temperature=temperature, return_entropy=return_entropy
         )
-    rows = logits.reshape(-1, logits.shape[-1])
-    if rows.stride(-1) != 1:
-        rows = rows.contiguous()
+    # A view for the kernels whenever strides allow (logits[:, :-1] included): no copy of [N, V].
+    rows = _kernels().rows_view(logits)
     out = _LogprobsFromLogits.apply(rows, targets.reshape(-1).contiguous(), float(temperature), return_entropy)
     return _reshape_outputs(out, targets.shape, return_entropy)
 
