@@ -13,7 +13,6 @@ import pytest
 import torch
 
 from fastrlhf.kernels.gae import gae_scan
-from gpu_compile import compile_for_cuda
 from fastrlhf.losses.advantages import gae, group_advantages, whiten
 from fastrlhf.reference import advantages as ref
 
@@ -176,11 +175,6 @@ def test_gae_bad_input():
     with pytest.raises(ValueError, match="backend"):
         gae(r, v, m, backend="cuda")
 
-
-def test_gae_kernel_compiles_for_cuda(tmp_path):
-    signature = {"rewards_ptr": "*bf16", "values_ptr": "*fp32", "mask_ptr": "*u8", "adv_ptr": "*fp32",
-                 "ret_ptr": "*fp32", "T": "i32", "gamma": "fp32", "gamma_lam": "fp32", "BLOCK_T": "constexpr"}
-    compile_for_cuda([("fastrlhf.kernels.gae", "_gae_scan_kernel", signature, {"BLOCK_T": 1024}, 8)], tmp_path)
 
 
 # ---- whiten -------------------------------------------------------------------------------------
