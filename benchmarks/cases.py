@@ -144,6 +144,15 @@ def masked_diff(mask_key: str):
     return compare
 
 
+def _generator(dev: str) -> torch.Generator:
+    """Seeded, on the target device: the big inputs (a 152k x 4096 weight) are made where they live."""
+    return torch.Generator(device=dev).manual_seed(0)
+
+
+def _randn(shape, g, dev) -> torch.Tensor:
+    return torch.randn(shape, generator=g, device=dev, dtype=torch.float32)
+
+
 def elt(dtype: str) -> int:
     return torch.tensor([], dtype=DTYPES[dtype]).element_size()
 
@@ -155,10 +164,10 @@ def token_logprobs_case(N, V, H, dtype, device, *, entropy: bool) -> Case:
     dt = DTYPES[dtype]
 
     def make(dev):
-        g = torch.Generator(device="cpu").manual_seed(0)
-        hidden = (torch.randn(N, H, generator=g) / H ** 0.25).to(dev, dt).requires_grad_()
-        weight = (torch.randn(V, H, generator=g) / H ** 0.25).to(dev, dt).requires_grad_()
-        targets = torch.randint(0, V, (N,), generator=g).to(dev)
+        g = _generator(dev)
+        hidden = (_randn((N, H), g, dev) / H ** 0.25).to(dt).requires_grad_()
+        weight = (_randn((V, H), g, dev) / H ** 0.25).to(dt).requires_grad_()
+        targets = torch.randint(0, V, (N,), generator=g, device=dev)
         return {"hidden": hidden, "weight": weight, "targets": targets}
 
     def call(fn, x, backend):
@@ -201,11 +210,11 @@ def logprobs_from_logits_case(N, V, dtype, device, *, entropy: bool) -> Case:
     dt = DTYPES[dtype]
 
     def make(dev):
-        g = torch.Generator(device="cpu").manual_seed(0)
+        g = _generator(dev)
         # One spare row so Liger's [B, L+1, V] helper reads the same storage without a copy.
-        padded = (torch.randn(1, N + 1, V, generator=g) * 2).to(dev, dt)
+        padded = (_randn((1, N + 1, V), g, dev) * 2).to(dt)
         logits = padded[0, :N].detach().requires_grad_()
-        targets = torch.randint(0, V, (N,), generator=g).to(dev)
+        targets = torch.randint(0, V, (N,), generator=g, device=dev)
         return {"logits": logits, "padded": padded, "targets": targets}
 
     def call(fn, x, backend):
@@ -256,10 +265,6 @@ def _token_tensors(B, T, dtype, dev, names, grad=(), seed=0):
     lengths = torch.randint(T // 2, T + 1, (B,), generator=g)
     out["mask"] = (torch.arange(T)[None, :] < lengths[:, None]).to(dev)
     return out
-
-
-def _near(x, base, spread, g):
-    return base + spread * torch.randn(base.shape, generator=g).to(base.device, base.dtype)
 
 
 def kl_case(B, T, dtype, device) -> Case:
@@ -458,13 +463,13 @@ def dpo_from_hidden_case(pairs, T, V, H, dtype, device) -> Case:
     rows = 2 * pairs
 
     def make(dev):
-        g = torch.Generator(device="cpu").manual_seed(0)
-        hidden = (torch.randn(rows, T, H, generator=g) / H ** 0.25).to(dev, dt).requires_grad_()
-        ref_hidden = (torch.randn(rows, T, H, generator=g) / H ** 0.25).to(dev, dt)
-        weight = (torch.randn(V, H, generator=g) / H ** 0.25).to(dev, dt).requires_grad_()
-        targets = torch.randint(0, V, (rows, T), generator=g)
+        g = _generator(dev)
+        hidden = (_randn((rows, T, H), g, dev) / H ** 0.25).to(dt).requires_grad_()
+        ref_hidden = (_randn((rows, T, H), g, dev) / H ** 0.25).to(dt)
+        weight = (_randn((V, H), g, dev) / H ** 0.25).to(dt).requires_grad_()
+        targets = torch.randint(0, V, (rows, T), generator=g, device=dev)
         targets[:, : T // 4] = -100  # the prompt
-        return {"hidden": hidden, "ref_hidden": ref_hidden, "weight": weight, "targets": targets.to(dev)}
+        return {"hidden": hidden, "ref_hidden": ref_hidden, "weight": weight, "targets": targets}
 
     def head(logps_fn, x, backend):
         mask = x["targets"] != -100

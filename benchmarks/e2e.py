@@ -46,9 +46,16 @@ def model_config(quick: bool, gpu: bool):
 def _new_model(config, device, dtype, seed=0):
     from transformers import AutoModelForCausalLM
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(config)
+    # Initialised directly on the device in its dtype: a 0.5B model built on the CPU first would cost
+    # seconds per model, and the PPO comparison builds four of them per provider.
+    previous = torch.get_default_dtype()
+    try:
+        torch.set_default_dtype(dtype)
+        with torch.random.fork_rng(devices=[]), torch.device(device):
+            torch.manual_seed(seed)
+            model = AutoModelForCausalLM.from_config(config)
+    finally:
+        torch.set_default_dtype(previous)
     return model.to(device=device, dtype=dtype)
 
 

@@ -6,7 +6,11 @@
 #   3. run the full benchmark suite with a time budget, then the report (CSV, README tables, plots).
 # Outputs go to benchmarks/results/ and, when $OUT is set (device tool), are copied there too.
 #   device run: carry [".whl"], command: bash benchmarks/gpu_run.sh, timeout_s 560
-# Env: BENCH_MINUTES (default 5) caps the suite; TEST_MINUTES (default 1.5) caps the tests.
+# Afterwards, on the dev machine: cp <files_at>/*.csv benchmarks/results/ && python -m benchmarks.report
+# (regenerates results/README.md, the plots and the README's bench section from every CSV), commit.
+# Env: BENCH_MINUTES (default 5) caps the suite; TEST_MINUTES (default 1.5) caps the tests;
+#      BENCH_DEVICE (default cuda), BENCH_RESULTS (default benchmarks/results), BENCH_ARGS (extra
+#      arguments, e.g. "--only gae,token_logprobs") exist to smoke-test this script on a CPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -21,7 +25,12 @@ if ls .whl/*.whl >/dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 log "installing fastrlhf (editable, no deps)"
-$PY -m pip install -q --no-deps --no-build-isolation -e . || export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+if ! $PY -m pip install -q --no-deps --no-build-isolation -e .; then
+  # No usable setuptools there: lay the package out by hand (kernels/ installs as fastrlhf.kernels).
+  log "editable install failed; using a copied package tree"
+  rm -rf /tmp/frsrc && mkdir -p /tmp/frsrc && cp -r fastrlhf /tmp/frsrc/ && cp -r kernels /tmp/frsrc/fastrlhf/kernels
+  export PYTHONPATH=/tmp/frsrc:$PWD${PYTHONPATH:+:$PYTHONPATH}
+fi
 $PY - <<'PY'
 import importlib, torch
 print("torch", torch.__version__, "cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
@@ -39,14 +48,16 @@ timeout "$(awk "BEGIN{print int(60*${TEST_MINUTES:-1.5})}")" \
 log "tests exit: ${PIPESTATUS[0]} (124 = cut by TEST_MINUTES)"
 
 log "benchmark suite"
-$PY -m benchmarks --device cuda --max-minutes "${BENCH_MINUTES:-5}" 2>&1 | tee /tmp/gpu_bench.log | grep -v "^  " 
+RESULTS=${BENCH_RESULTS:-benchmarks/results}
+$PY -m benchmarks --device "${BENCH_DEVICE:-cuda}" --max-minutes "${BENCH_MINUTES:-5}" --results-dir "$RESULTS" \
+  ${BENCH_ARGS:-} 2>&1 | tee /tmp/gpu_bench.log | grep -v "^  "
 log "suite exit: ${PIPESTATUS[0]}"
 
 if [ -n "$OUTDIR" ]; then
   # The device tool returns at most 8 files, 2 folders deep: CSV + results README + logs + a tarball of plots.
-  cp benchmarks/results/*.csv benchmarks/results/README.md "$OUTDIR"/ 2>/dev/null
+  cp "$RESULTS"/*.csv "$RESULTS"/README.md "$OUTDIR"/ 2>/dev/null
   cp /tmp/gpu_tests.log /tmp/gpu_bench.log "$OUTDIR"/ 2>/dev/null
-  tar czf "$OUTDIR"/plots.tgz -C benchmarks/results $(cd benchmarks/results && ls *.png 2>/dev/null) 2>/dev/null
+  tar czf "$OUTDIR"/plots.tgz -C "$RESULTS" $(cd "$RESULTS" && ls *.png 2>/dev/null) 2>/dev/null
   ls -la "$OUTDIR"
 fi
 log "done"

@@ -82,8 +82,7 @@ def bench(fn: Callable[[], object], device: str, *, grad_to_none: Iterable[torch
           quick: bool = False) -> Timing:
     if device.startswith("cuda"):
         return bench_cuda(fn, grad_to_none=grad_to_none, warmup_ms=10 if quick else 25, rep_ms=40 if quick else 100)
-    return bench_cpu(fn, grad_to_none=grad_to_none, min_reps=3 if quick else 5,
-                     min_time_s=0.05 if quick else 0.3)
+    return bench_cpu(fn, grad_to_none=grad_to_none, min_reps=5, min_time_s=0.1 if quick else 0.3)
 
 
 def _allocation_events(prof) -> list[tuple[int, int, int]]:
