@@ -25,9 +25,15 @@ ESTIMATOR_CODES = {"k1": 1, "k2": 2, "k3": 3}
 
 @triton.jit
 def clamped_log_ratio(raw, LIMIT: tl.constexpr):
-    """Return (clamp(raw, -LIMIT, LIMIT), d clamp / d raw) with torch.clamp's inclusive bounds."""
+    """Return (clamp(raw, -LIMIT, LIMIT), d clamp / d raw) with torch.clamp's inclusive bounds.
+
+    NaN stays NaN, as in torch.clamp: Triton's default min/max (PTX max.f32, numpy fmax in the
+    interpreter) return the non-NaN operand, which turned a NaN log-prob into a finite ±20 and
+    hid a diverged policy from the trainer's NaN guard.
+    """
     inside = (raw >= -LIMIT) & (raw <= LIMIT)
-    d = tl.minimum(tl.maximum(raw, -LIMIT), LIMIT)
+    d = tl.minimum(tl.maximum(raw, -LIMIT, propagate_nan=tl.PropagateNan.ALL), LIMIT,
+                   propagate_nan=tl.PropagateNan.ALL)
     return d, tl.where(inside, 1.0, 0.0)
 
 

@@ -86,12 +86,13 @@ def _logprobs_fwd_kernel(
     log_s = tl.log(s)
     lse = tl.where(ignored, 0.0, m) + log_s
     z_target = tl.load(row_ptr + tl.where(in_range, target, 0), mask=target != IGNORE, other=0.0).to(tl.float32)
-    logp = tl.minimum(z_target * inv_temperature - lse, 0.0)
+    # NaN-propagating clamp: the default min returns the non-NaN operand, i.e. logp 0 for a NaN row.
+    logp = tl.minimum(z_target * inv_temperature - lse, 0.0, propagate_nan=tl.PropagateNan.ALL)
     logp = tl.where(in_range, logp, float("nan"))
     tl.store(logps_ptr + row, tl.where(ignored, 0.0, logp))
     tl.store(lse_ptr + row, tl.where(ignored, 0.0, lse))
     if COMPUTE_ENTROPY:
-        entropy = tl.maximum(log_s - t / s, 0.0)
+        entropy = tl.maximum(log_s - t / s, 0.0, propagate_nan=tl.PropagateNan.ALL)
         tl.store(entropy_ptr + row, tl.where(ignored, 0.0, entropy))
 
 

@@ -69,8 +69,10 @@ def _ppo_objective_kernel(
     log_ratio, dclamp = clamped_log_ratio(logps - old, LIMIT)
     ratio = tl.exp(log_ratio)
     unclipped = -adv * ratio
-    clipped = -adv * tl.minimum(tl.maximum(ratio, clip_low), clip_high)
-    pg = tl.maximum(unclipped, clipped)
+    # NaN-propagating min/max (see clamped_log_ratio): a NaN token must make the loss NaN.
+    clipped = -adv * tl.minimum(tl.maximum(ratio, clip_low, propagate_nan=tl.PropagateNan.ALL), clip_high,
+                                propagate_nan=tl.PropagateNan.ALL)
+    pg = tl.maximum(unclipped, clipped, propagate_nan=tl.PropagateNan.ALL)
     is_clipped = clipped > unclipped
     # Only the unclipped branch depends on logps; d(-A r)/d logps = -A r (times the clamp's 0/1).
     dpg = tl.where(is_clipped, 0.0, unclipped * dclamp)
@@ -136,11 +138,12 @@ def _value_loss_kernel(
     # 0.5 * max((v - R)^2, (v_clipped - R)^2) with v_clipped = old + clip(v - old, -eps, eps).
     delta = values - old
     err = values - returns
-    err_clipped = old + tl.minimum(tl.maximum(delta, -clip_eps), clip_eps) - returns
+    err_clipped = old + tl.minimum(tl.maximum(delta, -clip_eps, propagate_nan=tl.PropagateNan.ALL), clip_eps,
+                                   propagate_nan=tl.PropagateNan.ALL) - returns
     sq = err * err
     sq_clipped = err_clipped * err_clipped
     is_clipped = sq_clipped > sq
-    loss_t = 0.5 * tl.maximum(sq, sq_clipped)
+    loss_t = 0.5 * tl.maximum(sq, sq_clipped, propagate_nan=tl.PropagateNan.ALL)  # NaN value -> NaN loss
     if GRAD:
         inside = (delta >= -clip_eps) & (delta <= clip_eps)
         dloss = tl.where(is_clipped, tl.where(inside, err_clipped, 0.0), err)

@@ -95,7 +95,7 @@ def _dpo_kernel(
 
     if LOSS_TYPE == _HINGE:
         x = beta * h
-        loss = tl.maximum(1.0 - x, 0.0)
+        loss = tl.maximum(1.0 - x, 0.0, propagate_nan=tl.PropagateNan.ALL)  # NaN in, NaN out (as torch.relu)
         grad_chosen = tl.where(x < 1.0, -beta, 0.0)
         grad_rejected = -grad_chosen
     elif LOSS_TYPE == _IPO:
@@ -105,8 +105,8 @@ def _dpo_kernel(
         grad_rejected = -grad_chosen
     elif LOSS_TYPE == _ORPO:
         # log odds(p) = logp - log(1 - p) = logp - log(-expm1(logp)); d/dlogp = -1 / expm1(logp)
-        c = tl.minimum(chosen, orpo_max_logp)
-        r = tl.minimum(rejected, orpo_max_logp)
+        c = tl.minimum(chosen, orpo_max_logp, propagate_nan=tl.PropagateNan.ALL)  # NaN stays NaN
+        r = tl.minimum(rejected, orpo_max_logp, propagate_nan=tl.PropagateNan.ALL)
         expm1_c = _expm1(c)
         expm1_r = _expm1(r)
         log_odds = (c - tl.log(-expm1_c)) - (r - tl.log(-expm1_r))

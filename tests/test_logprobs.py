@@ -220,6 +220,17 @@ def test_row_offsets_past_int32_range():
     assert result.returncode == 0 and "ok" in result.stdout, (result.returncode, result.stderr[-3000:])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_logits_give_nan_not_zero(backend, device):
+    """The clamp logp <= 0 must not turn a NaN row into logp 0 (Triton's default min drops NaN)."""
+    logits = torch.randn(3, 50, device=device)
+    logits[1, 7] = float("nan")
+    logps, entropy = logprobs_from_logits(logits, torch.tensor([1, 2, 3], device=device), return_entropy=True,
+                                          backend=backend)
+    assert logps[1].isnan() and entropy[1].isnan()
+    assert logps[[0, 2]].isfinite().all() and entropy[[0, 2]].isfinite().all()
+
+
 def test_out_of_range_target_gives_nan_not_a_crash(device):
     """On CUDA the value range is not checked on the host; the kernel must not read out of bounds."""
     logits = torch.randn(3, 50, device=device)

@@ -525,3 +525,22 @@ def test_gpu_block_sizes_fill_an_h100_and_give_the_same_results(monkeypatch):
         results[backend] = [loss, lp.grad, metrics["clipfrac"], metrics["kl"], v_loss, kl]
     for a, b in zip(results["triton"], results["torch"]):
         torch.testing.assert_close(a, b, **FP32_TOL)
+
+
+def test_nan_in_a_counted_token_makes_the_loss_nan_like_the_reference():
+    """Triton's default min/max drop NaN (PTX max.f32): the clamps used to turn a NaN log-prob or
+    value into a finite loss (and KL e^20), hiding a diverged model from the trainer's NaN guard."""
+    g = torch.Generator().manual_seed(4)
+    logps, old, adv, ref = (torch.randn(2, 6, generator=g) for _ in range(4))
+    logps[0, 2] = float("nan")
+    mask = torch.ones(2, 6)
+    for backend in ("triton", "torch"):
+        loss, _ = fastrlhf.ppo_loss(logps, old, adv, mask, ref_logps=ref, kl_coef=0.1, dual_clip=3.0, backend=backend)
+        assert loss.isnan(), backend
+        assert fastrlhf.value_loss(logps, old, adv, mask, backend=backend)[0].isnan(), backend
+        kl = fastrlhf.kl_penalty(logps, ref, estimator="k3", backend=backend)
+        assert kl[0, 2].isnan() and kl.isnan().sum() == 1, backend
+        # Under a zero mask the NaN is padding and must not leak.
+        mask[0, 2] = 0
+        assert fastrlhf.ppo_loss(logps, old, adv, mask, ref_logps=ref, kl_coef=0.1, backend=backend)[0].isfinite()
+        mask[0, 2] = 1

@@ -194,6 +194,18 @@ def test_dpo_extreme_logps_are_finite(loss_type, device):
         assert_close(g_t, g_r, 1e-5)
 
 
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_dpo_nan_input_gives_nan_loss_like_the_reference(loss_type, device):
+    """hinge's relu and orpo's clamp used Triton's NaN-dropping max/min: a NaN rejected log-prob
+    gave a finite loss on the Triton path only."""
+    inputs = list(make_logps(4, loss_type, device=device))
+    inputs[1] = inputs[1].detach().clone()
+    inputs[1][2] = float("nan")
+    for fn, extra in ((dpo_loss, {"backend": "triton"}), (ref.dpo_loss, {})):
+        loss, _ = fn(*inputs, **loss_kwargs(loss_type), **extra)
+        assert loss.isnan(), fn
+
+
 def test_dpo_confident_pairs_keep_relative_precision(device):
     """-log sigmoid(x) ~ exp(-x) for large x: a naive log(1 + exp(-x)) would round it to 0."""
     h = torch.tensor([100.0, 200.0, 300.0], device=device)  # beta h = 10, 20, 30
