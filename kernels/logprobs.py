@@ -160,18 +160,19 @@ def _check_rows(logits: torch.Tensor, targets: torch.Tensor) -> None:
         raise ValueError(f"targets must be a contiguous [N] tensor with N = {n_rows} rows")
 
 
-def rows_view(logits: torch.Tensor) -> torch.Tensor:
-    """`logits [..., V]` as a [N, V] or [G, R, V] tensor the kernels can read: a view whenever the
-    strides allow one (e.g. `logits[:, :-1]` of a contiguous [B, T, V] is a [B, T-1, V] view,
-    where `reshape(-1, V)` would copy all of it), a contiguous copy only otherwise."""
-    V = logits.shape[-1]
-    if logits.stride(-1) == 1:
-        for shape in ((-1, V), (-1, logits.shape[-2], V)) if logits.dim() >= 3 else ((-1, V),):
+def rows_view(x: torch.Tensor) -> torch.Tensor:
+    """`x [..., D]` (logits, or hidden states for the fused path) as [N, D] or [G, R, D] rows with
+    unit stride over D: a view whenever the strides allow one (e.g. `logits[:, :-1]` of a
+    contiguous [B, T, V] is a [B, T-1, V] view, where `reshape(-1, V)` would copy all of it),
+    a contiguous copy only otherwise."""
+    D = x.shape[-1]
+    if x.stride(-1) == 1:
+        for shape in ((-1, D), (-1, x.shape[-2], D)) if x.dim() >= 3 else ((-1, D),):
             try:
-                return logits.view(shape)
+                return x.view(shape)
             except RuntimeError:  # leading dims not mergeable without a copy
                 pass
-    return logits.reshape(-1, V).contiguous()
+    return x.reshape(-1, D).contiguous()
 
 
 def logprobs_forward(

@@ -451,7 +451,8 @@ def test_logprobs_from_logits_rejects_bad_input(backend):
 
 
 class LargestAllocation(TorchDispatchMode):
-    """Records the largest tensor storage (bytes) produced by any op, separately for each phase."""
+    """Records the largest new tensor storage (bytes) produced by any op, separately for each
+    phase. Views share their input's storage and are not allocations: they are skipped."""
 
     def __init__(self):
         super().__init__()
@@ -460,8 +461,10 @@ class LargestAllocation(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
         for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
                 self.largest[self.phase] = max(self.largest[self.phase], t.untyped_storage().nbytes())
         return out
 
@@ -486,3 +489,25 @@ def test_token_logprobs_never_allocates_n_by_v(backend, device):
         assert max(mode.largest.values()) <= chunk_bytes + 4096, (n_rows, mode.largest)
         largest.append(mode.largest)
     assert largest[0] == largest[1], f"allocation grew with N: {largest}"
+
+
+def test_token_logprobs_reads_shifted_hidden_without_copying_it(device):
+    """`hidden[:, :-1]` (how RoleModel calls it) does not flatten to [N, H]: rows are taken chunk by
+    chunk (chunks here span sequence boundaries), never as one N x H copy."""
+    B, T, H, V, chunk = 4, 33, 64, 131, 5
+    full = torch.randn(B, T, H, device=device)
+    weight = torch.randn(V, H, device=device) * H**-0.5 * 3
+    targets = make_targets((B, T - 1), V, device)
+    g, gh = torch.randn(B, T - 1, device=device), torch.randn(B, T - 1, device=device)
+    exp_logps, exp_entropy, exp_grads = expected_token_logprobs(full[:, :-1], weight, None, targets, 1.0, g, gh)
+    h, w = full.clone().requires_grad_(), weight.clone().requires_grad_()
+    mode = LargestAllocation()
+    with mode:
+        logps, entropy = token_logprobs(h[:, :-1], w, targets, chunk_size=chunk, return_entropy=True, backend="triton")
+    assert mode.largest["forward"] < B * (T - 1) * H * 4 // 4, mode.largest  # no N x H copy
+    ((logps * g).sum() + (entropy * gh).sum()).backward()
+    assert_close(logps, exp_logps, 2e-5, "logps")
+    assert_close(entropy, exp_entropy, 2e-5, "entropy")
+    assert_close(h.grad[:, :-1], exp_grads[0], 2e-5, "d hidden")
+    assert (h.grad[:, -1] == 0).all()
+    assert_close(w.grad, exp_grads[1], 2e-5, "d weight")

@@ -108,8 +108,20 @@ def _row_chunks(n_rows: int, chunk: int):
     return [(start, min(start + chunk, n_rows)) for start in range(0, n_rows, chunk)]
 
 
+def _rows(hidden: torch.Tensor, start: int, end: int) -> torch.Tensor:
+    """Rows [start, end) of `hidden` ([N, H], or [G, R, H] read as N = G * R rows) as a matrix:
+    a view for [N, H], else a copy of just these rows. `hidden[:, :-1]` of a [B, T, H] batch does
+    not flatten, and flattening it whole would copy N x H and keep the copy alive until backward."""
+    if hidden.dim() == 2:
+        return hidden[start:end]
+    R = hidden.shape[1]
+    parts = [hidden[g, max(start - g * R, 0):min(end - g * R, R)] for g in range(start // R, (end - 1) // R + 1)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 class _FusedLinearLogprobs(torch.autograd.Function):
-    """hidden `[N, H]`, weight `[V, H]`, bias `[V]` -> logps `[N]` (+ entropy), one row chunk at a time.
+    """hidden `[N, H]` or `[G, R, H]`, weight `[V, H]`, bias `[V]` -> logps `[N]` (+ entropy), one
+    row chunk at a time.
 
     Autocast is off inside: the matmul precision follows the input dtypes, and the logits
     recomputed in backward must be bit-identical to the forward ones.
@@ -118,13 +130,13 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, temperature, return_entropy, chunk):
         kernels = _kernels()
-        n_rows = hidden.shape[0]
+        n_rows = hidden.shape[:-1].numel()
         logps = torch.empty(n_rows, device=hidden.device, dtype=torch.float32)
         lse = torch.empty_like(logps)
         entropy = torch.empty_like(logps) if return_entropy else None
         with no_autocast(hidden.device):
             for start, end in _row_chunks(n_rows, chunk):
-                logits = _chunk_logits(hidden[start:end], weight, bias)
+                logits = _chunk_logits(_rows(hidden, start, end), weight, bias)
                 kernels.logprobs_forward(
                     logits, targets[start:end], temperature=temperature, compute_entropy=return_entropy,
                     out=(logps[start:end], lse[start:end], entropy[start:end] if return_entropy else None),
@@ -143,13 +155,15 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             return (None,) * 7
         kernels = _kernels()
         grad_hidden = torch.empty(hidden.shape, device=hidden.device, dtype=hidden.dtype) if need_hidden else None
+        grad_hidden_rows = grad_hidden.view(-1, hidden.shape[-1]) if need_hidden else None
         # fp32 accumulators: bf16 weights would otherwise round the running sum once per chunk.
         grad_weight = torch.zeros(weight.shape, device=weight.device, dtype=compute_dtype(weight.dtype)) if need_weight else None
         grad_bias = torch.zeros(bias.shape, device=bias.device, dtype=compute_dtype(bias.dtype)) if need_bias else None
         with no_autocast(hidden.device):
-            for start, end in _row_chunks(hidden.shape[0], ctx.chunk):
+            for start, end in _row_chunks(hidden.shape[:-1].numel(), ctx.chunk):
                 rows = slice(start, end)
-                logits = _chunk_logits(hidden[rows], weight, bias)
+                hidden_rows = _rows(hidden, start, end)
+                logits = _chunk_logits(hidden_rows, weight, bias)
                 # d logits in the weight's dtype for the matmuls; in place when that is the logits' dtype.
                 out = logits if logits.dtype == weight.dtype else torch.empty_like(logits, dtype=weight.dtype)
                 dlogits = kernels.logprobs_backward(
@@ -160,12 +174,12 @@ class _FusedLinearLogprobs(torch.autograd.Function):
                 )
                 del logits, out  # dlogits may be the same buffer; only one [chunk, V] stays alive
                 if need_hidden:
-                    torch.mm(dlogits, weight, out=grad_hidden[rows])
+                    torch.mm(dlogits, weight, out=grad_hidden_rows[rows])
                 if need_weight:
-                    _accumulate_matmul(grad_weight, dlogits.t(), hidden[rows])
+                    _accumulate_matmul(grad_weight, dlogits.t(), hidden_rows)
                 if need_bias:
                     grad_bias += dlogits.sum(0, dtype=grad_bias.dtype)
-                del dlogits
+                del dlogits, hidden_rows
         return (
             grad_hidden,
             None if grad_weight is None else grad_weight.to(weight.dtype),
@@ -258,7 +272,8 @@ def token_logprobs(
         )
     chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.device)
     out = _FusedLinearLogprobs.apply(
-        hidden.reshape(-1, hidden.shape[-1]), weight, bias, targets.reshape(-1).contiguous(),
+        _kernels().rows_view(hidden),  # no copy of hidden[:, :-1]-style views (see _rows)
+        weight, bias, targets.reshape(-1).contiguous(),
         float(temperature), return_entropy, chunk,
     )
     return _reshape_outputs(out, targets.shape, return_entropy)
