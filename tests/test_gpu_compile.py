@@ -113,8 +113,12 @@ VARIANT_SOURCES = {
 }
 
 
+# CUDA tensors where there is a GPU (dispatch to Triton needs them without the interpreter).
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def record(area: str) -> dict:
-    with recorded_launches() as launches:
+    with recorded_launches() as launches, torch.device(DEVICE):
         VARIANT_SOURCES[area]()
     return launches
 

@@ -169,14 +169,16 @@ def test_shifted_logits_view_is_read_in_place(dtype, device):
 
 HUGE_OFFSET_SCRIPT = r"""
 import os, sys
-os.environ["TRITON_INTERPRET"] = "1"
+device = sys.argv[1]
+if device == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"
 import torch
 from fastrlhf import logprobs_from_logits
 from fastrlhf.kernels.logprobs import logprobs_backward, logprobs_forward
 
 V = 257
-try:  # 4 GiB of address space; only the few pages the rows live on are ever touched
-    buffer = torch.empty(2**31 + 2 * V, dtype=torch.bfloat16)
+try:  # 4 GiB (on CPU: of address space; only the few pages the rows live on are ever touched)
+    buffer = torch.empty(2**31 + 2 * V, dtype=torch.bfloat16, device=device)
 except RuntimeError as err:
     print(err); sys.exit(77)
 
@@ -194,12 +196,12 @@ def check(view, targets):
 # [N, V] rows 2**30 apart: row 2 starts at element 2**31 (row * stride wraps in int32).
 rows = buffer.as_strided((3, V), (2**30, 1))
 rows.copy_(torch.randn(3, V))
-check(rows, torch.tensor([5, 100, 256]))
+check(rows, torch.tensor([5, 100, 256], device=device))
 # [G, R, V] groups: group 1, row 1 starts at (2**31 - 2**20) + 2**20 = 2**31.
 groups = buffer.as_strided((2, 2, V), (2**31 - 2**20, 2**20, 1))
 groups.copy_(torch.randn(2, 2, V))
-check(groups, torch.tensor([0, 7, 200, 256]))
-targets = torch.tensor([[0, 7], [200, 256]])
+check(groups, torch.tensor([0, 7, 200, 256], device=device))
+targets = torch.tensor([[0, 7], [200, 256]], device=device)
 logps = logprobs_from_logits(groups, targets, backend="triton")  # the public path keeps the view
 expected = torch.log_softmax(groups.float(), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 assert torch.allclose(logps, expected, atol=1e-5)
@@ -207,13 +209,12 @@ print("ok")
 """
 
 
-def test_row_offsets_past_int32_range():
+def test_row_offsets_past_int32_range(device):
     """Row offsets are int64: rows that start 2**31 elements in (N * V passes that at 14k rows
     of a 152k vocabulary) are read and written where they are. The interpreter computes with
     numpy int32 just like the GPU, so an int32 `row * stride` wraps to a negative offset here
-    (and typically segfaults): hence the subprocess."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    result = subprocess.run([sys.executable, "-c", HUGE_OFFSET_SCRIPT], env=env, capture_output=True, text=True,
+    (and typically segfaults): hence the subprocess. On a GPU it runs the compiled kernels."""
+    result = subprocess.run([sys.executable, "-c", HUGE_OFFSET_SCRIPT, device], capture_output=True, text=True,
                             timeout=600)
     if result.returncode == 77:
         pytest.skip(f"cannot reserve 4 GiB of address space: {result.stdout.strip()}")
