@@ -522,11 +522,89 @@ def dpo_from_hidden_case(pairs, T, V, H, dtype, device) -> Case:
                 compare=max_abs_diff, note="policy fwd+bwd, reference fwd (no grad), sigmoid DPO")
 
 
+# ----------------------------------------------------------------------------- GRPO from logits
+
+GRPO_KW = dict(clip_eps=0.2, clip_eps_high=0.28, kl_coef=0.04, kl_estimator="k3", loss_agg="token-mean")
+
+
+def _grpo_head(logprobs_fn, ppo_fn, x, backend):
+    kw = {"backend": backend} if backend else {}
+    logps = logprobs_fn(x["padded"][:, :-1], x["ids"], **kw)
+    adv = x["advantages"][:, None].expand_as(logps).contiguous()
+    return ppo_fn(logps, x["old_logps"], adv, x["mask"].bool(), ref_logps=x["ref_logps"], **GRPO_KW, **kw)
+
+
+def _grpo_reference(x):
+    return _grpo_head(_reference("logprobs_from_logits"), _reference("ppo_loss"), x, None)
+
+
+@functools.lru_cache(maxsize=None)
+def _grpo_compiled():
+    compiled("ppo_loss")  # raises dynamo's recompile limits
+    return torch.compile(_grpo_reference)
+
+
+def grpo_from_logits_case(B, L, V, dtype, device) -> Case:
+    """GRPO's per-token objective from the logits: log-softmax + gather, token-level clipped ratio
+    with sequence advantages, k3 KL to the reference (beta 0.04), token-mean ("bnpo").
+    Liger fuses exactly this in `triton_grpo_loss`; TRL's GRPOTrainer does it op by op."""
+    dt = DTYPES[dtype]
+
+    def make(dev):
+        g = _generator(dev)
+        padded = (_randn((B, L + 1, V), g, dev) * 2).to(dt).requires_grad_()
+        ids = torch.randint(0, V, (B, L), generator=g, device=dev)
+        x = _token_tensors(B, L, "fp32", dev, ["old_logps", "ref_logps"])
+        x["old_logps"] = x["old_logps"] - 10.0  # log-probs of random logits over V are ~ -log V
+        x["ref_logps"] = x["ref_logps"] - 10.0
+        x["mask"] = x["mask"].long()  # TRL's completion_mask is an integer tensor
+        return dict(x, padded=padded, ids=ids, advantages=_randn((B,), g, dev))
+
+    backend = fastrlhf_backend(device)
+
+    def fast(x):
+        return _grpo_head(_losses("logprobs_from_logits"), _losses("ppo_loss"), x, backend)
+
+    def trl_style(x):
+        """TRL GRPOTrainer (trl/trainer/grpo_trainer.py, _compute_loss, loss_type="bnpo", token-level IS)."""
+        per_token_logps = peers.trl_selective_log_softmax(x["padded"][:, :-1], x["ids"])
+        ref, mask, adv = x["ref_logps"], x["mask"], x["advantages"][:, None]
+        coef_1 = torch.exp(per_token_logps - x["old_logps"])
+        per_token_kl = torch.exp(ref - per_token_logps) - (ref - per_token_logps) - 1
+        coef_2 = torch.clamp(coef_1, 1 - 0.2, 1 + 0.28)
+        per_token_loss = -torch.min(coef_1 * adv, coef_2 * adv) + 0.04 * per_token_kl
+        return (per_token_loss * mask).sum() / mask.sum().clamp(min=1.0)
+
+    def liger(x):
+        grpo, _ = peers._import("liger_kernel.transformers.grpo_loss")
+        loss, _metrics = grpo.triton_grpo_loss(
+            x["padded"], x["old_logps"], x["ref_logps"], x["ids"], x["advantages"], x["mask"], temperature=1.0,
+            beta=0.04, eps_low=0.2, eps_high=0.28, inplace=False, loss_type="bnpo", reduce=True)
+        return loss
+
+    providers = [
+        Provider("fastrlhf", fast, fastrlhf_status("ppo_loss"), backend=backend),
+        Provider("torch-reference", _grpo_reference, reference_status("ppo_loss"), backend="eager"),
+        Provider("torch-compile", lambda x: _grpo_compiled()(x), reference_status("ppo_loss"), backend="inductor"),
+        Provider("trl-style", trl_style, peer("trl.trainer.utils"),
+                 backend="triton" if device.startswith("cuda") else "eager"),
+        Provider("liger-grpo", liger, peer("liger_kernel.transformers.grpo_loss", needs_cuda=True),
+                 backend="triton"),
+    ]
+
+    def work(mode):
+        logits_bytes = B * (L + 1) * V * elt(dtype)
+        return {"forward": logits_bytes, "backward": 2 * logits_bytes, "full": 3 * logits_bytes}[mode], "GB/s"
+
+    return Case("grpo_from_logits", {"B": B, "L": L, "V": V}, dtype, make, providers, work, compare=max_abs_diff,
+                note="clip 0.2/0.28, k3 KL beta 0.04, token-mean; sequence advantages")
+
+
 # ----------------------------------------------------------------------------- sweeps
 
 KERNELS = ("token_logprobs", "token_logprobs+entropy", "logprobs_from_logits", "logprobs_from_logits+entropy",
            "kl_penalty", "ppo_loss", "value_loss", "gae", "whiten", "group_advantages", "dpo_loss",
-           "reward_loss", "dpo_from_hidden")
+           "reward_loss", "dpo_from_hidden", "grpo_from_logits")
 
 
 def sweep(kernel: str, device: str, quick: bool) -> list[Case]:
@@ -593,6 +671,12 @@ def sweep(kernel: str, device: str, quick: bool) -> list[Case]:
         else:
             grid = [(2, 64, 4096, 64, "fp32")] if quick else [(2, 128, 16000, 64, "fp32")]
         C = [dpo_from_hidden_case(p, t, v, h, dt, device) for p, t, v, h, dt in grid]
+    elif kernel == "grpo_from_logits":
+        if gpu:
+            grid = [(8, 512, 32000, "bf16")] if quick else [(16, 1024, 151936, "bf16"), (64, 1024, 151936, "bf16")]
+        else:
+            grid = [(4, 64, 4096, "fp32")] if quick else [(8, 128, 32000, "fp32")]
+        C = [grpo_from_logits_case(b, length, v, dt, device) for b, length, v, dt in grid]
     else:
         raise ValueError(f"unknown kernel {kernel!r}; known: {', '.join(KERNELS)}")
     return C
