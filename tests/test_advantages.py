@@ -94,11 +94,12 @@ def test_gae_gamma_lambda_edges(gamma, lam, device):
     rewards, values = torch.randn(3, 37), torch.randn(3, 37)
     mask = make_mask(3, 37, "holes")
     expected_adv, expected_ret = gae_closed_form(rewards, values, mask, gamma, lam)
-    adv, ret = gae(rewards.to(device), values.to(device), mask.to(device), gamma=gamma, lam=lam, backend="triton")
-    assert_close_np(adv, expected_adv, 1e-5)
-    assert_close_np(ret, expected_ret, 1e-5)
-    if gamma == 0.0:  # A_t = r_t - V_t exactly
-        assert_close_np(adv, ((rewards - values) * mask).double().numpy(), 1e-6)
+    for backend in ("triton", "torch"):
+        adv, ret = gae(rewards.to(device), values.to(device), mask.to(device), gamma=gamma, lam=lam, backend=backend)
+        assert_close_np(adv, expected_adv, 1e-5)
+        assert_close_np(ret, expected_ret, 1e-5)
+        if gamma == 0.0:  # A_t = r_t - V_t exactly
+            assert_close_np(adv, ((rewards - values) * mask).double().numpy(), 1e-6)
 
 
 @pytest.mark.parametrize("block_t", [1, 4, 8, 64])
@@ -128,10 +129,29 @@ def test_gae_bf16_accumulates_in_fp32(device):
     values = torch.randn(3, 300).bfloat16()
     mask = make_mask(3, 300, "right_pad")
     expected_adv, expected_ret = gae_closed_form(rewards, values, mask, 1.0, 0.95)
-    adv, ret = gae(rewards.to(device), values.to(device), mask.to(device), gamma=1.0, lam=0.95, backend="triton")
-    assert adv.dtype == torch.float32
-    assert_close_np(adv, expected_adv, 1e-4)
-    assert_close_np(ret, expected_ret, 1e-4)
+    for backend in ("triton", "torch"):
+        adv, ret = gae(rewards.to(device), values.to(device), mask.to(device), gamma=1.0, lam=0.95, backend=backend)
+        assert adv.dtype == torch.float32
+        assert_close_np(adv, expected_adv, 1e-4)
+        assert_close_np(ret, expected_ret, 1e-4)
+
+
+@pytest.mark.parametrize("mask_kind", ["ones", "right_pad", "holes"])
+def test_gae_torch_scan_float64_and_long_undiscounted(mask_kind):
+    """The torch path is a log-depth scan (re-associated sums): float64 inputs must stay float64
+    and agree with the sequential closed form to ~1e-12; fp32 at T=4096 with gamma = lam = 1
+    (nothing decays, |A| ~ sqrt(T)) must stay within 1e-5 of max|A|."""
+    rewards, values = torch.randn(2, 4096), torch.randn(2, 4096)
+    mask = make_mask(2, 4096, mask_kind)
+    expected_adv, expected_ret = gae_closed_form(rewards, values, mask, 1.0, 1.0)
+    adv64, ret64 = ref.gae(rewards.double(), values.double(), mask, gamma=1.0, lam=1.0)
+    assert adv64.dtype == ret64.dtype == torch.float64
+    assert_close_np(adv64, expected_adv, 1e-12)
+    assert_close_np(ret64, expected_ret, 1e-12)
+    adv, ret = ref.gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    scale = np.abs(expected_adv).max()
+    assert_close_np(adv, expected_adv, 1e-5 * scale)
+    assert_close_np(ret, expected_ret, 1e-5 * scale)
 
 
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.float32, torch.bfloat16])

@@ -72,7 +72,7 @@ def gae(
     gamma: float = 1.0,
     lam: float = 0.95,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation, one step at a time backwards in t.
+    """Generalised advantage estimation as a log-depth parallel scan over t (no Python loop over T).
 
     rewards, values: `[B, T]` float; mask: `[B, T]` (bool/int/float, 1 = response token).
         delta_t = r_t + gamma * V_{t+1} * m_{t+1} - V_t
@@ -84,18 +84,41 @@ def gae(
     check_gae_args(rewards, values, mask, gamma, lam)
     dtype = compute_dtype(rewards, values)
     r, v, m = rewards.to(dtype), values.to(dtype), mask.to(dtype)
-    B, T = r.shape
-    advantages = torch.zeros_like(r)
-    next_adv = r.new_zeros(B)
-    next_value = r.new_zeros(B)
-    next_mask = r.new_zeros(B)
-    for t in reversed(range(T)):
-        delta = r[:, t] + gamma * next_value * next_mask - v[:, t]
-        next_adv = delta + gamma * lam * next_mask * next_adv
-        advantages[:, t] = next_adv
-        next_value, next_mask = v[:, t], m[:, t]
-    advantages = advantages * m
+    next_value, next_mask = shift_left(v), shift_left(m)
+    delta = r + gamma * next_value * next_mask - v
+    advantages = affine_suffix_scan(delta, gamma * lam * next_mask) * m
     return advantages, (advantages + v) * m
+
+
+def shift_left(x: torch.Tensor) -> torch.Tensor:
+    """x[:, t + 1] at position t, 0 at t = T - 1 (the value/mask of the next token, none past the end)."""
+    shifted = torch.zeros_like(x)
+    shifted[:, :-1] = x[:, 1:]
+    return shifted
+
+
+def affine_suffix_scan(d: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """Solve A_t = d_t + c_t * A_{t+1} backwards over the last dim of `[B, T]`, with A_T = 0.
+
+    Hillis-Steele doubling on affine maps: after the step with stride s, (d_t, c_t) is the map
+    A_t = d_t + c_t * A_{t+2s}, i.e. the composition of the maps at t and t + s:
+        d_t <- d_t + c_t * d_{t+s},    c_t <- c_t * c_{t+s}.
+    A map that would reach at or past T reads A = 0 there, so it keeps d_t and gets c_t = 0.
+    ceil(log2 T) vectorised steps instead of T sequential ones; d_t ends up as the sum
+    d_t + c_t d_{t+1} + c_t c_{t+1} d_{t+2} + ... added pairwise (tree-shaped), so its rounding
+    error grows like log T rather than T for the sequential loop.
+    """
+    T = d.shape[-1]
+    stride = 1
+    while stride < T:
+        # both right-hand sides use the maps from before this step (out-of-place update)
+        d_next = d.clone()
+        d_next[:, :-stride] += c[:, :-stride] * d[:, stride:]
+        c_next = torch.zeros_like(c)
+        c_next[:, :-stride] = c[:, :-stride] * c[:, stride:]
+        d, c = d_next, c_next
+        stride *= 2
+    return d
 
 
 def masked_sum(x: torch.Tensor | float, mask: torch.Tensor) -> torch.Tensor:
