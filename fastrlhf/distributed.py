@@ -29,6 +29,8 @@ from typing import Iterable, Mapping, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
+from fastrlhf.reference import advantages as reference_advantages
+
 T = TypeVar("T")
 
 DEFAULT_TIMEOUT_MINUTES = 30.0
@@ -383,26 +385,28 @@ def _buckets(params: list[torch.nn.Parameter], max_bytes: int) -> Iterable[list[
         yield bucket
 
 
+def _sum_over_ranks(ctx: DistContext | None):
+    """The `reduce_sum` for `fastrlhf.reference.advantages` statistics: an all-reduce over ranks,
+    or None (this process only, bit-for-bit `fastrlhf.whiten`) without a multi-process context.
+    The sums are detached before the in-place all-reduce: autograd cannot see through it, so across
+    ranks the global mean/var are constants for the gradient (the trainers whiten detached targets)."""
+    if ctx is None or not ctx.distributed:
+        return None
+    return lambda total: ctx.all_reduce_sum(total.detach().clone())
+
+
 def global_masked_mean_var(
     x: torch.Tensor, mask: torch.Tensor, ctx: DistContext | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and (unbiased) variance of `x` over the tokens where `mask` is set, over ALL ranks.
+    """Mean and UNBIASED variance of `x` over the tokens where `mask` is set, over ALL ranks.
 
-    x, mask: [B, T] (any equal shapes). One all-reduce of three scalars (sum, sum of squares,
-    count). Returns fp32 scalars; with no masked-in tokens anywhere: mean 0, var 0.
+    x, mask: [B, T] (any equal shapes). Two passes, as `fastrlhf.whiten`: one all-reduce of
+    (count, sum) -> mean, then one of the sum of (x - mean)^2 (no E[x^2] - mean^2 cancellation).
+    Returns scalars in float32 (float64 for float64 x); no masked-in token anywhere: mean 0, var 0.
     """
-    m = mask.to(torch.float32)
-    xf = x.to(torch.float32)
-    stats = torch.stack([(xf * m).sum(), (xf * xf * m).sum(), m.sum()])
-    if ctx is not None:
-        ctx.all_reduce_sum(stats)
-    total, total_sq, count = stats.unbind(0)
-    safe = count.clamp_min(1.0)
-    mean = total / safe
-    # E[x^2] - mean^2, corrected to the unbiased estimate (torch.var's default, as in TRL's masked_var)
-    var = (total_sq / safe - mean * mean).clamp_min(0.0)
-    var = var * count / (count - 1.0).clamp_min(1.0)
-    return mean, var
+    reference_advantages.check_whiten_args(x, mask, eps=0.0)  # eps is not used by the statistics
+    x, m = reference_advantages.masked_input(x, mask)
+    return reference_advantages.masked_mean_var(x, m, _sum_over_ranks(ctx))
 
 
 def whiten_global(
@@ -415,12 +419,12 @@ def whiten_global(
 ) -> torch.Tensor:
     """Masked whitening with statistics over every rank's tokens (PPO advantages under DDP/FSDP).
 
-    x, mask: [B, T] -> [B, T]. Same formula as `fastrlhf.whiten` (TRL's `masked_whiten`):
-    (x - mean) * rsqrt(var + eps), mean added back when shift_mean=False; masked-out positions are
-    left as computed (callers mask them in the loss). With one process it equals `fastrlhf.whiten`.
+    x, mask: [B, T] -> [B, T]. The same code as `fastrlhf.whiten` (TRL's `masked_whiten`: unbiased
+    two-pass variance, (x - mean) * rsqrt(var + eps), mean added back when shift_mean=False) with
+    its sums all-reduced: 0 outside the mask, float32 (float64 for float64 x). With one process (or
+    ctx None) it IS `fastrlhf.whiten`, bit for bit and differentiable; across ranks no gradient
+    flows through the global statistics.
     """
-    mean, var = global_masked_mean_var(x, mask, ctx)
-    out = (x.to(torch.float32) - mean) * torch.rsqrt(var + eps)
-    if not shift_mean:
-        out = out + mean
-    return out.to(x.dtype)
+    return reference_advantages.whiten_with_reduce(
+        x, mask, shift_mean=shift_mean, eps=eps, reduce_sum=_sum_over_ranks(ctx)
+    )

@@ -66,10 +66,19 @@ def test_epoch_order_is_seeded_per_epoch():
 
 
 def _reference_masked_whiten(x, mask, eps=1e-8):
+    """float64 closed form (torch.var, unbiased like TRL's masked_var), 0 outside the mask."""
     x64, m64 = x.double(), mask.double()
     vals = x64[m64.bool()]
     mean, var = vals.mean(), vals.var(unbiased=True)
-    return (x64 - mean) / torch.sqrt(var + eps)
+    return torch.where(m64.bool(), (x64 - mean) / torch.sqrt(var + eps), 0.0)
+
+
+def _offset_batch(generator=None):
+    """x = 1e4 + N(0, 1): E[x^2] ~ 1e8, where an fp32 ulp is 8, so E[x^2] - mean^2 loses the whole
+    variance (~1); the two-pass sum of (x - mean)^2 keeps it to fp32 rounding of the mean (~1e-3)."""
+    x = 1e4 + torch.randn(4, 33, generator=generator)
+    mask = torch.rand(4, 33, generator=generator) > 0.3
+    return x, mask
 
 
 def test_global_whiten_on_one_process_matches_closed_form():
@@ -80,17 +89,60 @@ def test_global_whiten_on_one_process_matches_closed_form():
     torch.testing.assert_close(mean.double(), vals.mean(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(var.double(), vals.var(), rtol=1e-5, atol=1e-6)
     out = whiten_global(x, mask)
-    torch.testing.assert_close(out.double() * mask, _reference_masked_whiten(x, mask) * mask, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), _reference_masked_whiten(x, mask), rtol=1e-5, atol=1e-5)
     m0, v0 = global_masked_mean_var(x, torch.zeros_like(mask))
     assert float(m0) == 0.0 and float(v0) == 0.0
 
 
-def test_global_whiten_matches_library_whiten_when_available():
-    fastrlhf_reference = pytest.importorskip("fastrlhf.reference.advantages")
+def test_global_mean_var_two_pass_survives_large_offset():
+    x, mask = _offset_batch()
+    mean, var = global_masked_mean_var(x, mask)
+    vals = x[mask].double()
+    assert mean.dtype == var.dtype == torch.float32
+    assert abs(float(var) - float(vals.var())) < 1e-4 * float(vals.var())
+    torch.testing.assert_close(whiten_global(x, mask).double(), _reference_masked_whiten(x, mask), rtol=0, atol=5e-3)
+    mean64, var64 = global_masked_mean_var(x.double(), mask)
+    assert var64.dtype == torch.float64
+    torch.testing.assert_close(var64, vals.var(), rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("shift_mean", [True, False])
+@pytest.mark.parametrize("case", ["random", "junk_outside_mask", "large_offset", "float64", "bfloat16", "empty_mask"])
+def test_global_whiten_on_one_process_is_library_whiten(case, shift_mean):
+    """Exactly fastrlhf.whiten, everywhere (0 outside the mask), same dtype, with ctx None or a
+    one-process DistContext."""
+    import fastrlhf
+
     x = torch.randn(4, 9)
-    mask = (torch.rand(4, 9) > 0.4).float()
-    expected = fastrlhf_reference.whiten(x, mask, shift_mean=True, eps=1e-8)
-    torch.testing.assert_close(whiten_global(x, mask) * mask, expected * mask, rtol=1e-5, atol=1e-5)
+    mask = torch.rand(4, 9) > 0.4
+    if case == "junk_outside_mask":
+        junk = torch.tensor([float("nan"), float("inf"), -float("inf"), 1e30]).repeat(9).reshape(4, 9)
+        x = torch.where(mask, x, junk)
+    elif case == "large_offset":
+        x, mask = _offset_batch()
+    elif case == "float64":
+        x = x.double()
+    elif case == "bfloat16":
+        x = x.bfloat16()
+    elif case == "empty_mask":
+        mask = torch.zeros_like(mask)
+    expected = fastrlhf.whiten(x, mask, shift_mean=shift_mean)
+    for ctx in (None, DistContext()):
+        out = whiten_global(x, mask, ctx, shift_mean=shift_mean)
+        assert out.dtype == expected.dtype == (torch.float64 if case == "float64" else torch.float32)
+        assert torch.equal(out, expected), (out - expected).abs().max()
+        assert not out[~mask].any()
+
+
+def test_global_whiten_gradient_on_one_process_is_library_whiten():
+    import fastrlhf
+
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    mask = torch.rand(3, 5) > 0.3
+    weights = torch.randn(3, 5, dtype=torch.float64)
+    (grad_global,) = torch.autograd.grad((whiten_global(x, mask) * weights).sum(), x)
+    (grad_library,) = torch.autograd.grad((fastrlhf.whiten(x, mask) * weights).sum(), x)
+    assert torch.equal(grad_global, grad_library)
 
 
 # ----------------------------------------------------------------------------- two processes
@@ -172,7 +224,15 @@ def _scenario_collectives():
     x_all, m_all = torch.randn(4, 6, generator=g), (torch.rand(4, 6, generator=g) > 0.3).float()
     rows = slice(2 * r, 2 * r + 2)
     local = whiten_global(x_all[rows], m_all[rows], ctx)
-    torch.testing.assert_close(local * m_all[rows], (whiten_global(x_all, m_all) * m_all)[rows], rtol=1e-5, atol=1e-6)
+    assert local.dtype == torch.float32 and not local[m_all[rows] == 0].any()
+    torch.testing.assert_close(local, whiten_global(x_all, m_all)[rows], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(local.double(), _reference_masked_whiten(x_all, m_all)[rows], rtol=1e-5, atol=1e-5)
+    # two-pass statistics across ranks: a 1e4 offset does not wipe out the variance
+    x_off, m_off = _offset_batch(torch.Generator().manual_seed(1))  # own generator: keeps g's draws below
+    mean, var = global_masked_mean_var(x_off[rows], m_off[rows], ctx)
+    assert abs(float(var) - float(x_off[m_off].double().var())) < 1e-4 * float(x_off[m_off].double().var()), var
+    torch.testing.assert_close(whiten_global(x_off[rows], m_off[rows], ctx).double(),
+                               _reference_masked_whiten(x_off, m_off)[rows], rtol=0, atol=5e-3)
 
     # DDP semantics: two ranks with half of the global batch each == one process with the whole batch
     torch.manual_seed(0)

@@ -6,6 +6,8 @@ here too, so both paths reject the same inputs with the same messages.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from fastrlhf._checks import (
@@ -122,9 +124,37 @@ def affine_suffix_scan(d: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
 
 
 def masked_sum(x: torch.Tensor | float, mask: torch.Tensor) -> torch.Tensor:
-    """Sum of `x * mask` over all elements: the one place `whiten` reduces, so a cross-rank
-    all-reduce (to whiten over the global batch) needs adding only here."""
+    """Sum of `x * mask` over all elements: the one masked reduction `whiten` uses (its cross-rank
+    twin `fastrlhf.distributed.whiten_global` all-reduces these sums, see `masked_mean_var`)."""
     return (x * mask).sum()
+
+
+SumReducer = Callable[[torch.Tensor], torch.Tensor]
+
+
+def masked_mean_var(
+    x: torch.Tensor, mask: torch.Tensor, reduce_sum: SumReducer | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and UNBIASED variance (TRL's `masked_var`) of `x` over positions where `mask` != 0.
+
+    `x` must already be 0 outside the mask and `x`, `mask` in the compute dtype (`masked_input`).
+    Two passes: (count, sum) -> mean, then the sum of (x - mean)^2, which unlike E[x^2] - mean^2
+    does not cancel catastrophically for data with a large offset. `reduce_sum` (e.g. an all-reduce
+    over ranks) is applied to every sum before it is used: once to the stacked [count, sum], once to
+    the squared-deviation sum; None = this process only. Empty mask: mean 0, var 0; one element: var 0.
+    """
+    reduce_sum = reduce_sum or (lambda total: total)
+    count, total = reduce_sum(torch.stack([masked_sum(1.0, mask), masked_sum(x, mask)])).unbind(0)
+    mean = total / count.clamp(min=1)
+    var = reduce_sum(masked_sum((x - mean) ** 2, mask)) / (count - 1).clamp(min=1)
+    return mean, var
+
+
+def masked_input(x: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, mask) in the compute dtype with x set to 0 outside the mask (so NaN/inf there cannot leak)."""
+    dtype = compute_dtype(x)
+    m = mask.to(dtype)
+    return torch.where(m != 0, x.to(dtype), 0.0), m
 
 
 def whiten(
@@ -143,13 +173,22 @@ def whiten(
     Positions outside the mask are 0 in the output (whatever x holds there, NaN included).
     Returns float32 (float64 for float64 x); differentiable in x.
     """
+    return whiten_with_reduce(x, mask, shift_mean=shift_mean, eps=eps)
+
+
+def whiten_with_reduce(
+    x: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    reduce_sum: SumReducer | None = None,
+) -> torch.Tensor:
+    """`whiten` with the statistics' sums passed through `reduce_sum` (see `masked_mean_var`):
+    the single implementation behind `whiten` (None) and `fastrlhf.distributed.whiten_global`."""
     check_whiten_args(x, mask, eps)
-    dtype = compute_dtype(x)
-    m = mask.to(dtype)
-    x = torch.where(m != 0, x.to(dtype), 0.0)
-    count = masked_sum(1.0, m)
-    mean = masked_sum(x, m) / count.clamp(min=1)
-    var = masked_sum((x - mean) ** 2, m) / (count - 1).clamp(min=1)
+    x, m = masked_input(x, mask)
+    mean, var = masked_mean_var(x, m, reduce_sum)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
