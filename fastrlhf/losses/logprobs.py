@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 
 from fastrlhf._dispatch import resolve_backend
+from fastrlhf._dtypes import compute_dtype
 from fastrlhf.reference import logprobs as reference
 from fastrlhf.reference.logprobs import (
-    compute_dtype,
     default_chunk_size,
     no_autocast,
     validate_hidden_args,

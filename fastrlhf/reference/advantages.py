@@ -10,6 +10,7 @@ from typing import Callable
 
 import torch
 
+from fastrlhf._dtypes import compute_dtype
 from fastrlhf._checks import (
     as_float_mask,
     check_floating,
@@ -19,14 +20,6 @@ from fastrlhf._checks import (
     check_same_device,
     check_same_shape,
 )
-
-
-def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    """float32 for half/bf16/fp32 inputs (fp32 accumulation), float64 if any input is float64."""
-    dtype = torch.float32
-    for tensor in tensors:
-        dtype = torch.promote_types(dtype, tensor.dtype)
-    return dtype
 
 
 def check_unit_interval(name: str, value: float) -> None:

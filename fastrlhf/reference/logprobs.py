@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from fastrlhf._checks import check_floating, check_positive, check_same_device
+from fastrlhf._dtypes import compute_dtype
 
 IGNORE_INDEX = -100
 
@@ -104,11 +105,6 @@ def no_autocast(device: torch.device):
     if torch.amp.is_autocast_available(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """fp32 for fp32/bf16/fp16 (fp32 accumulation), fp64 for fp64."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 # --------------------------------------------------------------------------- reference functions

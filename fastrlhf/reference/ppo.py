@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from fastrlhf._dtypes import compute_dtype
 from fastrlhf._checks import (
     as_float_mask,
     check_choice,
@@ -93,15 +94,6 @@ def check_value_args(values, old_values, returns, mask, *, clip_eps, loss_agg) -
 
 
 # ----------------------------------------------------------------------------- helpers
-def _compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
-    """fp32 for fp32/bf16/fp16 inputs, fp64 if any input is fp64 (so gradcheck runs in float64)."""
-    dtype = torch.float32
-    for t in tensors:
-        if t is not None:
-            dtype = torch.promote_types(dtype, t.dtype)
-    return dtype
-
-
 def _counted(x: torch.Tensor, counts: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """`x` in `dtype` with the tokens that do not count set to 0 (padding may hold NaN/inf)."""
     return torch.where(counts, x.to(dtype), torch.zeros((), dtype=dtype, device=x.device))
@@ -151,7 +143,7 @@ def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, *, estimator: str =
         Differentiable w.r.t. both inputs.
     """
     estimator = check_kl_args(logps, ref_logps, estimator)
-    dtype = _compute_dtype(logps, ref_logps)
+    dtype = compute_dtype(logps, ref_logps)
     kl = _kl_terms(logps.to(dtype), ref_logps.to(dtype), estimator)
     return kl.to(torch.promote_types(logps.dtype, ref_logps.dtype))
 
@@ -197,7 +189,7 @@ def ppo_loss(
         dual_clip=dual_clip, ref_logps=ref_logps, kl_coef=kl_coef, kl_estimator=kl_estimator,
         entropy=entropy, entropy_coef=entropy_coef, loss_agg=loss_agg,
     )
-    dtype = _compute_dtype(logps, old_logps, advantages, ref_logps, entropy)
+    dtype = compute_dtype(logps, old_logps, advantages, ref_logps, entropy)
     counts = mask_f != 0
     m = mask_f.to(dtype)
     logps = _counted(logps, counts, dtype)
@@ -256,7 +248,7 @@ def value_loss(
         counted tokens where the clipped error is the larger one), `vpred` (mean counted value).
     """
     mask_f = check_value_args(values, old_values, returns, mask, clip_eps=clip_eps, loss_agg=loss_agg)
-    dtype = _compute_dtype(values, old_values, returns)
+    dtype = compute_dtype(values, old_values, returns)
     counts = mask_f != 0
     m = mask_f.to(dtype)
     values = _counted(values, counts, dtype)

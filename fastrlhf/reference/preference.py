@@ -18,7 +18,7 @@ from fastrlhf._checks import (
     check_same_device,
     check_same_shape,
 )
-from fastrlhf.reference.advantages import compute_dtype
+from fastrlhf._dtypes import compute_dtype
 
 DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "simpo", "orpo")
 REFERENCE_FREE_LOSS_TYPES = ("simpo", "orpo")
