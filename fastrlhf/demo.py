@@ -1,6 +1,6 @@
 """The built-in demo task: short answers under instruction-following constraints, with a gold reward.
 
-Every prompt asks for one sentence about a topic plus 2-3 checkable constraints, e.g.
+Every prompt asks for one sentence about a topic plus 3-4 checkable constraints, e.g.
 
     Write one sentence about coffee. Use at most 8 words. End your answer with the word "gold".
 
@@ -50,10 +50,10 @@ _STARTS = (
 )
 _ASIDES = (", you know", ", of course", ", honestly", ", in a way", ", for sure")
 _LONG_TAILS = (
-    " more than anything else in the world",
-    " whenever I have some free time",
-    " because it reminds me of old days",
-    " and I could talk about it for hours",
+    " more than anything else",
+    " whenever I have free time",
+    " because it reminds me of home",
+    " on every single day",
 )
 _WRONG_ENDINGS = (" every day", " too", " in my opinion", " a lot")
 
@@ -88,8 +88,9 @@ def make_prompt(topic: str, constraints: Sequence[tuple[str, Any]]) -> str:
     return " ".join(parts)
 
 
-def parse_prompt(prompt: str) -> tuple[str | None, list[tuple[str, Any]]]:
-    """Inverse of `make_prompt`: (topic or None, constraints) found in a prompt text."""
+def parse_prompt(prompt: str | list) -> tuple[str | None, list[tuple[str, Any]]]:
+    """Inverse of `make_prompt`: (topic or None, constraints) found in a prompt (text or messages)."""
+    prompt = prompt_text(prompt)
     topic = re.search(r"Write one sentence about (.+?)\.", prompt)
     constraints: list[tuple[str, Any]] = []
     for match in re.finditer(r"Use at most (\d+) words\.", prompt):
@@ -120,13 +121,13 @@ def constraint_met(kind: str, value: Any, answer: str) -> bool:
     raise ValueError(f"unknown constraint kind {kind!r}; expected one of {CONSTRAINT_KINDS}")
 
 
-def gold_reward(prompt: str, completion: str) -> float:
+def gold_reward(prompt: str | list, completion: str) -> float:
     """Fraction of the prompt's constraints that `completion` meets, in [0, 1].
 
     0 when the answer is off topic (does not contain the topic word) or shorter than three words, so
     that an empty or degenerate answer cannot collect the "at most N words" / "no commas" points.
     """
-    topic, constraints = parse_prompt(prompt)
+    topic, constraints = parse_prompt(prompt_text(prompt))
     answer = completion.strip()
     if len(_words(answer)) < 3:
         return 0.0
@@ -143,10 +144,12 @@ def gold_reward_fn(prompts: Sequence[Any], completions: Sequence[str], records: 
     `prompts` may be plain prompts, chat-rendered prompt texts or message lists (the constraints are
     found by pattern anywhere in the text).
     """
-    return [gold_reward(_prompt_text(p), c) for p, c in zip(prompts, completions)]
+    return [gold_reward(p, c) for p, c in zip(prompts, completions)]
 
 
-def _prompt_text(prompt: Any) -> str:
+def prompt_text(prompt: Any) -> str:
+    """The text of a prompt given as a string, a message dict or a list of chat messages (the last
+    user message)."""
     if isinstance(prompt, str):
         return prompt
     if isinstance(prompt, dict):
@@ -155,7 +158,7 @@ def _prompt_text(prompt: Any) -> str:
     return users[-1] if users else ""
 
 
-def constraint_rates(prompts: Iterable[str], completions: Iterable[str]) -> dict[str, float]:
+def constraint_rates(prompts: Iterable[str | list], completions: Iterable[str]) -> dict[str, float]:
     """Per constraint kind: the fraction of the answers whose prompt asked for it that meet it."""
     met: dict[str, list[bool]] = {}
     for prompt, completion in zip(prompts, completions):
@@ -165,23 +168,30 @@ def constraint_rates(prompts: Iterable[str], completions: Iterable[str]) -> dict
 
 
 def _sample_constraints(rng: random.Random) -> list[tuple[str, Any]]:
-    kinds = rng.sample(CONSTRAINT_KINDS, rng.choice((2, 3)))
+    kinds = rng.sample(CONSTRAINT_KINDS, rng.choice((3, 4)))
     end_word, include_word = rng.sample(WORDS, 2)
     values = {"max_words": rng.randint(7, 12), "end_word": end_word, "include_word": include_word,
               "lowercase": True, "no_commas": True}
     return [(kind, values[kind]) for kind in kinds]
 
 
-def prompts(n: int, *, split: str = "train", seed: int = 0) -> list[dict]:
-    """`n` prompt records {"prompt": str}; split "train" or "eval" (disjoint topics)."""
+def prompts(n: int, *, split: str = "train", seed: int = 0, system: str | None = None) -> list[dict]:
+    """`n` prompt records; split "train" or "eval" (disjoint topics).
+
+    {"prompt": str}, or with `system` the conversational form {"prompt": [system message, user message]}
+    (a short system message also replaces a chat template's long default one: shorter sequences).
+    """
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     topics = TRAIN_TOPICS if split == "train" else EVAL_TOPICS
     rng = random.Random(f"{split}-{seed}")
-    return [{"prompt": make_prompt(rng.choice(topics), _sample_constraints(rng))} for _ in range(n)]
+    texts = [make_prompt(rng.choice(topics), _sample_constraints(rng)) for _ in range(n)]
+    if system is None:
+        return [{"prompt": text} for text in texts]
+    return [{"prompt": [{"role": "system", "content": system}, {"role": "user", "content": text}]} for text in texts]
 
 
-def demonstration(prompt: str, rng: random.Random, *, p_follow: float = 0.5) -> str:
+def demonstration(prompt: str | list, rng: random.Random, *, p_follow: float = 0.5) -> str:
     """A templated answer to a demo prompt that follows each style rule with probability `p_follow`.
 
     The choices are made whether or not the prompt asks for them, so the SFT model learns the styles
@@ -205,11 +215,11 @@ def demonstration(prompt: str, rng: random.Random, *, p_follow: float = 0.5) -> 
     return text.lower() if follow() else text[0].upper() + text[1:]
 
 
-def demonstrations(n: int, *, seed: int = 0, p_follow: float = 0.5) -> list[dict]:
-    """`n` SFT records {"prompt", "completion"} on the train topics."""
+def demonstrations(n: int, *, seed: int = 0, p_follow: float = 0.5, system: str | None = None) -> list[dict]:
+    """`n` SFT records {"prompt", "completion"} on the train topics (prompt form as in `prompts`)."""
     rng = random.Random(f"demo-{seed}")
     return [{"prompt": r["prompt"], "completion": demonstration(r["prompt"], rng, p_follow=p_follow)}
-            for r in prompts(n, split="train", seed=seed)]
+            for r in prompts(n, split="train", seed=seed, system=system)]
 
 
 def mean(values: Iterable[float]) -> float:

