@@ -17,12 +17,23 @@ A failing rank brings the job down instead of hanging: the process group gets a 
 (`timeout_minutes`, env FASTRLHF_DIST_TIMEOUT_MINUTES, default 30), and torchrun's elastic agent
 (default `--max-restarts 0`) tears down every other rank as soon as one exits non-zero and exits
 non-zero itself, printing the failed rank's traceback.
+
+Teardown: `close()` must be the last thing every rank does, after everything `apply_fsdp` sharded
+(model, optimizer, trainer) has been dropped. Only destroying the group's last reference joins its
+gloo worker threads, and a worker still releasing a finished collective's tensors when Python
+starts shutting down needs the GIL, which kills the thread inside a noexcept destructor: SIGABRT,
+"terminate called without an active exception", now and then, more often on a loaded machine
+(torch 2.13, Python 3.11; see `close`).
 """
 from __future__ import annotations
 
 import datetime
+import gc
+import importlib
 import math
 import os
+import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence, TypeVar
 
@@ -58,6 +69,7 @@ class DistContext:
     fsdp: bool = False
     _owns_group: bool = False
     _fsdp_params: set = field(default_factory=set, repr=False)
+    _meshes: list = field(default_factory=list, repr=False)
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -95,6 +107,11 @@ class DistContext:
                 )
             if not (timeout_minutes > 0):
                 raise ValueError(f"timeout_minutes must be > 0, got {timeout_minutes}")
+            # torch.distributed.nn.functional evaluates `group=group.WORLD` defaults at import time;
+            # imported after init (torch.distributed._shard imports it lazily during training) its
+            # functions would pin the default group forever and `close()` could never free it.
+            importlib.import_module("torch.distributed.nn.functional")
+
             dist.init_process_group(
                 backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes)
             )
@@ -124,9 +141,38 @@ class DistContext:
             dist.barrier()
 
     def close(self) -> None:
-        """Destroy the process group if this context created it (safe to call twice)."""
+        """Destroy the process group if this context created it (safe to call twice).
+
+        Call it on every rank as the last step, after dropping the objects `apply_fsdp` sharded
+        (the model, its optimizer, the trainer): FSDP state holds the group, and
+        `destroy_process_group` only unregisters it. A gloo group that is still alive keeps its
+        worker threads, and a worker that has finished a collective but not yet released its
+        tensors (preempted in between, which a busy machine makes likely) takes the GIL to do so;
+        during interpreter shutdown that kills the thread inside a noexcept destructor and the
+        process aborts with "terminate called without an active exception". Freeing the last
+        reference here joins the workers while Python is still fully alive. Warns
+        (RuntimeWarning) when something still holds the group after this call.
+        """
         if self._owns_group and dist.is_initialized():
+            group = weakref.ref(dist.group.WORLD)
             dist.destroy_process_group()
+            # DTensor's global sharding/redistribution caches keep every DeviceMesh alive for the
+            # rest of the process, and a torch 2.13 mesh holds its groups in `_pg_registry`: cut
+            # that link (the groups are destroyed, the mesh is unusable from here on anyway).
+            for mesh in self._meshes:
+                registry = getattr(mesh, "_pg_registry", None)
+                if isinstance(registry, dict):
+                    registry.clear()
+            self._meshes.clear()
+            gc.collect()  # FSDP-sharded modules sit in reference cycles (hooks): free them now, not at exit
+            if group() is not None:
+                warnings.warn(
+                    "DistContext.close: the process group is still referenced (an FSDP-sharded model, its "
+                    "optimizer or a DTensor is still alive), so it outlives close() (with gloo, its worker "
+                    "threads too) and the process can abort at exit; drop those objects before close()",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         self._owns_group = False
 
     # ------------------------------------------------------------------ data
@@ -261,6 +307,7 @@ class DistContext:
 
         names_before = {id(p): name for name, p in module.named_parameters(remove_duplicate=False)}
         mesh = init_device_mesh(self.device.type, (self.world_size,))
+        self._meshes.append(mesh)  # close() cuts its link to the group
         kwargs: dict = {"mesh": mesh}
         if mixed_precision is not None:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)

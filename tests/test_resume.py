@@ -16,6 +16,7 @@ from fastrlhf.checkpoint import latest_checkpoint
 from test_distributed import (
     SFT_RUN,
     assert_same_run,
+    child_output,
     run_sft_subprocess,
     sft_records,
     uninterrupted_sft_run,
@@ -26,7 +27,7 @@ def _wait_for(path, process, timeout=180.0):
     deadline = time.monotonic() + timeout
     while not os.path.exists(path):
         if process.poll() is not None:
-            pytest.fail(f"the run ended (rc={process.returncode}) before {path} appeared:\n{process.stdout.read()[-4000:]}")
+            pytest.fail(f"the run ended (rc={process.returncode}) before {path} appeared:\n{process.stdout.read()}")
         if time.monotonic() > deadline:
             process.kill()
             pytest.fail(f"{path} did not appear within {timeout}s")
@@ -52,7 +53,7 @@ def test_sigkill_mid_checkpoint_then_resume_equals_uninterrupted_run(tmp_path, t
 
     # 2) the same command with resume="auto" continues from checkpoint-2, never from the temp dir
     result = run_sft_subprocess(dict(options, resume="auto"))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    assert result.returncode == 0, child_output(result)
     assert "resumed from" in result.stdout + result.stderr and "checkpoint-2" in result.stdout + result.stderr
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
     # CPU, fp32, same seed: bit-identical to the run that was never interrupted
