@@ -54,6 +54,8 @@ class PipelineOptions:
     ppo_learning_rate: float = field(default=5e-4, metadata=_help("PPO learning rate"))
     ppo_epochs: int = field(default=2, metadata=_help("PPO passes over each batch of rollouts"))
     kl_coef: float = field(default=0.05, metadata=_help("PPO KL-to-reference coefficient (in the reward)"))
+    ppo_value_from_reward: bool = field(default=True, metadata=_help(
+        "start the PPO value role (adapter + head) from the trained reward model, as InstructGPT did"))
     dpo_epochs: int = field(default=1, metadata=_help("DPO epochs over the pairs"))
     dpo_learning_rate: float = field(default=5e-4, metadata=_help("DPO learning rate"))
     dpo_beta: float = field(default=0.1, metadata=_help("DPO beta"))
@@ -331,7 +333,10 @@ def stage_ppo(sft_model, tokenizer, model_opts: ModelOptions, rm_model, prompt_r
 
     ppo_model = build_role_model(copy.deepcopy(sft_model), model_opts, ("policy", "value", "reward"),
                                  trainable_roles=("policy", "value"))
-    ppo_model.load_role_state_dict("reward", rm_model.role_state_dict("reward"))
+    reward_state = rm_model.role_state_dict("reward")
+    ppo_model.load_role_state_dict("reward", reward_state)
+    if opts.ppo_value_from_reward:  # adapter keys are role-neutral, and both heads are Linear(H, 1)
+        ppo_model.load_role_state_dict("value", reward_state)
     config = PPOConfig(**_common(
         opts, "ppo", learning_rate=opts.ppo_learning_rate, batch_size=opts.ppo_prompts_per_iteration,
         max_steps=opts.ppo_iterations, max_new_tokens=opts.max_new_tokens, temperature=opts.temperature,

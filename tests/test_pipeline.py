@@ -34,3 +34,67 @@ def test_pipeline_ppo_and_dpo_beat_sft_on_the_gold_reward(tmp_path):
     assert "| PPO |" in run.stdout and "| DPO |" in run.stdout
     assert (out / "results.md").read_text().count("|") > 20
     assert results["reward_model"]["heldout_accuracy"] > 0.5
+
+
+# ------------------------------------------------------------------------------ fast: pairs and wiring
+
+
+def test_make_pairs_prefers_higher_gold_and_skips_ties():
+    from fastrlhf import demo
+    from fastrlhf.pipeline import PipelineOptions, make_pairs, split_pairs
+
+    prompt = demo.make_prompt("coffee", [("lowercase", True), ("no_commas", True)])
+    other = [{"role": "system", "content": "s"}, {"role": "user", "content": demo.make_prompt("tea", [("lowercase", True)])}]
+    answers = {
+        json.dumps(prompt): ["i love coffee.", "I love coffee, yes.", "I love coffee.", "i love coffee, yes."],
+        json.dumps(other): ["i like tea.", "i love tea."],  # same gold: no pair
+    }
+    examples, texts = [], []
+    for key, items in answers.items():
+        for text in items:
+            examples.append({"prompt": json.loads(key)})
+            texts.append(text)
+    pairs = make_pairs(examples, texts, PipelineOptions(pairs_per_prompt=3))
+    assert len(pairs) == 3 and all(p["prompt"] == prompt for p in pairs)
+    assert pairs[0] == {"prompt": prompt, "chosen": "i love coffee.", "rejected": "I love coffee, yes.",
+                        "chosen_gold": 1.0, "rejected_gold": 0.0}  # widest gap first
+    assert all(p["chosen_gold"] > p["rejected_gold"] for p in pairs)
+    assert len(make_pairs(examples, texts, PipelineOptions(pairs_per_prompt=1))) == 1
+
+    many = [{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(20) for _ in range(2)]
+    train, heldout = split_pairs(many, 0.25, seed=0)
+    assert len(heldout) == 10 and len(train) == 30
+    assert not {p["prompt"] for p in train} & {p["prompt"] for p in heldout}
+
+
+def test_pipeline_wiring_on_a_tiny_model(tmp_path, monkeypatch):
+    """Every stage, the table and the JSON on a tiny random Llama (seconds). The gold reward is
+    replaced by a length rule so that a random model's answers still make preference pairs."""
+    from fastrlhf import demo, pipeline, use_backend
+    from fastrlhf.cli import ModelOptions
+    from fastrlhf.testing import tiny_llama, tiny_tokenizer
+
+    tokenizer = tiny_tokenizer()
+    tiny_llama(vocab_size=len(tokenizer), tie=True).save_pretrained(tmp_path / "tiny")
+    tokenizer.save_pretrained(tmp_path / "tiny")
+    monkeypatch.setattr(demo, "gold_reward", lambda prompt, completion: (len(completion.split()) % 4) / 3)
+    opts = pipeline.PipelineOptions(
+        output_dir=str(tmp_path / "out"), sft_examples=8, pair_prompts=8, ppo_iterations=2,
+        ppo_prompts_per_iteration=4, batch_size=4, eval_prompts=4, max_new_tokens=6, progress=False)
+    with use_backend("torch"):
+        results = pipeline.run_pipeline(ModelOptions(model=str(tmp_path / "tiny")), opts)
+    assert set(results["policies"]) == {"SFT", "PPO", "DPO"}
+    for name, r in results["policies"].items():
+        assert 0.0 <= r["gold_reward"] <= 1.0 and r["mean_length_tokens"] > 0, name
+    assert results["policies"]["SFT"]["kl_to_reference"] == 0.0  # the SFT policy IS the reference
+    assert [row["stage"] for row in results["stages"]] == [
+        "load model", "SFT", "sample + label pairs", "reward model", "evaluate SFT", "PPO", "evaluate PPO", "DPO",
+        "evaluate DPO"]
+    assert all(row["seconds"] >= 0 and row["peak_memory_bytes"] > 0 for row in results["stages"])
+    saved = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert saved["policies"]["PPO"]["gold_reward"] == results["policies"]["PPO"]["gold_reward"]
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| PPO |" in table and "| reward model |" in table and "held-out pairs" in table
+    for name in ("sft", "pairs", "heldout_pairs", "prompts", "eval_prompts"):
+        assert (tmp_path / "out" / "data" / f"{name}.jsonl").is_file()
+    assert len((tmp_path / "out" / "eval" / "ppo.jsonl").read_text().splitlines()) == 4
