@@ -17,6 +17,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -127,10 +128,29 @@ def _subparser(parser, name: str):
 # ---------------------------------------------------------------------------- one stage
 
 
-def run_stage(command: str, options: dict[type, Any]) -> dict:
+def run_stage(command: str, options: dict[type, Any], *, ctx=None) -> dict:
     """Run one trainer from parsed options; returns the trainer's summary (also written to
-    OUTPUT_DIR/summary.json). Data, reward function and reward-model directory are checked before
-    the model is loaded."""
+    OUTPUT_DIR/summary.json by rank 0). Data, reward function and reward-model directory are checked
+    before the model is loaded.
+
+    ctx: a `DistContext`; None creates one from torchrun's environment and closes it when the stage
+    is over (on every rank, after the model and trainer are gone: see `DistContext.close`)."""
+    from fastrlhf.distributed import DistContext
+
+    if ctx is not None:
+        return _run_stage(command, options, ctx)
+    ctx = DistContext.from_env()
+    try:
+        return _run_stage(command, options, ctx)
+    except BaseException as error:
+        # the traceback's frames still hold the model/trainer: free them so close() can free the group
+        traceback.clear_frames(error.__traceback__)
+        raise
+    finally:
+        ctx.close()
+
+
+def _run_stage(command: str, options: dict[type, Any], ctx) -> dict:
     trainer_class, config_class = _trainer_classes(command)
     model_opts: ModelOptions = options[ModelOptions]
     data_opts: DataOptions = options[DataOptions]
@@ -146,7 +166,11 @@ def run_stage(command: str, options: dict[type, Any]) -> dict:
     if RewardOptions in options:
         reward_fn, reward_dir = resolve_reward(options[RewardOptions], model_opts)
 
-    model, tokenizer = load_model(model_opts)
+    model, tokenizer = load_model(model_opts, verbose=ctx.is_main)
+    # the new LoRA adapters and heads must start identical on every rank (only gradients are averaged)
+    from fastrlhf.trainers.base import seed_everything
+
+    seed_everything(config.seed)
     roles, trainable = {"sft": (("policy",), None), "rm": (("reward",), None), "dpo": (("policy",), None),
                         "ppo": (("policy", "value"), None), "grpo": (("policy",), None)}[command]
     if reward_dir:
@@ -155,25 +179,52 @@ def run_stage(command: str, options: dict[type, Any]) -> dict:
     if reward_dir:
         load_reward_role(role_model, reward_dir)
 
-    print(f"== {command}: {len(train_records)} training records from {data_opts.data} -> {config.output_dir}", flush=True)
+    if ctx.is_main:
+        print(f"== {command}: {len(train_records)} training records from {data_opts.data} -> {config.output_dir}"
+              + (f" ({ctx.world_size} processes{', FSDP' if config.fsdp else ''})" if ctx.distributed else ""),
+              flush=True)
     try:  # the constructor checks data against the tokenizer and the config: report, don't trace back
-        trainer = trainer_class(role_model, tokenizer, config, train_records, eval_records=eval_records, reward_fn=reward_fn)
+        trainer = trainer_class(role_model, tokenizer, config, train_records, eval_records=eval_records,
+                                reward_fn=reward_fn, ctx=ctx)
     except ValueError as error:
         raise CliError(str(error)) from None
     summary = trainer.train()
     output_dir = config.output_dir
     if options.get(PolicyOutputOptions) and options[PolicyOutputOptions].save_merged:
-        from fastrlhf.models import save_causal_lm
-
         merged_dir = os.path.join(output_dir, "merged")
-        save_causal_lm(role_model.merged_policy(), tokenizer, merged_dir)
+        save_merged_policy(role_model, tokenizer, model_opts, merged_dir, ctx)
         summary["merged_model"] = merged_dir
-        print(f"merged policy saved to {merged_dir} (use it as --model of the next stage)", flush=True)
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2, default=str)
-    print(format_summary(summary), flush=True)
+        if ctx.is_main:
+            print(f"merged policy saved to {merged_dir} (use it as --model of the next stage)", flush=True)
+    if ctx.is_main:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, default=str)
+        print(format_summary(summary), flush=True)
     return summary
+
+
+def save_merged_policy(role_model, tokenizer, model_opts: ModelOptions, merged_dir: str, ctx) -> None:
+    """Rank 0 saves the policy merged into the base as a plain HF model; call on EVERY rank.
+
+    An FSDP-sharded model cannot be deep-copied (what `merged_policy` does), so under FSDP every rank
+    gathers the policy role's full weights (a collective) and rank 0 rebuilds an unsharded copy from
+    the base with the same model options, loads them into it and merges that."""
+    from fastrlhf.distributed import full_state_dict
+    from fastrlhf.models import save_causal_lm
+
+    if ctx.fsdp:
+        state = full_state_dict(role_model.role_state_dict("policy"))
+        if ctx.is_main:
+            base, _ = load_model(model_opts, verbose=False)
+            unsharded = build_role_model(base, model_opts, ("policy",))
+            unsharded.load_role_state_dict("policy", state)
+            save_causal_lm(unsharded.merged_policy(), tokenizer, merged_dir)
+            del base, unsharded
+        del state
+    elif ctx.is_main:
+        save_causal_lm(role_model.merged_policy(), tokenizer, merged_dir)
+    ctx.barrier()  # the next stage (or a test) may read merged_dir as soon as any rank returns
 
 
 def load_data(source: str, kind: str, option: str) -> list[dict]:
@@ -188,13 +239,15 @@ def load_data(source: str, kind: str, option: str) -> list[dict]:
     return records
 
 
-def load_model(model_opts: ModelOptions):
-    """(causal LM, tokenizer) from the model options (None model = the built-in default)."""
+def load_model(model_opts: ModelOptions, *, verbose: bool = True):
+    """(causal LM, tokenizer) from the model options (None model = the built-in default).
+    verbose: print what is loaded and how long it took (False on ranks other than 0)."""
     from fastrlhf.models import load_causal_lm
 
     started = time.perf_counter()
     what = model_opts.model or "SmolLM2-135M-Instruct (built-in default)"
-    print(f"loading {what} ...", flush=True)
+    if verbose:
+        print(f"loading {what} ...", flush=True)
     try:
         model, tokenizer = load_causal_lm(
             model_opts.model or None, gguf_file=model_opts.gguf_file or None,
@@ -203,8 +256,9 @@ def load_model(model_opts: ModelOptions):
         )
     except (OSError, ValueError) as error:  # not installed / not found / not a model: say so, no traceback
         raise CliError(f"--model: {error}") from None
-    print(f"loaded in {time.perf_counter() - started:.1f}s ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters)",
-          flush=True)
+    if verbose:
+        print(f"loaded in {time.perf_counter() - started:.1f}s ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters)",
+              flush=True)
     return model, tokenizer
 
 
