@@ -162,6 +162,11 @@ def _run_stage(command: str, options: dict[type, Any], ctx) -> dict:
     train_records = load_data(data_opts.data, kind, "--data")
     eval_records = load_data(data_opts.eval_data, kind, "--eval-data") if data_opts.eval_data else None
 
+    if config.fsdp and ctx.distributed and not model_opts.lora:
+        # RoleModel.role_state_dict de-duplicates tied tensors by data_ptr(), which is the same for every
+        # FSDP DTensor: the saved full-model weights would silently hold one tensor. Refuse, don't lose them.
+        raise CliError("--fsdp with --no-lora is not supported yet (the sharded full-model weights would not be "
+                       "saved correctly): train with LoRA (the default) or without --fsdp")
     reward_fn, reward_dir = None, None
     if RewardOptions in options:
         reward_fn, reward_dir = resolve_reward(options[RewardOptions], model_opts)

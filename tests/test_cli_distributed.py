@@ -29,14 +29,18 @@ def workdir(tmp_path_factory):
     return root
 
 
-def torchrun_sft(workdir, out, *extra):
+def torchrun(workdir, out, *extra):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(FASTRLHF_BACKEND="torch", OMP_NUM_THREADS="1", FASTRLHF_DIST_TIMEOUT_MINUTES="2")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            "-m", "fastrlhf.train", "sft", "--model", str(workdir / "tiny"), "--data", str(workdir / "sft.jsonl"),
            "--max-steps", "2", "--batch-size", "1", "--learning-rate", "0.05", "--output-dir", str(workdir / out),
            "--no-progress", *extra]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=180)
+
+
+def torchrun_sft(workdir, out, *extra):
+    result = torchrun(workdir, out, *extra)
     report = f"exit {result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
     assert result.returncode == 0, report
     assert "terminate called" not in result.stderr, report
@@ -66,3 +70,11 @@ def test_torchrun_sft_ddp_and_fsdp_save_the_same_merged_policy(workdir):
     assert any(not torch.equal(ddp[k], base[k]) for k in base), "the merged policy equals the untrained base"
     for name in base:
         torch.testing.assert_close(fsdp[name], ddp[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+def test_torchrun_fsdp_without_lora_is_refused_before_loading(workdir):
+    # the full-model FSDP weights would be saved incompletely (see fastrlhf.train._run_stage)
+    result = torchrun(workdir, "nolora", "--fsdp", "--no-lora")
+    assert result.returncode != 0
+    assert "--fsdp with --no-lora is not supported yet" in result.stderr, result.stderr
+    assert not (workdir / "nolora").exists()
