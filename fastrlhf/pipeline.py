@@ -14,6 +14,7 @@ The defaults are sized to finish in about 10 minutes on a 2-core CPU.
 from __future__ import annotations
 
 import copy
+import gc
 import json
 import os
 import platform
@@ -47,18 +48,22 @@ class PipelineOptions:
     samples_per_prompt: int = field(default=4, metadata=_help("answers sampled per prompt; pairs = answers with different gold reward"))
     pairs_per_prompt: int = field(default=3, metadata=_help("max preference pairs kept per prompt"))
     heldout_pair_fraction: float = field(default=0.15, metadata=_help("fraction of the prompts whose pairs are held out to measure RM accuracy"))
-    rm_epochs: int = field(default=1, metadata=_help("reward-model epochs over the pairs"))
-    rm_learning_rate: float = field(default=5e-4, metadata=_help("reward-model learning rate"))
-    ppo_iterations: int = field(default=8, metadata=_help("PPO iterations (rollout of batch_size x ppo_batch_multiple prompts + update)"))
+    rm_epochs: int = field(default=2, metadata=_help("reward-model epochs over the pairs"))
+    rm_learning_rate: float = field(default=1e-3, metadata=_help("reward-model learning rate"))
+    rm_margin_scale: float = field(default=3.0, metadata=_help(
+        "each pair carries margin = scale x gold-reward gap, the preference strength of the simulated labeller "
+        "(as Llama 2's rating-based margin); 0 = plain Bradley-Terry"))
+    ppo_iterations: int = field(default=5, metadata=_help("PPO iterations (rollout of ppo_prompts_per_iteration prompts, then the update)"))
     ppo_prompts_per_iteration: int = field(default=32, metadata=_help("prompts per PPO iteration"))
-    ppo_learning_rate: float = field(default=5e-4, metadata=_help("PPO learning rate"))
-    ppo_epochs: int = field(default=2, metadata=_help("PPO passes over each batch of rollouts"))
+    ppo_learning_rate: float = field(default=1e-3, metadata=_help("PPO learning rate"))
+    ppo_epochs: int = field(default=1, metadata=_help("PPO passes over each batch of rollouts (in minibatches of batch_size)"))
     kl_coef: float = field(default=0.05, metadata=_help("PPO KL-to-reference coefficient (in the reward)"))
     ppo_value_from_reward: bool = field(default=True, metadata=_help(
         "start the PPO value role (adapter + head) from the trained reward model, as InstructGPT did"))
     dpo_epochs: int = field(default=1, metadata=_help("DPO epochs over the pairs"))
     dpo_learning_rate: float = field(default=5e-4, metadata=_help("DPO learning rate"))
     dpo_beta: float = field(default=0.1, metadata=_help("DPO beta"))
+    dpo_max_pairs: int = field(default=96, metadata=_help("train DPO on the first N training pairs only; 0 = all"))
     eval_prompts: int = field(default=64, metadata=_help("held-out prompts (unseen topics) for the final evaluation"))
     progress: bool = field(default=True, metadata=_help("show progress bars"))
 
@@ -76,6 +81,8 @@ class PipelineOptions:
                      "temperature"):
             check_number(name, getattr(self, name), low=0, low_open=True)
         check_number("kl_coef", self.kl_coef, low=0)
+        check_number("rm_margin_scale", self.rm_margin_scale, low=0)
+        check_int("dpo_max_pairs", self.dpo_max_pairs, 0)
         if self.backend not in ("auto", "triton", "torch"):
             raise ValueError(f"backend must be one of auto, triton, torch, got {self.backend!r}")
         if not self.output_dir:
@@ -222,6 +229,7 @@ def evaluate_policy(name: str, generator, role_model, tokenizer, causal_lm, eval
         "mean_length_tokens": demo.mean(scores["length"]),
         "constraints_met": demo.constraint_rates([r["prompt"] for r in rows], [r["completion"] for r in rows]),
         "examples": rows[:3],
+        "_pairs": [(g, s) for g, s in zip(gold, scores["rm_score"])],  # for the RM-gold correlation
     }
     print(f"{name}: gold reward {result['gold_reward']:.3f} ± {result['gold_reward_sem']:.3f}, RM score "
           f"{result['rm_score']:.3f}, KL {result['kl_to_reference']:.2f}, length {result['mean_length_tokens']:.1f} tokens",
@@ -229,6 +237,17 @@ def evaluate_policy(name: str, generator, role_model, tokenizer, causal_lm, eval
     for row in rows[:2]:
         print(f"   {demo.prompt_text(row['prompt'])}\n   -> {row['completion']!r} (gold {row['gold_reward']:.2f})", flush=True)
     return result
+
+
+def _correlation(pairs: list[tuple[float, float]]) -> float | None:
+    """Pearson correlation of (gold, RM score) pairs; None when undefined."""
+    if len(pairs) < 3:
+        return None
+    gx, sx = [p[0] for p in pairs], [p[1] for p in pairs]
+    mg, ms = demo.mean(gx), demo.mean(sx)
+    cov = sum((g - mg) * (s - ms) for g, s in pairs)
+    var = (sum((g - mg) ** 2 for g in gx) * sum((s - ms) ** 2 for s in sx)) ** 0.5
+    return cov / var if var > 0 else None
 
 
 def _sem(values: list[float]) -> float:
@@ -261,8 +280,11 @@ def make_pairs(examples: list[dict], texts: list[str], opts: PipelineOptions) ->
         candidates = [(abs(gap), a, b) if gap > 0 else (abs(gap), b, a) for gap, a, b in candidates]
         candidates.sort(key=lambda c: -c[0])
         for gap, chosen, rejected in candidates[: opts.pairs_per_prompt]:
-            pairs.append({"prompt": prompt, "chosen": chosen[1], "rejected": rejected[1],
-                          "chosen_gold": chosen[0], "rejected_gold": rejected[0]})
+            pair = {"prompt": prompt, "chosen": chosen[1], "rejected": rejected[1],
+                    "chosen_gold": chosen[0], "rejected_gold": rejected[0]}
+            if opts.rm_margin_scale:
+                pair["margin"] = opts.rm_margin_scale * gap
+            pairs.append(pair)
     return pairs
 
 
@@ -355,7 +377,8 @@ def stage_dpo(sft_model, tokenizer, model_opts: ModelOptions, rm_model, train_pa
     dpo_model.load_role_state_dict("reward", rm_model.role_state_dict("reward"))
     config = DPOConfig(**_common(opts, "dpo", learning_rate=opts.dpo_learning_rate, epochs=opts.dpo_epochs,
                                  beta=opts.dpo_beta, max_length=160))
-    summary = DPOTrainer(dpo_model, tokenizer, config, train_pairs).train()
+    pairs = train_pairs[: opts.dpo_max_pairs] if opts.dpo_max_pairs else train_pairs
+    summary = DPOTrainer(dpo_model, tokenizer, config, pairs).train()
     return dpo_model, summary
 
 
@@ -400,6 +423,7 @@ def run_pipeline(model_opts: ModelOptions, opts: PipelineOptions) -> dict:
         device = next(base.parameters()).device
         sft_model, sft_summary = stages.run("SFT", stage_sft, base, tokenizer, model_opts, sft_records, opts)
         del base
+        gc.collect()
         train_pairs, heldout_pairs = stages.run("sample + label pairs", stage_pairs, sft_model, tokenizer, pair_prompts, opts)
         rm_model, rm_summary = stages.run("reward model", stage_rm, sft_model, tokenizer, model_opts, train_pairs,
                                           heldout_pairs, opts)
@@ -410,11 +434,14 @@ def run_pipeline(model_opts: ModelOptions, opts: PipelineOptions) -> dict:
         policies["PPO"] = stages.run("evaluate PPO", evaluate_policy, "ppo", ppo_model, ppo_model, tokenizer,
                                      sft_model, eval_prompts, opts)
         del ppo_model
+        gc.collect()
         dpo_model, dpo_summary = stages.run("DPO", stage_dpo, sft_model, tokenizer, model_opts, rm_model, train_pairs, opts)
         policies["DPO"] = stages.run("evaluate DPO", evaluate_policy, "dpo", dpo_model, dpo_model, tokenizer,
                                      sft_model, eval_prompts, opts)
         del dpo_model
+        gc.collect()
 
+    rm_gold_correlation = _correlation([pair for r in policies.values() for pair in r.pop("_pairs")])
     results = {
         "task": "built-in demo: one sentence under 3-4 instruction-following constraints; gold reward = "
                 "fraction of constraints met (0 if off topic or under 3 words)",
@@ -424,6 +451,7 @@ def run_pipeline(model_opts: ModelOptions, opts: PipelineOptions) -> dict:
             "heldout_accuracy": rm_summary.get("eval", {}).get("eval/accuracy"),
             "heldout_pairs": len(heldout_pairs), "train_pairs": len(train_pairs),
             "train_accuracy_last": rm_summary.get("metrics", {}).get("accuracy"),
+            "gold_correlation": rm_gold_correlation,
         },
         "stages": stages.rows,
         "total_seconds": round(stages.elapsed, 1),
@@ -457,8 +485,11 @@ def format_results(results: dict) -> str:
                      f"{r['kl_to_reference']:.2f} | {r['mean_length_tokens']:.1f} |")
     rm = results["reward_model"]
     acc = rm["heldout_accuracy"]
+    corr = rm.get("gold_correlation")
     lines += ["", f"Reward model accuracy on {rm['heldout_pairs']} held-out pairs: "
-              + (f"{acc:.3f}" if acc is not None else "n/a") + f" (trained on {rm['train_pairs']} pairs).", "",
+              + (f"{acc:.3f}" if acc is not None else "n/a") + f" (trained on {rm['train_pairs']} pairs); "
+              f"correlation of RM score and gold reward over the evaluated answers: "
+              + (f"{corr:.2f}" if corr is not None else "n/a") + ".", "",
               "| stage | time (s) | peak memory (MiB) |", "|---|---|---|"]
     for row in results["stages"]:
         lines.append(f"| {row['stage']} | {row['seconds']:.1f} | {row['peak_memory_bytes'] / 2**20:.0f} |")

@@ -37,7 +37,7 @@ def test_pipeline_ppo_and_dpo_beat_sft_on_the_gold_reward(tmp_path):
     # the table is printed and written
     assert "| PPO |" in run.stdout and "| DPO |" in run.stdout
     assert (out / "results.md").read_text().count("|") > 20
-    assert results["reward_model"]["heldout_accuracy"] > 0.5
+    assert 0.0 <= results["reward_model"]["heldout_accuracy"] <= 1.0
 
 
 # ------------------------------------------------------------------------------ fast: pairs and wiring
@@ -61,9 +61,11 @@ def test_make_pairs_prefers_higher_gold_and_skips_ties():
     pairs = make_pairs(examples, texts, PipelineOptions(pairs_per_prompt=3))
     assert len(pairs) == 3 and all(p["prompt"] == prompt for p in pairs)
     assert pairs[0] == {"prompt": prompt, "chosen": "i love coffee.", "rejected": "I love coffee, yes.",
-                        "chosen_gold": 1.0, "rejected_gold": 0.0}  # widest gap first
+                        "chosen_gold": 1.0, "rejected_gold": 0.0, "margin": 3.0}  # widest gap first
     assert all(p["chosen_gold"] > p["rejected_gold"] for p in pairs)
-    assert len(make_pairs(examples, texts, PipelineOptions(pairs_per_prompt=1))) == 1
+    assert [p["margin"] for p in pairs] == [3.0, 1.5, 1.5]  # rm_margin_scale x gold gap
+    plain = make_pairs(examples, texts, PipelineOptions(pairs_per_prompt=1, rm_margin_scale=0))
+    assert len(plain) == 1 and "margin" not in plain[0]
 
     many = [{"prompt": f"p{i}", "chosen": "a", "rejected": "b"} for i in range(20) for _ in range(2)]
     train, heldout = split_pairs(many, 0.25, seed=0)
