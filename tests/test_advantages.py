@@ -165,7 +165,9 @@ def test_gae_mask_dtypes_and_padding_independence(mask_dtype, device):
     values_p = torch.cat([values, torch.randn(3, pad)], 1)
     mask_p = torch.cat([mask, torch.zeros(3, pad, dtype=torch.bool)], 1)
     adv, ret = gae(rewards_p.to(device), values_p.to(device), mask_p.to(device, mask_dtype), backend="triton")
-    assert torch.equal(adv[:, :20], base_adv) and torch.equal(ret[:, :20], base_ret)
+    # Not bitwise: on a GPU the longer row may get a larger scan block (another summation order).
+    torch.testing.assert_close(adv[:, :20], base_adv, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ret[:, :20], base_ret, rtol=1e-5, atol=1e-5)
     assert not adv[:, 20:].any()
 
 

@@ -15,6 +15,21 @@ import torch
 
 import fastrlhf
 import fastrlhf.reference.ppo as ref_ppo
+from conftest import DEVICE
+
+@pytest.fixture(autouse=True)
+def _on_test_device():
+    """Every tensor these tests make lands on the GPU when there is one, so backend="triton" runs the
+    compiled kernels there (and the interpreter on CPU)."""
+    previous = torch.get_default_device()
+    torch.set_default_device(DEVICE)
+    yield
+    torch.set_default_device(previous)
+
+
+def _generator(seed: int) -> torch.Generator:
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
 
 AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 FP32_TOL = dict(rtol=2e-5, atol=1e-6)
@@ -133,7 +148,7 @@ def value_closed_form(values, old, returns, mask, *, clip_eps=0.2, loss_agg="tok
 
 # ============================================================================ inputs and runners
 def make_ppo_inputs(B, T, *, dtype=torch.float32, spread=0.3, fully_masked_row=True, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = _generator(seed)
     logps = -torch.rand(B, T, generator=g) * 3
     inputs = {
         "logps": logps,
@@ -336,7 +351,7 @@ def test_ppo_reference_gradcheck_float64():
 
 # ============================================================================ value_loss
 def make_value_inputs(B, T, *, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
+    g = _generator(seed)
     values = torch.randn(B, T, generator=g)
     inputs = {
         "values": values,
@@ -413,7 +428,7 @@ def test_value_loss_reference_gradcheck_float64():
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3", "low_var_kl"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kl_penalty(estimator, dtype):
-    g = torch.Generator().manual_seed(1)
+    g = _generator(1)
     logps = -torch.rand(5, 13, generator=g) * 4
     ref = logps + torch.randn(5, 13, generator=g)
     ref[0, :4] = logps[0, :4] + torch.tensor([50.0, -50.0, 20.5, -19.5])  # clamped, clamped, clamped, not
@@ -510,7 +525,7 @@ def test_gpu_block_sizes_fill_an_h100_and_give_the_same_results(monkeypatch):
         _launch.check_int32_indexable("logps", 2**31)
 
     monkeypatch.setattr(_launch, "GPU_SIZES_EVERYWHERE", True)
-    g = torch.Generator().manual_seed(3)
+    g = _generator(3)
     B, T = 5, 300  # 1500 tokens -> 6 programs of 256
     logps, old, adv, ref = (torch.randn(B, T, generator=g) for _ in range(4))
     mask = torch.rand(B, T, generator=g) > 0.3
@@ -530,7 +545,7 @@ def test_gpu_block_sizes_fill_an_h100_and_give_the_same_results(monkeypatch):
 def test_nan_in_a_counted_token_makes_the_loss_nan_like_the_reference():
     """Triton's default min/max drop NaN (PTX max.f32): the clamps used to turn a NaN log-prob or
     value into a finite loss (and KL e^20), hiding a diverged model from the trainer's NaN guard."""
-    g = torch.Generator().manual_seed(4)
+    g = _generator(4)
     logps, old, adv, ref = (torch.randn(2, 6, generator=g) for _ in range(4))
     logps[0, 2] = float("nan")
     mask = torch.ones(2, 6)

@@ -117,8 +117,9 @@ def run(fn, inputs, **kwargs):
 
 
 def assert_close(actual, expected, tol):
-    torch.testing.assert_close(torch.as_tensor(actual, dtype=torch.float64),
-                               torch.as_tensor(expected, dtype=torch.float64), rtol=tol, atol=tol)
+    """Compared in float64 on the CPU: the closed forms are host numbers, the kernels' outputs may be CUDA."""
+    torch.testing.assert_close(torch.as_tensor(actual).detach().to("cpu", torch.float64),
+                               torch.as_tensor(expected).detach().to("cpu", torch.float64), rtol=tol, atol=tol)
 
 
 # ---- DPO family ---------------------------------------------------------------------------------
@@ -212,9 +213,9 @@ def test_dpo_confident_pairs_keep_relative_precision(device):
     zeros = torch.zeros(3, device=device)
     loss, _ = dpo_loss(h, zeros, zeros, zeros, beta=0.1, backend="triton")
     expected = sum(-log_sigmoid(0.1 * float(v)) for v in h) / 3
-    torch.testing.assert_close(loss.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=0)
+    torch.testing.assert_close(loss.double().cpu(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=0)
     loss, _ = reward_loss(h / 10, zeros, backend="triton")
-    torch.testing.assert_close(loss.double(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=0)
+    torch.testing.assert_close(loss.double().cpu(), torch.tensor(expected, dtype=torch.float64), rtol=1e-5, atol=0)
 
 
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
