@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 import fastrlhf
+from fastrlhf._mixed_precision import find_tuner_layers, low_precision_lora
 from fastrlhf.models import decoder_of, last_token_index, position_ids_from_mask
 
 ROLES = ("policy", "value", "reward")
@@ -124,6 +125,13 @@ class RoleModel(nn.Module):
             raise ValueError("lora_target_modules must not include the lm_head (it is shared by all roles)")
         self._active_adapter = None
         self._activate(self.roles[0])
+        # Plain list (not submodules) of peft's adapter layers, for `_low_precision_forward`.
+        self.__dict__["_tuner_layers"] = find_tuner_layers(self.peft_model)
+
+    def _low_precision_forward(self):
+        """fp32 adapters over a bf16/fp16 base: autocast without peft's fp32 activation copies
+        (see fastrlhf._mixed_precision); a no-op otherwise."""
+        return low_precision_lora(self.lm_head_weight, self.__dict__.get("_tuner_layers", []))
 
     def _init_full(self, base_model, with_reference: bool) -> None:
         base_model.requires_grad_(False)
@@ -238,7 +246,8 @@ class RoleModel(nn.Module):
         if role == REFERENCE:
             with torch.no_grad():
                 return decoder(**kwargs).last_hidden_state
-        return decoder(**kwargs).last_hidden_state
+        with self._low_precision_forward():
+            return decoder(**kwargs).last_hidden_state
 
     # ------------------------------------------------------------------ public API
 
@@ -311,7 +320,8 @@ class RoleModel(nn.Module):
         if self.use_lora:
             self._activate("policy")
         generate_kwargs.setdefault("pad_token_id", self.causal_lm.generation_config.pad_token_id)
-        return self.causal_lm.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
+        with self._low_precision_forward():
+            return self.causal_lm.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
 
     def trainable_parameters(self, role: str | None = None) -> list[nn.Parameter]:
         """Parameters the optimizer should update: of `role`, or of every trainable role (None)."""

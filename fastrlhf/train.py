@@ -162,11 +162,6 @@ def _run_stage(command: str, options: dict[type, Any], ctx) -> dict:
     train_records = load_data(data_opts.data, kind, "--data")
     eval_records = load_data(data_opts.eval_data, kind, "--eval-data") if data_opts.eval_data else None
 
-    if config.fsdp and ctx.distributed and not model_opts.lora:
-        # RoleModel.role_state_dict de-duplicates tied tensors by data_ptr(), which is the same for every
-        # FSDP DTensor: the saved full-model weights would silently hold one tensor. Refuse, don't lose them.
-        raise CliError("--fsdp with --no-lora is not supported yet (the sharded full-model weights would not be "
-                       "saved correctly): train with LoRA (the default) or without --fsdp")
     reward_fn, reward_dir = None, None
     if RewardOptions in options:
         reward_fn, reward_dir = resolve_reward(options[RewardOptions], model_opts)
@@ -222,7 +217,8 @@ def save_merged_policy(role_model, tokenizer, model_opts: ModelOptions, merged_d
         state = full_state_dict(role_model.role_state_dict("policy"))
         if ctx.is_main:
             base, _ = load_model(model_opts, verbose=False)
-            unsharded = build_role_model(base, model_opts, ("policy",))
+            # no reference copy: only the policy is merged (saves a full model copy on rank 0 without LoRA)
+            unsharded = build_role_model(base, model_opts, ("policy",), with_reference=False)
             unsharded.load_role_state_dict("policy", state)
             save_causal_lm(unsharded.merged_policy(), tokenizer, merged_dir)
             del base, unsharded
@@ -267,7 +263,7 @@ def load_model(model_opts: ModelOptions, *, verbose: bool = True):
     return model, tokenizer
 
 
-def build_role_model(model, model_opts: ModelOptions, roles, *, trainable_roles=None):
+def build_role_model(model, model_opts: ModelOptions, roles, *, trainable_roles=None, with_reference: bool = True):
     from fastrlhf.models import RoleModel
 
     targets = model_opts.lora_target_modules
@@ -277,6 +273,7 @@ def build_role_model(model, model_opts: ModelOptions, roles, *, trainable_roles=
         model, roles=roles, trainable_roles=trainable_roles, use_lora=model_opts.lora,
         lora_r=model_opts.lora_r, lora_alpha=model_opts.lora_alpha, lora_dropout=model_opts.lora_dropout,
         lora_target_modules=targets or None, reference_device=model_opts.reference_device or None,
+        with_reference=with_reference,
     )
 
 

@@ -1,7 +1,8 @@
 """`python -m fastrlhf.train sft` under torchrun with 2 CPU processes (gloo), DDP-style and --fsdp:
 exit 0 (the process group is closed, no abort at exit), rank 0 alone writes summary.json and merged/,
 and the merged policy saved from the FSDP shards equals the one saved without FSDP (same seed, data
-and steps), and differs from the untrained base (the adapter was really merged)."""
+and steps), and differs from the untrained base (the adapter was really merged); with --no-lora too
+(full-model shards, tied embeddings, resume)."""
 from __future__ import annotations
 
 import json
@@ -72,9 +73,40 @@ def test_torchrun_sft_ddp_and_fsdp_save_the_same_merged_policy(workdir):
         torch.testing.assert_close(fsdp[name], ddp[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
 
 
-def test_torchrun_fsdp_without_lora_is_refused_before_loading(workdir):
-    # the full-model FSDP weights would be saved incompletely (see fastrlhf.train._run_stage)
-    result = torchrun(workdir, "nolora", "--fsdp", "--no-lora")
-    assert result.returncode != 0
-    assert "--fsdp with --no-lora is not supported yet" in result.stderr, result.stderr
-    assert not (workdir / "nolora").exists()
+def test_torchrun_fsdp_without_lora_saves_the_full_model_with_its_tied_weights(workdir):
+    # full fine-tuning under FSDP2: every sharded (DTensor) weight reaches the merged model and the
+    # checkpoints, the tied lm_head stays tied, and a resume re-shards the gathered weights
+    torchrun_sft(workdir, "ddp_nolora", "--no-lora")
+    torchrun_sft(workdir, "fsdp_nolora", "--fsdp", "--no-lora", "--save-steps", "1")
+    base = merged_weights(workdir / "tiny")
+    ddp = merged_weights(workdir / "ddp_nolora" / "merged")
+    fsdp = merged_weights(workdir / "fsdp_nolora" / "merged")
+    assert ddp.keys() == fsdp.keys() == base.keys()
+    changed = [k for k in base if not torch.equal(ddp[k], base[k])]
+    assert "model.embed_tokens.weight" in changed and len(changed) > len(base) // 2, changed
+    for name in base:
+        torch.testing.assert_close(fsdp[name], ddp[name], rtol=1e-4, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert_tied(workdir / "fsdp_nolora" / "merged")
+
+    from safetensors.torch import load_file
+
+    saved = load_file(workdir / "fsdp_nolora" / "checkpoint-2" / "model.safetensors")
+    assert sorted(saved) == sorted(f"policy/trunk.{k}" for k in base if k != "lm_head.weight")
+
+    # resume from checkpoint-1: the same merged policy as the uninterrupted run
+    import shutil
+
+    shutil.rmtree(workdir / "fsdp_nolora" / "checkpoint-2")
+    shutil.rmtree(workdir / "fsdp_nolora" / "merged")
+    torchrun_sft(workdir, "fsdp_nolora", "--fsdp", "--no-lora", "--save-steps", "1", "--resume", "auto")
+    resumed = merged_weights(workdir / "fsdp_nolora" / "merged")
+    for name in base:
+        torch.testing.assert_close(resumed[name], fsdp[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def assert_tied(path):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert model.config.tie_word_embeddings
+    assert model.lm_head.weight is model.model.embed_tokens.weight

@@ -361,6 +361,34 @@ def test_full_finetuning_reward_next_to_policy_gets_its_own_trunk():
         model.hidden_states("reference", *batch([3], left=False)[1:])
 
 
+def test_dedup_state_finds_ties_by_parameter_identity_not_pointers():
+    from fastrlhf.roles import _dedup_state
+
+    tied, untied = tiny_llama(tie=True), tiny_llama(tie=False)
+    state = _dedup_state(tied)
+    assert set(tied.state_dict()) - set(state) == {"lm_head.weight"}  # the embedding (first name) is kept
+    assert set(_dedup_state(untied)) == set(untied.state_dict())
+    # distinct tensors may report the same data_ptr (empty ones: 0, like every FSDP2 DTensor or an
+    # empty local shard): they are not ties
+    empty = torch.nn.ParameterDict({"a": torch.nn.Parameter(torch.empty(0)), "b": torch.nn.Parameter(torch.empty(0, 3))})
+    assert empty["a"].data_ptr() == empty["b"].data_ptr()
+    assert set(_dedup_state(empty)) == {"a", "b"}
+
+
+def test_full_finetuning_role_state_keeps_the_tie_and_loads_into_a_fresh_model():
+    model = RoleModel(tiny_llama(tie=True, seed=1), roles=("policy",), use_lora=False, with_reference=False)
+    state = model.role_state_dict("policy")
+    assert "trunk.lm_head.weight" not in state and "trunk.model.embed_tokens.weight" in state
+    fresh = RoleModel(tiny_llama(tie=True, seed=2), roles=("policy",), use_lora=False, with_reference=False)
+    fresh.load_role_state_dict("policy", state)
+    lm = fresh.policy_lm
+    assert lm.lm_head.weight is lm.model.embed_tokens.weight
+    for name, value in model.policy_lm.state_dict().items():
+        torch.testing.assert_close(lm.state_dict()[name], value, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="missing"):
+        fresh.load_role_state_dict("policy", {k: v for k, v in state.items() if "norm" not in k})
+
+
 # --------------------------------------------------------------------------- state, merge, save
 
 
