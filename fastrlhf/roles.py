@@ -453,7 +453,7 @@ class RoleModel(nn.Module):
             adapter = get_peft_model_state_dict(self.peft_model, adapter_name=role)
             state.update({f"adapter.{k}": v.detach() for k, v in adapter.items()})
         elif self._role_owns_trunk(role):
-            state.update({f"trunk.{k}": v.detach() for k, v in _dedup_state(self._trunk(role).state_dict()).items()})
+            state.update({f"trunk.{k}": v.detach() for k, v in _dedup_state(self._trunk(role)).items()})
         if role in self.heads:
             state.update({f"head.{k}": v.detach() for k, v in self.heads[role].state_dict().items()})
         return state
@@ -475,11 +475,7 @@ class RoleModel(nn.Module):
             if not groups["adapter"] or unexpected:
                 raise ValueError(f"the state dict does not match the {role!r} adapter (unexpected: {unexpected[:3]})")
         elif self._role_owns_trunk(role):
-            trunk = self._trunk(role)
-            missing, unexpected = trunk.load_state_dict(groups["trunk"], strict=False)
-            tied = set(trunk.state_dict()) - set(_dedup_state(trunk.state_dict()))
-            if unexpected or set(missing) - tied:
-                raise ValueError(f"trunk state of role {role!r}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+            _load_trunk_state(self._trunk(role), groups["trunk"], role)
         if role in self.heads:
             self.heads[role].load_state_dict(groups["head"])
         self._refresh_requires_grad()
@@ -585,11 +581,40 @@ def _optimizer_bytes(params: list[nn.Parameter], optimizer) -> int:
     return sum(2 * 4 * p.numel() for p in params)  # AdamW: exp_avg + exp_avg_sq in fp32
 
 
-def _dedup_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop keys whose tensor shares storage with an earlier key (tied embeddings), for safetensors."""
-    seen, out = set(), {}
-    for key, value in state.items():
-        if value.data_ptr() not in seen:
-            seen.add(value.data_ptr())
-            out[key] = value
-    return out
+def _tied_names(module: nn.Module) -> set[str]:
+    """State-dict names that alias an earlier parameter/buffer of `module` (tied embeddings).
+
+    Ties are found by object identity through the module structure, never by data_ptr(): an FSDP2
+    DTensor reports data_ptr() 0 for every parameter, and an empty local shard shares nothing."""
+    seen: set[int] = set()
+    tied: set[str] = set()
+    named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    for name, tensor in named:
+        if id(tensor) in seen:
+            tied.add(name)
+        seen.add(id(tensor))
+    return tied
+
+
+def _dedup_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """`module.state_dict()` without the tied aliases (safetensors refuses shared storage); the
+    first name of a tie (the embedding, for tied lm_heads) is kept."""
+    tied = _tied_names(module)
+    return {key: value for key, value in module.state_dict().items() if key not in tied}
+
+
+def _load_trunk_state(trunk: nn.Module, state: dict[str, torch.Tensor], role: str) -> None:
+    """Load a full (unsharded) trunk state; tied aliases may be present or not."""
+    from fastrlhf.distributed import load_full_state_dict
+
+    tied = _tied_names(trunk)
+    expected = set(trunk.state_dict())
+    missing = sorted(expected - tied - set(state))
+    unexpected = sorted(set(state) - expected)
+    if missing or unexpected:
+        raise ValueError(f"trunk state of role {role!r}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    if any(hasattr(p, "device_mesh") for p in trunk.parameters()):
+        # FSDP2: copy each full tensor's shard into the DTensor (load_state_dict would mix Tensor and DTensor)
+        load_full_state_dict(trunk, {k: v for k, v in state.items() if k not in tied})
+    else:
+        trunk.load_state_dict(state, strict=False)
