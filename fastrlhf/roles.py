@@ -560,11 +560,15 @@ def _scalar_head(hidden_size: int, std: float, device, dtype: torch.dtype) -> nn
 
 
 def _unique_bytes(params: Iterable[torch.Tensor]) -> int:
+    """Bytes of distinct parameters held by this process. Identity, not data_ptr(): an FSDP2 DTensor
+    reports data_ptr() 0 (every parameter looked like one), and a tied weight is one object. A
+    DTensor counts its local shard: the report is per rank."""
     seen, total = set(), 0
     for p in params:
-        if p.data_ptr() not in seen:
-            seen.add(p.data_ptr())
-            total += p.numel() * p.element_size()
+        if id(p) not in seen:
+            seen.add(id(p))
+            local = p.to_local() if hasattr(p, "to_local") else p
+            total += local.numel() * local.element_size()
     return total
 
 
