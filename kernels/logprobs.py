@@ -21,6 +21,11 @@ gh (of entropy) and the saved lse and entropy:
 It may write its result over the logits it reads (`out=logits`), which the fused linear path
 uses to keep only one `[chunk, V]` buffer alive.
 
+Because lse and entropy come saved from the forward, backward needs no reduction over the row:
+it can run on a vocab tile, columns [col_start, col_start + width) of every row (`col_start`,
+targets stay full-vocabulary ids). The fused linear path uses that to produce the weight gradient
+one vocab slice at a time (see `fastrlhf.losses.logprobs`).
+
 Rows are addressed as groups of rows, row r at `(r // R) * stride_group + (r % R) * stride_row`,
 so a `[B, T, V]` view that cannot be flattened without a copy (the usual `logits[:, :-1]`) is
 read in place; a plain `[N, V]` matrix is R = 1 (Triton turns the division into nothing).
@@ -99,13 +104,16 @@ def _logprobs_fwd_kernel(
 @triton.jit
 def _logprobs_bwd_kernel(
     logits_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logps_ptr, grad_entropy_ptr, dlogits_ptr,
-    V, rows_per_group, stride_group, stride_row, out_stride_group, out_stride_row, inv_temperature,
+    V, col_start, rows_per_group, stride_group, stride_row, out_stride_group, out_stride_row, inv_temperature,
     IGNORE: tl.constexpr, HAS_GRAD_LOGPS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
     BLOCK_V: tl.constexpr,
 ):
+    # V here is the width of the logits read (a vocab tile, or all of it), col_start the vocab id
+    # of their first column.
     row = tl.program_id(0).to(tl.int64)
     target = tl.load(targets_ptr + row).to(tl.int64)
     ignored = target == IGNORE
+    target_col = target - col_start  # outside [0, V) when the target lies in another tile
     n_read = tl.where(ignored, 0, V)  # ignored rows only write zeros, never read their logits
     lse = tl.load(lse_ptr + row)
     if HAS_GRAD_LOGPS:
@@ -124,7 +132,7 @@ def _logprobs_bwd_kernel(
         z = tl.load(in_ptr + cols, mask=cols < n_read, other=0.0).to(tl.float32) * inv_temperature
         log_p = z - lse
         p = tl.exp(log_p)
-        dz = tl.where(cols == target, g, 0.0) - g * p
+        dz = tl.where(cols == target_col, g, 0.0) - g * p
         if HAS_GRAD_ENTROPY:
             dz -= gh * p * tl.where(p > 0, log_p + entropy, 0.0)  # 0·(-inf) := 0
         dz = tl.where(ignored, 0.0, dz * inv_temperature)
@@ -221,6 +229,7 @@ def logprobs_backward(
     temperature: float = 1.0,
     block_v: int | None = None,
     out: torch.Tensor | None = None,
+    col_start: int = 0,
 ) -> torch.Tensor:
     """`d loss / d logits` (shaped like `logits`, [N, V] or [G, R, V]) from the upstream grads of
     logps and entropy (either may be None).
@@ -228,6 +237,10 @@ def logprobs_backward(
     `out` (default: a new contiguous tensor of logits' dtype) may be `logits` itself: each element
     is read before it is overwritten, by the same program. `entropy` is needed only with
     `grad_entropy`.
+
+    `col_start`: `logits` are the vocab columns [col_start, col_start + width) of the full rows (a
+    vocab tile); `targets` are full-vocabulary ids and `lse` / `entropy` those of the full rows, as
+    saved by `logprobs_forward`. Gives exactly those columns of the full-row gradient.
     """
     _check_rows(logits, targets)
     N, V = targets.shape[0], logits.shape[-1]
@@ -246,7 +259,7 @@ def logprobs_backward(
         grad_logps.contiguous() if grad_logps is not None else lse,
         grad_entropy.contiguous() if grad_entropy is not None else lse,
         out,
-        V, *_row_layout(logits), *_row_layout(out)[1:], 1.0 / temperature,
+        V, col_start, *_row_layout(logits), *_row_layout(out)[1:], 1.0 / temperature,
         IGNORE=IGNORE_INDEX, HAS_GRAD_LOGPS=grad_logps is not None,
         HAS_GRAD_ENTROPY=grad_entropy is not None, BLOCK_V=block,
         num_warps=_num_warps(block),

@@ -249,12 +249,18 @@ def head(V, H, dtype, device, bias):
     return hidden, weight, b
 
 
-def run_token_logprobs(hidden, weight, bias, targets, backend, g, gh, **kwargs):
+def run_token_logprobs(hidden, weight, bias, targets, backend, g, gh, shift=False, **kwargs):
+    """shift: `hidden` is [B, T + 1, H] and its strided view hidden[:, :-1] goes in."""
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in (hidden, weight, bias)]
-    out = token_logprobs(leaves[0], leaves[1], targets, bias=leaves[2], backend=backend, **kwargs)
+    x = leaves[0][:, :-1] if shift else leaves[0]
+    out = token_logprobs(x, leaves[1], targets, bias=leaves[2], backend=backend, **kwargs)
     logps, entropy = out if kwargs.get("return_entropy") else (out, None)
     ((logps * g).sum() + ((entropy * gh).sum() if entropy is not None else 0)).backward()
-    return logps.detach(), entropy, [None if t is None else t.grad for t in leaves]
+    grads = [None if t is None else t.grad for t in leaves]
+    if shift:
+        assert (grads[0][:, -1] == 0).all()
+        grads[0] = grads[0][:, :-1]
+    return logps.detach(), entropy, grads
 
 
 def expected_token_logprobs(hidden, weight, bias, targets, temperature, g, gh):
@@ -292,6 +298,148 @@ def test_token_logprobs_matches_reference_and_closed_form(V, temperature, bias, 
             assert grad.dtype == source.dtype and grad.shape == source.shape
             assert_close(grad, expected, GRAD_TOL[dtype], f"{backend} d{name}")
         assert (grads[0].reshape(-1, 16)[1] == 0).all(), "ignored row must get exactly zero gradient"
+
+
+# --------------------------------------------------------------------------- backward over vocab tiles
+
+
+def spy_path(monkeypatch, force=None):
+    """Records which backward path token_logprobs takes (True = vocab tiles) in the returned list;
+    `force` ("vocab" / "rows") overrides the choice."""
+    from fastrlhf.losses import logprobs as fused
+
+    taken, choose = [], fused._backward_over_vocab
+
+    def spy(n_rows, vocab, need_weight):
+        over_vocab = choose(n_rows, vocab, need_weight) if force is None else force == "vocab"
+        taken.append(over_vocab)
+        return over_vocab
+
+    monkeypatch.setattr(fused, "_backward_over_vocab", spy)
+    return taken
+
+
+def test_backward_path_choice():
+    from fastrlhf.losses.logprobs import _backward_over_vocab, _vocab_tile
+
+    assert _backward_over_vocab(4096, 151936, need_weight=True)
+    assert not _backward_over_vocab(4096, 151936, need_weight=False)  # frozen head: no accumulator
+    assert not _backward_over_vocab(151936, 151936, need_weight=True)
+    # 256 MiB of fp32 logits: [16384, 4096] tiles; at least 128 wide, at most V, multiples of 128.
+    assert _vocab_tile(16384, 151936, 256 * 2**20) == 4096
+    assert _vocab_tile(37, 1000, 4 * 1000 * 4) == 128
+    assert _vocab_tile(10**6, 151936, 256 * 2**20) == 128
+    assert _vocab_tile(3, 1000, 256 * 2**20) == 1000
+
+
+# (hidden shape, V, path): N = 36 < V = 1000 with chunk_size 4 gives vocab tiles of 128, i.e.
+# 8 tiles, the last one 104 wide; "shifted" is hidden[:, :-1] of [4, 10, H] (a strided view);
+# N = 150 >= V = 131 keeps the row path.
+TILE_CASES = {"vocab": ((36,), 1000, True), "vocab-shifted": ((4, 9), 1000, True), "rows": ((150,), 131, False)}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("return_entropy", [False, True])
+@pytest.mark.parametrize("temperature,bias", [(1.0, False), (0.6, True)])
+@pytest.mark.parametrize("case", sorted(TILE_CASES))
+def test_token_logprobs_backward_paths_match_closed_form(case, temperature, bias, return_entropy, dtype, device,
+                                                          monkeypatch):
+    lead, V, over_vocab = TILE_CASES[case]
+    H, shift = 16, case == "vocab-shifted"
+    full = torch.randn(*lead[:-1], lead[-1] + shift, H, device=device).to(dtype)
+    hidden = full[:, :-1] if shift else full
+    weight = (torch.randn(V, H, device=device) * H**-0.5 * 3).to(dtype)
+    b = (torch.randn(V, device=device) * 0.5).to(dtype) if bias else None
+    targets = make_targets(lead, V, device)
+    targets.view(-1)[-1] = V - 1  # a target in the ragged last tile
+    g, gh = torch.randn(lead, device=device), torch.randn(lead, device=device)
+    gh = gh if return_entropy else torch.zeros_like(gh)
+    exp_logps, exp_entropy, exp_grads = expected_token_logprobs(hidden, weight, b, targets, temperature, g, gh)
+    taken = spy_path(monkeypatch)
+    for backend in BACKENDS:
+        logps, entropy, grads = run_token_logprobs(
+            full, weight, b, targets, backend, g, gh, shift=shift,
+            temperature=temperature, return_entropy=return_entropy, chunk_size=4,
+        )
+        assert_close(logps, exp_logps, VALUE_TOL[dtype], f"{backend} logps")
+        if return_entropy:
+            assert_close(entropy, exp_entropy, VALUE_TOL[dtype], f"{backend} entropy")
+        for name, grad, expected, source in zip(("hidden", "weight", "bias"), grads, exp_grads, (hidden, weight, b)):
+            if source is not None:
+                assert grad.dtype == source.dtype and grad.shape == source.shape
+                assert_close(grad, expected, GRAD_TOL[dtype], f"{backend} d{name}")
+        assert (grads[0].reshape(-1, H)[1] == 0).all(), "ignored row must get exactly zero gradient"
+    assert taken == [over_vocab], "the triton backend must take the path this case is meant to test"
+
+
+def test_vocab_tiles_fully_ignored_batch(device, monkeypatch):
+    hidden, weight, b = head(1000, 4, torch.float32, device, bias=True)
+    taken = spy_path(monkeypatch)
+    g = torch.ones(2, 7, device=device)
+    logps, entropy, grads = run_token_logprobs(hidden, weight, b, torch.full((2, 7), IGNORE, device=device), "triton",
+                                               g, g, return_entropy=True, chunk_size=1)
+    assert taken == [True]  # 14 rows x 1000 with a budget of one row: 8 tiles of 128
+    assert (logps == 0).all() and (entropy == 0).all()
+    assert all((grad == 0).all() for grad in grads)
+
+
+class Allocations(TorchDispatchMode):
+    """Records (shape, dtype) of every new tensor storage made by an op (views are not)."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        self.made += [(tuple(t.shape), t.dtype) for t in pytree.tree_leaves(out)
+                      if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs]
+        return out
+
+
+@pytest.mark.parametrize("path", ["vocab", "rows"])
+def test_vocab_tiles_allocate_no_fp32_weight_gradient(path, device, monkeypatch):
+    """bf16 head: the vocab-tile backward writes the weight gradient in bf16 slice by slice; the
+    fp32 [V, H] accumulator of the row path (checked here too, so the test can see one) is gone."""
+    V, H = 1000, 16
+    hidden, weight, _ = head(V, H, torch.bfloat16, device, bias=False)
+    hidden.requires_grad_(), weight.requires_grad_()
+    spy_path(monkeypatch, force=path)
+    logps = token_logprobs(hidden, weight, make_targets((2, 7), V, device), chunk_size=4, backend="triton")
+    mode = Allocations()
+    with mode:
+        logps.sum().backward()
+    fp32_weight_sized = [m for m in mode.made if m[1] == torch.float32 and torch.Size(m[0]).numel() >= V * H]
+    assert bool(fp32_weight_sized) == (path == "rows"), (path, fp32_weight_sized)
+    assert weight.grad.dtype == torch.bfloat16
+
+
+def test_vocab_tile_kernel_variants_compile_for_sm90(device, monkeypatch, tmp_path):
+    """Vocab tiles narrower than the vocabulary (large N, and the ragged last tile: 384 wide at
+    V = 151936, N = 16384) launch the backward kernel with BLOCK_V < 4096, variants the
+    full-vocabulary calls of tests/test_gpu_compile.py never reach. They compile for sm_90
+    without spills and within the 128 registers that test allows."""
+    from gpu_compile import compile_for_cuda, recorded_launches
+    from fastrlhf.losses import logprobs as fused
+
+    N, H, V = 5, 16, 2 * 4096 + 384
+    with recorded_launches() as launches, torch.device(device):
+        for width in (4096, 1024, 128):  # tiles of `width`, the last one 384 (or none) wide
+            for name in ("CHUNK_BYTES_CPU", "CHUNK_BYTES_CUDA"):
+                monkeypatch.setattr(fused, name, 4 * N * width)
+            for dtype in (torch.float32, torch.bfloat16):
+                hidden = torch.randn(N, H, dtype=dtype, requires_grad=True)
+                weight = torch.randn(V, H, dtype=dtype, requires_grad=True)
+                logps, entropy = token_logprobs(hidden, weight, torch.randint(0, V, (N,)), return_entropy=True,
+                                                backend="triton")
+                (logps + entropy).sum().backward()
+    blocks = {dict(launch.constexprs)["BLOCK_V"] for launch in launches if launch.kernel == "_logprobs_bwd_kernel"}
+    assert blocks == {4096, 1024, 512, 128}, blocks
+    usage = compile_for_cuda(launches, tmp_path)
+    assert not [u for u in usage if u["local"] or u["stack"]], usage
+    assert max(u["reg"] for u in usage) <= 128, usage
 
 
 def test_token_logprobs_large_prime_vocab(device):
@@ -470,14 +618,17 @@ class LargestAllocation(TorchDispatchMode):
         return out
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_token_logprobs_never_allocates_n_by_v(backend, device):
-    """Largest allocation <= one fp32 chunk of logits, and the same for 8x more rows."""
-    V, H, chunk = 389, 4, 8  # H < chunk so that [V, H] weight gradients stay below one chunk
-    chunk_bytes = chunk * V * 4
+@pytest.mark.parametrize("backend,path", [("triton", "vocab"), ("triton", "rows"), ("torch", None)])
+def test_token_logprobs_never_allocates_n_by_v(backend, path, device, monkeypatch):
+    """Largest allocation <= one fp32 chunk of logits, and the same for 4x more rows: on both
+    backward paths of the Triton backend (vocab tiles of N x Vc with N x Vc = chunk x V, or row
+    chunks of chunk x V)."""
+    V, H, chunk = 2048, 4, 8  # H < chunk: [V, H] weight gradients stay below one chunk;
+    chunk_bytes = chunk * V * 4  # and 128 x N <= chunk x V: vocab tiles stay >= 128 wide
     weight = torch.randn(V, H, device=device, requires_grad=True)
+    taken = spy_path(monkeypatch, force=path)
     largest = []
-    for n_rows in (32, 256):
+    for n_rows in (32, 128):
         hidden = torch.randn(n_rows, H, device=device, requires_grad=True)
         targets = torch.randint(0, V, (n_rows,), device=device)
         assert n_rows * V * 4 >= 4 * chunk_bytes  # an N x V tensor would be caught
@@ -490,6 +641,7 @@ def test_token_logprobs_never_allocates_n_by_v(backend, device):
         assert max(mode.largest.values()) <= chunk_bytes + 4096, (n_rows, mode.largest)
         largest.append(mode.largest)
     assert largest[0] == largest[1], f"allocation grew with N: {largest}"
+    assert taken == ([path == "vocab"] * 2 if backend == "triton" else [])
 
 
 def test_token_logprobs_reads_shifted_hidden_without_copying_it(device):
