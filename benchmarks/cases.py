@@ -529,7 +529,9 @@ GRPO_KW = dict(clip_eps=0.2, clip_eps_high=0.28, kl_coef=0.04, kl_estimator="k3"
 
 def _grpo_head(logprobs_fn, ppo_fn, x, backend):
     kw = {"backend": backend} if backend else {}
-    logps = logprobs_fn(x["padded"][:, :-1], x["ids"], **kw)
+    # The model's [B, L+1, V] logits as they are (next-token layout), as Liger's GRPO loss takes them:
+    # slicing [:, :-1] first would add a logits-sized slice_backward.
+    logps = logprobs_fn(x["padded"], x["ids"], **kw)
     adv = x["advantages"][:, None].expand_as(logps).contiguous()
     return ppo_fn(logps, x["old_logps"], adv, x["mask"].bool(), ref_logps=x["ref_logps"], **GRPO_KW, **kw)
 

@@ -167,6 +167,66 @@ def test_shifted_logits_view_is_read_in_place(dtype, device):
     assert (x.grad[:, -1] == 0).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lead", [(3,), ()])
+def test_next_token_layout_equals_slicing_the_logits(backend, dtype, lead, device):
+    """logits [..., T+1, V] with targets [..., T] is exactly logits[..., :-1, :] with the same
+    targets: values, entropy and the gradient (zero at the last position)."""
+    T, V = 5, 131
+    full = (torch.randn(*lead, T + 1, V, device=device) * 3).to(dtype)
+    targets = make_targets((*lead, T), V, device)
+    g, gh = torch.randn(*lead, T, device=device), torch.randn(*lead, T, device=device)
+    exp_logps, exp_entropy, exp_grad = closed_form(full[..., :-1, :], targets, 0.8, g, gh)
+    x = full.detach().clone().requires_grad_()
+    logps, entropy = logprobs_from_logits(x, targets, temperature=0.8, return_entropy=True, backend=backend)
+    ((logps * g).sum() + (entropy * gh).sum()).backward()
+    assert logps.shape == entropy.shape == targets.shape
+    assert_close(logps, exp_logps, VALUE_TOL[dtype], "logps")
+    assert_close(entropy, exp_entropy, VALUE_TOL[dtype], "entropy")
+    assert x.grad.shape == full.shape
+    assert_close(x.grad[..., :-1, :], exp_grad, GRAD_TOL[dtype], "dlogits")
+    assert (x.grad[..., -1, :] == 0).all()
+
+
+class AllocatedBytes(TorchDispatchMode):
+    """Ops seen and the bytes of every new storage, during backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops, self.sizes = [], []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.ops.append(str(func))
+        inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        self.sizes += [t.untyped_storage().nbytes() for t in pytree.tree_leaves(out)
+                       if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs]
+        return out
+
+
+def test_next_token_layout_backward_allocates_one_logits_sized_gradient(device):
+    """Slicing logits[:, :-1] first makes autograd's slice_backward allocate a second logits-sized
+    zero tensor and copy the gradient into it (2x the memory, 3x the bytes written). The next-token
+    layout writes the [B, T+1, V] gradient once."""
+    B, T, V = 2, 16, 1000
+    full_bytes = B * (T + 1) * V * 4
+    targets = torch.randint(0, V, (B, T), device=device)
+    counts = {}
+    for layout in ("sliced", "next-token"):
+        x = torch.randn(B, T + 1, V, device=device, requires_grad=True)
+        logps = logprobs_from_logits(x[:, :-1] if layout == "sliced" else x, targets, backend="triton")
+        mode = AllocatedBytes()
+        with mode:
+            logps.sum().backward()
+        counts[layout] = sum(size >= 0.9 * B * T * V * 4 for size in mode.sizes)
+        if layout == "next-token":
+            assert not any("slice_backward" in op for op in mode.ops), mode.ops
+            assert max(mode.sizes) == full_bytes
+    assert counts == {"sliced": 2, "next-token": 1}, counts
+
+
 HUGE_OFFSET_SCRIPT = r"""
 import os, sys
 device = sys.argv[1]
@@ -587,7 +647,10 @@ def test_logprobs_from_logits_rejects_bad_input(backend):
     for bad_logits, bad_targets, kwargs in [
         (logits.long(), targets, {}),
         (logits, targets.float(), {}),
-        (logits, targets[:, :2], {}),
+        # (targets[:, :2] is the next-token layout, valid: test_next_token_layout_*)
+        (logits, targets[:, :1], {}),  # neither one per row nor the next-token layout
+        (logits[:, :2], targets, {}),  # targets longer than the logits
+        (logits, targets[:1, :2], {}),
         (logits, targets + 10, {}),
         (logits, targets, {"temperature": 0.0}),
         (torch.randn(2, 3, 0), targets, {}),

@@ -85,15 +85,22 @@ def _accumulate_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> N
 
 class _LogprobsFromLogits(torch.autograd.Function):
     """logits `[N, V]` or `[G, R, V]` -> logps `[N]` (+ entropy `[N]`); backward writes a new
-    contiguous gradient shaped like the logits."""
+    contiguous gradient shaped like the logits.
+
+    `next_token=True`: the logits are `[..., T+1, V]` and the rows read are `logits[..., :-1, :]`.
+    The gradient is then written straight into a `[..., T+1, V]` buffer (zero last position): had
+    the caller sliced `logits[:, :-1]` itself, autograd's slice backward would allocate a second
+    full-size zero tensor and copy the whole gradient into it."""
 
     @staticmethod
-    def forward(ctx, logits, targets, temperature, return_entropy):
-        logps, lse, entropy = _kernels().logprobs_forward(
-            logits, targets, temperature=temperature, compute_entropy=return_entropy
+    def forward(ctx, logits, targets, temperature, return_entropy, next_token):
+        kernels = _kernels()
+        rows = kernels.rows_view(logits[..., :-1, :]) if next_token else logits
+        logps, lse, entropy = kernels.logprobs_forward(
+            rows, targets, temperature=temperature, compute_entropy=return_entropy
         )
         ctx.save_for_backward(logits, targets, lse, entropy)
-        ctx.temperature = temperature
+        ctx.temperature, ctx.next_token = temperature, next_token
         ctx.set_materialize_grads(False)
         return (logps, entropy) if return_entropy else logps
 
@@ -101,11 +108,19 @@ class _LogprobsFromLogits(torch.autograd.Function):
     def backward(ctx, grad_logps, grad_entropy=None):
         logits, targets, lse, entropy = ctx.saved_tensors
         if grad_logps is None and grad_entropy is None:
-            return None, None, None, None
-        dlogits = _kernels().logprobs_backward(
-            logits, targets, lse, entropy, grad_logps, grad_entropy, temperature=ctx.temperature
+            return None, None, None, None, None
+        kernels = _kernels()
+        rows, out, dlogits = logits, None, None
+        if ctx.next_token:
+            rows = kernels.rows_view(logits[..., :-1, :])
+            dlogits = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+            dlogits[..., -1, :].zero_()
+            out = kernels.rows_view(dlogits[..., :-1, :])
+            assert out.data_ptr() == dlogits.data_ptr(), "a view of a contiguous buffer, never a copy"
+        grad = kernels.logprobs_backward(
+            rows, targets, lse, entropy, grad_logps, grad_entropy, temperature=ctx.temperature, out=out
         )
-        return dlogits, None, None, None
+        return (grad if dlogits is None else dlogits), None, None, None, None
 
 
 def _spans(n: int, chunk: int):
@@ -305,7 +320,10 @@ def logprobs_from_logits(
 
     Args:
         logits: `[..., V]` (e.g. `[B, T, V]`), fp32/bf16/fp16; read in one pass with an online
-            logsumexp, in fp32.
+            logsumexp, in fp32. Or the model's logits as they are, `[..., T+1, V]`, with targets
+            `[..., T]` (= input_ids[..., 1:]): the last position is skipped, and backward writes
+            the gradient for all T+1 positions in one buffer. Prefer that to `logits[:, :-1]`,
+            whose slice backward costs a second logits-sized gradient and a full copy.
         targets: `[...]` integer token ids in `[0, V)`; `-100` marks ignored positions.
         temperature: > 0; the logits are divided by it.
         return_entropy: also return the entropy of `softmax(logits / temperature)`.
@@ -320,9 +338,13 @@ def logprobs_from_logits(
         return reference.logprobs_from_logits(
             logits, targets, temperature=temperature, return_entropy=return_entropy
         )
-    # A view for the kernels whenever strides allow (logits[:, :-1] included): no copy of [N, V].
-    rows = _kernels().rows_view(logits)
-    out = _LogprobsFromLogits.apply(rows, targets.reshape(-1).contiguous(), float(temperature), return_entropy)
+    flat_targets = targets.reshape(-1).contiguous()
+    if reference.predicts_next(logits, targets):
+        out = _LogprobsFromLogits.apply(logits, flat_targets, float(temperature), return_entropy, True)
+    else:
+        # A view for the kernels whenever strides allow (logits[:, :-1] included): no copy of [N, V].
+        rows = _kernels().rows_view(logits)
+        out = _LogprobsFromLogits.apply(rows, flat_targets, float(temperature), return_entropy, False)
     return _reshape_outputs(out, targets.shape, return_entropy)
 
 

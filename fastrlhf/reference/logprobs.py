@@ -52,13 +52,31 @@ def check_targets(targets: torch.Tensor, expected_shape: torch.Size, vocab_size:
             )
 
 
+def predicts_next(logits: torch.Tensor, targets: torch.Tensor) -> bool:
+    """The next-token layout: `logits [..., T+1, V]` straight from the model and `targets [..., T]`
+    (= input_ids[..., 1:]); position t's logits score targets[t] and the last position scores nothing."""
+    return (
+        isinstance(targets, torch.Tensor) and logits.dim() >= 2 and targets.dim() == logits.dim() - 1
+        and targets.shape[:-1] == logits.shape[:-2] and logits.shape[-2] == targets.shape[-1] + 1
+    )
+
+
 def validate_logits_args(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> None:
     check_floating("logits", logits)
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must be [..., V] with V >= 1, got shape {tuple(logits.shape)}")
     check_positive("temperature", temperature)
     check_same_device(logits=logits, targets=targets)
-    check_targets(targets, logits.shape[:-1], logits.shape[-1])
+    positions = logits.shape[:-1]
+    if predicts_next(logits, targets):
+        positions = torch.Size((*positions[:-1], positions[-1] - 1))
+    elif isinstance(targets, torch.Tensor) and targets.shape != positions:
+        raise ValueError(
+            f"targets must have shape {tuple(positions)} (one per logits row) or "
+            f"{(*positions[:-1], positions[-1] - 1) if len(positions) else ()} (next-token layout: logits "
+            f"[..., T+1, V], targets [..., T]), got {tuple(targets.shape)}"
+        )
+    check_targets(targets, positions, logits.shape[-1])
 
 
 def validate_hidden_args(
@@ -117,11 +135,14 @@ def logprobs_from_logits(
     temperature: float = 1.0,
     return_entropy: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability of `targets [...]` under `softmax(logits [..., V] / temperature)`.
+    """Log-probability of `targets [...]` under `softmax(logits [..., V] / temperature)`; also the
+    next-token layout `logits [..., T+1, V]`, `targets [..., T]` (see `predicts_next`).
 
     Returns logps `[...]` (fp32), and entropy `[...]` too if `return_entropy`.
     """
     validate_logits_args(logits, targets, temperature)
+    if predicts_next(logits, targets):
+        logits = logits[..., :-1, :]
     log_probs = torch.log_softmax(logits.to(compute_dtype(logits.dtype)) / temperature, dim=-1)
     ignored = targets == IGNORE_INDEX
     safe_targets = targets.masked_fill(ignored, 0).long().unsqueeze(-1)
