@@ -77,6 +77,13 @@ class RoleModel(nn.Module):
             "lora_target_modules": lora_target_modules,
         }
 
+        softcap = getattr(getattr(base_model, "config", None), "final_logit_softcapping", None)
+        if softcap:
+            # Gemma-2-style c * tanh(logits / c): the fused log-probs read lm_head(hidden) as the
+            # logits, so every log-prob, KL and loss would silently be those of another model.
+            raise ValueError(
+                f"this model caps its logits (config.final_logit_softcapping={softcap}), which the fused "
+                "log-probs do not apply yet; use a model without logit soft-capping")
         lm_head = base_model.get_output_embeddings().weight
         hidden_size, device = lm_head.shape[1], lm_head.device
         head_dtype = torch.promote_types(lm_head.dtype, torch.float32)

@@ -534,3 +534,10 @@ def test_real_smollm2_gguf_answers_paris_and_roundtrips(tmp_path):
     with torch.no_grad():
         again = RoleModel(reloaded, roles=("policy",)).token_logprobs("policy", out, mask)
     torch.testing.assert_close(again, logps, atol=1e-4, rtol=1e-4)
+
+
+def test_logit_softcapping_models_are_refused_not_silently_wrong():
+    base = tiny_llama()
+    base.config.final_logit_softcapping = 30.0  # Gemma-2 style
+    with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
+        RoleModel(base, roles=("policy",))
