@@ -13,10 +13,17 @@ values with grad, then ppo_loss + value_loss, backward and one optimizer step; g
 of it. peak_bytes here is the WHOLE footprint (weights + gradients + optimizer state + the step's
 peak activations), not the extra over inputs as for the kernel rows: that is what "four models vs
 one" changes. Full fine-tuning vs LoRA is part of the difference being measured, by design.
+
+Every step is measured twice in the same run: with activation checkpointing of the trunks that run
+with grad (policy and value; shape suffix ",ckpt"; what real PPO setups use, so weights, gradients
+and optimizer state dominate) and without (no suffix). The no-grad reference/reward forwards are the
+same in both. The note column carries static_bytes = weights + trainable gradients + optimizer state,
+so peak_bytes - static_bytes is the step's activation peak.
 """
 from __future__ import annotations
 
 import copy
+import gc
 import time
 
 import torch
@@ -104,15 +111,28 @@ def _last(x, am):
     return x[torch.arange(x.shape[0], device=x.device), idx]
 
 
+def _checkpoint(model) -> None:
+    """Non-reentrant activation checkpointing of an HF causal LM, as RoleModel.gradient_checkpointing_enable
+    does it (transformers 5 renamed the method), so every provider recomputes its layers the same way."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    model.train()  # HF layers only checkpoint in training mode (dropout is 0 in these configs)
+
+
 # ----------------------------------------------------------------------------- PPO
 
 
-def build_ppo(kind, config, device, dtype):
+def build_ppo(kind, config, device, dtype, ckpt=False):
     if kind == "fastrlhf-shared-lora":
         from fastrlhf.roles import RoleModel
 
         rm = RoleModel(_new_model(config, device, dtype), roles=("policy", "value", "reward"),
                        trainable_roles=("policy", "value"))
+        if ckpt:  # the shared trunk; only the policy/value forwards run with grad, so only they checkpoint
+            rm.gradient_checkpointing_enable()
         params = rm.trainable_parameters()
 
         def forward(ids, am):
@@ -126,6 +146,9 @@ def build_ppo(kind, config, device, dtype):
     reference = copy.deepcopy(policy).requires_grad_(False)
     value = _ScalarHead(_new_model(config, device, dtype, seed=1), dtype)
     reward = _ScalarHead(_new_model(config, device, dtype, seed=2), dtype).requires_grad_(False)
+    if ckpt:  # after the reference copy: the trunks that run with grad, as in the shared-LoRA provider
+        _checkpoint(policy)
+        _checkpoint(value.lm)
     logps_fn = _fused_logps if kind == "separate-models-fused" else _trl_logps
 
     def forward(ids, am):
@@ -161,11 +184,13 @@ def ppo_step_fn(forward, params, ids, am, loss_mask):
 # ----------------------------------------------------------------------------- DPO
 
 
-def build_dpo(kind, config, device, dtype):
+def build_dpo(kind, config, device, dtype, ckpt=False):
     if kind == "fastrlhf-shared-lora":
         from fastrlhf.roles import RoleModel
 
         rm = RoleModel(_new_model(config, device, dtype), roles=("policy",))
+        if ckpt:
+            rm.gradient_checkpointing_enable()
 
         def forward(ids, am):
             with torch.no_grad():
@@ -174,6 +199,8 @@ def build_dpo(kind, config, device, dtype):
         return forward, rm.trainable_parameters(), [rm]
     policy = _new_model(config, device, dtype)
     reference = copy.deepcopy(policy).requires_grad_(False)
+    if ckpt:
+        _checkpoint(policy)
     logps_fn = _fused_logps if kind == "separate-models-fused" else _trl_logps
 
     def forward(ids, am):
@@ -203,6 +230,11 @@ def dpo_step_fn(forward, params, ids, am, loss_mask):
 
 # ----------------------------------------------------------------------------- runner
 
+# (step, checkpointing) in run order: the checkpointed PPO step first, as a time budget cuts the tail
+# and that is the configuration where weights (four models vs one base + adapters) dominate.
+CONFIGS = (("e2e_ppo_step", True), ("e2e_ppo_step", False), ("e2e_dpo_step", True), ("e2e_dpo_step", False))
+STEPS = {"e2e_ppo_step": (build_ppo, ppo_step_fn), "e2e_dpo_step": (build_dpo, dpo_step_fn)}
+
 
 def _state_bytes(modules, params_with_state) -> int:
     """Unique storages of every parameter/buffer plus optimizer state (CPU footprint accounting)."""
@@ -216,66 +248,97 @@ def _state_bytes(modules, params_with_state) -> int:
     return total
 
 
-def run(info: DeviceInfo, *, quick: bool, deadline: float | None = None, providers=None) -> list[dict]:
+def _optimizer_bytes(params) -> int:
+    """AdamW keeps two fp32-or-param-dtype moments per trainable parameter; gradients are freed
+    (set_to_none) between steps but exist during one, and the step peak already counts them."""
+    return sum(2 * p.numel() * p.element_size() for p in params)
+
+
+def _grad_bytes(params) -> int:
+    """The trainable gradients, one per parameter in its dtype (freed by zero_grad between steps, so
+    not in memory_allocated() after a step, but alive at the end of every backward)."""
+    return sum(p.numel() * p.element_size() for p in params)
+
+
+def _row(info, step_name, kind, ckpt, name, B, T, gpu) -> dict:
+    backend = ("triton" if gpu else "torch") if kind != "trl-style" else "eager"
+    return dict(kernel=step_name, provider=kind, mode="full", dtype="bf16" if gpu else "fp32",
+                shape=f"model={name},B={B},T={T}" + (",ckpt" if ckpt else ""), device=info.name, date=today(),
+                backend=backend, note="peak = weights+grads+optimizer+step",
+                **{k: info.versions.get(k, "") for k in ("torch", "triton", "fastrlhf", "liger_kernel", "trl")})
+
+
+def _measure_gpu(build, make_step, batch) -> tuple:
+    """(timing, peak, static): peak and static count everything allocated since before the build."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    forward, params, modules = build()
+    step = make_step(forward, params, *batch)
+    step()  # allocates the optimizer state
+    torch.cuda.synchronize()
+    static = torch.cuda.memory_allocated() - base + _grad_bytes(params)
+    timing = measure.bench(step, "cuda", quick=True)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return timing, torch.cuda.max_memory_allocated() - base, static
+
+
+def _measure_cpu(build, make_step, batch) -> tuple:
+    """(timing, peak, static) from storage sizes plus the profiler's peak of one step (which includes
+    the gradients, allocated inside the step)."""
+    forward, params, modules = build()
+    step = make_step(forward, params, *batch)
+    step()  # allocates the optimizer state
+    held = _state_bytes(modules, params) + _optimizer_bytes(params)
+    timing = measure.bench(step, "cpu", quick=True)
+    return timing, held + measure.peak_bytes(step, "cpu"), held + _grad_bytes(params)
+
+
+def _run_one(row, build, make_step, batch, gpu) -> dict:
     import fastrlhf
 
+    log(f"[{row['kernel']}] {row['provider']} {row['shape']}")
+    try:
+        with fastrlhf.use_backend("auto" if gpu else "torch"):
+            timing, peak, static = (_measure_gpu if gpu else _measure_cpu)(build, make_step, batch)
+    except Exception as exc:
+        row = dict(row, status=_error_status(exc))
+        log(f"  {row['kernel']} {row['provider']}: {row['status']}")
+        return row
+    finally:
+        if gpu:  # the models are garbage now; collect cycles (RoleModel/PEFT) before the next build
+            gc.collect()
+            torch.cuda.empty_cache()
+    log(f"  {row['kernel']} {row['provider']}: {timing.median_ms:.1f} ms, peak {peak / 2**20:.1f} MiB, "
+        f"static {static / 2**20:.1f} MiB")
+    return dict(row, median_ms=f"{timing.median_ms:.4g}", p20_ms=f"{timing.p20_ms:.4g}",
+                p80_ms=f"{timing.p80_ms:.4g}", peak_bytes=peak, status="ok",
+                note=f"static_bytes={static}; peak = weights+grads+optimizer+step, static = weights+grads+optimizer")
+
+
+def run(info: DeviceInfo, *, quick: bool, deadline: float | None = None, providers=None,
+        configs=CONFIGS) -> list[dict]:
     device = info.device
     gpu = device.startswith("cuda")
     name, config = model_config(quick, gpu)
     dtype = torch.bfloat16 if gpu else torch.float32
     B, T = (8, 1024) if gpu and not quick else ((4, 256) if gpu else (4, 128))
-    ids, am, loss_mask = _batch(B, T, config.vocab_size, device)
+    batch = _batch(B, T, config.vocab_size, device)
     rows = []
-    backend = "triton" if gpu else "torch"
-    for step_name, build, make_step in (("e2e_ppo_step", build_ppo, ppo_step_fn),
-                                        ("e2e_dpo_step", build_dpo, dpo_step_fn)):
+    for step_name, ckpt in configs:
+        build, make_step = STEPS[step_name]
         for kind in PROVIDERS:
             if providers is not None and kind not in providers:
                 continue
-            row = dict(kernel=step_name, provider=kind, mode="full", dtype="bf16" if gpu else "fp32",
-                       shape=f"model={name},B={B},T={T}", device=info.name, date=today(),
-                       backend=backend if kind != "trl-style" else "eager", note="peak = weights+grads+optimizer+step",
-                       **{k: info.versions.get(k, "") for k in ("torch", "triton", "fastrlhf", "liger_kernel", "trl")})
+            row = _row(info, step_name, kind, ckpt, name, B, T, gpu)
             if deadline is not None and time.monotonic() > deadline:
                 rows.append(dict(row, status="skipped: time budget"))
-                continue
-            if kind == "trl-style" and peers.peer_status("trl.trainer.utils"):
+            elif kind == "trl-style" and peers.peer_status("trl.trainer.utils"):
                 rows.append(dict(row, status=peers.peer_status("trl.trainer.utils")))
-                continue
-            log(f"[{step_name}] {kind}")
-            try:
-                with fastrlhf.use_backend("auto" if gpu else "torch"):
-                    if gpu:
-                        torch.cuda.synchronize()
-                        torch.cuda.empty_cache()
-                        base = torch.cuda.memory_allocated()
-                    forward, params, modules = build(kind, config, device, dtype)
-                    step = make_step(forward, params, ids, am, loss_mask)
-                    step()  # allocates the optimizer state
-                    timing = measure.bench(step, device, quick=True)
-                    if gpu:
-                        torch.cuda.synchronize()
-                        torch.cuda.reset_peak_memory_stats()
-                        step()
-                        torch.cuda.synchronize()
-                        peak = torch.cuda.max_memory_allocated() - base
-                    else:
-                        peak = _state_bytes(modules, params) + _optimizer_bytes(params) + measure.peak_bytes(
-                            step, device)
-                rows.append(dict(row, median_ms=f"{timing.median_ms:.4g}", p20_ms=f"{timing.p20_ms:.4g}",
-                                 p80_ms=f"{timing.p80_ms:.4g}", peak_bytes=peak, status="ok"))
-                log(f"  {step_name} {kind}: {timing.median_ms:.1f} ms, peak {peak / 2**20:.1f} MiB")
-            except Exception as exc:
-                rows.append(dict(row, status=_error_status(exc)))
-                log(f"  {step_name} {kind}: {rows[-1]['status']}")
-            finally:
-                forward = params = modules = step = None
-                if gpu:
-                    torch.cuda.empty_cache()
+            else:
+                rows.append(_run_one(row, lambda: build(kind, config, device, dtype, ckpt=ckpt), make_step,
+                                     batch, gpu))
     return rows
-
-
-def _optimizer_bytes(params) -> int:
-    """AdamW keeps two fp32-or-param-dtype moments per trainable parameter; gradients are freed
-    (set_to_none) between steps but exist during one, and the step peak already counts them."""
-    return sum(2 * p.numel() * p.element_size() for p in params)

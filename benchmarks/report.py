@@ -156,12 +156,25 @@ def detail_table(rows: list[dict]) -> list[str]:
             r["kernel"], r["shape"], r["dtype"], r["mode"], r["provider"], r.get("backend", ""),
             fmt_ms(r["median_ms"]) if ok else "–",
             f"{fmt_ms(r['p20_ms'])}–{fmt_ms(r['p80_ms'])}" if ok else "–",
-            human_bytes(r.get("peak_bytes")) if ok and r.get("peak_bytes") else "–",
+            _peak_cell(r) if ok and r.get("peak_bytes") else "–",
             f"{float(r['achieved']):.3g} {r['achieved_unit']}" if ok and _float(r.get("achieved")) else "–",
             r.get("pct_of_peak") or "–", r.get("max_abs_diff") or "–",
             r.get("status", "").replace("|", "/"),
         ]) + " |")
     return lines
+
+
+def static_bytes(row: dict) -> float | None:
+    """The e2e rows' weights + gradients + optimizer bytes, kept in the note ("static_bytes=N; ...")
+    because the CSV schema has no column for it."""
+    m = re.search(r"static_bytes=(\d+)", row.get("note") or "")
+    return float(m.group(1)) if m else None
+
+
+def _peak_cell(row: dict) -> str:
+    static = static_bytes(row)
+    peak = human_bytes(row.get("peak_bytes"))
+    return f"{peak} (static {human_bytes(static)})" if static is not None else peak
 
 
 def _is_gpu(rows):

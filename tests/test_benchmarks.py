@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -100,3 +101,42 @@ def test_cpu_peak_memory_sees_a_known_allocation():
 def test_cpu_timer_quantiles_are_ordered():
     t = measure.bench_cpu(lambda: torch.ones(1000).sum(), min_reps=7, min_time_s=0.0)
     assert t.reps >= 7 and t.p20_ms <= t.median_ms <= t.p80_ms
+
+
+def _e2e_rows(tmp_path: Path, *extra: str) -> list[dict]:
+    _run_suite(tmp_path, "--only", "e2e", "--providers", "fastrlhf-shared-lora,separate-models-fused", *extra)
+    [csv_file] = list(tmp_path.glob("cpu-*.csv"))
+    return list(csv.DictReader(open(csv_file)))
+
+
+@pytest.mark.slow  # ~35 s on one CPU thread: eight e2e steps
+def test_e2e_steps_with_and_without_activation_checkpointing(tmp_path):
+    rows = _e2e_rows(tmp_path)
+    by = {(r["kernel"], r["provider"], r["shape"].endswith(",ckpt")): r for r in rows}
+    assert len(by) == len(rows) == 2 * 2 * 2  # {ppo, dpo} x {shared-lora, separate} x {ckpt, not}
+    for r in rows:
+        assert r["status"] == "ok" and r["mode"] == "full", r
+        static = report.static_bytes(r)
+        assert static and 0 < static < int(r["peak_bytes"]), r  # step activations on top of the static bytes
+    for kernel in ("e2e_ppo_step", "e2e_dpo_step"):
+        for provider in ("fastrlhf-shared-lora", "separate-models-fused"):
+            ckpt, plain = by[kernel, provider, True], by[kernel, provider, False]
+            # Same models and optimizer; checkpointing only drops the trunks' saved activations
+            # (tiny CPU model: ~7 MiB of ~105 MiB for the shared-LoRA PPO step, the rest is the LM head).
+            assert report.static_bytes(ckpt) == report.static_bytes(plain)
+            assert int(ckpt["peak_bytes"]) < int(plain["peak_bytes"]), (kernel, provider)
+    # One base + adapters holds far fewer static bytes than four full models with their optimizer.
+    shared, separate = (report.static_bytes(by["e2e_ppo_step", p, True])
+                        for p in ("fastrlhf-shared-lora", "separate-models-fused"))
+    assert shared < separate / 4
+    # The report keeps the two configurations apart (grouped by shape) and shows the static bytes.
+    entries = report.summarise(rows)
+    assert {e["shape"] for e in entries if e["kernel"] == "e2e_ppo_step"} == {
+        by["e2e_ppo_step", "fastrlhf-shared-lora", c]["shape"] for c in (True, False)}
+    assert any("(static " in line for line in report.detail_table(rows))
+
+
+def test_e2e_time_budget_skips_cleanly(tmp_path):
+    rows = _e2e_rows(tmp_path, "--max-minutes", "0.0001")
+    assert len(rows) == 8 and {r["status"] for r in rows} == {"skipped: time budget"}
+    assert {r["shape"].endswith(",ckpt") for r in rows} == {True, False}
