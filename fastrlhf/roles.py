@@ -28,6 +28,7 @@ from torch import nn
 import fastrlhf
 from fastrlhf._mixed_precision import find_tuner_layers, low_precision_lora
 from fastrlhf.models import decoder_of, last_token_index, position_ids_from_mask
+from fastrlhf.reference.logprobs import check_softcap
 
 ROLES = ("policy", "value", "reward")
 REFERENCE = "reference"
@@ -77,13 +78,10 @@ class RoleModel(nn.Module):
             "lora_target_modules": lora_target_modules,
         }
 
-        softcap = getattr(getattr(base_model, "config", None), "final_logit_softcapping", None)
-        if softcap:
-            # Gemma-2-style c * tanh(logits / c): the fused log-probs read lm_head(hidden) as the
-            # logits, so every log-prob, KL and loss would silently be those of another model.
-            raise ValueError(
-                f"this model caps its logits (config.final_logit_softcapping={softcap}), which the fused "
-                "log-probs do not apply yet; use a model without logit soft-capping")
+        # Gemma-2-style c * tanh(logits / c): the fused log-probs read lm_head(hidden), so they must
+        # apply the model's cap themselves, or every log-prob, KL and loss would be another model's.
+        self._logit_softcap = check_softcap(
+            getattr(getattr(base_model, "config", None), "final_logit_softcapping", None))
         lm_head = base_model.get_output_embeddings().weight
         hidden_size, device = lm_head.shape[1], lm_head.device
         head_dtype = torch.promote_types(lm_head.dtype, torch.float32)
@@ -296,7 +294,7 @@ class RoleModel(nn.Module):
         head = self._trunk(role).get_output_embeddings()
         out = fastrlhf.token_logprobs(
             hidden[:, :-1], head.weight, targets, bias=getattr(head, "bias", None),
-            temperature=temperature, return_entropy=return_entropy,
+            temperature=temperature, return_entropy=return_entropy, softcap=self._logit_softcap,
         )
         device = self.device
         return tuple(t.to(device) for t in out) if return_entropy else out.to(device)

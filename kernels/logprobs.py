@@ -3,7 +3,7 @@
 Forward, one program per row, one streaming pass over V in BLOCK_V chunks with an online
 (max, sum-exp, sum-exp·shifted-logit) triple:
 
-    z = logits / temperature          (fp32, whatever the storage dtype)
+    z = cap(logits) / temperature     (fp32, whatever the storage dtype)
     lse      = logsumexp(z)
     logp     = min(z[target] - lse, 0)          (<= 0 always, by construction and by clamp)
     entropy  = -sum p log p = log(s) - t / s    with s = sum exp(z - m), t = sum exp(z - m)·(z - m)
@@ -17,6 +17,11 @@ gh (of entropy) and the saved lse and entropy:
     d logp    / d z_j = 1[j = target] - p_j
     d entropy / d z_j = -p_j (log p_j + entropy)       (= -p_j (z_j - sum_k p_k z_k))
     d logits_j        = (g (1[j = target] - p_j) - gh p_j (log p_j + entropy)) / temperature
+
+Soft-capping (Gemma 2's final_logit_softcapping, HAS_SOFTCAP): cap(x) = c·tanh(x / c), applied
+to the logits as they are read, before the temperature; otherwise cap(x) = x. Backward then
+multiplies by d cap / dx = 1 - tanh²(x / c). A capped -inf logit is -c (as in the model itself),
+and a NaN logit stays NaN through the cap.
 
 It may write its result over the logits it reads (`out=logits`), which the fused linear path
 uses to keep only one `[chunk, V]` buffer alive.
@@ -53,10 +58,29 @@ def _row_offset(row, rows_per_group, stride_group, stride_row):
 
 
 @triton.jit
+def _tanh_parts(u):
+    """(tanh(u), 1 - tanh(u)^2) from e = exp(-2|u|) in (0, 1]: never overflows, and the derivative
+    4e / (1 + e)^2 does not cancel where tanh(u) is close to ±1 (1 - tanh^2 would). Triton has no
+    tl.tanh in every version; exp works in the interpreter and on the GPU alike. NaN stays NaN:
+    every step propagates it and the sign select keeps the NaN branch."""
+    e = tl.exp(-2.0 * tl.abs(u))
+    r = 1.0 + e
+    magnitude = (1.0 - e) / r
+    return tl.where(u < 0, -magnitude, magnitude), 4.0 * e / (r * r)
+
+
+@triton.jit
+def _softcap(x, softcap, inv_softcap):
+    """c·tanh(x / c)."""
+    tanh, _ = _tanh_parts(x * inv_softcap)
+    return softcap * tanh
+
+
+@triton.jit
 def _logprobs_fwd_kernel(
     logits_ptr, targets_ptr, logps_ptr, lse_ptr, entropy_ptr,
-    V, rows_per_group, stride_group, stride_row, inv_temperature,
-    IGNORE: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr, BLOCK_V: tl.constexpr,
+    V, rows_per_group, stride_group, stride_row, inv_temperature, softcap, inv_softcap,
+    IGNORE: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # int64 before any stride multiply
     target = tl.load(targets_ptr + row).to(tl.int64)
@@ -71,7 +95,11 @@ def _logprobs_fwd_kernel(
     offsets = tl.arange(0, BLOCK_V)
     for start in range(0, n_cols, BLOCK_V):
         cols = start + offsets
-        z = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32) * inv_temperature
+        x = tl.load(row_ptr + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
+        if HAS_SOFTCAP:
+            # Padding lanes stay -inf (the cap would make them -c, i.e. real entries).
+            x = tl.where(cols < V, _softcap(x, softcap, inv_softcap), float("-inf"))
+        z = x * inv_temperature
         m_new = tl.maximum(m, tl.max(z, axis=0))
         # Stay finite while every z seen so far is -inf (masked vocab): shift by 0 instead.
         m_shift = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -91,6 +119,8 @@ def _logprobs_fwd_kernel(
     log_s = tl.log(s)
     lse = tl.where(ignored, 0.0, m) + log_s
     z_target = tl.load(row_ptr + tl.where(in_range, target, 0), mask=target != IGNORE, other=0.0).to(tl.float32)
+    if HAS_SOFTCAP:
+        z_target = _softcap(z_target, softcap, inv_softcap)
     # NaN-propagating clamp: the default min returns the non-NaN operand, i.e. logp 0 for a NaN row.
     logp = tl.minimum(z_target * inv_temperature - lse, 0.0, propagate_nan=tl.PropagateNan.ALL)
     logp = tl.where(in_range, logp, float("nan"))
@@ -105,8 +135,9 @@ def _logprobs_fwd_kernel(
 def _logprobs_bwd_kernel(
     logits_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logps_ptr, grad_entropy_ptr, dlogits_ptr,
     V, col_start, rows_per_group, stride_group, stride_row, out_stride_group, out_stride_row, inv_temperature,
+    softcap, inv_softcap,
     IGNORE: tl.constexpr, HAS_GRAD_LOGPS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # V here is the width of the logits read (a vocab tile, or all of it), col_start the vocab id
     # of their first column.
@@ -129,13 +160,20 @@ def _logprobs_bwd_kernel(
     for start in range(0, V, BLOCK_V):
         cols = start + offsets
         valid = cols < V
-        z = tl.load(in_ptr + cols, mask=cols < n_read, other=0.0).to(tl.float32) * inv_temperature
+        x = tl.load(in_ptr + cols, mask=cols < n_read, other=0.0).to(tl.float32)
+        if HAS_SOFTCAP:
+            tanh, dcap = _tanh_parts(x * inv_softcap)
+            x = softcap * tanh
+        z = x * inv_temperature
         log_p = z - lse
         p = tl.exp(log_p)
         dz = tl.where(cols == target_col, g, 0.0) - g * p
         if HAS_GRAD_ENTROPY:
             dz -= gh * p * tl.where(p > 0, log_p + entropy, 0.0)  # 0·(-inf) := 0
-        dz = tl.where(ignored, 0.0, dz * inv_temperature)
+        dz = dz * inv_temperature
+        if HAS_SOFTCAP:
+            dz = dz * dcap  # chain rule through the cap: d z / d x = 1 - tanh²(x / c)
+        dz = tl.where(ignored, 0.0, dz)
         tl.store(out_ptr + cols, dz.to(dlogits_ptr.dtype.element_ty), mask=valid)
 
 
@@ -183,16 +221,23 @@ def rows_view(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, D).contiguous()
 
 
+def _softcap_args(softcap: float | None) -> tuple[float, float]:
+    """(c, 1 / c) kernel arguments; (1.0, 1.0) placeholders when off (HAS_SOFTCAP=False ignores them)."""
+    return (float(softcap), 1.0 / softcap) if softcap else (1.0, 1.0)
+
+
 def logprobs_forward(
     logits: torch.Tensor,
     targets: torch.Tensor,
     *,
     temperature: float = 1.0,
+    softcap: float | None = None,
     compute_entropy: bool = False,
     block_v: int | None = None,
     out: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Per-row `(logps [N], lse [N], entropy [N] or None)`, all fp32, of `logits [N, V] / temperature`.
+    """Per-row `(logps [N], lse [N], entropy [N] or None)`, all fp32, of `cap(logits [N, V]) / temperature`
+    with cap(x) = softcap·tanh(x / softcap), or cap(x) = x for softcap None / 0 (checked by the caller).
 
     `logits` may be fp32/bf16/fp16, `[N, V]` with any row stride or `[G, R, V]` (N = G * R rows)
     with any strides over G and R (see `rows_view`); `targets [N]` integer, -100 = ignored.
@@ -211,8 +256,8 @@ def logprobs_forward(
     block = _block_v(V, logits.device, block_v)
     _logprobs_fwd_kernel[(N,)](
         logits, targets, logps, lse, entropy if compute_entropy else lse,
-        V, *_row_layout(logits), 1.0 / temperature,
-        IGNORE=IGNORE_INDEX, COMPUTE_ENTROPY=compute_entropy, BLOCK_V=block,
+        V, *_row_layout(logits), 1.0 / temperature, *_softcap_args(softcap),
+        IGNORE=IGNORE_INDEX, COMPUTE_ENTROPY=compute_entropy, HAS_SOFTCAP=bool(softcap), BLOCK_V=block,
         num_warps=_num_warps(block),
     )
     return logps, lse, entropy
@@ -227,12 +272,13 @@ def logprobs_backward(
     grad_entropy: torch.Tensor | None,
     *,
     temperature: float = 1.0,
+    softcap: float | None = None,
     block_v: int | None = None,
     out: torch.Tensor | None = None,
     col_start: int = 0,
 ) -> torch.Tensor:
     """`d loss / d logits` (shaped like `logits`, [N, V] or [G, R, V]) from the upstream grads of
-    logps and entropy (either may be None).
+    logps and entropy (either may be None), through the same `softcap` as the forward.
 
     `out` (default: a new contiguous tensor of logits' dtype) may be `logits` itself: each element
     is read before it is overwritten, by the same program. `entropy` is needed only with
@@ -259,9 +305,9 @@ def logprobs_backward(
         grad_logps.contiguous() if grad_logps is not None else lse,
         grad_entropy.contiguous() if grad_entropy is not None else lse,
         out,
-        V, col_start, *_row_layout(logits), *_row_layout(out)[1:], 1.0 / temperature,
+        V, col_start, *_row_layout(logits), *_row_layout(out)[1:], 1.0 / temperature, *_softcap_args(softcap),
         IGNORE=IGNORE_INDEX, HAS_GRAD_LOGPS=grad_logps is not None,
-        HAS_GRAD_ENTROPY=grad_entropy is not None, BLOCK_V=block,
+        HAS_GRAD_ENTROPY=grad_entropy is not None, HAS_SOFTCAP=bool(softcap), BLOCK_V=block,
         num_warps=_num_warps(block),
     )
     return out

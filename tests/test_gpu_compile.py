@@ -31,6 +31,13 @@ def _logprob_variants():
             {"logps": logps, "entropy": entropy, "both": logps + entropy}[backward].sum().backward()
         logps = fastrlhf.logprobs_from_logits(logits.flatten(0, 1), targets.new_zeros(8), backend="triton")
         logps.sum().backward()  # plain [N, V], no entropy
+        # Gemma-2 soft-capping (HAS_SOFTCAP): a tanh per element, forward and backward.
+        for backward in ("logps", "both"):
+            logps, entropy = fastrlhf.logprobs_from_logits(
+                logits, targets, return_entropy=True, softcap=30.0, backend="triton")  # next-token layout
+            {"logps": logps, "both": logps + entropy}[backward].sum().backward()
+        fastrlhf.logprobs_from_logits(logits.flatten(0, 1), targets.new_zeros(8), softcap=30.0,
+                                      backend="triton").sum().backward()
     # fp16 differs from bf16 only in the conversion instructions: one variant each way.
     logits = torch.randn(3, V, dtype=torch.float16, requires_grad=True)
     logps, entropy = fastrlhf.logprobs_from_logits(logits, torch.randint(0, V, (3,)), return_entropy=True,
@@ -47,6 +54,9 @@ def _logprob_variants():
         logps, entropy = fastrlhf.token_logprobs(hidden, weight, targets, return_entropy=True, backend="triton")
         (logps + entropy).sum().backward()
         fastrlhf.token_logprobs(hidden, weight, targets, backend="triton").sum().backward()
+        logps, entropy = fastrlhf.token_logprobs(hidden, weight, targets, return_entropy=True, softcap=30.0,
+                                                 backend="triton")
+        (logps + entropy).sum().backward()
 
 
 def _ppo_variants():
@@ -126,8 +136,9 @@ def record(area: str) -> dict:
 # Constexpr values each area must have compiled (guards against a scenario silently dropping one).
 EXPECTED = {
     "logprobs": {
-        "_logprobs_fwd_kernel": {"COMPUTE_ENTROPY": {True, False}, "BLOCK_V": {4096}},
-        "_logprobs_bwd_kernel": {"HAS_GRAD_LOGPS": {True, False}, "HAS_GRAD_ENTROPY": {True, False}},
+        "_logprobs_fwd_kernel": {"COMPUTE_ENTROPY": {True, False}, "BLOCK_V": {4096}, "HAS_SOFTCAP": {True, False}},
+        "_logprobs_bwd_kernel": {"HAS_GRAD_LOGPS": {True, False}, "HAS_GRAD_ENTROPY": {True, False},
+                                 "HAS_SOFTCAP": {True, False}},
     },
     "ppo": {
         "_ppo_objective_kernel": {name: {True, False} for name in

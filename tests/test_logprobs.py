@@ -27,12 +27,17 @@ GRAD_TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 # --------------------------------------------------------------------------- float64 closed form
 
 
-def closed_form(logits, targets, temperature, grad_logps, grad_entropy):
+def closed_form(logits, targets, temperature, grad_logps, grad_entropy, softcap=None):
     """Independent float64 formulas: logp, entropy and d(sum g·logp + gh·entropy)/d logits.
 
-    d logp / d z_j = 1[j=y] - p_j;  d entropy / d z_j = -p_j (log p_j + entropy);  z = logits / T.
+    d logp / d z_j = 1[j=y] - p_j;  d entropy / d z_j = -p_j (log p_j + entropy);  z = cap(logits) / T,
+    cap(x) = c tanh(x / c) with d cap / dx = 1 - tanh²(x / c) (cap(x) = x without softcap).
     """
-    z = logits.double() / temperature
+    x, dcap = logits.double(), 1.0
+    if softcap:
+        tanh = torch.tanh(x / softcap)
+        x, dcap = softcap * tanh, 1 - tanh**2
+    z = x / temperature
     shift = z.max(-1, keepdim=True).values
     log_p = z - (shift + (z - shift).exp().sum(-1, keepdim=True).log())
     p = log_p.exp()
@@ -44,7 +49,7 @@ def closed_form(logits, targets, temperature, grad_logps, grad_entropy):
     dz = grad_logps.double().unsqueeze(-1) * (onehot - p) - grad_entropy.double().unsqueeze(-1) * p * (
         log_p + entropy.unsqueeze(-1)
     )
-    return logps, entropy, dz / temperature * keep.unsqueeze(-1)
+    return logps, entropy, dz / temperature * dcap * keep.unsqueeze(-1)
 
 
 def assert_close(actual, expected, tol, what=""):
@@ -59,10 +64,11 @@ def make_targets(shape, V, device):
     return targets
 
 
-def run_from_logits(logits, targets, temperature, return_entropy, backend, g, gh):
+def run_from_logits(logits, targets, temperature, return_entropy, backend, g, gh, **kwargs):
     """Forward + backward of sum(g·logps + gh·entropy); returns (logps, entropy or None, dlogits)."""
     x = logits.detach().clone().requires_grad_()
-    out = logprobs_from_logits(x, targets, temperature=temperature, return_entropy=return_entropy, backend=backend)
+    out = logprobs_from_logits(x, targets, temperature=temperature, return_entropy=return_entropy, backend=backend,
+                               **kwargs)
     logps, entropy = out if return_entropy else (out, None)
     loss = (logps * g).sum() + ((entropy * gh).sum() if return_entropy else 0)
     loss.backward()
@@ -72,17 +78,19 @@ def run_from_logits(logits, targets, temperature, return_entropy, backend, g, gh
 # --------------------------------------------------------------------------- the math itself
 
 
-def test_closed_form_gradients_match_float64_autograd():
+@pytest.mark.parametrize("softcap", [None, 5.0])
+def test_closed_form_gradients_match_float64_autograd(softcap):
     logits = torch.randn(5, 11, dtype=torch.float64) * 3
     targets = torch.tensor([0, IGNORE, 10, 4, 4])
     g, gh = torch.randn(5, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
     x = logits.clone().requires_grad_()
-    log_p = torch.log_softmax(x / 0.7, -1)
+    capped = softcap * torch.tanh(x / softcap) if softcap else x
+    log_p = torch.log_softmax(capped / 0.7, -1)
     keep = (targets != IGNORE).double()
     logp = log_p.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)
     entropy = -(log_p.exp() * log_p).sum(-1)
     ((logp * g + entropy * gh) * keep).sum().backward()
-    ref_logps, ref_entropy, ref_grad = closed_form(logits, targets, 0.7, g, gh)
+    ref_logps, ref_entropy, ref_grad = closed_form(logits, targets, 0.7, g, gh, softcap)
     torch.testing.assert_close(ref_grad, x.grad, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ref_logps, logp.detach() * keep, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(ref_entropy, entropy.detach() * keep, rtol=1e-12, atol=1e-12)
@@ -281,13 +289,15 @@ def test_row_offsets_past_int32_range(device):
     assert result.returncode == 0 and "ok" in result.stdout, (result.returncode, result.stderr[-3000:])
 
 
+@pytest.mark.parametrize("softcap", [None, 5.0])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_nan_logits_give_nan_not_zero(backend, device):
-    """The clamp logp <= 0 must not turn a NaN row into logp 0 (Triton's default min drops NaN)."""
+def test_nan_logits_give_nan_not_zero(backend, softcap, device):
+    """The clamp logp <= 0 must not turn a NaN row into logp 0 (Triton's default min drops NaN),
+    nor may the soft-cap's tanh turn a NaN logit into a number."""
     logits = torch.randn(3, 50, device=device)
     logits[1, 7] = float("nan")
     logps, entropy = logprobs_from_logits(logits, torch.tensor([1, 2, 3], device=device), return_entropy=True,
-                                          backend=backend)
+                                          softcap=softcap, backend=backend)
     assert logps[1].isnan() and entropy[1].isnan()
     assert logps[[0, 2]].isfinite().all() and entropy[[0, 2]].isfinite().all()
 
@@ -323,10 +333,11 @@ def run_token_logprobs(hidden, weight, bias, targets, backend, g, gh, shift=Fals
     return logps.detach(), entropy, grads
 
 
-def expected_token_logprobs(hidden, weight, bias, targets, temperature, g, gh):
+def expected_token_logprobs(hidden, weight, bias, targets, temperature, g, gh, softcap=None):
     h, w = hidden.double().reshape(-1, hidden.shape[-1]), weight.double()
     logits = h @ w.T + (0 if bias is None else bias.double())
-    logps, entropy, dlogits = closed_form(logits, targets.reshape(-1), temperature, g.reshape(-1), gh.reshape(-1))
+    logps, entropy, dlogits = closed_form(logits, targets.reshape(-1), temperature, g.reshape(-1), gh.reshape(-1),
+                                          softcap)
     grads = [(dlogits @ w).reshape(hidden.shape), dlogits.T @ h, None if bias is None else dlogits.sum(0)]
     return logps.reshape(targets.shape), entropy.reshape(targets.shape), grads
 
@@ -502,6 +513,121 @@ def test_vocab_tile_kernel_variants_compile_for_sm90(device, monkeypatch, tmp_pa
     assert max(u["reg"] for u in usage) <= 128, usage
 
 
+# --------------------------------------------------------------------------- logit soft-capping
+
+
+def capped_logits(shape, dtype, device):
+    """Raw logits spread over [-100, 100]: far past c = 5 and 30, where tanh saturates."""
+    return (torch.rand(shape, device=device) * 200 - 100).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("return_entropy", [False, True])
+@pytest.mark.parametrize("layout", ["rows", "next-token"])
+@pytest.mark.parametrize("softcap", [5.0, 30.0])
+def test_softcap_logprobs_from_logits_matches_reference_and_closed_form(softcap, layout, return_entropy, dtype,
+                                                                        device):
+    """z = c·tanh(x / c) / T, read both as [..., V] rows and as next-token [..., T+1, V] logits."""
+    T, V, temperature = 5, 131, 0.7
+    full = capped_logits((3, T + 1, V), dtype, device)
+    logits = full if layout == "next-token" else full[:, :-1].contiguous()
+    targets = make_targets((3, T), V, device)
+    g, gh = torch.randn(3, T, device=device), torch.randn(3, T, device=device)
+    gh = gh if return_entropy else torch.zeros_like(gh)
+    exp_logps, exp_entropy, exp_grad = closed_form(full[:, :-1], targets, temperature, g, gh, softcap)
+    for backend in BACKENDS:
+        logps, entropy, grad = run_from_logits(logits, targets, temperature, return_entropy, backend, g, gh,
+                                               softcap=softcap)
+        assert (logps <= 0).all() and grad.shape == logits.shape and grad.dtype == dtype
+        assert_close(logps, exp_logps, VALUE_TOL[dtype], f"{backend} logps")
+        if return_entropy:
+            assert_close(entropy, exp_entropy, VALUE_TOL[dtype], f"{backend} entropy")
+        assert_close(grad[:, :T], exp_grad, GRAD_TOL[dtype], f"{backend} dlogits")
+        if layout == "next-token":
+            assert (grad[:, -1] == 0).all()
+    # the cap bites: without it the values are far off
+    assert (closed_form(full[:, :-1], targets, temperature, g, gh)[0] - exp_logps).abs().max() > 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("return_entropy", [False, True])
+@pytest.mark.parametrize("softcap", [5.0, 30.0])
+@pytest.mark.parametrize("case", sorted(TILE_CASES))
+def test_softcap_token_logprobs_backward_paths_match_closed_form(case, softcap, return_entropy, dtype, device,
+                                                                 monkeypatch):
+    """Both backward paths (row chunks, vocab tiles incl. the ragged last one) apply the cap's
+    derivative; temperature 0.6 divides after the cap; hidden, weight and bias gradients."""
+    lead, V, over_vocab = TILE_CASES[case]
+    H, shift, temperature = 16, case == "vocab-shifted", 0.6
+    full = torch.randn(*lead[:-1], lead[-1] + shift, H, device=device).to(dtype)
+    hidden = full[:, :-1] if shift else full
+    weight = (torch.randn(V, H, device=device) * H**-0.5 * 40).to(dtype)  # |logits| up to ~100+
+    b = (torch.randn(V, device=device) * 5).to(dtype)
+    targets = make_targets(lead, V, device)
+    targets.view(-1)[-1] = V - 1  # a target in the ragged last tile
+    g, gh = torch.randn(lead, device=device), torch.randn(lead, device=device)
+    gh = gh if return_entropy else torch.zeros_like(gh)
+    exp_logps, exp_entropy, exp_grads = expected_token_logprobs(hidden, weight, b, targets, temperature, g, gh, softcap)
+    taken = spy_path(monkeypatch)
+    for backend in BACKENDS:
+        logps, entropy, grads = run_token_logprobs(
+            full, weight, b, targets, backend, g, gh, shift=shift,
+            temperature=temperature, return_entropy=return_entropy, chunk_size=4, softcap=softcap,
+        )
+        assert_close(logps, exp_logps, VALUE_TOL[dtype], f"{backend} logps")
+        if return_entropy:
+            assert_close(entropy, exp_entropy, VALUE_TOL[dtype], f"{backend} entropy")
+        for name, grad, expected, source in zip(("hidden", "weight", "bias"), grads, exp_grads, (hidden, weight, b)):
+            assert grad.dtype == source.dtype and grad.shape == source.shape
+            assert_close(grad, expected, GRAD_TOL[dtype], f"{backend} d{name}")
+        assert (grads[0].reshape(-1, H)[1] == 0).all(), "ignored row must get exactly zero gradient"
+    assert taken == [over_vocab], "the triton backend must take the path this case is meant to test"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_softcap_off_values_and_infinite_logits(backend, device):
+    """softcap None and 0 are the same uncapped result; ±inf raw logits cap to ±c, as in the model
+    (a -inf logit is no longer masked out once capped)."""
+    V, c = 50, 5.0
+    logits = torch.randn(3, V, device=device) * 20
+    targets = torch.tensor([1, 2, 3], device=device)
+    plain = logprobs_from_logits(logits, targets, backend=backend)
+    assert torch.equal(plain, logprobs_from_logits(logits, targets, softcap=0, backend=backend))
+    assert torch.equal(plain, logprobs_from_logits(logits, targets, softcap=None, backend=backend))
+    logits[0, 4], logits[2, 9] = float("inf"), float("-inf")
+    logps, entropy = logprobs_from_logits(logits, targets, softcap=c, return_entropy=True, backend=backend)
+    exp_logps, exp_entropy, _ = closed_form(logits, targets, 1.0, torch.zeros(3), torch.zeros(3), c)
+    assert torch.isfinite(logps).all() and torch.isfinite(entropy).all()
+    assert_close(logps, exp_logps, 2e-5, "logps")
+    assert_close(entropy, exp_entropy, 2e-5, "entropy")
+
+
+def test_softcap_kernel_variants_compile_for_sm90(device, monkeypatch, tmp_path):
+    """HAS_SOFTCAP=True adds a tanh per element, forward and backward. Full-vocabulary variants are
+    in tests/test_gpu_compile.py; the vocab tiles of 4096 / 1024 / 128 and the ragged 384-wide one
+    (fp32 and bf16) compile for sm_90 without spills and within 128 registers too."""
+    from gpu_compile import compile_for_cuda, recorded_launches
+    from fastrlhf.losses import logprobs as fused
+
+    N, H, V = 5, 16, 2 * 4096 + 384
+    with recorded_launches() as launches, torch.device(device):
+        for width in (4096, 1024, 128):
+            for name in ("CHUNK_BYTES_CPU", "CHUNK_BYTES_CUDA"):
+                monkeypatch.setattr(fused, name, 4 * N * width)
+            for dtype in (torch.float32, torch.bfloat16):
+                hidden = torch.randn(N, H, dtype=dtype, requires_grad=True)
+                weight = torch.randn(V, H, dtype=dtype, requires_grad=True)
+                logps, entropy = token_logprobs(hidden, weight, torch.randint(0, V, (N,)), return_entropy=True,
+                                                softcap=30.0, backend="triton")
+                (logps + entropy).sum().backward()
+    assert all(dict(launch.constexprs)["HAS_SOFTCAP"] for launch in launches)
+    blocks = {dict(launch.constexprs)["BLOCK_V"] for launch in launches if launch.kernel == "_logprobs_bwd_kernel"}
+    assert blocks == {4096, 1024, 512, 128}, blocks
+    usage = compile_for_cuda(launches, tmp_path)
+    assert not [u for u in usage if u["local"] or u["stack"]], usage
+    assert max(u["reg"] for u in usage) <= 128, usage
+
+
 def test_token_logprobs_large_prime_vocab(device):
     """V = 32003 (prime, not a multiple of any block size) with few rows."""
     V, H = 32003, 8
@@ -607,6 +733,25 @@ def test_gradcheck_reference_float64():
     )
 
 
+def test_gradcheck_reference_softcap_float64():
+    """The twin's soft-cap in float64, on logits past the cap (c = 2, |x| up to ~6)."""
+    logits = (torch.randn(2, 4, 7, dtype=torch.float64) * 3).requires_grad_()
+    targets = torch.tensor([[0, 6, IGNORE], [3, 3, 1]])  # next-token layout: [2, 3+1, 7] logits
+    assert torch.autograd.gradcheck(
+        lambda x: reference.logprobs_from_logits(x, targets, temperature=0.8, return_entropy=True, softcap=2.0),
+        (logits,),
+    )
+    hidden = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    weight = (torch.randn(7, 3, dtype=torch.float64) * 2).requires_grad_()
+    bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda h, w, b: reference.token_logprobs(
+            h, w, targets.reshape(-1)[:5], bias=b, temperature=1.5, return_entropy=True, chunk_size=2, softcap=2.0
+        ),
+        (hidden, weight, bias),
+    )
+
+
 # --------------------------------------------------------------------------- bad input
 
 
@@ -627,6 +772,11 @@ def bad_token_logprobs_calls():
         "negative temperature": dict(temperature=-1.0),
         "chunk_size 0": dict(chunk_size=0),
         "chunk_size float": dict(chunk_size=2.5),
+        "negative softcap": dict(softcap=-30.0),
+        "nan softcap": dict(softcap=float("nan")),
+        "inf softcap": dict(softcap=float("inf")),
+        "string softcap": dict(softcap="30"),
+        "bool softcap": dict(softcap=True),
         "unknown backend": dict(backend="cuda"),
     }, dict(hidden=h, weight=w, targets=t)
 
@@ -657,6 +807,17 @@ def test_logprobs_from_logits_rejects_bad_input(backend):
     ]:
         with pytest.raises(ValueError):
             logprobs_from_logits(bad_logits, bad_targets, backend=backend, **kwargs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("softcap", [-1.0, float("nan"), float("inf"), float("-inf"), "30", True, torch.tensor(30.0)])
+def test_bad_softcap_is_rejected_by_name(softcap, backend):
+    logits, targets = torch.randn(2, 3, 10), torch.randint(0, 10, (2, 3))
+    with pytest.raises(ValueError, match="softcap"):
+        logprobs_from_logits(logits, targets, softcap=softcap, backend=backend)
+    with pytest.raises(ValueError, match="softcap"):
+        token_logprobs(torch.randn(4, 8), torch.randn(10, 8), targets.reshape(-1)[:4], softcap=softcap,
+                       backend=backend)
 
 
 # --------------------------------------------------------------------------- memory: never N x V

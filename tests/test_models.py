@@ -536,8 +536,27 @@ def test_real_smollm2_gguf_answers_paris_and_roundtrips(tmp_path):
     torch.testing.assert_close(again, logps, atol=1e-4, rtol=1e-4)
 
 
-def test_logit_softcapping_models_are_refused_not_silently_wrong():
+def test_logit_softcapping_models_get_capped_logprobs():
+    """Gemma-2-style final_logit_softcapping: token_logprobs (policy and reference) are those of
+    c * tanh(lm_head(hidden) / c), the temperature dividing after the cap, not of the raw head."""
     base = tiny_llama()
-    base.config.final_logit_softcapping = 30.0  # Gemma-2 style
-    with pytest.raises(ValueError, match="final_logit_softcapping=30.0"):
+    with torch.no_grad():
+        base.lm_head.weight.mul_(200.0)  # raw logits of tens: the cap bites
+    base.config.final_logit_softcapping = 30.0
+    model = RoleModel(base, roles=("policy",))
+    _, ids, mask = batch([6, 4], left=True)
+    hidden = model.hidden_states("policy", ids, mask)[:, :-1].double()
+    raw = hidden @ model.lm_head_weight.double().T
+    assert raw.abs().max() > 30.0, raw.abs().max()
+    logits = 30.0 * torch.tanh(raw / 30.0) / 0.7
+    expected = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None]).squeeze(-1) * mask[:, 1:]
+    p = torch.softmax(logits, -1)
+    for role in ("policy", "reference"):
+        logps, entropy = model.token_logprobs(role, ids, mask, temperature=0.7, return_entropy=True)
+        torch.testing.assert_close(logps.double(), expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(entropy.double(), -(p * p.log()).sum(-1) * mask[:, 1:], atol=1e-5, rtol=1e-5)
+    uncapped = torch.log_softmax(raw / 0.7, -1).gather(-1, ids[:, 1:, None]).squeeze(-1) * mask[:, 1:]
+    assert (uncapped - expected).abs().max() > 1.0  # a model without the cap would be far off
+    base.config.final_logit_softcapping = -1.0
+    with pytest.raises(ValueError, match="softcap"):
         RoleModel(base, roles=("policy",))

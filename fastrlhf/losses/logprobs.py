@@ -9,6 +9,10 @@ of the weight gradient once instead of adding every row chunk into an fp32 `[V, 
 (`_backward_over_vocab` says why). Peak extra memory: one chunk's fp32 logits (plus their
 low-precision d logits for bf16/fp16 weights), and an fp32 `[N, H]` hidden-gradient accumulator
 on the vocab-tile path.
+
+`softcap=c` (Gemma 2's final_logit_softcapping) caps the logits, c·tanh(x / c), inside the row
+kernels as they read them, forward and backward (vocab tiles too: the cap is elementwise); the
+logits in memory stay raw, so no extra buffer and no extra pass.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from fastrlhf.reference import logprobs as reference
 from fastrlhf.reference.logprobs import (
     CHUNK_BYTES_CPU,
     CHUNK_BYTES_CUDA,
+    check_softcap,
     no_autocast,
     validate_hidden_args,
     validate_logits_args,
@@ -93,14 +98,14 @@ class _LogprobsFromLogits(torch.autograd.Function):
     full-size zero tensor and copy the whole gradient into it."""
 
     @staticmethod
-    def forward(ctx, logits, targets, temperature, return_entropy, next_token):
+    def forward(ctx, logits, targets, temperature, return_entropy, next_token, softcap):
         kernels = _kernels()
         rows = kernels.rows_view(logits[..., :-1, :]) if next_token else logits
         logps, lse, entropy = kernels.logprobs_forward(
-            rows, targets, temperature=temperature, compute_entropy=return_entropy
+            rows, targets, temperature=temperature, softcap=softcap, compute_entropy=return_entropy
         )
         ctx.save_for_backward(logits, targets, lse, entropy)
-        ctx.temperature, ctx.next_token = temperature, next_token
+        ctx.temperature, ctx.next_token, ctx.softcap = temperature, next_token, softcap
         ctx.set_materialize_grads(False)
         return (logps, entropy) if return_entropy else logps
 
@@ -108,7 +113,7 @@ class _LogprobsFromLogits(torch.autograd.Function):
     def backward(ctx, grad_logps, grad_entropy=None):
         logits, targets, lse, entropy = ctx.saved_tensors
         if grad_logps is None and grad_entropy is None:
-            return None, None, None, None, None
+            return None, None, None, None, None, None
         kernels = _kernels()
         rows, out, dlogits = logits, None, None
         if ctx.next_token:
@@ -118,9 +123,10 @@ class _LogprobsFromLogits(torch.autograd.Function):
             out = kernels.rows_view(dlogits[..., :-1, :])
             assert out.data_ptr() == dlogits.data_ptr(), "a view of a contiguous buffer, never a copy"
         grad = kernels.logprobs_backward(
-            rows, targets, lse, entropy, grad_logps, grad_entropy, temperature=ctx.temperature, out=out
+            rows, targets, lse, entropy, grad_logps, grad_entropy, temperature=ctx.temperature,
+            softcap=ctx.softcap, out=out,
         )
-        return (grad if dlogits is None else dlogits), None, None, None, None
+        return (grad if dlogits is None else dlogits), None, None, None, None, None
 
 
 def _spans(n: int, chunk: int):
@@ -173,18 +179,20 @@ def _backward_over_vocab(n_rows: int, vocab: int, need_weight: bool) -> bool:
     return need_weight and n_rows < vocab
 
 
-def _dlogits(logits, weight_dtype, upstream, rows, temperature, col_start=0):
+def _dlogits(logits, weight_dtype, upstream, rows, scaling, col_start=0):
     """d loss / d logits of `logits` (rows `rows` of the batch; vocab columns from `col_start`) in
-    the weight's dtype, for the matmuls: written over the logits when that is their dtype."""
+    the weight's dtype, for the matmuls: written over the logits when that is their dtype.
+    `scaling` = (temperature, softcap); the cap is elementwise, so a vocab tile caps like a row."""
+    temperature, softcap = scaling
     targets, lse, entropy, grad_logps, grad_entropy = (None if t is None else t[rows] for t in upstream)
     out = logits if logits.dtype == weight_dtype else torch.empty_like(logits, dtype=weight_dtype)
     return _kernels().logprobs_backward(
         logits, targets, lse, entropy, grad_logps, grad_entropy,
-        temperature=temperature, out=out, col_start=col_start,
+        temperature=temperature, softcap=softcap, out=out, col_start=col_start,
     )
 
 
-def _backward_row_chunks(hidden, weight, bias, upstream, temperature, budget, need):
+def _backward_row_chunks(hidden, weight, bias, upstream, scaling, budget, need):
     """(d hidden, d weight, d bias) one row chunk at a time: each chunk adds its share of the
     weight gradient to an fp32 [V, H] accumulator."""
     need_hidden, need_weight, need_bias = need
@@ -198,7 +206,7 @@ def _backward_row_chunks(hidden, weight, bias, upstream, temperature, budget, ne
         rows = slice(start, end)
         hidden_rows = _rows(hidden, start, end)
         # The fp32 logits are a temporary: only one [chunk, V] buffer outlives the kernel call.
-        dlogits = _dlogits(_chunk_logits(hidden_rows, weight, bias), weight.dtype, upstream, rows, temperature)
+        dlogits = _dlogits(_chunk_logits(hidden_rows, weight, bias), weight.dtype, upstream, rows, scaling)
         if need_hidden:
             torch.mm(dlogits, weight, out=grad_hidden_rows[rows])
         if need_weight:
@@ -213,7 +221,7 @@ def _backward_row_chunks(hidden, weight, bias, upstream, temperature, budget, ne
     )
 
 
-def _backward_vocab_tiles(hidden, weight, bias, upstream, temperature, budget, need):
+def _backward_vocab_tiles(hidden, weight, bias, upstream, scaling, budget, need):
     """(d hidden, d weight, d bias) one vocab tile [v0, v1) at a time, for all rows at once:
 
         logits  = hidden @ W[v0:v1].T            fp32 [N, Vc], lse / entropy saved by forward
@@ -237,7 +245,7 @@ def _backward_vocab_tiles(hidden, weight, bias, upstream, temperature, budget, n
     for v0, v1 in _spans(vocab, _vocab_tile(n_rows, vocab, budget)):
         cols = slice(v0, v1)
         logits = _chunk_logits(hidden_all, weight[cols], None if bias is None else bias[cols])
-        dlogits = _dlogits(logits, weight.dtype, upstream, slice(None), temperature, col_start=v0)
+        dlogits = _dlogits(logits, weight.dtype, upstream, slice(None), scaling, col_start=v0)
         del logits  # only one [N, Vc] buffer stays alive for the matmuls
         if need_weight:
             torch.mm(dlogits.t(), hidden_all, out=grad_weight[cols])
@@ -266,7 +274,7 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, temperature, return_entropy, budget):
+    def forward(ctx, hidden, weight, bias, targets, temperature, return_entropy, budget, softcap):
         kernels = _kernels()
         n_rows = hidden.shape[:-1].numel()
         logps = torch.empty(n_rows, device=hidden.device, dtype=torch.float32)
@@ -276,12 +284,13 @@ class _FusedLinearLogprobs(torch.autograd.Function):
             for start, end in _spans(n_rows, _row_chunk(budget, weight.shape[0])):
                 logits = _chunk_logits(_rows(hidden, start, end), weight, bias)
                 kernels.logprobs_forward(
-                    logits, targets[start:end], temperature=temperature, compute_entropy=return_entropy,
+                    logits, targets[start:end], temperature=temperature, softcap=softcap,
+                    compute_entropy=return_entropy,
                     out=(logps[start:end], lse[start:end], entropy[start:end] if return_entropy else None),
                 )
                 del logits  # free before the next chunk's is made
         ctx.save_for_backward(hidden, weight, bias, targets, lse, entropy)
-        ctx.temperature, ctx.budget = temperature, budget
+        ctx.scaling, ctx.budget = (temperature, softcap), budget
         ctx.set_materialize_grads(False)
         return (logps, entropy) if return_entropy else logps
 
@@ -289,14 +298,14 @@ class _FusedLinearLogprobs(torch.autograd.Function):
     def backward(ctx, grad_logps, grad_entropy=None):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         if grad_logps is None and grad_entropy is None:
-            return (None,) * 7
+            return (None,) * 8
         need = ctx.needs_input_grad[:3]
         upstream = (targets, lse, entropy, grad_logps, grad_entropy)
         over_vocab = _backward_over_vocab(hidden.shape[:-1].numel(), weight.shape[0], need[1])
         backward = _backward_vocab_tiles if over_vocab else _backward_row_chunks
         with no_autocast(hidden.device):
-            grads = backward(hidden, weight, bias, upstream, ctx.temperature, ctx.budget, need)
-        return (*grads, None, None, None, None)
+            grads = backward(hidden, weight, bias, upstream, ctx.scaling, ctx.budget, need)
+        return (*grads, None, None, None, None, None)
 
 
 # --------------------------------------------------------------------------- public API
@@ -314,9 +323,10 @@ def logprobs_from_logits(
     *,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    softcap: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability of each target token under `softmax(logits / temperature)`.
+    """Log-probability of each target token under `softmax(cap(logits) / temperature)`.
 
     Args:
         logits: `[..., V]` (e.g. `[B, T, V]`), fp32/bf16/fp16; read in one pass with an online
@@ -325,26 +335,30 @@ def logprobs_from_logits(
             the gradient for all T+1 positions in one buffer. Prefer that to `logits[:, :-1]`,
             whose slice backward costs a second logits-sized gradient and a full copy.
         targets: `[...]` integer token ids in `[0, V)`; `-100` marks ignored positions.
-        temperature: > 0; the logits are divided by it.
-        return_entropy: also return the entropy of `softmax(logits / temperature)`.
+        temperature: > 0; the (capped) logits are divided by it.
+        return_entropy: also return the entropy of `softmax(cap(logits) / temperature)`.
+        softcap: c > 0 applies Gemma-2-style soft-capping, cap(x) = c·tanh(x / c), to the logits
+            before the temperature (the model's `config.final_logit_softcapping`); None or 0: none.
+            Pass it only for raw lm_head outputs, not for logits the model has already capped.
         backend: "auto" | "triton" | "torch".
 
     Returns:
         logps `[...]` fp32 (<= 0; 0 where targets == -100), or `(logps, entropy)`, both
         differentiable with respect to `logits`; ignored positions get no gradient.
     """
-    validate_logits_args(logits, targets, temperature)
+    validate_logits_args(logits, targets, temperature, softcap)
+    softcap = check_softcap(softcap)
     if resolve_backend(backend, logits, targets) == "torch":
         return reference.logprobs_from_logits(
-            logits, targets, temperature=temperature, return_entropy=return_entropy
+            logits, targets, temperature=temperature, return_entropy=return_entropy, softcap=softcap
         )
     flat_targets = targets.reshape(-1).contiguous()
     if reference.predicts_next(logits, targets):
-        out = _LogprobsFromLogits.apply(logits, flat_targets, float(temperature), return_entropy, True)
+        out = _LogprobsFromLogits.apply(logits, flat_targets, float(temperature), return_entropy, True, softcap)
     else:
         # A view for the kernels whenever strides allow (logits[:, :-1] included): no copy of [N, V].
         rows = _kernels().rows_view(logits)
-        out = _LogprobsFromLogits.apply(rows, flat_targets, float(temperature), return_entropy, False)
+        out = _LogprobsFromLogits.apply(rows, flat_targets, float(temperature), return_entropy, False, softcap)
     return _reshape_outputs(out, targets.shape, return_entropy)
 
 
@@ -357,11 +371,12 @@ def token_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     chunk_size: int | None = None,
+    softcap: float | None = None,
     backend: str = "auto",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each target token straight from hidden states, without `[N, V]` logits.
 
-    Computes `log_softmax((hidden @ weight.T + bias) / temperature)[targets]` in row chunks:
+    Computes `log_softmax(cap(hidden @ weight.T + bias) / temperature)[targets]` in row chunks:
     memory is O(chunk_size * V), not O(N * V); backward recomputes each chunk's logits.
 
     Args:
@@ -372,27 +387,31 @@ def token_logprobs(
             checked (ValueError) only for CPU tensors; on CUDA that check would cost a host sync,
             so an out-of-range target gives logp NaN instead.
         bias: optional `[V]` LM head bias.
-        temperature: > 0; the logits are divided by it.
+        temperature: > 0; the (capped) logits are divided by it.
         return_entropy: also return the entropy of each row's softmax.
         chunk_size: rows per chunk (default: as many as keep one chunk's fp32 logits under
             256 MiB on CUDA, 32 MiB on CPU). When the weight needs a gradient and there are
             fewer rows than vocabulary entries, backward goes over vocab tiles of all rows
             instead, within the same logits budget (chunk_size x V x 4 bytes).
+        softcap: c > 0 applies Gemma-2-style soft-capping, cap(x) = c·tanh(x / c), to the logits
+            (after the bias, before the temperature), as `config.final_logit_softcapping` models
+            do; None or 0: no cap.
         backend: "auto" | "triton" | "torch".
 
     Returns:
         logps shaped like targets, fp32 (<= 0), or `(logps, entropy)`; differentiable with respect
         to hidden, weight and bias. Logits and their sums are fp32 for bf16/fp16 inputs.
     """
-    validate_hidden_args(hidden, weight, targets, bias, temperature, chunk_size)
+    validate_hidden_args(hidden, weight, targets, bias, temperature, chunk_size, softcap)
+    softcap = check_softcap(softcap)
     if resolve_backend(backend, hidden, weight, targets, bias) == "torch":
         return reference.token_logprobs(
             hidden, weight, targets, bias=bias, temperature=temperature,
-            return_entropy=return_entropy, chunk_size=chunk_size,
+            return_entropy=return_entropy, chunk_size=chunk_size, softcap=softcap,
         )
     out = _FusedLinearLogprobs.apply(
         _kernels().rows_view(hidden),  # no copy of hidden[:, :-1]-style views (see _rows)
         weight, bias, targets.reshape(-1).contiguous(),
-        float(temperature), return_entropy, _logits_budget(chunk_size, weight.shape[0], hidden.device),
+        float(temperature), return_entropy, _logits_budget(chunk_size, weight.shape[0], hidden.device), softcap,
     )
     return _reshape_outputs(out, targets.shape, return_entropy)

@@ -1,7 +1,11 @@
 """Token log-probabilities in plain PyTorch: the ground truth for `fastrlhf.losses.logprobs`.
 
-    logps[n]   = log_softmax(logits[n] / temperature)[targets[n]]        (clamped to <= 0)
-    entropy[n] = -sum_v p[n, v] log p[n, v],  p = softmax(logits[n] / temperature)
+    z[n]       = cap(logits[n]) / temperature,   cap(x) = c·tanh(x / c) with c = softcap, else x
+    logps[n]   = log_softmax(z[n])[targets[n]]                          (clamped to <= 0)
+    entropy[n] = -sum_v p[n, v] log p[n, v],  p = softmax(z[n])
+
+The soft-cap is Gemma 2's final_logit_softcapping: the model scores with capped logits, so its
+log-probs must be taken after the cap too.
 
 `targets == -100` (IGNORE_INDEX) gives logp 0, entropy 0 and no gradient. Computation is fp32
 for fp32/bf16/fp16 inputs (fp64 stays fp64, for gradcheck).
@@ -12,6 +16,8 @@ exactly the same inputs.
 from __future__ import annotations
 
 import contextlib
+import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +58,19 @@ def check_targets(targets: torch.Tensor, expected_shape: torch.Size, vocab_size:
             )
 
 
+def check_softcap(softcap: float | None) -> float | None:
+    """`softcap` as a float, or None when off (None or 0); else a finite number > 0 (ValueError)."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise ValueError(f"softcap must be a number > 0, 0 or None, got {softcap!r}")
+    if softcap == 0:
+        return None
+    if not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be a finite number > 0 (or 0 / None for no cap), got {softcap!r}")
+    return float(softcap)
+
+
 def predicts_next(logits: torch.Tensor, targets: torch.Tensor) -> bool:
     """The next-token layout: `logits [..., T+1, V]` straight from the model and `targets [..., T]`
     (= input_ids[..., 1:]); position t's logits score targets[t] and the last position scores nothing."""
@@ -61,11 +80,14 @@ def predicts_next(logits: torch.Tensor, targets: torch.Tensor) -> bool:
     )
 
 
-def validate_logits_args(logits: torch.Tensor, targets: torch.Tensor, temperature: float) -> None:
+def validate_logits_args(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float, softcap: float | None = None
+) -> None:
     check_floating("logits", logits)
     if logits.dim() < 1 or logits.shape[-1] == 0:
         raise ValueError(f"logits must be [..., V] with V >= 1, got shape {tuple(logits.shape)}")
     check_positive("temperature", temperature)
+    check_softcap(softcap)
     check_same_device(logits=logits, targets=targets)
     positions = logits.shape[:-1]
     if predicts_next(logits, targets):
@@ -86,6 +108,7 @@ def validate_hidden_args(
     bias: torch.Tensor | None,
     temperature: float,
     chunk_size: int | None,
+    softcap: float | None = None,
 ) -> None:
     check_floating("hidden", hidden)
     check_floating("weight", weight)
@@ -105,6 +128,7 @@ def validate_hidden_args(
         if bias.shape != (weight.shape[0],):
             raise ValueError(f"bias must be [V] = ({weight.shape[0]},), got shape {tuple(bias.shape)}")
     check_positive("temperature", temperature)
+    check_softcap(softcap)
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
     check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
@@ -134,16 +158,22 @@ def logprobs_from_logits(
     *,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    softcap: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability of `targets [...]` under `softmax(logits [..., V] / temperature)`; also the
-    next-token layout `logits [..., T+1, V]`, `targets [..., T]` (see `predicts_next`).
+    """Log-probability of `targets [...]` under `softmax(cap(logits [..., V]) / temperature)`, with
+    cap(x) = softcap·tanh(x / softcap) (no cap for None / 0); also the next-token layout
+    `logits [..., T+1, V]`, `targets [..., T]` (see `predicts_next`).
 
     Returns logps `[...]` (fp32), and entropy `[...]` too if `return_entropy`.
     """
-    validate_logits_args(logits, targets, temperature)
+    validate_logits_args(logits, targets, temperature, softcap)
+    softcap = check_softcap(softcap)
     if predicts_next(logits, targets):
         logits = logits[..., :-1, :]
-    log_probs = torch.log_softmax(logits.to(compute_dtype(logits.dtype)) / temperature, dim=-1)
+    logits = logits.to(compute_dtype(logits.dtype))
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    log_probs = torch.log_softmax(logits / temperature, dim=-1)
     ignored = targets == IGNORE_INDEX
     safe_targets = targets.masked_fill(ignored, 0).long().unsqueeze(-1)
     logps = log_probs.gather(-1, safe_targets).squeeze(-1)
@@ -156,11 +186,12 @@ def logprobs_from_logits(
     return logps, entropy.masked_fill(ignored, 0.0)
 
 
-def _chunk_logprobs(hidden, weight, bias, targets, temperature, return_entropy):
+def _chunk_logprobs(hidden, weight, bias, targets, temperature, return_entropy, softcap):
     dtype = compute_dtype(hidden.dtype)
     with no_autocast(hidden.device):
         logits = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
-    return logprobs_from_logits(logits, targets, temperature=temperature, return_entropy=return_entropy)
+    return logprobs_from_logits(logits, targets, temperature=temperature, return_entropy=return_entropy,
+                                softcap=softcap)
 
 
 def token_logprobs(
@@ -172,8 +203,10 @@ def token_logprobs(
     temperature: float = 1.0,
     return_entropy: bool = False,
     chunk_size: int | None = None,
+    softcap: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability of `targets` under the LM head: `log_softmax((hidden @ weight.T + bias) / temperature)`.
+    """Log-probability of `targets` under the LM head: `log_softmax(cap(hidden @ weight.T + bias) / temperature)`,
+    cap(x) = softcap·tanh(x / softcap) (no cap for None / 0).
 
     hidden `[N, H]` (or `[B, T, H]`), weight `[V, H]`, targets `[N]` (or `[B, T]`), bias `[V]`.
     Returns logps shaped like targets (fp32), and entropy too if `return_entropy`.
@@ -181,7 +214,7 @@ def token_logprobs(
     Rows are processed `chunk_size` at a time under activation checkpointing, so no `N x V`
     logits tensor exists at any moment, forward or backward (each chunk is recomputed in backward).
     """
-    validate_hidden_args(hidden, weight, targets, bias, temperature, chunk_size)
+    validate_hidden_args(hidden, weight, targets, bias, temperature, chunk_size, softcap)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1)
     chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.device)
@@ -192,7 +225,7 @@ def token_logprobs(
     # An empty batch still runs one (empty) chunk, so the result stays attached to the graph.
     for start in range(0, max(flat_hidden.shape[0], 1), chunk):
         args = (flat_hidden[start:start + chunk], weight, bias, flat_targets[start:start + chunk],
-                temperature, return_entropy)
+                temperature, return_entropy, softcap)
         out = checkpoint(_chunk_logprobs, *args, use_reentrant=False) if needs_grad else _chunk_logprobs(*args)
         pieces.append(out if return_entropy else (out,))
     outs = [torch.cat(parts).reshape(targets.shape) for parts in zip(*pieces)]
