@@ -487,11 +487,13 @@ def test_vocab_tiles_allocate_no_fp32_weight_gradient(path, device, monkeypatch)
     assert weight.grad.dtype == torch.bfloat16
 
 
-def test_vocab_tile_kernel_variants_compile_for_sm90(device, monkeypatch, tmp_path):
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_vocab_tile_kernel_variants_compile_for_sm90(softcap, device, monkeypatch, tmp_path):
     """Vocab tiles narrower than the vocabulary (large N, and the ragged last tile: 384 wide at
     V = 151936, N = 16384) launch the backward kernel with BLOCK_V < 4096, variants the
-    full-vocabulary calls of tests/test_gpu_compile.py never reach. They compile for sm_90
-    without spills and within the 128 registers that test allows."""
+    full-vocabulary calls of tests/test_gpu_compile.py never reach; with HAS_SOFTCAP too (a tanh
+    per element, forward and backward). fp32 and bf16 compile for sm_90 without spills and within
+    the 128 registers that test allows."""
     from gpu_compile import compile_for_cuda, recorded_launches
     from fastrlhf.losses import logprobs as fused
 
@@ -504,8 +506,9 @@ def test_vocab_tile_kernel_variants_compile_for_sm90(device, monkeypatch, tmp_pa
                 hidden = torch.randn(N, H, dtype=dtype, requires_grad=True)
                 weight = torch.randn(V, H, dtype=dtype, requires_grad=True)
                 logps, entropy = token_logprobs(hidden, weight, torch.randint(0, V, (N,)), return_entropy=True,
-                                                backend="triton")
+                                                softcap=softcap, backend="triton")
                 (logps + entropy).sum().backward()
+    assert all(dict(launch.constexprs)["HAS_SOFTCAP"] == bool(softcap) for launch in launches)
     blocks = {dict(launch.constexprs)["BLOCK_V"] for launch in launches if launch.kernel == "_logprobs_bwd_kernel"}
     assert blocks == {4096, 1024, 512, 128}, blocks
     usage = compile_for_cuda(launches, tmp_path)
@@ -600,32 +603,6 @@ def test_softcap_off_values_and_infinite_logits(backend, device):
     assert torch.isfinite(logps).all() and torch.isfinite(entropy).all()
     assert_close(logps, exp_logps, 2e-5, "logps")
     assert_close(entropy, exp_entropy, 2e-5, "entropy")
-
-
-def test_softcap_kernel_variants_compile_for_sm90(device, monkeypatch, tmp_path):
-    """HAS_SOFTCAP=True adds a tanh per element, forward and backward. Full-vocabulary variants are
-    in tests/test_gpu_compile.py; the vocab tiles of 4096 / 1024 / 128 and the ragged 384-wide one
-    (fp32 and bf16) compile for sm_90 without spills and within 128 registers too."""
-    from gpu_compile import compile_for_cuda, recorded_launches
-    from fastrlhf.losses import logprobs as fused
-
-    N, H, V = 5, 16, 2 * 4096 + 384
-    with recorded_launches() as launches, torch.device(device):
-        for width in (4096, 1024, 128):
-            for name in ("CHUNK_BYTES_CPU", "CHUNK_BYTES_CUDA"):
-                monkeypatch.setattr(fused, name, 4 * N * width)
-            for dtype in (torch.float32, torch.bfloat16):
-                hidden = torch.randn(N, H, dtype=dtype, requires_grad=True)
-                weight = torch.randn(V, H, dtype=dtype, requires_grad=True)
-                logps, entropy = token_logprobs(hidden, weight, torch.randint(0, V, (N,)), return_entropy=True,
-                                                softcap=30.0, backend="triton")
-                (logps + entropy).sum().backward()
-    assert all(dict(launch.constexprs)["HAS_SOFTCAP"] for launch in launches)
-    blocks = {dict(launch.constexprs)["BLOCK_V"] for launch in launches if launch.kernel == "_logprobs_bwd_kernel"}
-    assert blocks == {4096, 1024, 512, 128}, blocks
-    usage = compile_for_cuda(launches, tmp_path)
-    assert not [u for u in usage if u["local"] or u["stack"]], usage
-    assert max(u["reg"] for u in usage) <= 128, usage
 
 
 def test_token_logprobs_large_prime_vocab(device):
