@@ -102,3 +102,12 @@ def tiny_llama(
         model = LlamaForCausalLM(config)
     model.generation_config.pad_token_id = pad_token_id
     return model.eval()
+
+
+def save_tiny_model(path) -> str:
+    """Save a tiny tied Llama and its ChatML tokenizer to `path` as a Hugging Face model directory
+    (what `--model PATH` and `load_causal_lm(path)` read). Returns the path as a string."""
+    tokenizer = tiny_tokenizer()
+    tiny_llama(vocab_size=len(tokenizer), tie=True).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)

@@ -20,13 +20,10 @@ WORDS = "the cat is big . the dog is small . say yes or no . what is the sun ? t
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A tiny random Llama + word-level ChatML tokenizer saved like a real model, and tiny datasets."""
-    from fastrlhf.testing import tiny_llama, tiny_tokenizer
+    from fastrlhf.testing import save_tiny_model
 
     root = tmp_path_factory.mktemp("cli")
-    tokenizer = tiny_tokenizer()
-    model = tiny_llama(vocab_size=len(tokenizer), tie=True)
-    model.save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
+    save_tiny_model(root / "tiny")
     sft = [{"prompt": "say yes", "completion": "yes"}, {"prompt": "what is the sun ?", "completion": "the sun is big ."},
            {"prompt": "say no", "completion": "no"}, {"prompt": "the cat is", "completion": "small ."}]
     pairs = [{"prompt": r["prompt"], "chosen": r["completion"], "rejected": "the dog the dog"} for r in sft]

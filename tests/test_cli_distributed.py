@@ -19,13 +19,10 @@ SFT = [{"prompt": "say yes", "completion": "yes"}, {"prompt": "what is the sun ?
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    from fastrlhf.testing import tiny_llama, tiny_tokenizer
+    from fastrlhf.testing import save_tiny_model
 
     root = tmp_path_factory.mktemp("cli_dist")
-    tokenizer = tiny_tokenizer()
-    model = tiny_llama(vocab_size=len(tokenizer), tie=True)
-    model.save_pretrained(root / "tiny")
-    tokenizer.save_pretrained(root / "tiny")
+    save_tiny_model(root / "tiny")
     (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in SFT))
     return root
 

@@ -80,11 +80,9 @@ def test_pipeline_wiring_on_a_tiny_model(tmp_path, monkeypatch):
     replaced by a length rule so that a random model's answers still make preference pairs."""
     from fastrlhf import demo, pipeline, use_backend
     from fastrlhf.cli import ModelOptions
-    from fastrlhf.testing import tiny_llama, tiny_tokenizer
+    from fastrlhf.testing import save_tiny_model
 
-    tokenizer = tiny_tokenizer()
-    tiny_llama(vocab_size=len(tokenizer), tie=True).save_pretrained(tmp_path / "tiny")
-    tokenizer.save_pretrained(tmp_path / "tiny")
+    save_tiny_model(tmp_path / "tiny")
     monkeypatch.setattr(demo, "gold_reward", lambda prompt, completion: (len(completion.split()) % 4) / 3)
     opts = pipeline.PipelineOptions(
         output_dir=str(tmp_path / "out"), sft_examples=8, pair_prompts=8, ppo_iterations=2,
