@@ -68,7 +68,7 @@ def fastrlhf_status(name: str) -> Callable[[str], str]:
 def reference_status(name: str) -> Callable[[str], str]:
     def status(device: str) -> str:
         try:
-            getattr(importlib.import_module("fastrlhf.reference"), name)
+            getattr(importlib.import_module("fastrlhf.twins"), name)
         except Exception as exc:
             return f"not available yet ({type(exc).__name__}: {exc})"[:160]
         return ""
@@ -86,7 +86,7 @@ def _losses(name):
 
 
 def _reference(name):
-    return getattr(importlib.import_module("fastrlhf.reference"), name)
+    return getattr(importlib.import_module("fastrlhf.twins"), name)
 
 
 @functools.lru_cache(maxsize=None)

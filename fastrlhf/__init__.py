@@ -1,6 +1,6 @@
 """fastrlhf: fused Triton kernels and thin trainers for RLHF.
 
-Every loss is a drop-in function with a pure-PyTorch twin in `fastrlhf.reference`::
+Every loss is a drop-in function with a pure-PyTorch twin in `fastrlhf.twins`::
 
     from fastrlhf import token_logprobs, ppo_loss, gae, dpo_loss
 

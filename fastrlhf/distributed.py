@@ -40,7 +40,7 @@ from typing import Iterable, Mapping, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
-from fastrlhf.reference import advantages as reference_advantages
+from fastrlhf.twins import advantages as reference_advantages
 
 T = TypeVar("T")
 
@@ -433,7 +433,7 @@ def _buckets(params: list[torch.nn.Parameter], max_bytes: int) -> Iterable[list[
 
 
 def _sum_over_ranks(ctx: DistContext | None):
-    """The `reduce_sum` for `fastrlhf.reference.advantages` statistics: an all-reduce over ranks,
+    """The `reduce_sum` for `fastrlhf.twins.advantages` statistics: an all-reduce over ranks,
     or None (this process only, bit-for-bit `fastrlhf.whiten`) without a multi-process context.
     The sums are detached before the in-place all-reduce: autograd cannot see through it, so across
     ranks the global mean/var are constants for the gradient (the trainers whiten detached targets)."""

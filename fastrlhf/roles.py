@@ -28,7 +28,7 @@ from torch import nn
 import fastrlhf
 from fastrlhf._mixed_precision import find_tuner_layers, low_precision_lora
 from fastrlhf.models import decoder_of, last_token_index, position_ids_from_mask
-from fastrlhf.reference.logprobs import check_softcap
+from fastrlhf.twins.logprobs import check_softcap
 
 ROLES = ("policy", "value", "reward")
 REFERENCE = "reference"

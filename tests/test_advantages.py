@@ -14,7 +14,7 @@ import torch
 
 from fastrlhf.kernels.gae import gae_scan
 from fastrlhf.losses.advantages import gae, group_advantages, whiten
-from fastrlhf.reference import advantages as ref
+from fastrlhf.twins import advantages as ref
 
 
 # ---- independent float64 closed forms (plain Python / numpy, no torch ops) --------------------

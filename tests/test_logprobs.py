@@ -15,7 +15,7 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastrlhf import logprobs_from_logits, token_logprobs
-from fastrlhf import reference
+from fastrlhf import twins
 from fastrlhf.kernels.logprobs import logprobs_backward, logprobs_forward
 
 IGNORE = -100
@@ -696,14 +696,14 @@ def test_gradcheck_reference_float64():
     logits = torch.randn(2, 3, 7, dtype=torch.float64, requires_grad=True)
     targets = torch.tensor([[0, 6, IGNORE], [3, 3, 1]])
     assert torch.autograd.gradcheck(
-        lambda x: reference.logprobs_from_logits(x, targets, temperature=0.8, return_entropy=True), (logits,)
+        lambda x: twins.logprobs_from_logits(x, targets, temperature=0.8, return_entropy=True), (logits,)
     )
     hidden = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
     flat_targets = targets.reshape(-1)[:5]
     assert torch.autograd.gradcheck(
-        lambda h, w, b: reference.token_logprobs(
+        lambda h, w, b: twins.token_logprobs(
             h, w, flat_targets, bias=b, temperature=1.5, return_entropy=True, chunk_size=2
         ),
         (hidden, weight, bias),
@@ -715,14 +715,14 @@ def test_gradcheck_reference_softcap_float64():
     logits = (torch.randn(2, 4, 7, dtype=torch.float64) * 3).requires_grad_()
     targets = torch.tensor([[0, 6, IGNORE], [3, 3, 1]])  # next-token layout: [2, 3+1, 7] logits
     assert torch.autograd.gradcheck(
-        lambda x: reference.logprobs_from_logits(x, targets, temperature=0.8, return_entropy=True, softcap=2.0),
+        lambda x: twins.logprobs_from_logits(x, targets, temperature=0.8, return_entropy=True, softcap=2.0),
         (logits,),
     )
     hidden = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
     weight = (torch.randn(7, 3, dtype=torch.float64) * 2).requires_grad_()
     bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda h, w, b: reference.token_logprobs(
+        lambda h, w, b: twins.token_logprobs(
             h, w, targets.reshape(-1)[:5], bias=b, temperature=1.5, return_entropy=True, chunk_size=2, softcap=2.0
         ),
         (hidden, weight, bias),

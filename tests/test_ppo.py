@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import fastrlhf
-import fastrlhf.reference.ppo as ref_ppo
+import fastrlhf.twins.ppo as ref_ppo
 from conftest import DEVICE
 
 @pytest.fixture(autouse=True)

@@ -12,7 +12,7 @@ import torch
 
 from fastrlhf.losses.preference import dpo_loss, reward_loss, sequence_logps
 from fastrlhf.kernels.preference import DPO_LOSS_TYPES
-from fastrlhf.reference import preference as ref
+from fastrlhf.twins import preference as ref
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "simpo", "orpo")
 REFERENCE_FREE = ("simpo", "orpo")

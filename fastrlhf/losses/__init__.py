@@ -1,5 +1,5 @@
 """Public drop-in losses. Each dispatches to a Triton kernel (CUDA, or CPU under TRITON_INTERPRET=1)
-or to its PyTorch twin in `fastrlhf.reference`; `backend="auto"|"triton"|"torch"` forces one."""
+or to its PyTorch twin in `fastrlhf.twins`; `backend="auto"|"triton"|"torch"` forces one."""
 from fastrlhf import _EXPORTS as _ALL
 from fastrlhf._lazy import lazy_exports
 

@@ -1,20 +1,20 @@
 """Advantages for PPO and GRPO: GAE (one parallel scan, Triton), masked whitening, group advantages.
 
 `gae` runs the Triton scan in `fastrlhf.kernels.gae` on CUDA (or under TRITON_INTERPRET=1), else
-its PyTorch twin in `fastrlhf.reference.advantages`. All outputs are detached targets.
+its PyTorch twin in `fastrlhf.twins.advantages`. All outputs are detached targets.
 
 `whiten` and `group_advantages` run the same few torch ops on every backend: each is a tiny global
 reduction done once per RL step (a handful of launches on `[B, T]` or `[B]`), so a kernel would
 save microseconds, while a single-program Triton reduction over a whole `[B, T]` batch would be
 slower than torch's multi-block one. `whiten`'s reductions all go through
-`fastrlhf.reference.advantages.masked_sum`, where a cross-rank all-reduce belongs.
+`fastrlhf.twins.advantages.masked_sum`, where a cross-rank all-reduce belongs.
 """
 from __future__ import annotations
 
 import torch
 
 from fastrlhf._dispatch import resolve_backend
-from fastrlhf.reference import advantages as reference
+from fastrlhf.twins import advantages as twin
 
 
 def gae(
@@ -37,9 +37,9 @@ def gae(
     backend), 0 where mask is 0, returns = (A + V) * m. Outputs are detached targets: no gradient
     flows to rewards or values.
     """
-    reference.check_gae_args(rewards, values, mask, gamma, lam)
+    twin.check_gae_args(rewards, values, mask, gamma, lam)
     if resolve_backend(backend, rewards, values, mask) == "torch":
-        return reference.gae(rewards, values, mask, gamma=gamma, lam=lam)
+        return twin.gae(rewards, values, mask, gamma=gamma, lam=lam)
     from fastrlhf.kernels.gae import gae_scan
 
     return gae_scan(rewards.detach(), values.detach(), mask.detach(), gamma, lam)
@@ -60,7 +60,7 @@ def whiten(
     float32 (float64 for float64 x), differentiable in x. Same torch ops on every backend.
     """
     resolve_backend(backend, x, mask)  # validates the name; both backends share the torch ops
-    return reference.whiten(x, mask, shift_mean=shift_mean, eps=eps)
+    return twin.whiten(x, mask, shift_mean=shift_mean, eps=eps)
 
 
 def group_advantages(
@@ -77,4 +77,4 @@ def group_advantages(
     `group_size` must divide B (ValueError otherwise). Same torch ops on every backend.
     """
     resolve_backend(backend, scores)
-    return reference.group_advantages(scores, group_size, scale=scale, eps=eps)
+    return twin.group_advantages(scores, group_size, scale=scale, eps=eps)

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 
 from fastrlhf._dispatch import resolve_backend
 from fastrlhf._dtypes import compute_dtype
-from fastrlhf.reference import logprobs as reference
-from fastrlhf.reference.logprobs import (
+from fastrlhf.twins import logprobs as twin
+from fastrlhf.twins.logprobs import (
     CHUNK_BYTES_CPU,
     CHUNK_BYTES_CUDA,
     check_softcap,
@@ -349,11 +349,11 @@ def logprobs_from_logits(
     validate_logits_args(logits, targets, temperature, softcap)
     softcap = check_softcap(softcap)
     if resolve_backend(backend, logits, targets) == "torch":
-        return reference.logprobs_from_logits(
+        return twin.logprobs_from_logits(
             logits, targets, temperature=temperature, return_entropy=return_entropy, softcap=softcap
         )
     flat_targets = targets.reshape(-1).contiguous()
-    if reference.predicts_next(logits, targets):
+    if twin.predicts_next(logits, targets):
         out = _LogprobsFromLogits.apply(logits, flat_targets, float(temperature), return_entropy, True, softcap)
     else:
         # A view for the kernels whenever strides allow (logits[:, :-1] included): no copy of [N, V].
@@ -405,7 +405,7 @@ def token_logprobs(
     validate_hidden_args(hidden, weight, targets, bias, temperature, chunk_size, softcap)
     softcap = check_softcap(softcap)
     if resolve_backend(backend, hidden, weight, targets, bias) == "torch":
-        return reference.token_logprobs(
+        return twin.token_logprobs(
             hidden, weight, targets, bias=bias, temperature=temperature,
             return_entropy=return_entropy, chunk_size=chunk_size, softcap=softcap,
         )

@@ -1,8 +1,8 @@
 """Public PPO-family losses: `kl_penalty`, `ppo_loss`, `value_loss`.
 
-Each validates its arguments (the checks live in `fastrlhf.reference.ppo`), then runs either the
+Each validates its arguments (the checks live in `fastrlhf.twins.ppo`), then runs either the
 fused Triton kernel (wrapped in an autograd.Function here) or the PyTorch twin in
-`fastrlhf.reference.ppo`, as `backend` / `fastrlhf._dispatch.resolve_backend` decide.
+`fastrlhf.twins.ppo`, as `backend` / `fastrlhf._dispatch.resolve_backend` decide.
 Both backends compute in fp32 (fp64 for fp64 inputs on the torch path), return an fp32 loss and give
 gradients in each input's own dtype.
 """
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 
-import fastrlhf.reference.ppo as reference_ppo
+import fastrlhf.twins.ppo as twin
 from fastrlhf._dispatch import resolve_backend
-from fastrlhf.reference.ppo import check_kl_args, check_ppo_args, check_value_args
+from fastrlhf.twins.ppo import check_kl_args, check_ppo_args, check_value_args
 
 # Where each metric shows up in TRL's PPOTrainer logs (TRL averages them over minibatches, hence
 # "_avg"); trainers can log `{TRL_METRIC_NAMES.get(k, k): v}` so dashboards carry over.
@@ -95,7 +95,7 @@ def kl_penalty(
     """
     estimator = check_kl_args(logps, ref_logps, estimator)
     if resolve_backend(backend, logps, ref_logps) == "torch":
-        return reference_ppo.kl_penalty(logps, ref_logps, estimator=estimator)
+        return twin.kl_penalty(logps, ref_logps, estimator=estimator)
     need_grad = _wants_grad(logps) or _wants_grad(ref_logps)
     return _KLPenalty.apply(logps, ref_logps, estimator, need_grad)
 
@@ -174,7 +174,7 @@ def ppo_loss(
         entropy=entropy, entropy_coef=entropy_coef, loss_agg=loss_agg,
     )
     if resolve_backend(backend, logps, old_logps, advantages, ref_logps, entropy) == "torch":
-        return reference_ppo.ppo_loss(
+        return twin.ppo_loss(
             logps, old_logps, advantages, mask, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
             dual_clip=dual_clip, ref_logps=ref_logps, kl_coef=kl_coef, kl_estimator=estimator,
             entropy=entropy, entropy_coef=entropy_coef, loss_agg=loss_agg,
@@ -250,7 +250,7 @@ def value_loss(
     """
     mask_f = check_value_args(values, old_values, returns, mask, clip_eps=clip_eps, loss_agg=loss_agg)
     if resolve_backend(backend, values, old_values, returns) == "torch":
-        return reference_ppo.value_loss(values, old_values, returns, mask, clip_eps=clip_eps, loss_agg=loss_agg)
+        return twin.value_loss(values, old_values, returns, mask, clip_eps=clip_eps, loss_agg=loss_agg)
     row_scale = aggregation_row_scale(mask_f, loss_agg)
     loss, stats = _ValueLoss.apply(
         values, old_values.detach(), returns.detach(), mask_f, row_scale, float(clip_eps), _wants_grad(values),

@@ -3,15 +3,15 @@
 On CUDA (or under TRITON_INTERPRET=1) `dpo_loss` and `reward_loss` run one Triton kernel that
 computes, in a single pass over the batch, the loss, every metric and the per-row gradients;
 backward only scales the stored gradients. Otherwise they run the PyTorch twins in
-`fastrlhf.reference.preference` (same signatures minus `backend`, same checks, same metric names).
+`fastrlhf.twins.preference` (same signatures minus `backend`, same checks, same metric names).
 """
 from __future__ import annotations
 
 import torch
 
 from fastrlhf._dispatch import resolve_backend
-from fastrlhf.reference import preference as reference
-from fastrlhf.reference.preference import sequence_logps  # noqa: F401  (plain torch, no kernel)
+from fastrlhf.twins import preference as twin
+from fastrlhf.twins.preference import sequence_logps  # noqa: F401  (plain torch, no kernel)
 
 
 def _empty_batch(device: torch.device, names) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,16 +125,16 @@ def dpo_loss(
     (beta (logp - ref); beta logp for simpo/orpo), rewards/accuracies, rewards/margins,
     logps/chosen, logps/rejected; orpo adds nll_loss, log_odds_ratio, log_odds_chosen.
     """
-    reference.check_dpo_args(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+    twin.check_dpo_args(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
                              beta, loss_type, label_smoothing, gamma)
     kwargs = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma)
     tensors = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     if resolve_backend(backend, *tensors) == "torch":
-        return reference.dpo_loss(*tensors, **kwargs)
+        return twin.dpo_loss(*tensors, **kwargs)
     from fastrlhf.kernels.preference import DPO_STATS
 
     loss, stats = _DPOFunction.apply(*tensors, beta, loss_type, label_smoothing, gamma)
-    keep = set(DPO_STATS) if loss_type == "orpo" else set(DPO_STATS) - set(reference.ORPO_METRICS)
+    keep = set(DPO_STATS) if loss_type == "orpo" else set(DPO_STATS) - set(twin.ORPO_METRICS)
     return loss, _named(stats, DPO_STATS, keep)
 
 
@@ -152,10 +152,10 @@ def reward_loss(
     (no gradient to it). Returns `(loss, metrics)`; loss 0 for B = 0.
     Metrics (detached): accuracy, margin (mean r_c - r_r), rewards/chosen, rewards/rejected.
     """
-    reference.check_reward_args(chosen_rewards, rejected_rewards, margin, center_coef)
+    twin.check_reward_args(chosen_rewards, rejected_rewards, margin, center_coef)
     margin_tensor = margin if isinstance(margin, torch.Tensor) else None
     if resolve_backend(backend, chosen_rewards, rejected_rewards, margin_tensor) == "torch":
-        return reference.reward_loss(chosen_rewards, rejected_rewards, margin=margin, center_coef=center_coef)
+        return twin.reward_loss(chosen_rewards, rejected_rewards, margin=margin, center_coef=center_coef)
     from fastrlhf.kernels.preference import REWARD_STATS
 
     loss, stats = _BradleyTerryFunction.apply(chosen_rewards, rejected_rewards, margin, center_coef)

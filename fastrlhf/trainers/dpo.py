@@ -14,7 +14,7 @@ import torch
 
 import fastrlhf
 from fastrlhf._checks import check_choice
-from fastrlhf.reference.preference import DPO_LOSS_TYPES, LABEL_SMOOTHING_LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES
+from fastrlhf.twins.preference import DPO_LOSS_TYPES, LABEL_SMOOTHING_LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES
 from fastrlhf.trainers.base import SupervisedConfig, Trainer, _help, check_number
 
 # Losses defined on length-normalised sequence log-probs (IPO as in TRL, SimPO and ORPO as in their papers).

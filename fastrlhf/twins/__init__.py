@@ -4,7 +4,7 @@ from fastrlhf import _EXPORTS as _ALL
 from fastrlhf._lazy import lazy_exports
 
 _EXPORTS = {
-    name: module.replace("fastrlhf.losses.", "fastrlhf.reference.")
+    name: module.replace("fastrlhf.losses.", "fastrlhf.twins.")
     for name, module in _ALL.items()
     if module.startswith("fastrlhf.losses.")
 }
