@@ -7,7 +7,7 @@ Not part of the normal test run (pyproject's testpaths is ["tests"]). Shapes are
 import pytest
 import torch
 
-from benchmarks import cases, peers
+from benchmarks import cases
 
 torch.set_num_threads(1)
 

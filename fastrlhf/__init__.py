@@ -26,6 +26,9 @@ _EXPORTS = {
     "dpo_loss": "fastrlhf.losses.preference",
     "reward_loss": "fastrlhf.losses.preference",
     "sequence_logps": "fastrlhf.losses.preference",
+    # models and the roles on one base
+    "load_causal_lm": "fastrlhf.models",
+    "RoleModel": "fastrlhf.roles",
     # backend selection
     "set_default_backend": "fastrlhf._dispatch",
     "use_backend": "fastrlhf._dispatch",

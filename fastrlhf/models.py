@@ -7,7 +7,8 @@
     values = roles.values(input_ids, attention_mask)                           # [B, T]
     scores = roles.rewards(input_ids, attention_mask)                          # [B]
 
-The role machinery (`RoleModel`) lives in `fastrlhf.roles`; it is re-exported here.
+The role machinery (`RoleModel`) lives in `fastrlhf.roles`, which builds on this module (never the
+other way round); both are exported from the top level: `from fastrlhf import RoleModel, load_causal_lm`.
 """
 from __future__ import annotations
 
@@ -123,11 +124,10 @@ def save_causal_lm(model, tokenizer, output_dir: str) -> str:
     """save_pretrained `model` (and `tokenizer` unless None) into output_dir -> output_dir.
 
     Works for GGUF-loaded models (transformers refuses to serialise those: the de-quantised weights
-    are copied into a plain model first) and for a `RoleModel` (its merged policy is saved).
+    are copied into a plain model first) and for a `RoleModel` or anything else with a
+    `merged_policy()` (the merged policy is saved).
     """
-    from fastrlhf.roles import RoleModel
-
-    if isinstance(model, RoleModel):
+    if callable(getattr(model, "merged_policy", None)):
         model = model.merged_policy()
     if _is_quantized(model):
         model = _dequantized_copy(model)
@@ -191,17 +191,7 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return t - 1 - attention_mask.long().flip(-1).argmax(-1)
 
 
-def __getattr__(name: str):
-    # RoleModel lives in fastrlhf.roles (which imports the helpers above); re-exported lazily so that
-    # importing either module first works.
-    if name in ("RoleModel", "ROLES"):
-        from fastrlhf import roles
-
-        return getattr(roles, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 __all__ = [
-    "ROLES", "RoleModel", "default_model_source", "load_causal_lm", "save_causal_lm", "decoder_of",
+    "default_model_source", "load_causal_lm", "save_causal_lm", "decoder_of",
     "position_ids_from_mask", "last_token_index", "resolve_dtype", "default_attn_implementation",
 ]

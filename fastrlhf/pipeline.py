@@ -28,48 +28,48 @@ from typing import Any
 import torch
 
 from fastrlhf import demo
-from fastrlhf.cli import ModelOptions, _help
+from fastrlhf._checks import check_int, check_number
+from fastrlhf.options import ModelOptions, option_help
+from fastrlhf.stage import build_role_model, load_model
 
 
 @dataclass
 class PipelineOptions:
     """The demo pipeline (stage sizes and the main hyper-parameters of each stage)."""
 
-    output_dir: str = field(default="fastrlhf-pipeline", metadata=_help("where every stage and the results are written"))
-    seed: int = field(default=0, metadata=_help("seed of the data, sampling and training"))
-    backend: str = field(default="auto", metadata=_help("loss backend: auto (Triton on CUDA, PyTorch on CPU), triton, torch"))
-    batch_size: int = field(default=8, metadata=_help("sequences (SFT), pairs (RM, DPO) or prompts (PPO) per optimizer step"))
-    max_new_tokens: int = field(default=24, metadata=_help("max generated tokens per answer (sampling, PPO, evaluation)"))
-    temperature: float = field(default=1.0, metadata=_help("sampling temperature (pair sampling, PPO rollouts, evaluation)"))
-    sft_examples: int = field(default=192, metadata=_help("number of built-in demonstrations"))
-    sft_epochs: int = field(default=1, metadata=_help("SFT epochs"))
-    sft_learning_rate: float = field(default=5e-4, metadata=_help("SFT learning rate"))
-    pair_prompts: int = field(default=64, metadata=_help("prompts sampled from the SFT model for preference pairs"))
-    samples_per_prompt: int = field(default=4, metadata=_help("answers sampled per prompt; pairs = answers with different gold reward"))
-    pairs_per_prompt: int = field(default=3, metadata=_help("max preference pairs kept per prompt"))
-    heldout_pair_fraction: float = field(default=0.15, metadata=_help("fraction of the prompts whose pairs are held out to measure RM accuracy"))
-    rm_epochs: int = field(default=2, metadata=_help("reward-model epochs over the pairs"))
-    rm_learning_rate: float = field(default=1e-3, metadata=_help("reward-model learning rate"))
-    rm_margin_scale: float = field(default=3.0, metadata=_help(
+    output_dir: str = field(default="fastrlhf-pipeline", metadata=option_help("where every stage and the results are written"))
+    seed: int = field(default=0, metadata=option_help("seed of the data, sampling and training"))
+    backend: str = field(default="auto", metadata=option_help("loss backend: auto (Triton on CUDA, PyTorch on CPU), triton, torch"))
+    batch_size: int = field(default=8, metadata=option_help("sequences (SFT), pairs (RM, DPO) or prompts (PPO) per optimizer step"))
+    max_new_tokens: int = field(default=24, metadata=option_help("max generated tokens per answer (sampling, PPO, evaluation)"))
+    temperature: float = field(default=1.0, metadata=option_help("sampling temperature (pair sampling, PPO rollouts, evaluation)"))
+    sft_examples: int = field(default=192, metadata=option_help("number of built-in demonstrations"))
+    sft_epochs: int = field(default=1, metadata=option_help("SFT epochs"))
+    sft_learning_rate: float = field(default=5e-4, metadata=option_help("SFT learning rate"))
+    pair_prompts: int = field(default=64, metadata=option_help("prompts sampled from the SFT model for preference pairs"))
+    samples_per_prompt: int = field(default=4, metadata=option_help("answers sampled per prompt; pairs = answers with different gold reward"))
+    pairs_per_prompt: int = field(default=3, metadata=option_help("max preference pairs kept per prompt"))
+    heldout_pair_fraction: float = field(default=0.15, metadata=option_help("fraction of the prompts whose pairs are held out to measure RM accuracy"))
+    rm_epochs: int = field(default=2, metadata=option_help("reward-model epochs over the pairs"))
+    rm_learning_rate: float = field(default=1e-3, metadata=option_help("reward-model learning rate"))
+    rm_margin_scale: float = field(default=3.0, metadata=option_help(
         "each pair carries margin = scale x gold-reward gap, the preference strength of the simulated labeller "
         "(as Llama 2's rating-based margin); 0 = plain Bradley-Terry"))
-    ppo_iterations: int = field(default=5, metadata=_help("PPO iterations (rollout of ppo_prompts_per_iteration prompts, then the update)"))
-    ppo_prompts_per_iteration: int = field(default=32, metadata=_help("prompts per PPO iteration"))
-    ppo_learning_rate: float = field(default=1e-3, metadata=_help("PPO learning rate"))
-    ppo_epochs: int = field(default=1, metadata=_help("PPO passes over each batch of rollouts (in minibatches of batch_size)"))
-    kl_coef: float = field(default=0.05, metadata=_help("PPO KL-to-reference coefficient (in the reward)"))
-    ppo_value_from_reward: bool = field(default=True, metadata=_help(
+    ppo_iterations: int = field(default=5, metadata=option_help("PPO iterations (rollout of ppo_prompts_per_iteration prompts, then the update)"))
+    ppo_prompts_per_iteration: int = field(default=32, metadata=option_help("prompts per PPO iteration"))
+    ppo_learning_rate: float = field(default=1e-3, metadata=option_help("PPO learning rate"))
+    ppo_epochs: int = field(default=1, metadata=option_help("PPO passes over each batch of rollouts (in minibatches of batch_size)"))
+    kl_coef: float = field(default=0.05, metadata=option_help("PPO KL-to-reference coefficient (in the reward)"))
+    ppo_value_from_reward: bool = field(default=True, metadata=option_help(
         "start the PPO value role (adapter + head) from the trained reward model, as InstructGPT did"))
-    dpo_epochs: int = field(default=1, metadata=_help("DPO epochs over the pairs"))
-    dpo_learning_rate: float = field(default=5e-4, metadata=_help("DPO learning rate"))
-    dpo_beta: float = field(default=0.1, metadata=_help("DPO beta"))
-    dpo_max_pairs: int = field(default=96, metadata=_help("train DPO on the first N training pairs only; 0 = all"))
-    eval_prompts: int = field(default=64, metadata=_help("held-out prompts (unseen topics) for the final evaluation"))
-    progress: bool = field(default=True, metadata=_help("show progress bars"))
+    dpo_epochs: int = field(default=1, metadata=option_help("DPO epochs over the pairs"))
+    dpo_learning_rate: float = field(default=5e-4, metadata=option_help("DPO learning rate"))
+    dpo_beta: float = field(default=0.1, metadata=option_help("DPO beta"))
+    dpo_max_pairs: int = field(default=96, metadata=option_help("train DPO on the first N training pairs only; 0 = all"))
+    eval_prompts: int = field(default=64, metadata=option_help("held-out prompts (unseen topics) for the final evaluation"))
+    progress: bool = field(default=True, metadata=option_help("show progress bars"))
 
     def __post_init__(self) -> None:
-        from fastrlhf.trainers.base import check_int, check_number
-
         for name in ("batch_size", "max_new_tokens", "sft_examples", "sft_epochs", "pair_prompts", "rm_epochs",
                      "ppo_iterations", "ppo_prompts_per_iteration", "ppo_epochs", "dpo_epochs", "eval_prompts",
                      "pairs_per_prompt"):
@@ -309,7 +309,6 @@ def _common(opts: PipelineOptions, stage: str, **overrides) -> dict:
 
 def stage_sft(base, tokenizer, model_opts: ModelOptions, records: list[dict], opts: PipelineOptions):
     """Policy LoRA on the demonstrations -> (merged SFT model, trainer summary)."""
-    from fastrlhf.train import build_role_model
     from fastrlhf.trainers import SFTConfig, SFTTrainer
 
     role_model = build_role_model(base, model_opts, ("policy",))
@@ -338,7 +337,6 @@ def stage_pairs(sft_model, tokenizer, prompt_records: list[dict], opts: Pipeline
 def stage_rm(sft_model, tokenizer, model_opts: ModelOptions, train_pairs, heldout_pairs, opts: PipelineOptions):
     """Reward LoRA + score head on the SFT base. The model also holds an (untrained) policy role, i.e.
     the SFT policy itself, so it later scores the SFT policy's answers (KL 0 by construction)."""
-    from fastrlhf.train import build_role_model
     from fastrlhf.trainers import RewardConfig, RewardTrainer
 
     rm_model = build_role_model(copy.deepcopy(sft_model), model_opts, ("reward", "policy"), trainable_roles=("reward",))
@@ -350,7 +348,6 @@ def stage_rm(sft_model, tokenizer, model_opts: ModelOptions, train_pairs, heldou
 
 def stage_ppo(sft_model, tokenizer, model_opts: ModelOptions, rm_model, prompt_records, opts: PipelineOptions):
     """PPO: policy + value LoRA on the SFT base, the trained reward adapter as a frozen third role."""
-    from fastrlhf.train import build_role_model
     from fastrlhf.trainers import PPOConfig, PPOTrainer
 
     ppo_model = build_role_model(copy.deepcopy(sft_model), model_opts, ("policy", "value", "reward"),
@@ -370,7 +367,6 @@ def stage_ppo(sft_model, tokenizer, model_opts: ModelOptions, rm_model, prompt_r
 
 def stage_dpo(sft_model, tokenizer, model_opts: ModelOptions, rm_model, train_pairs, opts: PipelineOptions):
     """DPO on the same pairs; the reward role rides along (frozen) to score the DPO policy afterwards."""
-    from fastrlhf.train import build_role_model
     from fastrlhf.trainers import DPOConfig, DPOTrainer
 
     dpo_model = build_role_model(copy.deepcopy(sft_model), model_opts, ("policy", "reward"), trainable_roles=("policy",))
@@ -409,7 +405,6 @@ def run_pipeline(model_opts: ModelOptions, opts: PipelineOptions) -> dict:
     import contextlib
 
     from fastrlhf._dispatch import use_backend
-    from fastrlhf.train import load_model
 
     os.makedirs(opts.output_dir, exist_ok=True)
     random.seed(opts.seed)

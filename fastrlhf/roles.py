@@ -28,13 +28,13 @@ from torch import nn
 import fastrlhf
 from fastrlhf._mixed_precision import find_tuner_layers, low_precision_lora
 from fastrlhf.models import decoder_of, last_token_index, position_ids_from_mask
-from fastrlhf.twins.logprobs import check_softcap
+from fastrlhf._checks import check_softcap
+from fastrlhf.contracts import IGNORE_INDEX
 
 ROLES = ("policy", "value", "reward")
 REFERENCE = "reference"
 HEAD_ROLES = ("value", "reward")  # roles with a scalar head
 CONFIG_FILE = "fastrlhf_roles.json"
-IGNORE_INDEX = -100
 
 
 class RoleModel(nn.Module):

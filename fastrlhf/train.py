@@ -12,88 +12,46 @@ Each stage also runs alone on your model and data, e.g.
 """
 from __future__ import annotations
 
-import importlib
-import json
-import os
+import argparse
 import sys
-import time
-import traceback
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
-from fastrlhf.cli import CliError, Command, ModelOptions, _help, build_parser, option_name, parse_args
-
-DATA_KINDS = {"sft": "sft", "rm": "preference", "dpo": "preference", "ppo": "prompt", "grpo": "prompt"}
-DATA_FORMATS = {
-    "sft": '{"prompt": ..., "completion": ...} or {"messages": [{"role": ..., "content": ...}, ...]}',
-    "preference": '{"prompt": ..., "chosen": ..., "rejected": ...}',
-    "prompt": '{"prompt": ...} (other fields reach --reward-fn)',
-}
-
-
-@dataclass
-class DataOptions:
-    """Datasets (.jsonl / .json / .parquet file, a `datasets` directory, or a hub name when online)."""
-
-    data: str = field(default="", metadata=_help("training data (required)"))
-    eval_data: str = field(default="", metadata=_help("evaluation data, same format; empty = no evaluation"))
-
-
-@dataclass
-class PolicyOutputOptions:
-    """What is written besides the adapters."""
-
-    save_merged: bool = field(default=True, metadata=_help(
-        "also save the policy merged into the base as a plain Hugging Face model in OUTPUT_DIR/merged "
-        "(the --model of the next stage)"))
-
-
-@dataclass
-class RewardOptions:
-    """Where the reward comes from (exactly one of the two)."""
-
-    reward_model: str = field(default="", metadata=_help(
-        "directory written by `fastrlhf.train rm`, trained on the same --model: loaded as the frozen reward role"))
-    reward_fn: str = field(default="", metadata=_help(
-        "Python reward function module:function (or path/to/file.py:function), called as "
-        "fn(prompts, completions, records) -> list of floats; e.g. fastrlhf.demo:gold_reward_fn"))
-
-
-def _trainer_classes(name: str):
-    from fastrlhf import trainers
-
-    trainer_name, config_name = trainers.TRAINERS[name]
-    return getattr(trainers, trainer_name), getattr(trainers, config_name)
+from fastrlhf.cli import CliError, Command, build_parser, parse_args
+from fastrlhf.options import (
+    DataOptions,
+    ModelOptions,
+    PolicyOutputOptions,
+    RewardOptions,
+)
+from fastrlhf.pipeline import PipelineOptions, run_pipeline
+from fastrlhf.stage import DATA_FORMATS, DATA_KINDS, run_stage, trainer_classes
 
 
 def commands() -> dict[str, Command]:
-    from fastrlhf.pipeline import PipelineOptions
-
     data_help = {k: f"\ndata format ({DATA_KINDS[k]}), one record per line of a .jsonl file:\n  {DATA_FORMATS[DATA_KINDS[k]]}"
                  for k in DATA_KINDS}
     return {
         "sft": Command("supervised fine-tuning of the policy (LoRA by default)",
-                       (ModelOptions, DataOptions, PolicyOutputOptions, _trainer_classes("sft")[1]),
+                       (ModelOptions, DataOptions, PolicyOutputOptions, trainer_classes("sft")[1]),
                        epilog=data_help["sft"] + "\nexample:\n  python -m fastrlhf.train sft --data sft.jsonl --output-dir out/sft"),
         "rm": Command("reward model: reward adapter + score head, Bradley-Terry loss on preference pairs",
-                      (ModelOptions, DataOptions, _trainer_classes("rm")[1]),
+                      (ModelOptions, DataOptions, trainer_classes("rm")[1]),
                       epilog=data_help["rm"] + "\nexample:\n  python -m fastrlhf.train rm --model out/sft/merged --data pairs.jsonl --output-dir out/rm"),
         "dpo": Command("direct preference optimisation (and IPO, hinge, robust, SimPO, ORPO) of the policy",
-                       (ModelOptions, DataOptions, PolicyOutputOptions, _trainer_classes("dpo")[1]),
+                       (ModelOptions, DataOptions, PolicyOutputOptions, trainer_classes("dpo")[1]),
                        epilog=data_help["dpo"] + "\nexample:\n  python -m fastrlhf.train dpo --model out/sft/merged --data pairs.jsonl --output-dir out/dpo"),
         "ppo": Command("PPO of the policy (+ value role) against a reward model or a reward function, KL to the reference",
-                       (ModelOptions, DataOptions, RewardOptions, PolicyOutputOptions, _trainer_classes("ppo")[1]),
+                       (ModelOptions, DataOptions, RewardOptions, PolicyOutputOptions, trainer_classes("ppo")[1]),
                        epilog=data_help["ppo"] + "\nexample:\n  python -m fastrlhf.train ppo --model out/sft/merged --data prompts.jsonl "
                               "--reward-model out/rm --output-dir out/ppo"),
         "grpo": Command("GRPO of the policy: group-normalised rewards, no value model",
-                        (ModelOptions, DataOptions, RewardOptions, PolicyOutputOptions, _trainer_classes("grpo")[1]),
+                        (ModelOptions, DataOptions, RewardOptions, PolicyOutputOptions, trainer_classes("grpo")[1]),
                         epilog=data_help["grpo"] + "\nexample:\n  python -m fastrlhf.train grpo --model out/sft/merged --data prompts.jsonl "
                                "--reward-fn fastrlhf.demo:gold_reward_fn --output-dir out/grpo"),
         "pipeline": Command("the whole demo: SFT -> sample pairs, label them with the gold reward -> RM -> PPO and DPO "
                             "-> evaluation table (the default when no subcommand is given)",
                             (ModelOptions, PipelineOptions)),
     }
-
 
 def main(argv: Sequence[str] | None = None) -> int:
     cmds = commands()
@@ -106,8 +64,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     subparser_error = _subparser(parser, command).error
     try:
         if command == "pipeline":
-            from fastrlhf.pipeline import PipelineOptions, run_pipeline
-
             run_pipeline(options[ModelOptions], options[PipelineOptions])
         else:
             run_stage(command, options)
@@ -115,247 +71,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         subparser_error(str(error))
     return 0
 
-
 def _subparser(parser, name: str):
-    import argparse
-
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             return action.choices[name]
     return parser
-
-
-# ---------------------------------------------------------------------------- one stage
-
-
-def run_stage(command: str, options: dict[type, Any], *, ctx=None) -> dict:
-    """Run one trainer from parsed options; returns the trainer's summary (also written to
-    OUTPUT_DIR/summary.json by rank 0). Data, reward function and reward-model directory are checked
-    before the model is loaded.
-
-    ctx: a `DistContext`; None creates one from torchrun's environment and closes it when the stage
-    is over (on every rank, after the model and trainer are gone: see `DistContext.close`)."""
-    from fastrlhf.distributed import DistContext
-
-    if ctx is not None:
-        return _run_stage(command, options, ctx)
-    ctx = DistContext.from_env()
-    try:
-        return _run_stage(command, options, ctx)
-    except BaseException as error:
-        # the traceback's frames still hold the model/trainer: free them so close() can free the group
-        traceback.clear_frames(error.__traceback__)
-        raise
-    finally:
-        ctx.close()
-
-
-def _run_stage(command: str, options: dict[type, Any], ctx) -> dict:
-    trainer_class, config_class = _trainer_classes(command)
-    model_opts: ModelOptions = options[ModelOptions]
-    data_opts: DataOptions = options[DataOptions]
-    config = options[config_class]
-    kind = DATA_KINDS[command]
-
-    if not data_opts.data:
-        raise CliError(f"--data is required for {command}: a .jsonl/.json/.parquet file of {DATA_FORMATS[kind]}")
-    train_records = load_data(data_opts.data, kind, "--data")
-    eval_records = load_data(data_opts.eval_data, kind, "--eval-data") if data_opts.eval_data else None
-
-    reward_fn, reward_dir = None, None
-    if RewardOptions in options:
-        reward_fn, reward_dir = resolve_reward(options[RewardOptions], model_opts)
-
-    model, tokenizer = load_model(model_opts, verbose=ctx.is_main)
-    # the new LoRA adapters and heads must start identical on every rank (only gradients are averaged)
-    from fastrlhf.trainers.base import seed_everything
-
-    seed_everything(config.seed)
-    roles, trainable = {"sft": (("policy",), None), "rm": (("reward",), None), "dpo": (("policy",), None),
-                        "ppo": (("policy", "value"), None), "grpo": (("policy",), None)}[command]
-    if reward_dir:
-        roles, trainable = (*roles, "reward"), roles
-    role_model = build_role_model(model, model_opts, roles, trainable_roles=trainable)
-    if reward_dir:
-        load_reward_role(role_model, reward_dir)
-
-    if ctx.is_main:
-        print(f"== {command}: {len(train_records)} training records from {data_opts.data} -> {config.output_dir}"
-              + (f" ({ctx.world_size} processes{', FSDP' if config.fsdp else ''})" if ctx.distributed else ""),
-              flush=True)
-    try:  # the constructor checks data against the tokenizer and the config: report, don't trace back
-        trainer = trainer_class(role_model, tokenizer, config, train_records, eval_records=eval_records,
-                                reward_fn=reward_fn, ctx=ctx)
-    except ValueError as error:
-        raise CliError(str(error)) from None
-    summary = trainer.train()
-    output_dir = config.output_dir
-    if options.get(PolicyOutputOptions) and options[PolicyOutputOptions].save_merged:
-        merged_dir = os.path.join(output_dir, "merged")
-        save_merged_policy(role_model, tokenizer, model_opts, merged_dir, ctx)
-        summary["merged_model"] = merged_dir
-        if ctx.is_main:
-            print(f"merged policy saved to {merged_dir} (use it as --model of the next stage)", flush=True)
-    if ctx.is_main:
-        os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2, default=str)
-        print(format_summary(summary), flush=True)
-    return summary
-
-
-def save_merged_policy(role_model, tokenizer, model_opts: ModelOptions, merged_dir: str, ctx) -> None:
-    """Rank 0 saves the policy merged into the base as a plain HF model; call on EVERY rank.
-
-    An FSDP-sharded model cannot be deep-copied (what `merged_policy` does), so under FSDP every rank
-    gathers the policy role's full weights (a collective) and rank 0 rebuilds an unsharded copy from
-    the base with the same model options, loads them into it and merges that."""
-    from fastrlhf.distributed import full_state_dict
-    from fastrlhf.models import save_causal_lm
-
-    if ctx.fsdp:
-        state = full_state_dict(role_model.role_state_dict("policy"))
-        if ctx.is_main:
-            base, _ = load_model(model_opts, verbose=False)
-            # no reference copy: only the policy is merged (saves a full model copy on rank 0 without LoRA)
-            unsharded = build_role_model(base, model_opts, ("policy",), with_reference=False)
-            unsharded.load_role_state_dict("policy", state)
-            save_causal_lm(unsharded.merged_policy(), tokenizer, merged_dir)
-            del base, unsharded
-        del state
-    elif ctx.is_main:
-        save_causal_lm(role_model.merged_policy(), tokenizer, merged_dir)
-    ctx.barrier()  # the next stage (or a test) may read merged_dir as soon as any rank returns
-
-
-def load_data(source: str, kind: str, option: str) -> list[dict]:
-    """Load and validate records; any problem -> CliError naming the option, file, record and column."""
-    from fastrlhf.data import load_records, validate_records
-
-    try:
-        records = load_records(source)
-        validate_records(records, kind, source=source)
-    except (ValueError, FileNotFoundError, OSError) as error:
-        raise CliError(f"{option}: {error}") from None
-    return records
-
-
-def load_model(model_opts: ModelOptions, *, verbose: bool = True):
-    """(causal LM, tokenizer) from the model options (None model = the built-in default).
-    verbose: print what is loaded and how long it took (False on ranks other than 0)."""
-    from fastrlhf.models import load_causal_lm
-
-    started = time.perf_counter()
-    what = model_opts.model or "SmolLM2-135M-Instruct (built-in default)"
-    if verbose:
-        print(f"loading {what} ...", flush=True)
-    try:
-        model, tokenizer = load_causal_lm(
-            model_opts.model or None, gguf_file=model_opts.gguf_file or None,
-            dtype=None if model_opts.dtype == "auto" else model_opts.dtype,
-            attn_implementation=model_opts.attn_implementation or None,
-        )
-    except (OSError, ValueError) as error:  # not installed / not found / not a model: say so, no traceback
-        raise CliError(f"--model: {error}") from None
-    if verbose:
-        print(f"loaded in {time.perf_counter() - started:.1f}s ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M parameters)",
-              flush=True)
-    return model, tokenizer
-
-
-def build_role_model(model, model_opts: ModelOptions, roles, *, trainable_roles=None, with_reference: bool = True):
-    from fastrlhf.models import RoleModel
-
-    targets = model_opts.lora_target_modules
-    if targets and targets != "all-linear":
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
-    return RoleModel(
-        model, roles=roles, trainable_roles=trainable_roles, use_lora=model_opts.lora,
-        lora_r=model_opts.lora_r, lora_alpha=model_opts.lora_alpha, lora_dropout=model_opts.lora_dropout,
-        lora_target_modules=targets or None, reference_device=model_opts.reference_device or None,
-        with_reference=with_reference,
-    )
-
-
-# ---------------------------------------------------------------------------- rewards
-
-
-def resolve_reward(reward_opts: RewardOptions, model_opts: ModelOptions) -> tuple[Callable | None, str | None]:
-    """(reward_fn, reward model directory): exactly one is set; checked before the model loads."""
-    if bool(reward_opts.reward_fn) == bool(reward_opts.reward_model):
-        raise CliError("give exactly one of --reward-model DIR (from `fastrlhf.train rm`) or --reward-fn module:function")
-    if reward_opts.reward_fn:
-        return import_reward_fn(reward_opts.reward_fn), None
-    check_reward_dir(reward_opts.reward_model, model_opts)
-    return None, reward_opts.reward_model
-
-
-def import_reward_fn(spec: str) -> Callable:
-    """`module:function` or `path/to/file.py:function` -> the callable (CliError naming --reward-fn)."""
-    module_name, sep, attr = spec.rpartition(":")
-    if not sep or not module_name or not attr:
-        raise CliError(f"--reward-fn: expected module:function (e.g. fastrlhf.demo:gold_reward_fn), got {spec!r}")
-    try:
-        if module_name.endswith(".py"):
-            if not os.path.isfile(module_name):
-                raise CliError(f"--reward-fn: file {module_name!r} does not exist")
-            spec_ = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(module_name))[0], module_name)
-            module = importlib.util.module_from_spec(spec_)
-            spec_.loader.exec_module(module)
-        else:
-            module = importlib.import_module(module_name)
-    except ImportError as error:
-        raise CliError(f"--reward-fn: cannot import module {module_name!r} ({error})") from None
-    fn = getattr(module, attr, None)
-    if fn is None:
-        raise CliError(f"--reward-fn: module {module_name!r} has no attribute {attr!r}")
-    if not callable(fn):
-        raise CliError(f"--reward-fn: {spec!r} is not callable")
-    return fn
-
-
-def check_reward_dir(path: str, model_opts: ModelOptions) -> None:
-    """The reward directory must hold a LoRA reward role saved with the same LoRA settings as this run
-    (all roles of one RoleModel share them)."""
-    from fastrlhf.roles import CONFIG_FILE
-
-    settings_file = os.path.join(path, CONFIG_FILE)
-    weights = os.path.join(path, "role-reward.safetensors")
-    if not (os.path.isfile(settings_file) and os.path.isfile(weights)):
-        raise CliError(f"--reward-model: {path!r} is not a directory written by `fastrlhf.train rm` "
-                       f"(needs {CONFIG_FILE} and role-reward.safetensors)")
-    with open(settings_file) as f:
-        saved = json.load(f)
-    if not saved.get("use_lora", True) or not model_opts.lora:
-        raise CliError("--reward-model: the reward role is loaded as a LoRA adapter on the policy's base; "
-                       "train the reward model and run this stage with LoRA (without --no-lora)")
-    for name in ("lora_r", "lora_alpha"):
-        if name in saved and saved[name] != getattr(model_opts, name):
-            raise CliError(f"--reward-model {path} was trained with {option_name(name)} {saved[name]}, "
-                           f"this run uses {getattr(model_opts, name)}: pass {option_name(name)} {saved[name]}")
-
-
-def load_reward_role(role_model, path: str) -> None:
-    from safetensors.torch import load_file
-
-    state = load_file(os.path.join(path, "role-reward.safetensors"), device=str(role_model.device))
-    role_model.load_role_state_dict("reward", state)
-
-
-# ---------------------------------------------------------------------------- output
-
-
-def format_summary(summary: dict) -> str:
-    metrics = {k: v for k, v in summary.get("metrics", {}).items() if isinstance(v, (int, float))}
-    shown = ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if k not in ("step", "epoch"))
-    peak = summary.get("peak_memory_bytes")
-    lines = [f"{summary.get('trainer', 'trainer')}: {summary.get('steps')} steps in {summary.get('seconds', 0):.1f}s"
-             + (f", peak memory {peak / 2**20:.0f} MiB" if peak else "")]
-    if shown:
-        lines.append(f"  last metrics: {shown}")
-    if summary.get("eval"):
-        lines.append("  eval: " + ", ".join(f"{k}={v:.4g}" for k, v in summary["eval"].items()))
-    return "\n".join(lines)
 
 
 if __name__ == "__main__":

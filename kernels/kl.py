@@ -15,12 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
+from fastrlhf.contracts import KL_ESTIMATORS, LOG_RATIO_LIMIT
 from fastrlhf.kernels._launch import check_int32_indexable, elementwise_block
 
-LOG_RATIO_LIMIT = 20.0
-
-# Integer codes for the constexpr ESTIMATOR argument of the kernels.
-ESTIMATOR_CODES = {"k1": 1, "k2": 2, "k3": 3}
+# Integer codes for the constexpr ESTIMATOR argument of the kernels: k1 -> 1, k2 -> 2, k3 -> 3.
+ESTIMATOR_CODES = {name: code for code, name in enumerate(KL_ESTIMATORS, start=1)}
 
 
 @triton.jit

@@ -46,9 +46,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fastrlhf.contracts import IGNORE_INDEX
 from fastrlhf.kernels._launch import gpu_sizes
-
-IGNORE_INDEX = -100
 
 
 @triton.jit

@@ -20,22 +20,11 @@ import torch
 import triton
 import triton.language as tl
 
+from fastrlhf.contracts import LOG_RATIO_LIMIT, PPO_STATS, VALUE_STATS
 from fastrlhf.kernels._launch import check_int32_indexable, elementwise_block
-from fastrlhf.kernels.kl import ESTIMATOR_CODES, LOG_RATIO_LIMIT, clamped_log_ratio, kl_estimate
+from fastrlhf.kernels.kl import ESTIMATOR_CODES, clamped_log_ratio, kl_estimate
 
-# Layout of the per-program partial sums written by `_ppo_objective_kernel`.
-PPO_STATS = (
-    "loss",          # sum w * (pg + kl_coef * kl - entropy_coef * entropy)
-    "pg_loss",       # sum w * pg
-    "clipped",       # sum m * [clipped surrogate > unclipped surrogate]
-    "approx_kl",     # sum m * 0.5 * log_ratio^2
-    "ratio",         # sum m * ratio
-    "kl",            # sum m * kl           (0 without ref_logps)
-    "entropy",       # sum m * entropy      (0 without entropy)
-    "dual_clipped",  # sum m * [dual clip active]  (0 without dual_clip)
-)
-# Layout of the partial sums written by `_value_loss_kernel`.
-VALUE_STATS = ("loss", "clipped", "values")
+# The per-program partial sums are laid out as PPO_STATS / VALUE_STATS (fastrlhf.contracts).
 
 
 @triton.jit

@@ -14,24 +14,16 @@ import torch
 import triton
 import triton.language as tl
 
+from fastrlhf.contracts import DPO_LOSS_TYPES, DPO_STATS, ORPO_MAX_LOGP, REWARD_STATS
+
 MAX_BLOCK_B = 1024
 
-# Loss types by constexpr id (one compiled variant each). Globals read inside @triton.jit must be
-# tl.constexpr objects: plain ints work in the interpreter but fail to compile for a GPU.
-DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "simpo", "orpo")
-_SIGMOID, _ROBUST, _HINGE, _IPO, _SIMPO, _ORPO = (tl.constexpr(i) for i in range(len(DPO_LOSS_TYPES)))
-
-# Order of the per-block metric partials (means over the batch) written by the kernels.
-DPO_STATS = (
-    "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-    "logps/chosen", "logps/rejected",
-    "nll_loss", "log_odds_ratio", "log_odds_chosen",  # ORPO only (zero otherwise)
+# Loss types by constexpr id, the position in DPO_LOSS_TYPES (one compiled variant each). Globals
+# read inside @triton.jit must be tl.constexpr objects: plain ints work in the interpreter but fail
+# to compile for a GPU. The per-block metric partials are laid out as DPO_STATS / REWARD_STATS.
+_SIGMOID, _ROBUST, _HINGE, _IPO, _SIMPO, _ORPO = (
+    tl.constexpr(DPO_LOSS_TYPES.index(name)) for name in ("sigmoid", "robust", "hinge", "ipo", "simpo", "orpo")
 )
-REWARD_STATS = ("accuracy", "margin", "rewards/chosen", "rewards/rejected")
-
-# ORPO's odds p / (1 - p) need p < 1: log-probs are clamped to at most this value (TRL clamps
-# exp(logp) at 1 - 1e-7 for the same reason); no gradient flows through the clamp above it.
-ORPO_MAX_LOGP = -1e-6
 
 
 # ---- numerics helpers (no libdevice: the CPU interpreter does not implement it) --------------

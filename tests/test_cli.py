@@ -11,8 +11,9 @@ import sys
 import pytest
 
 from fastrlhf import use_backend
-from fastrlhf.cli import ModelOptions, _fields, option_name, parse_args
-from fastrlhf.train import DataOptions, RewardOptions, commands, main
+from fastrlhf.cli import _fields, option_name, parse_args
+from fastrlhf.options import DataOptions, ModelOptions, RewardOptions
+from fastrlhf.train import commands, main
 
 WORDS = "the cat is big . the dog is small . say yes or no . what is the sun ? the moon is white .".split()
 

@@ -104,7 +104,7 @@ def _advantage_variants():
 
 
 def _preference_variants():
-    from fastrlhf.kernels.preference import DPO_LOSS_TYPES
+    from fastrlhf.contracts import DPO_LOSS_TYPES
 
     for B, dtype in ((8, torch.float32), (3000, torch.float32), (8, torch.bfloat16)):
         c, r, rc, rr = (torch.randn(B, dtype=dtype, requires_grad=True) for _ in range(4))

@@ -5,7 +5,6 @@ Tolerances (relative to max(1, |expected|.max()) of each compared tensor):
   bf16 inputs: values 2e-5 too (both paths upcast the exact bf16 numbers and compute in fp32);
                gradients 2e-2 (they are returned in bf16: d logits and d hidden are rounded).
 """
-import os
 import subprocess
 import sys
 

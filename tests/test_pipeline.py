@@ -79,7 +79,7 @@ def test_pipeline_wiring_on_a_tiny_model(tmp_path, monkeypatch):
     """Every stage, the table and the JSON on a tiny random Llama (seconds). The gold reward is
     replaced by a length rule so that a random model's answers still make preference pairs."""
     from fastrlhf import demo, pipeline, use_backend
-    from fastrlhf.cli import ModelOptions
+    from fastrlhf.options import ModelOptions
     from fastrlhf.testing import save_tiny_model
 
     save_tiny_model(tmp_path / "tiny")

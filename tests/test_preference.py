@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from fastrlhf.losses.preference import dpo_loss, reward_loss, sequence_logps
-from fastrlhf.kernels.preference import DPO_LOSS_TYPES
 from fastrlhf.twins import preference as ref
 
 LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "simpo", "orpo")
@@ -388,11 +387,14 @@ def test_sequence_logps(device):
         sequence_logps(x[0], m[0])
 
 
-# ---- kernels and reference agree on their constants (sm_90 compilation: tests/test_gpu_compile.py) ----
+# ---- the contract's loss types are the ones this file tests, and each has its own kernel variant ----
 
-def test_kernel_and_reference_share_constants():
+def test_contract_loss_types_are_tested_and_compiled_each():
+    from fastrlhf import contracts
     from fastrlhf.kernels import preference as kernels
 
-    assert kernels.DPO_LOSS_TYPES == ref.DPO_LOSS_TYPES
-    assert kernels.ORPO_MAX_LOGP == ref.ORPO_MAX_LOGP
-    assert set(ref.ORPO_METRICS) <= set(kernels.DPO_STATS)
+    assert contracts.DPO_LOSS_TYPES == LOSS_TYPES  # a type added to the contract must be added here too
+    assert set(REFERENCE_FREE) == set(contracts.REFERENCE_FREE_LOSS_TYPES)
+    assert set(contracts.ORPO_STATS) <= set(contracts.DPO_STATS)
+    kernel_ids = [kernels._SIGMOID, kernels._ROBUST, kernels._HINGE, kernels._IPO, kernels._SIMPO, kernels._ORPO]
+    assert sorted(int(getattr(i, "value", i)) for i in kernel_ids) == list(range(len(contracts.DPO_LOSS_TYPES)))

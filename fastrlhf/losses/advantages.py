@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from fastrlhf._checks import check_gae_args, check_group_args, check_whiten_args
 from fastrlhf._dispatch import resolve_backend
 from fastrlhf.twins import advantages as twin
 
@@ -37,7 +38,7 @@ def gae(
     backend), 0 where mask is 0, returns = (A + V) * m. Outputs are detached targets: no gradient
     flows to rewards or values.
     """
-    twin.check_gae_args(rewards, values, mask, gamma, lam)
+    check_gae_args(rewards, values, mask, gamma, lam)
     if resolve_backend(backend, rewards, values, mask) == "torch":
         return twin.gae(rewards, values, mask, gamma=gamma, lam=lam)
     from fastrlhf.kernels.gae import gae_scan
@@ -59,6 +60,7 @@ def whiten(
     0 outside the mask; an empty mask gives zeros, one counted element gives var = 0 (no NaN).
     float32 (float64 for float64 x), differentiable in x. Same torch ops on every backend.
     """
+    check_whiten_args(x, mask, eps)
     resolve_backend(backend, x, mask)  # validates the name; both backends share the torch ops
     return twin.whiten(x, mask, shift_mean=shift_mean, eps=eps)
 
@@ -76,5 +78,6 @@ def group_advantages(
     with `scale=False`. Returns `[B]` float32 (float64 for float64 scores), detached.
     `group_size` must divide B (ValueError otherwise). Same torch ops on every backend.
     """
+    check_group_args(scores, group_size, eps)
     resolve_backend(backend, scores)
     return twin.group_advantages(scores, group_size, scale=scale, eps=eps)

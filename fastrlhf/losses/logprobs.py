@@ -19,17 +19,16 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from fastrlhf._checks import (
+    check_hidden_args,
+    check_logits_args,
+    check_softcap,
+    predicts_next,
+)
 from fastrlhf._dispatch import resolve_backend
 from fastrlhf._dtypes import compute_dtype
 from fastrlhf.twins import logprobs as twin
-from fastrlhf.twins.logprobs import (
-    CHUNK_BYTES_CPU,
-    CHUNK_BYTES_CUDA,
-    check_softcap,
-    no_autocast,
-    validate_hidden_args,
-    validate_logits_args,
-)
+from fastrlhf.twins.logprobs import CHUNK_BYTES_CPU, CHUNK_BYTES_CUDA, no_autocast
 
 __all__ = ["token_logprobs", "logprobs_from_logits"]
 
@@ -346,14 +345,14 @@ def logprobs_from_logits(
         logps `[...]` fp32 (<= 0; 0 where targets == -100), or `(logps, entropy)`, both
         differentiable with respect to `logits`; ignored positions get no gradient.
     """
-    validate_logits_args(logits, targets, temperature, softcap)
+    check_logits_args(logits, targets, temperature, softcap)
     softcap = check_softcap(softcap)
     if resolve_backend(backend, logits, targets) == "torch":
         return twin.logprobs_from_logits(
             logits, targets, temperature=temperature, return_entropy=return_entropy, softcap=softcap
         )
     flat_targets = targets.reshape(-1).contiguous()
-    if twin.predicts_next(logits, targets):
+    if predicts_next(logits, targets):
         out = _LogprobsFromLogits.apply(logits, flat_targets, float(temperature), return_entropy, True, softcap)
     else:
         # A view for the kernels whenever strides allow (logits[:, :-1] included): no copy of [N, V].
@@ -402,7 +401,7 @@ def token_logprobs(
         logps shaped like targets, fp32 (<= 0), or `(logps, entropy)`; differentiable with respect
         to hidden, weight and bias. Logits and their sums are fp32 for bf16/fp16 inputs.
     """
-    validate_hidden_args(hidden, weight, targets, bias, temperature, chunk_size, softcap)
+    check_hidden_args(hidden, weight, targets, bias, temperature, chunk_size, softcap)
     softcap = check_softcap(softcap)
     if resolve_backend(backend, hidden, weight, targets, bias) == "torch":
         return twin.token_logprobs(

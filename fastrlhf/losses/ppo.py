@@ -1,6 +1,6 @@
 """Public PPO-family losses: `kl_penalty`, `ppo_loss`, `value_loss`.
 
-Each validates its arguments (the checks live in `fastrlhf.twins.ppo`), then runs either the
+Each validates its arguments once (`fastrlhf._checks`), then runs either the
 fused Triton kernel (wrapped in an autograd.Function here) or the PyTorch twin in
 `fastrlhf.twins.ppo`, as `backend` / `fastrlhf._dispatch.resolve_backend` decide.
 Both backends compute in fp32 (fp64 for fp64 inputs on the torch path), return an fp32 loss and give
@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 import fastrlhf.twins.ppo as twin
+from fastrlhf._checks import check_kl_args, check_ppo_args, check_value_args
 from fastrlhf._dispatch import resolve_backend
-from fastrlhf.twins.ppo import check_kl_args, check_ppo_args, check_value_args
 
 # Where each metric shows up in TRL's PPOTrainer logs (TRL averages them over minibatches, hence
 # "_avg"); trainers can log `{TRL_METRIC_NAMES.get(k, k): v}` so dashboards carry over.

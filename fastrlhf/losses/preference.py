@@ -3,15 +3,21 @@
 On CUDA (or under TRITON_INTERPRET=1) `dpo_loss` and `reward_loss` run one Triton kernel that
 computes, in a single pass over the batch, the loss, every metric and the per-row gradients;
 backward only scales the stored gradients. Otherwise they run the PyTorch twins in
-`fastrlhf.twins.preference` (same signatures minus `backend`, same checks, same metric names).
+`fastrlhf.twins.preference` (same signatures minus `backend`, same metric names). Arguments are
+checked once, here (`fastrlhf._checks`), whichever backend runs.
 """
 from __future__ import annotations
 
 import torch
 
+from fastrlhf._checks import (
+    check_dpo_args,
+    check_reward_args,
+    check_sequence_logps_args,
+)
 from fastrlhf._dispatch import resolve_backend
+from fastrlhf.contracts import DPO_STATS, ORPO_STATS, REWARD_STATS
 from fastrlhf.twins import preference as twin
-from fastrlhf.twins.preference import sequence_logps  # noqa: F401  (plain torch, no kernel)
 
 
 def _empty_batch(device: torch.device, names) -> tuple[torch.Tensor, torch.Tensor]:
@@ -46,7 +52,7 @@ class _PairwiseLossFunction(torch.autograd.Function):
 class _DPOFunction(_PairwiseLossFunction):
     @staticmethod
     def forward(ctx, chosen, rejected, ref_chosen, ref_rejected, beta, loss_type, label_smoothing, gamma):
-        from fastrlhf.kernels.preference import DPO_STATS, dpo_forward_backward
+        from fastrlhf.kernels.preference import dpo_forward_backward
 
         if chosen.shape[0] == 0:
             loss, stats = _empty_batch(chosen.device, DPO_STATS)
@@ -69,7 +75,7 @@ class _DPOFunction(_PairwiseLossFunction):
 class _BradleyTerryFunction(_PairwiseLossFunction):
     @staticmethod
     def forward(ctx, chosen, rejected, margin, center_coef):
-        from fastrlhf.kernels.preference import REWARD_STATS, bradley_terry_forward_backward
+        from fastrlhf.kernels.preference import bradley_terry_forward_backward
 
         if chosen.shape[0] == 0:
             loss, stats = _empty_batch(chosen.device, REWARD_STATS)
@@ -125,16 +131,14 @@ def dpo_loss(
     (beta (logp - ref); beta logp for simpo/orpo), rewards/accuracies, rewards/margins,
     logps/chosen, logps/rejected; orpo adds nll_loss, log_odds_ratio, log_odds_chosen.
     """
-    twin.check_dpo_args(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                             beta, loss_type, label_smoothing, gamma)
+    check_dpo_args(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
+                   beta, loss_type, label_smoothing, gamma)
     kwargs = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma)
     tensors = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     if resolve_backend(backend, *tensors) == "torch":
         return twin.dpo_loss(*tensors, **kwargs)
-    from fastrlhf.kernels.preference import DPO_STATS
-
     loss, stats = _DPOFunction.apply(*tensors, beta, loss_type, label_smoothing, gamma)
-    keep = set(DPO_STATS) if loss_type == "orpo" else set(DPO_STATS) - set(twin.ORPO_METRICS)
+    keep = set(DPO_STATS) if loss_type == "orpo" else set(DPO_STATS) - set(ORPO_STATS)
     return loss, _named(stats, DPO_STATS, keep)
 
 
@@ -152,11 +156,18 @@ def reward_loss(
     (no gradient to it). Returns `(loss, metrics)`; loss 0 for B = 0.
     Metrics (detached): accuracy, margin (mean r_c - r_r), rewards/chosen, rewards/rejected.
     """
-    twin.check_reward_args(chosen_rewards, rejected_rewards, margin, center_coef)
+    check_reward_args(chosen_rewards, rejected_rewards, margin, center_coef)
     margin_tensor = margin if isinstance(margin, torch.Tensor) else None
     if resolve_backend(backend, chosen_rewards, rejected_rewards, margin_tensor) == "torch":
         return twin.reward_loss(chosen_rewards, rejected_rewards, margin=margin, center_coef=center_coef)
-    from fastrlhf.kernels.preference import REWARD_STATS
-
     loss, stats = _BradleyTerryFunction.apply(chosen_rewards, rejected_rewards, margin, center_coef)
     return loss, _named(stats, REWARD_STATS, set(REWARD_STATS))
+
+
+def sequence_logps(logps: torch.Tensor, mask: torch.Tensor, *, average: bool = False) -> torch.Tensor:
+    """Per-sequence log-prob `[B]` from token log-probs `logps` `[B, T]` and `mask` `[B, T]`:
+    the masked sum, or with `average=True` the masked mean (0 for an empty row).
+    Differentiable in logps; values outside the mask are ignored (even -inf or NaN padding).
+    float32 (float64 for float64 logps). Plain torch ops on every backend (one masked reduction)."""
+    check_sequence_logps_args(logps, mask)
+    return twin.sequence_logps(logps, mask, average=average)

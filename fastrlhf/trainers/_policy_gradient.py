@@ -12,33 +12,32 @@ from dataclasses import dataclass, field
 import torch
 
 import fastrlhf
-from fastrlhf._checks import check_choice
-from fastrlhf.trainers.base import Trainer, TrainerConfig, _help, check_int, check_number
+from fastrlhf._checks import check_choice, check_int, check_number
+from fastrlhf.contracts import KL_ESTIMATORS, LOSS_AGGS
+from fastrlhf.options import option_help
+from fastrlhf.trainers.base import Trainer, TrainerConfig
 from fastrlhf.trainers.rollout import HFGenerateEngine, build_rollout_batch
-
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 @dataclass
 class PolicyGradientConfig(TrainerConfig):
-    batch_size: int = field(default=8, metadata=_help(
+    batch_size: int = field(default=8, metadata=option_help(
         "prompts per device per iteration (GRPO samples each group_size times)"))
-    max_prompt_length: int = field(default=256, metadata=_help("prompts longer than this keep their last tokens (with a warning)"))
-    max_new_tokens: int = field(default=64, metadata=_help("max generated tokens per completion (generation stops at EOS)"))
-    temperature: float = field(default=1.0, metadata=_help("sampling temperature (log-probs are computed at the same temperature)"))
-    top_k: int = field(default=0, metadata=_help("sample from the k most likely tokens; 0 = off"))
-    top_p: float = field(default=1.0, metadata=_help("nucleus sampling probability mass; 1.0 = off"))
-    ppo_epochs: int = field(default=1, metadata=_help("passes over each batch of experience"))
-    num_minibatches: int = field(default=1, metadata=_help("optimizer steps per pass over the experience"))
-    clip_eps: float = field(default=0.2, metadata=_help("PPO ratio clip range: [1 - clip_eps, 1 + clip_eps_high]"))
-    clip_eps_high: float = field(default=0.0, metadata=_help("upper clip range (DAPO clip-higher); 0 = same as clip_eps"))
-    dual_clip: float = field(default=0.0, metadata=_help("dual-clip constant c > 1 for negative advantages; 0 = off"))
-    entropy_coef: float = field(default=0.0, metadata=_help("entropy bonus weight"))
-    loss_agg: str = field(default="token-mean", metadata=_help(f"policy loss aggregation: {', '.join(LOSS_AGGS)}"))
-    kl_coef: float = field(default=0.05, metadata=_help("KL-to-reference coefficient (initial value when adaptive)"))
-    kl_estimator: str = field(default="k1", metadata=_help("KL estimator: k1 (log-ratio), k2, k3 (Schulman)"))
-    missing_eos_penalty: float = field(default=0.0, metadata=_help(
+    max_prompt_length: int = field(default=256, metadata=option_help("prompts longer than this keep their last tokens (with a warning)"))
+    max_new_tokens: int = field(default=64, metadata=option_help("max generated tokens per completion (generation stops at EOS)"))
+    temperature: float = field(default=1.0, metadata=option_help("sampling temperature (log-probs are computed at the same temperature)"))
+    top_k: int = field(default=0, metadata=option_help("sample from the k most likely tokens; 0 = off"))
+    top_p: float = field(default=1.0, metadata=option_help("nucleus sampling probability mass; 1.0 = off"))
+    ppo_epochs: int = field(default=1, metadata=option_help("passes over each batch of experience"))
+    num_minibatches: int = field(default=1, metadata=option_help("optimizer steps per pass over the experience"))
+    clip_eps: float = field(default=0.2, metadata=option_help("PPO ratio clip range: [1 - clip_eps, 1 + clip_eps_high]"))
+    clip_eps_high: float = field(default=0.0, metadata=option_help("upper clip range (DAPO clip-higher); 0 = same as clip_eps"))
+    dual_clip: float = field(default=0.0, metadata=option_help("dual-clip constant c > 1 for negative advantages; 0 = off"))
+    entropy_coef: float = field(default=0.0, metadata=option_help("entropy bonus weight"))
+    loss_agg: str = field(default="token-mean", metadata=option_help(f"policy loss aggregation: {', '.join(LOSS_AGGS)}"))
+    kl_coef: float = field(default=0.05, metadata=option_help("KL-to-reference coefficient (initial value when adaptive)"))
+    kl_estimator: str = field(default="k1", metadata=option_help("KL estimator: k1 (log-ratio), k2, k3 (Schulman)"))
+    missing_eos_penalty: float = field(default=0.0, metadata=option_help(
         "subtracted from the score of completions that hit max_new_tokens without EOS"))
 
     def validate(self) -> None:

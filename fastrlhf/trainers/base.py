@@ -34,8 +34,9 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
-from fastrlhf._checks import check_choice
+from fastrlhf._checks import check_choice, check_int, check_number
 from fastrlhf._dispatch import BACKENDS, use_backend
+from fastrlhf.options import option_help
 
 logger = logging.getLogger("fastrlhf.trainers")
 
@@ -46,60 +47,36 @@ RewardFn = Callable[[list, list, list], list]
 """reward_fn(prompts: list[str], completions: list[str], records: list[dict]) -> list[float]."""
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
-
-
-def check_int(name: str, value: Any, minimum: int) -> None:
-    """`value` must be an int (not bool) >= minimum; ValueError naming the option otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def check_number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
-                 low_open: bool = False, high_open: bool = False) -> None:
-    """`value` must be a real number in the given interval; ValueError naming the option otherwise."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok and low is not None:
-        ok = value > low if low_open else value >= low
-    if ok and high is not None:
-        ok = value < high if high_open else value <= high
-    if not ok:
-        lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
-        hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
-        raise ValueError(f"{name} must be a finite number {' and '.join(s for s in (lo, hi) if s)}, got {value!r}")
-
-
 @dataclass
 class TrainerConfig:
     """Options shared by every trainer. Each field's `help` is what `python -m fastrlhf.train --help` shows."""
 
-    output_dir: str = field(default="fastrlhf-output", metadata=_help(
+    output_dir: str = field(default="fastrlhf-output", metadata=option_help(
         "directory for metrics.jsonl, TensorBoard logs, checkpoints and the trained adapters/heads"))
-    learning_rate: float = field(default=1e-4, metadata=_help("peak AdamW learning rate"))
-    batch_size: int = field(default=8, metadata=_help(
+    learning_rate: float = field(default=1e-4, metadata=option_help("peak AdamW learning rate"))
+    batch_size: int = field(default=8, metadata=option_help(
         "examples per device per micro-batch (global batch = batch_size x grad_accum_steps x processes)"))
-    grad_accum_steps: int = field(default=1, metadata=_help("micro-batches accumulated per optimizer step"))
-    eval_batch_size: int = field(default=8, metadata=_help("examples per device per evaluation batch"))
-    epochs: int = field(default=1, metadata=_help("passes over the training data (ignored when max_steps > 0)"))
-    max_steps: int = field(default=0, metadata=_help("stop after this many training steps; 0 = run `epochs` epochs"))
-    lr_schedule: str = field(default="cosine", metadata=_help(f"learning-rate schedule after warmup: {', '.join(LR_SCHEDULES)}"))
-    warmup_ratio: float = field(default=0.0, metadata=_help("fraction of optimizer steps with linear LR warmup, in [0, 1)"))
-    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay"))
-    max_grad_norm: float = field(default=1.0, metadata=_help("clip the global gradient norm to this value; 0 = no clipping"))
-    seed: int = field(default=0, metadata=_help("seed for the data order, sampling and initialisation of new heads"))
-    logging_steps: int = field(default=1, metadata=_help("write averaged metrics every N steps"))
-    eval_steps: int = field(default=0, metadata=_help("evaluate every N steps when eval data is given; 0 = only at the end"))
-    save_steps: int = field(default=0, metadata=_help("save a resumable checkpoint every N steps; 0 = none during training"))
-    save_total_limit: int = field(default=0, metadata=_help("keep only the newest N checkpoints; 0 = keep all"))
-    save_final: bool = field(default=True, metadata=_help("save the trained roles (adapters + heads) to output_dir at the end"))
-    bf16: str = field(default="auto", metadata=_help("bf16 autocast: auto (on when CUDA supports it), true, false; never on CPU"))
-    backend: str = field(default="auto", metadata=_help("loss/kernel backend: auto (Triton on CUDA), triton, torch"))
-    progress: bool = field(default=True, metadata=_help("show a tqdm progress bar with live metrics"))
-    max_consecutive_nonfinite: int = field(default=5, metadata=_help(
+    grad_accum_steps: int = field(default=1, metadata=option_help("micro-batches accumulated per optimizer step"))
+    eval_batch_size: int = field(default=8, metadata=option_help("examples per device per evaluation batch"))
+    epochs: int = field(default=1, metadata=option_help("passes over the training data (ignored when max_steps > 0)"))
+    max_steps: int = field(default=0, metadata=option_help("stop after this many training steps; 0 = run `epochs` epochs"))
+    lr_schedule: str = field(default="cosine", metadata=option_help(f"learning-rate schedule after warmup: {', '.join(LR_SCHEDULES)}"))
+    warmup_ratio: float = field(default=0.0, metadata=option_help("fraction of optimizer steps with linear LR warmup, in [0, 1)"))
+    weight_decay: float = field(default=0.0, metadata=option_help("AdamW weight decay"))
+    max_grad_norm: float = field(default=1.0, metadata=option_help("clip the global gradient norm to this value; 0 = no clipping"))
+    seed: int = field(default=0, metadata=option_help("seed for the data order, sampling and initialisation of new heads"))
+    logging_steps: int = field(default=1, metadata=option_help("write averaged metrics every N steps"))
+    eval_steps: int = field(default=0, metadata=option_help("evaluate every N steps when eval data is given; 0 = only at the end"))
+    save_steps: int = field(default=0, metadata=option_help("save a resumable checkpoint every N steps; 0 = none during training"))
+    save_total_limit: int = field(default=0, metadata=option_help("keep only the newest N checkpoints; 0 = keep all"))
+    save_final: bool = field(default=True, metadata=option_help("save the trained roles (adapters + heads) to output_dir at the end"))
+    bf16: str = field(default="auto", metadata=option_help("bf16 autocast: auto (on when CUDA supports it), true, false; never on CPU"))
+    backend: str = field(default="auto", metadata=option_help("loss/kernel backend: auto (Triton on CUDA), triton, torch"))
+    progress: bool = field(default=True, metadata=option_help("show a tqdm progress bar with live metrics"))
+    max_consecutive_nonfinite: int = field(default=5, metadata=option_help(
         "skip steps with NaN/inf loss or gradients; stop after this many in a row (0 = never stop)"))
-    resume: str = field(default="", metadata=_help("resume from a checkpoint directory, or 'auto' for the latest in output_dir"))
-    fsdp: bool = field(default=False, metadata=_help("shard the model with FSDP2 under torchrun (default: DDP-style gradient averaging)"))
+    resume: str = field(default="", metadata=option_help("resume from a checkpoint directory, or 'auto' for the latest in output_dir"))
+    fsdp: bool = field(default=False, metadata=option_help("shard the model with FSDP2 under torchrun (default: DDP-style gradient averaging)"))
 
     def __post_init__(self) -> None:
         self.validate()
@@ -140,7 +117,7 @@ class TrainerConfig:
 class Trainer:
     """Shared loop. `Trainer(model, tokenizer, config, train_records, *, eval_records=None, reward_fn=None)`.
 
-    model: a `fastrlhf.models.RoleModel` (it must hold the roles the trainer needs).
+    model: a `fastrlhf.RoleModel` (it must hold the roles the trainer needs).
     train_records / eval_records: lists of dicts (or a path for `fastrlhf.data.load_records`).
     ctx: a `fastrlhf.distributed.DistContext` (default: `DistContext.from_env()`).
     All input and option checks run in the constructor, before anything is trained.
@@ -548,7 +525,10 @@ class Trainer:
 
     def _optimizer_state(self):
         if self.ctx.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_optimizer_state_dict,
+            )
 
             return get_optimizer_state_dict(
                 self.model, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -588,7 +568,11 @@ class Trainer:
 
     def _resume(self) -> bool:
         """Load the checkpoint `config.resume` points at; True if training continues from one."""
-        from fastrlhf.checkpoint import load_checkpoint, load_optimizer_state, resolve_resume
+        from fastrlhf.checkpoint import (
+            load_checkpoint,
+            load_optimizer_state,
+            resolve_resume,
+        )
 
         path = None
         if self.is_main:
@@ -599,7 +583,10 @@ class Trainer:
                 self._say(f"resume={self.config.resume!r}: no checkpoint in {self.config.output_dir}, starting fresh")
             return False
         if self.ctx.fsdp:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_optimizer_state_dict,
+            )
 
             model_state, state = load_checkpoint(path, scheduler=self.scheduler, rank=self.ctx.rank)
             set_optimizer_state_dict(self.model, self.optimizer, load_optimizer_state(path),
@@ -794,7 +781,7 @@ def memory_summary(report: dict) -> str:
 class SupervisedConfig(TrainerConfig):
     """Options shared by the trainers that learn from fixed sequences (SFT, reward model, DPO)."""
 
-    max_length: int = field(default=512, metadata=_help(
+    max_length: int = field(default=512, metadata=option_help(
         "max tokens per sequence (prompt + completion); longer ones are truncated with a warning"))
 
     def validate(self) -> None:

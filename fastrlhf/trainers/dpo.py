@@ -13,9 +13,14 @@ from dataclasses import dataclass, field
 import torch
 
 import fastrlhf
-from fastrlhf._checks import check_choice
-from fastrlhf.twins.preference import DPO_LOSS_TYPES, LABEL_SMOOTHING_LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES
-from fastrlhf.trainers.base import SupervisedConfig, Trainer, _help, check_number
+from fastrlhf._checks import check_choice, check_number
+from fastrlhf.contracts import (
+    DPO_LOSS_TYPES,
+    LABEL_SMOOTHING_LOSS_TYPES,
+    REFERENCE_FREE_LOSS_TYPES,
+)
+from fastrlhf.options import option_help
+from fastrlhf.trainers.base import SupervisedConfig, Trainer
 
 # Losses defined on length-normalised sequence log-probs (IPO as in TRL, SimPO and ORPO as in their papers).
 AVERAGED_LOSS_TYPES = ("ipo", "simpo", "orpo")
@@ -23,12 +28,12 @@ AVERAGED_LOSS_TYPES = ("ipo", "simpo", "orpo")
 
 @dataclass
 class DPOConfig(SupervisedConfig):
-    beta: float = field(default=0.1, metadata=_help("inverse temperature of the implicit reward (ORPO: weight of the odds-ratio term)"))
-    loss_type: str = field(default="sigmoid", metadata=_help(f"preference loss: {', '.join(DPO_LOSS_TYPES)}"))
-    label_smoothing: float = field(default=0.0, metadata=_help(
+    beta: float = field(default=0.1, metadata=option_help("inverse temperature of the implicit reward (ORPO: weight of the odds-ratio term)"))
+    loss_type: str = field(default="sigmoid", metadata=option_help(f"preference loss: {', '.join(DPO_LOSS_TYPES)}"))
+    label_smoothing: float = field(default=0.0, metadata=option_help(
         f"assumed fraction of flipped labels, in [0, 0.5) ({', '.join(LABEL_SMOOTHING_LOSS_TYPES)} only)"))
-    simpo_gamma: float = field(default=0.0, metadata=_help("SimPO target reward margin (simpo only; TRL's simpo_gamma)"))
-    precompute_ref_logps: bool = field(default=False, metadata=_help(
+    simpo_gamma: float = field(default=0.0, metadata=option_help("SimPO target reward margin (simpo only; TRL's simpo_gamma)"))
+    precompute_ref_logps: bool = field(default=False, metadata=option_help(
         "compute reference log-probs once before training instead of every step (always done without LoRA)"))
 
     def validate(self) -> None:

@@ -9,16 +9,20 @@ from dataclasses import dataclass, field
 import torch
 
 import fastrlhf
-from fastrlhf.trainers._policy_gradient import PolicyGradientConfig, PolicyGradientTrainer
-from fastrlhf.trainers.base import _help, check_int
+from fastrlhf._checks import check_int
+from fastrlhf.options import option_help
+from fastrlhf.trainers._policy_gradient import (
+    PolicyGradientConfig,
+    PolicyGradientTrainer,
+)
 
 
 @dataclass
 class GRPOConfig(PolicyGradientConfig):
-    group_size: int = field(default=4, metadata=_help("completions sampled per prompt (>= 2)"))
-    scale_rewards: bool = field(default=True, metadata=_help("divide group-centred rewards by the group std"))
-    kl_coef: float = field(default=0.04, metadata=_help("weight of the k3 KL to the reference in the loss; 0 = no reference pass"))
-    kl_estimator: str = field(default="k3", metadata=_help("KL estimator in the loss: k1, k2, k3"))
+    group_size: int = field(default=4, metadata=option_help("completions sampled per prompt (>= 2)"))
+    scale_rewards: bool = field(default=True, metadata=option_help("divide group-centred rewards by the group std"))
+    kl_coef: float = field(default=0.04, metadata=option_help("weight of the k3 KL to the reference in the loss; 0 = no reference pass"))
+    kl_estimator: str = field(default="k3", metadata=option_help("KL estimator in the loss: k1, k2, k3"))
 
     def validate(self) -> None:
         super().validate()

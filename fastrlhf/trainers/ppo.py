@@ -14,25 +14,30 @@ from dataclasses import dataclass, field
 import torch
 
 import fastrlhf
+from fastrlhf._checks import check_number
 from fastrlhf.distributed import whiten_global
-from fastrlhf.trainers._policy_gradient import PolicyGradientConfig, PolicyGradientTrainer, sequence_mean
-from fastrlhf.trainers.base import _help, check_number
+from fastrlhf.options import option_help
+from fastrlhf.trainers._policy_gradient import (
+    PolicyGradientConfig,
+    PolicyGradientTrainer,
+    sequence_mean,
+)
 from fastrlhf.trainers.kl_control import make_kl_controller
 
 
 @dataclass
 class PPOConfig(PolicyGradientConfig):
-    ppo_epochs: int = field(default=4, metadata=_help("passes over each batch of experience"))
-    kl_in_reward: bool = field(default=True, metadata=_help(
+    ppo_epochs: int = field(default=4, metadata=option_help("passes over each batch of experience"))
+    kl_in_reward: bool = field(default=True, metadata=option_help(
         "subtract kl_coef * KL per token from the rewards (classic RLHF); false: put kl_coef * KL in the loss"))
-    adaptive_kl: bool = field(default=False, metadata=_help("adapt kl_coef towards kl_target (Ziegler et al.)"))
-    kl_target: float = field(default=6.0, metadata=_help("target per-sequence KL (nats) of the adaptive controller"))
-    kl_horizon: float = field(default=10000.0, metadata=_help("adaptive KL horizon, in samples"))
-    vf_coef: float = field(default=0.1, metadata=_help("weight of the value loss"))
-    value_clip_eps: float = field(default=0.2, metadata=_help("value clip range around the rollout values"))
-    gamma: float = field(default=1.0, metadata=_help("discount factor of GAE"))
-    lam: float = field(default=0.95, metadata=_help("lambda of GAE"))
-    whiten_rewards: bool = field(default=False, metadata=_help("whiten the per-token rewards before GAE"))
+    adaptive_kl: bool = field(default=False, metadata=option_help("adapt kl_coef towards kl_target (Ziegler et al.)"))
+    kl_target: float = field(default=6.0, metadata=option_help("target per-sequence KL (nats) of the adaptive controller"))
+    kl_horizon: float = field(default=10000.0, metadata=option_help("adaptive KL horizon, in samples"))
+    vf_coef: float = field(default=0.1, metadata=option_help("weight of the value loss"))
+    value_clip_eps: float = field(default=0.2, metadata=option_help("value clip range around the rollout values"))
+    gamma: float = field(default=1.0, metadata=option_help("discount factor of GAE"))
+    lam: float = field(default=0.95, metadata=option_help("lambda of GAE"))
+    whiten_rewards: bool = field(default=False, metadata=option_help("whiten the per-token rewards before GAE"))
 
     def validate(self) -> None:
         super().validate()

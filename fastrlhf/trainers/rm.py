@@ -10,14 +10,16 @@ from dataclasses import dataclass, field
 import torch
 
 import fastrlhf
-from fastrlhf.trainers.base import SupervisedConfig, Trainer, _help, check_number
+from fastrlhf._checks import check_number
+from fastrlhf.options import option_help
+from fastrlhf.trainers.base import SupervisedConfig, Trainer
 
 
 @dataclass
 class RewardConfig(SupervisedConfig):
-    center_coef: float = field(default=0.0, metadata=_help(
+    center_coef: float = field(default=0.0, metadata=option_help(
         "weight of mean((r_chosen + r_rejected)^2), keeps rewards centred at 0 (TRL center_rewards_coefficient)"))
-    use_margin: bool = field(default=True, metadata=_help("use the records' 'margin' column when present"))
+    use_margin: bool = field(default=True, metadata=option_help("use the records' 'margin' column when present"))
 
     def validate(self) -> None:
         super().validate()

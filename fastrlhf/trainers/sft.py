@@ -9,14 +9,15 @@ from dataclasses import dataclass, field
 
 import fastrlhf
 from fastrlhf._checks import check_choice
-from fastrlhf.trainers.base import SupervisedConfig, Trainer, _help
+from fastrlhf.options import option_help
+from fastrlhf.trainers.base import SupervisedConfig, Trainer
 
 SFT_LOSS_AGGS = ("token-mean", "seq-mean-token-mean")
 
 
 @dataclass
 class SFTConfig(SupervisedConfig):
-    loss_agg: str = field(default="token-mean", metadata=_help(
+    loss_agg: str = field(default="token-mean", metadata=option_help(
         "token-mean: mean NLL over all completion tokens of the optimizer step; "
         "seq-mean-token-mean: mean over sequences of each sequence's mean token NLL"))
 

@@ -1,8 +1,8 @@
 """Advantage estimation in readable PyTorch: GAE, masked whitening, GRPO group advantages.
 
 Ground truth for the Triton scan in `fastrlhf.kernels.gae` and the torch path of
-`fastrlhf.losses.advantages` (same signatures there, plus `backend`). The argument checks live
-here too, so both paths reject the same inputs with the same messages.
+`fastrlhf.losses.advantages` (same signatures there, plus `backend`). The public functions check
+the arguments (`fastrlhf._checks`) before they call these; called directly, these trust their inputs.
 """
 from __future__ import annotations
 
@@ -11,51 +11,6 @@ from typing import Callable
 import torch
 
 from fastrlhf._dtypes import compute_dtype
-from fastrlhf._checks import (
-    as_float_mask,
-    check_floating,
-    check_ndim,
-    check_non_negative,
-    check_positive,
-    check_same_device,
-    check_same_shape,
-)
-
-
-def check_unit_interval(name: str, value: float) -> None:
-    if not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
-
-
-def check_gae_args(rewards, values, mask, gamma: float, lam: float) -> None:
-    check_floating("rewards", rewards)
-    check_floating("values", values)
-    check_ndim("rewards", rewards, 2, "[B, T]")
-    check_same_shape("rewards", rewards, values=values, mask=mask)
-    as_float_mask("mask", mask, rewards)  # validates the mask dtype
-    check_same_device(rewards=rewards, values=values, mask=mask)
-    check_unit_interval("gamma", gamma)
-    check_unit_interval("lam", lam)
-
-
-def check_whiten_args(x, mask, eps: float) -> None:
-    check_floating("x", x)
-    as_float_mask("mask", mask, x)
-    check_same_device(x=x, mask=mask)
-    check_non_negative("eps", eps)
-
-
-def check_group_args(scores, group_size: int, eps: float) -> None:
-    check_floating("scores", scores)
-    check_ndim("scores", scores, 1, "[B]")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-        raise ValueError(f"group_size must be a positive int, got {group_size!r}")
-    if scores.shape[0] % group_size:
-        raise ValueError(
-            f"group_size must divide the batch size B = {scores.shape[0]} "
-            f"(groups are consecutive blocks of group_size scores), got {group_size}"
-        )
-    check_non_negative("eps", eps)
 
 
 @torch.no_grad()
@@ -76,7 +31,6 @@ def gae(
     Returns `(advantages, returns)`, `[B, T]` float32 (float64 for float64 inputs), zero where
     mask is 0, returns = (A + V) * m. Outputs are detached targets (no gradient).
     """
-    check_gae_args(rewards, values, mask, gamma, lam)
     dtype = compute_dtype(rewards, values)
     r, v, m = rewards.to(dtype), values.to(dtype), mask.to(dtype)
     next_value, next_mask = shift_left(v), shift_left(m)
@@ -179,7 +133,6 @@ def whiten_with_reduce(
 ) -> torch.Tensor:
     """`whiten` with the statistics' sums passed through `reduce_sum` (see `masked_mean_var`):
     the single implementation behind `whiten` (None) and `fastrlhf.distributed.whiten_global`."""
-    check_whiten_args(x, mask, eps)
     x, m = masked_input(x, mask)
     mean, var = masked_mean_var(x, m, reduce_sum)
     whitened = (x - mean) * torch.rsqrt(var + eps)
@@ -201,7 +154,6 @@ def group_advantages(
     `scale=False`. The std is the BIASED one (unbiased=False; note TRL's GRPOTrainer uses
     torch's default unbiased std). float32 (float64 for float64 scores); detached targets.
     """
-    check_group_args(scores, group_size, eps)
     grouped = scores.to(compute_dtype(scores)).reshape(-1, group_size)
     if grouped.numel() == 0:
         return grouped.reshape(-1)

@@ -10,129 +10,27 @@ log-probs must be taken after the cap too.
 `targets == -100` (IGNORE_INDEX) gives logp 0, entropy 0 and no gradient. Computation is fp32
 for fp32/bf16/fp16 inputs (fp64 stays fp64, for gradcheck).
 
-The argument checks for both backends live here too (`validate_*`), so the two paths reject
-exactly the same inputs.
+The public functions in `fastrlhf.losses.logprobs` check the arguments (`fastrlhf._checks`)
+before they call these; called directly, these trust their inputs (softcap None or > 0).
 """
 from __future__ import annotations
 
 import contextlib
-import math
-import numbers
 
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from fastrlhf._checks import check_floating, check_positive, check_same_device
+from fastrlhf._checks import predicts_next
 from fastrlhf._dtypes import compute_dtype
-
-IGNORE_INDEX = -100
+from fastrlhf.contracts import IGNORE_INDEX
 
 # A row chunk's logits take at most this many bytes (fp32): the memory bound of token_logprobs.
 CHUNK_BYTES_CUDA = 256 * 2**20
 CHUNK_BYTES_CPU = 32 * 2**20
 
 
-# --------------------------------------------------------------------------- argument checks
-
-
-def check_targets(targets: torch.Tensor, expected_shape: torch.Size, vocab_size: int) -> None:
-    """`targets` must be integer class ids of `expected_shape`, in [0, V) or -100.
-
-    The value range is checked only on CPU tensors: on an accelerator it would need a host-device
-    sync on every call. There the Triton kernels return NaN for an out-of-range target instead of
-    reading out of bounds (and PyTorch's gather raises its own device-side error).
-    """
-    if not isinstance(targets, torch.Tensor):
-        raise ValueError(f"targets must be a torch.Tensor, got {type(targets).__name__}")
-    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
-        raise ValueError(f"targets must be an integer tensor of token ids, got dtype {targets.dtype}")
-    if targets.shape != expected_shape:
-        raise ValueError(f"targets must have shape {tuple(expected_shape)}, got {tuple(targets.shape)}")
-    if targets.device.type == "cpu" and targets.numel():
-        bad = (targets != IGNORE_INDEX) & ((targets < 0) | (targets >= vocab_size))
-        if bad.any():
-            raise ValueError(
-                f"targets must be in [0, {vocab_size}) or {IGNORE_INDEX} (ignored), "
-                f"got {targets[bad].flatten()[0].item()}"
-            )
-
-
-def check_softcap(softcap: float | None) -> float | None:
-    """`softcap` as a float, or None when off (None or 0); else a finite number > 0 (ValueError)."""
-    if softcap is None:
-        return None
-    if isinstance(softcap, bool) or not isinstance(softcap, numbers.Real):
-        raise ValueError(f"softcap must be a number > 0, 0 or None, got {softcap!r}")
-    if softcap == 0:
-        return None
-    if not (math.isfinite(softcap) and softcap > 0):
-        raise ValueError(f"softcap must be a finite number > 0 (or 0 / None for no cap), got {softcap!r}")
-    return float(softcap)
-
-
-def predicts_next(logits: torch.Tensor, targets: torch.Tensor) -> bool:
-    """The next-token layout: `logits [..., T+1, V]` straight from the model and `targets [..., T]`
-    (= input_ids[..., 1:]); position t's logits score targets[t] and the last position scores nothing."""
-    return (
-        isinstance(targets, torch.Tensor) and logits.dim() >= 2 and targets.dim() == logits.dim() - 1
-        and targets.shape[:-1] == logits.shape[:-2] and logits.shape[-2] == targets.shape[-1] + 1
-    )
-
-
-def validate_logits_args(
-    logits: torch.Tensor, targets: torch.Tensor, temperature: float, softcap: float | None = None
-) -> None:
-    check_floating("logits", logits)
-    if logits.dim() < 1 or logits.shape[-1] == 0:
-        raise ValueError(f"logits must be [..., V] with V >= 1, got shape {tuple(logits.shape)}")
-    check_positive("temperature", temperature)
-    check_softcap(softcap)
-    check_same_device(logits=logits, targets=targets)
-    positions = logits.shape[:-1]
-    if predicts_next(logits, targets):
-        positions = torch.Size((*positions[:-1], positions[-1] - 1))
-    elif isinstance(targets, torch.Tensor) and targets.shape != positions:
-        raise ValueError(
-            f"targets must have shape {tuple(positions)} (one per logits row) or "
-            f"{(*positions[:-1], positions[-1] - 1) if len(positions) else ()} (next-token layout: logits "
-            f"[..., T+1, V], targets [..., T]), got {tuple(targets.shape)}"
-        )
-    check_targets(targets, positions, logits.shape[-1])
-
-
-def validate_hidden_args(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    bias: torch.Tensor | None,
-    temperature: float,
-    chunk_size: int | None,
-    softcap: float | None = None,
-) -> None:
-    check_floating("hidden", hidden)
-    check_floating("weight", weight)
-    if hidden.dim() < 2:
-        raise ValueError(f"hidden must be [N, H] or [B, T, H], got shape {tuple(hidden.shape)}")
-    if weight.dim() != 2 or weight.shape[0] == 0:
-        raise ValueError(f"weight must be [V, H] with V >= 1, got shape {tuple(weight.shape)}")
-    if weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(
-            f"weight must be [V, H] with H = hidden.shape[-1] = {hidden.shape[-1]}, "
-            f"got shape {tuple(weight.shape)}"
-        )
-    if weight.dtype != hidden.dtype:
-        raise ValueError(f"weight must have the dtype of hidden ({hidden.dtype}), got {weight.dtype}")
-    if bias is not None:
-        check_floating("bias", bias)
-        if bias.shape != (weight.shape[0],):
-            raise ValueError(f"bias must be [V] = ({weight.shape[0]},), got shape {tuple(bias.shape)}")
-    check_positive("temperature", temperature)
-    check_softcap(softcap)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    check_same_device(hidden=hidden, weight=weight, targets=targets, bias=bias)
-    check_targets(targets, hidden.shape[:-1], weight.shape[0])
+# --------------------------------------------------------------------------- chunking and precision
 
 
 def default_chunk_size(vocab_size: int, device: torch.device) -> int:
@@ -166,12 +64,10 @@ def logprobs_from_logits(
 
     Returns logps `[...]` (fp32), and entropy `[...]` too if `return_entropy`.
     """
-    validate_logits_args(logits, targets, temperature, softcap)
-    softcap = check_softcap(softcap)
     if predicts_next(logits, targets):
         logits = logits[..., :-1, :]
     logits = logits.to(compute_dtype(logits.dtype))
-    if softcap is not None:
+    if softcap:  # None or 0: no cap
         logits = softcap * torch.tanh(logits / softcap)
     log_probs = torch.log_softmax(logits / temperature, dim=-1)
     ignored = targets == IGNORE_INDEX
@@ -214,7 +110,6 @@ def token_logprobs(
     Rows are processed `chunk_size` at a time under activation checkpointing, so no `N x V`
     logits tensor exists at any moment, forward or backward (each chunk is recomputed in backward).
     """
-    validate_hidden_args(hidden, weight, targets, bias, temperature, chunk_size, softcap)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1)
     chunk = chunk_size or default_chunk_size(weight.shape[0], hidden.device)

@@ -1,10 +1,10 @@
 """PPO-family losses in plain PyTorch: KL estimators, the clipped policy objective, the clipped value loss.
 
 This is the ground truth the Triton kernels (`kernels/ppo.py`, `kernels/kl.py`) are tested against,
-and the path used off-GPU. It also owns the argument checks, which the public functions in
-`fastrlhf.losses.ppo` reuse so both backends reject exactly the same inputs.
+and the path used off-GPU. The public functions in `fastrlhf.losses.ppo` check the arguments
+(`fastrlhf._checks`) before they call these; called directly, these trust their inputs.
 
-Conventions (DESIGN.md): log-ratios are clamped to [-20, 20] before `exp`; tokens with mask 0 are
+Conventions: log-ratios are clamped to [-20, 20] before `exp`; tokens with mask 0 are
 zeroed before any arithmetic, so NaN/inf padding never reaches the loss or the gradients; a fully
 masked row or an all-zero mask gives loss 0 and zero gradients. `old_logps`, `advantages`,
 `old_values` and `returns` are treated as constants (detached), as in every PPO implementation.
@@ -14,83 +14,7 @@ from __future__ import annotations
 import torch
 
 from fastrlhf._dtypes import compute_dtype
-from fastrlhf._checks import (
-    as_float_mask,
-    check_choice,
-    check_floating,
-    check_ndim,
-    check_non_negative,
-    check_positive,
-    check_same_device,
-    check_same_shape,
-)
-
-LOG_RATIO_LIMIT = 20.0
-
-# Estimator names accepted, with the aliases verl uses ("kl", "mse", "low_var_kl") mapped to
-# the k1 / k2 / k3 names of OpenRLHF and TRL.
-KL_ESTIMATORS = {"k1": "k1", "kl": "k1", "k2": "k2", "mse": "k2", "k3": "k3", "low_var_kl": "k3"}
-LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-
-
-# ----------------------------------------------------------------------------- argument checks
-def canonical_kl_estimator(name: str, estimator: str) -> str:
-    """Map an estimator name or alias to "k1" | "k2" | "k3"; ValueError naming argument `name` otherwise."""
-    check_choice(name, estimator, tuple(KL_ESTIMATORS))
-    return KL_ESTIMATORS[estimator]
-
-
-def check_kl_args(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) -> str:
-    check_floating("logps", logps)
-    check_floating("ref_logps", ref_logps)
-    check_same_shape("logps", logps, ref_logps=ref_logps)
-    check_same_device(logps=logps, ref_logps=ref_logps)
-    return canonical_kl_estimator("estimator", estimator)
-
-
-def check_ppo_args(
-    logps, old_logps, advantages, mask, *, clip_eps, clip_eps_high, dual_clip, ref_logps, kl_coef,
-    kl_estimator, entropy, entropy_coef, loss_agg,
-) -> tuple[str, float, torch.Tensor]:
-    """Validate `ppo_loss` arguments. Returns (canonical estimator, clip_eps_high, fp32 mask)."""
-    for name, tensor in (("logps", logps), ("old_logps", old_logps), ("advantages", advantages)):
-        check_floating(name, tensor)
-    check_ndim("logps", logps, 2, "[B, T]")
-    for name, tensor in (("ref_logps", ref_logps), ("entropy", entropy)):
-        if tensor is not None:
-            check_floating(name, tensor)
-    check_same_shape("logps", logps, old_logps=old_logps, advantages=advantages, ref_logps=ref_logps,
-                     entropy=entropy)
-    mask_f = as_float_mask("mask", mask, logps)
-    check_same_device(logps=logps, old_logps=old_logps, advantages=advantages, mask=mask,
-                      ref_logps=ref_logps, entropy=entropy)
-    check_positive("clip_eps", clip_eps)
-    if clip_eps_high is None:
-        clip_eps_high = clip_eps
-    check_positive("clip_eps_high", clip_eps_high)
-    if dual_clip is not None and not dual_clip > 1:
-        raise ValueError(f"dual_clip must be > 1 (or None to disable it), got {dual_clip!r}")
-    check_non_negative("kl_coef", kl_coef)
-    check_non_negative("entropy_coef", entropy_coef)
-    if kl_coef > 0 and ref_logps is None:
-        raise ValueError("kl_coef > 0 needs ref_logps ([B, T] reference log-probs), got ref_logps=None")
-    if entropy_coef > 0 and entropy is None:
-        raise ValueError("entropy_coef > 0 needs entropy ([B, T] per-token entropy), got entropy=None")
-    check_choice("loss_agg", loss_agg, LOSS_AGGS)
-    return canonical_kl_estimator("kl_estimator", kl_estimator), clip_eps_high, mask_f
-
-
-def check_value_args(values, old_values, returns, mask, *, clip_eps, loss_agg) -> torch.Tensor:
-    """Validate `value_loss` arguments. Returns the fp32 mask."""
-    for name, tensor in (("values", values), ("old_values", old_values), ("returns", returns)):
-        check_floating(name, tensor)
-    check_ndim("values", values, 2, "[B, T]")
-    check_same_shape("values", values, old_values=old_values, returns=returns)
-    mask_f = as_float_mask("mask", mask, values)
-    check_same_device(values=values, old_values=old_values, returns=returns, mask=mask)
-    check_positive("clip_eps", clip_eps)
-    check_choice("loss_agg", loss_agg, LOSS_AGGS)
-    return mask_f
+from fastrlhf.contracts import KL_ESTIMATOR_ALIASES, LOG_RATIO_LIMIT, LOSS_AGGS
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -142,7 +66,7 @@ def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, *, estimator: str =
         KL per token, same shape, dtype of `logps` promoted with `ref_logps`.
         Differentiable w.r.t. both inputs.
     """
-    estimator = check_kl_args(logps, ref_logps, estimator)
+    estimator = KL_ESTIMATOR_ALIASES[estimator]
     dtype = compute_dtype(logps, ref_logps)
     kl = _kl_terms(logps.to(dtype), ref_logps.to(dtype), estimator)
     return kl.to(torch.promote_types(logps.dtype, ref_logps.dtype))
@@ -184,11 +108,9 @@ def ppo_loss(
         `kl` (with ref_logps), `entropy` (with entropy), `dual_clipfrac` (with dual_clip); all
         except `pg_loss` are means over counted tokens.
     """
-    estimator, clip_eps_high, mask_f = check_ppo_args(
-        logps, old_logps, advantages, mask, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
-        dual_clip=dual_clip, ref_logps=ref_logps, kl_coef=kl_coef, kl_estimator=kl_estimator,
-        entropy=entropy, entropy_coef=entropy_coef, loss_agg=loss_agg,
-    )
+    estimator = KL_ESTIMATOR_ALIASES[kl_estimator]
+    clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    mask_f = mask.to(torch.float32)
     dtype = compute_dtype(logps, old_logps, advantages, ref_logps, entropy)
     counts = mask_f != 0
     m = mask_f.to(dtype)
@@ -247,7 +169,7 @@ def value_loss(
         `(loss, metrics)`: fp32 scalar loss; detached `vf_loss` (= loss), `vf_clipfrac` (fraction of
         counted tokens where the clipped error is the larger one), `vpred` (mean counted value).
     """
-    mask_f = check_value_args(values, old_values, returns, mask, clip_eps=clip_eps, loss_agg=loss_agg)
+    mask_f = mask.to(torch.float32)
     dtype = compute_dtype(values, old_values, returns)
     counts = mask_f != 0
     m = mask_f.to(dtype)

@@ -1,88 +1,21 @@
 """Preference losses in readable PyTorch: DPO family, Bradley-Terry reward loss, sequence log-probs.
 
 Ground truth for the Triton kernels in `fastrlhf.kernels.preference` and the torch path of
-`fastrlhf.losses.preference` (same signatures there, plus `backend`). The argument checks and
-the metric assembly live here too, so both paths accept the same inputs and log the same names.
+`fastrlhf.losses.preference` (same signatures there, plus `backend`). The public functions check
+the arguments (`fastrlhf._checks`) before they call these; called directly, these trust their inputs.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from fastrlhf._checks import (
-    as_float_mask,
-    check_choice,
-    check_floating,
-    check_ndim,
-    check_positive,
-    check_same_device,
-    check_same_shape,
-)
 from fastrlhf._dtypes import compute_dtype
-
-DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "simpo", "orpo")
-REFERENCE_FREE_LOSS_TYPES = ("simpo", "orpo")
-LABEL_SMOOTHING_LOSS_TYPES = ("sigmoid", "robust", "simpo")
-ORPO_MAX_LOGP = -1e-6  # log-probs clamped to <= this so the odds p / (1 - p) stay finite
-ORPO_METRICS = ("nll_loss", "log_odds_ratio", "log_odds_chosen")
+from fastrlhf.contracts import ORPO_MAX_LOGP, REFERENCE_FREE_LOSS_TYPES
 
 
 def _batch_mean(x: torch.Tensor) -> torch.Tensor:
     """Mean over the batch that is 0 (not NaN) for an empty batch."""
     return x.sum() / max(x.shape[0], 1)
-
-
-# ---- argument checks (shared with fastrlhf.losses.preference) ---------------------------------
-
-def check_dpo_args(
-    chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-    beta: float, loss_type: str, label_smoothing: float, gamma: float,
-) -> None:
-    check_choice("loss_type", loss_type, DPO_LOSS_TYPES)
-    check_floating("chosen_logps", chosen_logps)
-    check_ndim("chosen_logps", chosen_logps, 1, "[B]")
-    check_floating("rejected_logps", rejected_logps)
-    refs = {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
-    if loss_type in REFERENCE_FREE_LOSS_TYPES:
-        for name, ref in refs.items():
-            if ref is not None:
-                raise ValueError(f"{name} must be None for the reference-free loss_type={loss_type!r}")
-    else:
-        for name, ref in refs.items():
-            if ref is None:
-                raise ValueError(
-                    f"{name} is required for loss_type={loss_type!r} "
-                    f"(only {REFERENCE_FREE_LOSS_TYPES} are reference-free)"
-                )
-            check_floating(name, ref)
-    check_same_shape("chosen_logps", chosen_logps, rejected_logps=rejected_logps, **refs)
-    check_same_device(chosen_logps=chosen_logps, rejected_logps=rejected_logps, **refs)
-    check_positive("beta", beta)
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing!r}")
-    if label_smoothing and loss_type not in LABEL_SMOOTHING_LOSS_TYPES:
-        raise ValueError(
-            f"label_smoothing must be 0 for loss_type={loss_type!r} "
-            f"(it applies to {LABEL_SMOOTHING_LOSS_TYPES}), got {label_smoothing!r}"
-        )
-    if gamma and loss_type != "simpo":
-        raise ValueError(f"gamma must be 0 unless loss_type='simpo', got {gamma!r}")
-
-
-def check_reward_args(chosen_rewards, rejected_rewards, margin, center_coef: float) -> None:
-    check_floating("chosen_rewards", chosen_rewards)
-    check_ndim("chosen_rewards", chosen_rewards, 1, "[B]")
-    check_floating("rejected_rewards", rejected_rewards)
-    check_same_shape("chosen_rewards", chosen_rewards, rejected_rewards=rejected_rewards)
-    if isinstance(margin, torch.Tensor):
-        check_floating("margin", margin)
-        check_same_shape("chosen_rewards", chosen_rewards, margin=margin)
-        check_same_device(chosen_rewards=chosen_rewards, margin=margin)
-    elif margin is not None and not isinstance(margin, (int, float)):
-        raise ValueError(f"margin must be None, a float or a [B] tensor, got {type(margin).__name__}")
-    check_same_device(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
-    if not center_coef >= 0:
-        raise ValueError(f"center_coef must be >= 0, got {center_coef!r}")
 
 
 # ---- metrics (shared names) -------------------------------------------------------------------
@@ -123,10 +56,7 @@ def sequence_logps(logps: torch.Tensor, mask: torch.Tensor, *, average: bool = F
     the masked sum, or with `average=True` the masked mean (0 for an empty row).
     Differentiable in logps; values outside the mask are ignored (even -inf or NaN padding).
     float32 (float64 for float64 logps)."""
-    check_floating("logps", logps)
-    check_ndim("logps", logps, 2, "[B, T]")
-    check_same_device(logps=logps, mask=mask)
-    m = as_float_mask("mask", mask, logps).to(compute_dtype(logps))
+    m = mask.to(torch.float32).to(compute_dtype(logps))
     masked = torch.where(m != 0, logps.to(m.dtype), 0.0) * m
     total = masked.sum(dim=-1)
     if average:
@@ -174,8 +104,6 @@ def dpo_loss(
     beta logp for simpo/orpo), rewards/accuracies, rewards/margins, logps/chosen,
     logps/rejected; orpo adds nll_loss, log_odds_ratio (mean log s(log odds)), log_odds_chosen.
     """
-    check_dpo_args(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
-                   beta, loss_type, label_smoothing, gamma)
     dtype = compute_dtype(*(t for t in (chosen_logps, rejected_logps, ref_chosen_logps,
                                         ref_rejected_logps) if t is not None))
     chosen, rejected = chosen_logps.to(dtype), rejected_logps.to(dtype)
@@ -220,7 +148,6 @@ def reward_loss(
     Metrics (detached): accuracy (mean of r_c > r_r), margin (mean r_c - r_r),
     rewards/chosen, rewards/rejected (means).
     """
-    check_reward_args(chosen_rewards, rejected_rewards, margin, center_coef)
     dtype = compute_dtype(chosen_rewards, rejected_rewards)
     chosen, rejected = chosen_rewards.to(dtype), rejected_rewards.to(dtype)
     x = chosen - rejected

@@ -1,0 +1,57 @@
+"""Names and limits that the kernels, the PyTorch twins, the trainers and the CLI must agree on.
+
+Each is defined here once and imported everywhere else, so a new loss type, estimator or metric is
+added in one place. Plain Python only: the kernels (`fastrlhf.kernels`) import this module too,
+and it must stay importable without torch or triton.
+"""
+from __future__ import annotations
+
+# Targets equal to this id are ignored: logp 0, entropy 0, no gradient (PyTorch's cross-entropy value).
+IGNORE_INDEX = -100
+
+# Log-ratios are clamped to [-LOG_RATIO_LIMIT, LOG_RATIO_LIMIT] before `exp`, so exp stays finite in fp32.
+LOG_RATIO_LIMIT = 20.0
+
+# KL estimators (Schulman, "Approximating KL divergence"), keyed by every accepted name: our
+# k1 / k2 / k3 (OpenRLHF's and TRL's names) and verl's aliases "kl", "mse", "low_var_kl".
+KL_ESTIMATOR_ALIASES = {"k1": "k1", "kl": "k1", "k2": "k2", "mse": "k2", "k3": "k3", "low_var_kl": "k3"}
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+# How a [B, T] per-token loss becomes a scalar (verl's names; see `fastrlhf.twins.ppo.aggregate`).
+LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+# DPO-family loss types. The kernel selects one by its position in this tuple.
+DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "simpo", "orpo")
+REFERENCE_FREE_LOSS_TYPES = ("simpo", "orpo")
+LABEL_SMOOTHING_LOSS_TYPES = ("sigmoid", "robust", "simpo")
+
+# ORPO's odds p / (1 - p) need p < 1: log-probs are clamped to at most this value (TRL clamps
+# exp(logp) at 1 - 1e-7 for the same reason); no gradient flows through the clamp above it.
+ORPO_MAX_LOGP = -1e-6
+
+# --------------------------------------------------------------------------- fused-kernel statistics
+# Each fused loss kernel also reduces its inputs to a vector of statistics, in this order; the
+# public functions turn that vector into the metrics dict by name.
+
+# `ppo_loss`: sums over all tokens (the public function divides by the counted tokens).
+PPO_STATS = (
+    "loss",          # sum w * (pg + kl_coef * kl - entropy_coef * entropy), w = aggregation weight
+    "pg_loss",       # sum w * pg
+    "clipped",       # sum m * [clipped surrogate > unclipped surrogate]
+    "approx_kl",     # sum m * 0.5 * log_ratio^2
+    "ratio",         # sum m * ratio
+    "kl",            # sum m * kl           (0 without ref_logps)
+    "entropy",       # sum m * entropy      (0 without entropy)
+    "dual_clipped",  # sum m * [dual clip active]  (0 without dual_clip)
+)
+# `value_loss`: sums over all tokens.
+VALUE_STATS = ("loss", "clipped", "values")
+# `dpo_loss`: means over the batch, published under these names (TRL's).
+DPO_STATS = (
+    "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+    "logps/chosen", "logps/rejected",
+    "nll_loss", "log_odds_ratio", "log_odds_chosen",  # ORPO only (zero otherwise)
+)
+ORPO_STATS = ("nll_loss", "log_odds_ratio", "log_odds_chosen")
+# `reward_loss`: means over the batch.
+REWARD_STATS = ("accuracy", "margin", "rewards/chosen", "rewards/rejected")
