@@ -13,11 +13,10 @@ import fastrlhf
 from fastrlhf.models import (
     RoleModel,
     default_model_source,
-    last_token_index,
     load_causal_lm,
-    position_ids_from_mask,
     save_causal_lm,
 )
+from fastrlhf.roles import last_token_index, position_ids_from_mask
 from fastrlhf.testing import tiny_llama, tiny_tokenizer
 
 # peft (0.21) still reads transformers' deprecated `is_gradient_checkpointing`
