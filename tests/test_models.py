@@ -361,7 +361,7 @@ def test_full_finetuning_reward_next_to_policy_gets_its_own_trunk():
 
 
 def test_dedup_state_finds_ties_by_parameter_identity_not_pointers():
-    from fastrlhf.roles import _dedup_state
+    from fastrlhf.role_trunks import _dedup_state
 
     tied, untied = tiny_llama(tie=True), tiny_llama(tie=False)
     state = _dedup_state(tied)
