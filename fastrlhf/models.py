@@ -168,30 +168,6 @@ def _dequantized_copy(model):
     return plain.eval()
 
 
-def decoder_of(causal_lm) -> torch.nn.Module:
-    """The decoder inside a causal LM (e.g. `LlamaForCausalLM.model`): returns hidden states after the
-    final norm without computing the [B, T, V] logits."""
-    decoder = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else None
-    if decoder is None or decoder is causal_lm:
-        decoder = getattr(causal_lm, getattr(causal_lm, "base_model_prefix", "model"), None)
-    if decoder is None or decoder is causal_lm:
-        raise ValueError(f"Cannot find the decoder inside {type(causal_lm).__name__}")
-    return decoder
-
-
-def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B, T] position ids that count only real tokens, so a left-padded row gets the same positions
-    (hence the same outputs) as the unpadded sequence. Padding positions get clamped values."""
-    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
-
-
-def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B] index of the last real token of each row, for left or right padding."""
-    t = attention_mask.shape[-1]
-    return t - 1 - attention_mask.long().flip(-1).argmax(-1)
-
-
 __all__ = [
-    "default_model_source", "load_causal_lm", "save_causal_lm", "decoder_of",
-    "position_ids_from_mask", "last_token_index", "resolve_dtype", "default_attn_implementation",
+    "default_model_source", "load_causal_lm", "save_causal_lm", "resolve_dtype", "default_attn_implementation",
 ]

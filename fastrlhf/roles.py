@@ -11,13 +11,14 @@ Full fine-tuning (`use_lora=False`): the policy trains the whole base, the value
 policy trunk, the reference is a frozen copy (optionally on another device, e.g. "cpu"), and a reward
 role next to a policy gets its own copy of the trunk.
 
+`RoleModel` is the role-facing API, the same in both modes; how the trunks are held (adapters or
+copies) is `fastrlhf.role_trunks.LoraTrunks` / `FullTrunks`.
+
 Hidden states come from the decoder (after the final norm), never from the CausalLM forward, so the
 [B, T, V] logits are never materialised: log-probs go through `fastrlhf.token_logprobs`.
 """
 from __future__ import annotations
 
-import contextlib
-import copy
 import json
 import os
 from typing import Iterable
@@ -26,10 +27,9 @@ import torch
 from torch import nn
 
 import fastrlhf
-from fastrlhf._mixed_precision import find_tuner_layers, low_precision_lora
-from fastrlhf.models import decoder_of, last_token_index, position_ids_from_mask
 from fastrlhf._checks import check_softcap
 from fastrlhf.contracts import IGNORE_INDEX
+from fastrlhf.role_trunks import FullTrunks, LoraTrunks, RoleTrunks
 
 ROLES = ("policy", "value", "reward")
 REFERENCE = "reference"
@@ -92,66 +92,24 @@ class RoleModel(nn.Module):
             {role: _scalar_head(hidden_size, std, device, head_dtype) for role in roles if role in HEAD_ROLES}
         )
 
-        # The frozen no-LoRA reference is kept out of the module tree (plain __dict__ entry): .to(),
-        # .parameters() and state_dict() of the RoleModel must not move, train or save it.
-        self.__dict__["_reference_lm"] = None
-        self._reference_device = torch.device(reference_device) if reference_device is not None else device
+        # The trunks come after the heads: peft's LoRA init draws from the same RNG as the heads', and
+        # the state dict lists the heads first. The strategy object itself is a plain attribute, so
+        # only the modules it names are in the tree (never the no-LoRA reference copy it holds).
         if use_lora:
-            self._init_lora(base_model)
+            trunks: RoleTrunks = LoraTrunks(base_model, roles, self.lora_settings, self._refresh_requires_grad)
         else:
-            self._init_full(base_model, with_reference)
+            trunks = FullTrunks(base_model, roles, with_reference=with_reference, reference_device=reference_device)
+        self._trunks = trunks
+        for name, module in trunks.modules.items():
+            self.add_module(name, module)
         self._refresh_requires_grad()
-
-    # ------------------------------------------------------------------ construction
-
-    def _init_lora(self, base_model) -> None:
-        from peft import LoraConfig, get_peft_model
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        targets = self.lora_settings["lora_target_modules"]
-        head_name = next(n for n, m in base_model.named_modules() if m is base_model.get_output_embeddings())
-        if isinstance(targets, (list, tuple)) and any(head_name == t or head_name.endswith("." + t) for t in targets):
-            # checked before peft wraps the base in place
-            raise ValueError("lora_target_modules must not include the lm_head (it is shared by all roles)")
-        config = LoraConfig(
-            r=self.lora_settings["lora_r"],
-            lora_alpha=self.lora_settings["lora_alpha"],
-            lora_dropout=self.lora_settings["lora_dropout"],
-            # "all-linear" = every linear layer of the decoder, never lm_head: the lm_head weight is
-            # used directly by the fused log-prob kernel and must stay the shared base weight.
-            target_modules=self.lora_settings["lora_target_modules"] or "all-linear",
-            bias="none",
-            task_type="CAUSAL_LM",
-        )
-        self.peft_model = get_peft_model(base_model, config, adapter_name=self.roles[0])
-        for role in self.roles[1:]:
-            self.peft_model.add_adapter(role, config)
-        if isinstance(self.causal_lm.get_output_embeddings(), BaseTunerLayer):
-            raise ValueError("lora_target_modules must not include the lm_head (it is shared by all roles)")
-        self._active_adapter = None
-        self._activate(self.roles[0])
-        # Plain list (not submodules) of peft's adapter layers, for `_low_precision_forward`.
-        self.__dict__["_tuner_layers"] = find_tuner_layers(self.peft_model)
-
-    def _low_precision_forward(self):
-        """fp32 adapters over a bf16/fp16 base: autocast without peft's fp32 activation copies
-        (see fastrlhf._mixed_precision); a no-op otherwise."""
-        return low_precision_lora(self.lm_head_weight, self.__dict__.get("_tuner_layers", []))
-
-    def _init_full(self, base_model, with_reference: bool) -> None:
-        base_model.requires_grad_(False)
-        self.policy_lm = base_model  # the trunk of the policy (and value head), or of the reward alone
-        if "reward" in self.roles and "policy" in self.roles:
-            self.reward_lm = copy.deepcopy(base_model)
-        if with_reference and "policy" in self.roles:
-            self.__dict__["_reference_lm"] = copy.deepcopy(base_model).to(self._reference_device).eval()
 
     # ------------------------------------------------------------------ plumbing
 
     @property
     def causal_lm(self):
         """The (LoRA-injected, in LoRA mode) causal LM of the policy."""
-        return self.peft_model.base_model.model if self.use_lora else self.policy_lm
+        return self._trunks.causal_lm
 
     @property
     def device(self) -> torch.device:
@@ -167,65 +125,40 @@ class RoleModel(nn.Module):
         """[V] output bias or None."""
         return getattr(self.causal_lm.get_output_embeddings(), "bias", None)
 
-    def _trunk(self, role: str):
-        """The causal LM whose decoder computes `role`'s hidden states."""
-        if role == REFERENCE:
-            if self.use_lora:
-                return self.causal_lm
-            if self._reference_lm is None:
-                raise ValueError(
-                    "this full fine-tuning RoleModel has no reference copy (with_reference=False, or no policy role)"
-                )
-            return self._reference_lm
-        if not self.use_lora and role == "reward" and "policy" in self.roles:
-            return self.reward_lm
-        return self.causal_lm
-
-    def _role_owns_trunk(self, role: str) -> bool:
-        """No-LoRA: whether `role` trains a trunk (value rides on the policy's)."""
-        return not self.use_lora and role in ("policy", "reward")
-
-    def _activate(self, role: str) -> None:
-        """Make `role`'s adapter the active one (LoRA mode).
-
-        peft's set_adapter also sets requires_grad=True on the active adapter and False on all others.
-        PPO backpropagates through the policy AND the value adapters in one step, and autograd drops
-        the gradient of a leaf whose requires_grad is False at backward time, so the trainable flags
-        are restored right after every switch. Switching does not touch a graph already recorded: each
-        forward saved the tensors of the adapter that was active then.
-        """
-        if self._active_adapter != role:
-            self.peft_model.set_adapter(role)
-            self._active_adapter = role
-            self._refresh_requires_grad()
-
-    def _refresh_requires_grad(self) -> None:
-        adapters = self._adapter_params if self.use_lora else None
-        for role in self.roles:
-            trainable = role in self.trainable_roles
-            for p in self._role_params(role, adapters):
-                p.requires_grad_(trainable)
+    @property
+    def _reference_lm(self) -> nn.Module | None:
+        """The frozen no-LoRA reference copy (outside the module tree), or None."""
+        return self._trunks.reference_lm
 
     @property
     def _adapter_params(self) -> dict[str, list[nn.Parameter]]:
-        """{role: its LoRA parameters}. Looked up by name on every call, never cached: FSDP2 and
-        other wrappers replace Parameter objects, and a cached list would then miss the gradients."""
-        params: dict[str, list[nn.Parameter]] = {role: [] for role in self.roles}
-        for name, p in self.peft_model.named_parameters():
-            parts = name.split(".")  # ...q_proj.lora_A.<role>.weight / ...lora_embedding_A.<role>
-            at = next((i for i, part in enumerate(parts) if part.startswith("lora_")), None)
-            if at is not None and at + 1 < len(parts) and parts[at + 1] in params:
-                params[parts[at + 1]].append(p)
-        return params
+        """LoRA mode: {role: its LoRA parameters}."""
+        return self._trunks.adapter_params()
 
-    def _role_params(self, role: str, adapters: dict | None = None) -> list[nn.Parameter]:
+    @property
+    def _tuner_layers(self) -> list[nn.Module]:
+        """LoRA mode: peft's adapter layers."""
+        return self._trunks.tuner_layers
+
+    def _trunk(self, role: str):
+        """The causal LM whose decoder computes `role`'s hidden states."""
+        return self._trunks.reference_trunk() if role == REFERENCE else self._trunks.trunk(role)
+
+    def _low_precision_forward(self):
+        """Context for a trained role's forward: autocast over fp32 adapters on a bf16/fp16 base."""
+        return self._trunks.low_precision_forward()
+
+    def _refresh_requires_grad(self) -> None:
+        owned = self._trunks.owned_params()
+        for role in self.roles:
+            trainable = role in self.trainable_roles
+            for p in self._role_params(role, owned):
+                p.requires_grad_(trainable)
+
+    def _role_params(self, role: str, owned: dict | None = None) -> list[nn.Parameter]:
         """Parameters that belong to `role` alone (adapter / trunk and head), trainable or not."""
         params = list(self.heads[role].parameters()) if role in self.heads else []
-        if self.use_lora:
-            params += (adapters or self._adapter_params)[role]
-        elif self._role_owns_trunk(role):
-            params += list(self._trunk(role).parameters())
-        return params
+        return params + (owned if owned is not None else self._trunks.owned_params())[role]
 
     def _decoder_hidden(self, role: str, input_ids, attention_mask) -> torch.Tensor:
         """[B, T, H] hidden states of `role`, on the device of its trunk."""
@@ -240,17 +173,10 @@ class RoleModel(nn.Module):
             use_cache=False,
         )
         decoder = decoder_of(trunk)
-        if role == REFERENCE and self.use_lora:
-            try:
-                with torch.no_grad(), self.peft_model.disable_adapter():
-                    return decoder(**kwargs).last_hidden_state
-            finally:
-                self._refresh_requires_grad()  # disable_adapter() flips requires_grad too
-        if self.use_lora:
-            self._activate(role)
         if role == REFERENCE:
-            with torch.no_grad():
+            with self._trunks.reference_forward():
                 return decoder(**kwargs).last_hidden_state
+        self._trunks.activate(role)
         with self._low_precision_forward():
             return decoder(**kwargs).last_hidden_state
 
@@ -322,8 +248,7 @@ class RoleModel(nn.Module):
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **generate_kwargs) -> torch.Tensor:
         """[B, T + new] sequences sampled from the policy (HF generate, no grad). Left-pad the prompts."""
         self._require("policy")
-        if self.use_lora:
-            self._activate("policy")
+        self._trunks.activate("policy")
         generate_kwargs.setdefault("pad_token_id", self.causal_lm.generation_config.pad_token_id)
         with self._low_precision_forward():
             return self.causal_lm.generate(input_ids=input_ids, attention_mask=attention_mask, **generate_kwargs)
@@ -347,32 +272,15 @@ class RoleModel(nn.Module):
         """Recompute decoder activations during backward instead of storing them.
 
         Non-reentrant checkpointing (works with a frozen embedding). In LoRA mode the recomputation
-        re-activates the adapter that was active in the forward: PPO switches from the policy to the
-        value adapter between forward and backward, and a plain recompute would silently use the
-        wrong adapter.
+        re-activates the adapter that was active in the forward (`LoraTrunks.checkpoint_kwargs`).
         """
-        kwargs = {"use_reentrant": False}
-        if self.use_lora:
-            kwargs["context_fn"] = self._checkpoint_contexts
+        kwargs = {"use_reentrant": False, **self._trunks.checkpoint_kwargs()}
         trunks = {id(self._trunk(r)): self._trunk(r) for r in self.roles}.values()
         for trunk in trunks:
             if hasattr(trunk, "activation_checkpointing_enable"):  # transformers >= 5
                 trunk.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             else:
                 trunk.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
-
-    def _checkpoint_contexts(self):
-        """torch.utils.checkpoint context_fn: (forward context, recompute context)."""
-        return contextlib.nullcontext(), self._adapter_during(self._active_adapter)
-
-    @contextlib.contextmanager
-    def _adapter_during(self, role: str):
-        previous = self._active_adapter
-        self._activate(role)
-        try:
-            yield
-        finally:
-            self._activate(previous)
 
     def token_logprobs_and_values(
         self,
@@ -387,14 +295,14 @@ class RoleModel(nn.Module):
         both; with LoRA it is one forward per adapter."""
         self._require("policy")
         self._require("value")
-        if self.use_lora:
-            out = self.token_logprobs("policy", input_ids, attention_mask,
-                                      temperature=temperature, return_entropy=return_entropy)
-            values = self.values(input_ids, attention_mask)
-        else:
+        if self._trunks.value_shares_policy_forward:
             hidden = self._decoder_hidden("policy", input_ids, attention_mask)
             out = self._logprobs_from_hidden("policy", hidden, input_ids, attention_mask, temperature, return_entropy)
             values = self._values_from_hidden(hidden, attention_mask)
+        else:
+            out = self.token_logprobs("policy", input_ids, attention_mask,
+                                      temperature=temperature, return_entropy=return_entropy)
+            values = self.values(input_ids, attention_mask)
         return (*out, values) if return_entropy else (out, values)
 
     # ------------------------------------------------------------------ memory
@@ -425,22 +333,18 @@ class RoleModel(nn.Module):
             counted |= {p.data_ptr() for p in own}
             report[role] = entry
             total += entry["params_bytes"] + entry["optimizer_bytes"]
-        reference = {"params_bytes": 0, "device": str(self.device), "shared_with_base": self.use_lora}
-        if not self.use_lora and self._reference_lm is not None:
-            reference = {
-                "params_bytes": _unique_bytes(list(self._reference_lm.parameters())),
-                "device": str(self._reference_device),
-                "shared_with_base": False,
-            }
+        reference_copy = self._trunks.reference_lm
+        reference = {
+            "params_bytes": _unique_bytes(list(reference_copy.parameters())) if reference_copy is not None else 0,
+            "device": str(self._trunks.reference_device),
+            "shared_with_base": self._trunks.reference_shares_base,
+        }
         report[REFERENCE] = reference
         report["total_bytes"] = total + reference["params_bytes"]
         return report
 
     def _base_params(self) -> list[nn.Parameter]:
-        if self.use_lora:
-            adapter = {id(p) for params in self._adapter_params.values() for p in params}
-            return [p for p in self.causal_lm.parameters() if id(p) not in adapter]
-        return list(self.policy_lm.parameters())
+        return self._trunks.base_params()
 
     # ------------------------------------------------------------------ state
 
@@ -451,14 +355,8 @@ class RoleModel(nn.Module):
         trained "reward" adapter into the reward role of the PPO model.
         """
         self._require(role)
-        state: dict[str, torch.Tensor] = {}
-        if self.use_lora:
-            from peft import get_peft_model_state_dict
-
-            adapter = get_peft_model_state_dict(self.peft_model, adapter_name=role)
-            state.update({f"adapter.{k}": v.detach() for k, v in adapter.items()})
-        elif self._role_owns_trunk(role):
-            state.update({f"trunk.{k}": v.detach() for k, v in _dedup_state(self._trunk(role)).items()})
+        group = self._trunks.state_group
+        state = {f"{group}.{k}": v for k, v in self._trunks.role_state(role).items()}
         if role in self.heads:
             state.update({f"head.{k}": v.detach() for k, v in self.heads[role].state_dict().items()})
         return state
@@ -472,15 +370,7 @@ class RoleModel(nn.Module):
             if group not in groups:
                 raise ValueError(f"unexpected key {key!r} in the state dict of role {role!r}")
             groups[group][name] = value
-        if self.use_lora:
-            from peft import set_peft_model_state_dict
-
-            result = set_peft_model_state_dict(self.peft_model, groups["adapter"], adapter_name=role)
-            unexpected = [k for k in getattr(result, "unexpected_keys", []) if "lora_" in k]
-            if not groups["adapter"] or unexpected:
-                raise ValueError(f"the state dict does not match the {role!r} adapter (unexpected: {unexpected[:3]})")
-        elif self._role_owns_trunk(role):
-            _load_trunk_state(self._trunk(role), groups["trunk"], role)
+        self._trunks.load_role_state(role, groups[self._trunks.state_group])
         if role in self.heads:
             self.heads[role].load_state_dict(groups["head"])
         self._refresh_requires_grad()
@@ -526,15 +416,7 @@ class RoleModel(nn.Module):
         After SFT this becomes the base, and so the reference, of the RM / DPO / PPO / GRPO stages.
         """
         self._require("policy")
-        if not self.use_lora:
-            merged = copy.deepcopy(self.policy_lm)
-        else:
-            merged = copy.deepcopy(self.peft_model).merge_and_unload(adapter_names=["policy"])
-            # its copied checkpoint functions would call back into THIS RoleModel's adapter switching
-            disable = getattr(merged, "activation_checkpointing_disable", None) or merged.gradient_checkpointing_disable
-            if merged.supports_gradient_checkpointing:
-                disable()
-        return merged.requires_grad_(True)
+        return self._trunks.merged_policy().requires_grad_(True)
 
     # ------------------------------------------------------------------ checks
 
@@ -590,40 +472,24 @@ def _optimizer_bytes(params: list[nn.Parameter], optimizer) -> int:
     return sum(2 * 4 * p.numel() for p in params)  # AdamW: exp_avg + exp_avg_sq in fp32
 
 
-def _tied_names(module: nn.Module) -> set[str]:
-    """State-dict names that alias an earlier parameter/buffer of `module` (tied embeddings).
-
-    Ties are found by object identity through the module structure, never by data_ptr(): an FSDP2
-    DTensor reports data_ptr() 0 for every parameter, and an empty local shard shares nothing."""
-    seen: set[int] = set()
-    tied: set[str] = set()
-    named = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
-    for name, tensor in named:
-        if id(tensor) in seen:
-            tied.add(name)
-        seen.add(id(tensor))
-    return tied
+def decoder_of(causal_lm) -> torch.nn.Module:
+    """The decoder inside a causal LM (e.g. `LlamaForCausalLM.model`): returns hidden states after the
+    final norm without computing the [B, T, V] logits."""
+    decoder = causal_lm.get_decoder() if hasattr(causal_lm, "get_decoder") else None
+    if decoder is None or decoder is causal_lm:
+        decoder = getattr(causal_lm, getattr(causal_lm, "base_model_prefix", "model"), None)
+    if decoder is None or decoder is causal_lm:
+        raise ValueError(f"Cannot find the decoder inside {type(causal_lm).__name__}")
+    return decoder
 
 
-def _dedup_state(module: nn.Module) -> dict[str, torch.Tensor]:
-    """`module.state_dict()` without the tied aliases (safetensors refuses shared storage); the
-    first name of a tie (the embedding, for tied lm_heads) is kept."""
-    tied = _tied_names(module)
-    return {key: value for key, value in module.state_dict().items() if key not in tied}
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] position ids that count only real tokens, so a left-padded row gets the same positions
+    (hence the same outputs) as the unpadded sequence. Padding positions get clamped values."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def _load_trunk_state(trunk: nn.Module, state: dict[str, torch.Tensor], role: str) -> None:
-    """Load a full (unsharded) trunk state; tied aliases may be present or not."""
-    from fastrlhf.distributed import load_full_state_dict
-
-    tied = _tied_names(trunk)
-    expected = set(trunk.state_dict())
-    missing = sorted(expected - tied - set(state))
-    unexpected = sorted(set(state) - expected)
-    if missing or unexpected:
-        raise ValueError(f"trunk state of role {role!r}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    if any(hasattr(p, "device_mesh") for p in trunk.parameters()):
-        # FSDP2: copy each full tensor's shard into the DTensor (load_state_dict would mix Tensor and DTensor)
-        load_full_state_dict(trunk, {k: v for k, v in state.items() if k not in tied})
-    else:
-        trunk.load_state_dict(state, strict=False)
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B] index of the last real token of each row, for left or right padding."""
+    t = attention_mask.shape[-1]
+    return t - 1 - attention_mask.long().flip(-1).argmax(-1)

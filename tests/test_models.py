@@ -11,12 +11,10 @@ import torch
 import fastrlhf
 from fastrlhf.models import (
     default_model_source,
-    last_token_index,
     load_causal_lm,
-    position_ids_from_mask,
     save_causal_lm,
 )
-from fastrlhf.roles import RoleModel
+from fastrlhf.roles import RoleModel, last_token_index, position_ids_from_mask
 from fastrlhf.testing import tiny_llama, tiny_tokenizer
 
 # peft (0.21) still reads transformers' deprecated `is_gradient_checkpointing`
@@ -361,7 +359,7 @@ def test_full_finetuning_reward_next_to_policy_gets_its_own_trunk():
 
 
 def test_dedup_state_finds_ties_by_parameter_identity_not_pointers():
-    from fastrlhf.roles import _dedup_state
+    from fastrlhf.role_trunks import _dedup_state
 
     tied, untied = tiny_llama(tie=True), tiny_llama(tie=False)
     state = _dedup_state(tied)
