@@ -34,7 +34,7 @@ def _compose_later_then_earlier(c_later, d_later, c_step, d_step):
 
 
 @triton.jit
-def _gae_scan_kernel(
+def _gae_forward_kernel(
     rewards_ptr, values_ptr, mask_ptr, adv_ptr, ret_ptr,
     T, gamma, gamma_lam,
     BLOCK_T: tl.constexpr,
@@ -64,10 +64,11 @@ def _gae_scan_kernel(
         carry = tl.sum(tl.where(lane == BLOCK_T - 1, adv, 0.0), axis=0)
 
 
-def gae_scan(
+def gae_forward(
     rewards: torch.Tensor,
     values: torch.Tensor,
     mask: torch.Tensor,
+    *,
     gamma: float,
     lam: float,
     block_t: int | None = None,
@@ -89,7 +90,7 @@ def gae_scan(
         block_t = min(triton.next_power_of_2(T), MAX_BLOCK_T)
     if block_t & (block_t - 1):
         raise ValueError(f"block_t must be a power of two, got {block_t}")
-    _gae_scan_kernel[(B,)](
+    _gae_forward_kernel[(B,)](
         rewards.contiguous(), values.contiguous(), mask.contiguous(), advantages, returns,
         T, float(gamma), float(gamma * lam),
         BLOCK_T=block_t, num_warps=4 if block_t <= 512 else 8,

@@ -1,7 +1,7 @@
 """KL estimators between a policy and a reference, per token, as Triton code.
 
 `clamped_log_ratio` and `kl_estimate` are `@triton.jit` helpers that the fused PPO kernel
-(`kernels/ppo.py`) inlines too, so the KL math exists once. `kl_penalty_fwd` is the stand-alone
+(`kernels/ppo.py`) inlines too, so the KL math exists once. `kl_penalty_forward` is the stand-alone
 launcher behind `fastrlhf.kl_penalty`.
 
 With d = clamp(logps - ref_logps, -20, 20) (Schulman, "Approximating KL divergence"):
@@ -53,7 +53,7 @@ def kl_estimate(d, ESTIMATOR: tl.constexpr):
 
 
 @triton.jit
-def _kl_penalty_kernel(
+def _kl_penalty_forward_kernel(
     logps_ptr, ref_ptr, kl_ptr, grad_ptr, n,
     ESTIMATOR: tl.constexpr, LIMIT: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -68,8 +68,8 @@ def _kl_penalty_kernel(
         tl.store(grad_ptr + offs, dkl * dclamp, mask=valid)
 
 
-def kl_penalty_fwd(
-    logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str, *, out_dtype: torch.dtype, need_grad: bool
+def kl_penalty_forward(
+    logps: torch.Tensor, ref_logps: torch.Tensor, *, estimator: str, out_dtype: torch.dtype, need_grad: bool
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-token KL of same-shaped `logps` and `ref_logps` (any shape).
 
@@ -86,7 +86,7 @@ def kl_penalty_fwd(
     check_int32_indexable("logps", n)
     block = elementwise_block(n, logps.device)
     grid = (triton.cdiv(n, block),)
-    _kl_penalty_kernel[grid](
+    _kl_penalty_forward_kernel[grid](
         logps, ref_logps, kl, dkl if need_grad else kl, n,
         ESTIMATOR=ESTIMATOR_CODES[estimator], LIMIT=LOG_RATIO_LIMIT, WRITE_GRAD=need_grad, BLOCK=block,
     )

@@ -76,7 +76,7 @@ def _softcap(x, softcap, inv_softcap):
 
 
 @triton.jit
-def _logprobs_fwd_kernel(
+def _logprobs_forward_kernel(
     logits_ptr, targets_ptr, logps_ptr, lse_ptr, entropy_ptr,
     V, rows_per_group, stride_group, stride_row, inv_temperature, softcap, inv_softcap,
     IGNORE: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
@@ -131,7 +131,7 @@ def _logprobs_fwd_kernel(
 
 
 @triton.jit
-def _logprobs_bwd_kernel(
+def _logprobs_backward_kernel(
     logits_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logps_ptr, grad_entropy_ptr, dlogits_ptr,
     V, col_start, rows_per_group, stride_group, stride_row, out_stride_group, out_stride_row, inv_temperature,
     softcap, inv_softcap,
@@ -253,7 +253,7 @@ def logprobs_forward(
     if N == 0:
         return logps, lse, entropy
     block = _block_v(V, logits.device, block_v)
-    _logprobs_fwd_kernel[(N,)](
+    _logprobs_forward_kernel[(N,)](
         logits, targets, logps, lse, entropy if compute_entropy else lse,
         V, *_row_layout(logits), 1.0 / temperature, *_softcap_args(softcap),
         IGNORE=IGNORE_INDEX, COMPUTE_ENTROPY=compute_entropy, HAS_SOFTCAP=bool(softcap), BLOCK_V=block,
@@ -298,7 +298,7 @@ def logprobs_backward(
     if grad_entropy is not None and entropy is None:
         raise ValueError("grad_entropy needs the entropy saved by logprobs_forward")
     block = _block_v(V, logits.device, block_v)
-    _logprobs_bwd_kernel[(N,)](
+    _logprobs_backward_kernel[(N,)](
         logits, targets, lse,
         entropy if grad_entropy is not None else lse,
         grad_logps.contiguous() if grad_logps is not None else lse,

@@ -24,7 +24,13 @@ from fastrlhf.contracts import LOG_RATIO_LIMIT, PPO_STATS, VALUE_STATS
 from fastrlhf.kernels._launch import check_int32_indexable, elementwise_block
 from fastrlhf.kernels.kl import ESTIMATOR_CODES, clamped_log_ratio, kl_estimate
 
-# The per-program partial sums are laid out as PPO_STATS / VALUE_STATS (fastrlhf.contracts).
+# Slots of the per-program partial sums, by name from the contract (PPO_STATS / VALUE_STATS).
+# Globals read inside @triton.jit must be tl.constexpr objects.
+_LOSS, _PG_LOSS, _CLIPPED, _APPROX_KL, _RATIO, _KL, _ENTROPY, _DUAL_CLIPPED = (
+    tl.constexpr(PPO_STATS.index(name))
+    for name in ("loss", "pg_loss", "clipped", "approx_kl", "ratio", "kl", "entropy", "dual_clipped")
+)
+_V_LOSS, _V_CLIPPED, _V_VALUES = (tl.constexpr(VALUE_STATS.index(name)) for name in ("loss", "clipped", "values"))
 
 
 @triton.jit
@@ -35,8 +41,8 @@ def _load_counted(ptr, offs, valid, counted):
 
 
 @triton.jit
-def _ppo_objective_kernel(
-    logps_ptr, old_ptr, adv_ptr, mask_ptr, row_scale_ptr, ref_ptr, ent_ptr,
+def _ppo_loss_forward_kernel(
+    logps_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, row_scale_ptr,
     grad_logps_ptr, grad_ref_ptr, grad_ent_ptr, partials_ptr,
     n, T, clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
     HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, DUAL: tl.constexpr, ESTIMATOR: tl.constexpr,
@@ -94,21 +100,21 @@ def _ppo_objective_kernel(
         tl.store(grad_logps_ptr + offs, w * dloss_t, mask=valid)
 
     out = partials_ptr + pid * NUM_STATS
-    tl.store(out + 0, tl.sum(w * loss_t, axis=0))
-    tl.store(out + 1, tl.sum(w * pg, axis=0))
-    tl.store(out + 2, tl.sum(tl.where(is_clipped, m, 0.0), axis=0))
-    tl.store(out + 3, tl.sum(m * 0.5 * log_ratio * log_ratio, axis=0))
-    tl.store(out + 4, tl.sum(m * ratio, axis=0))
-    tl.store(out + 5, tl.sum(m * kl, axis=0))
-    tl.store(out + 6, tl.sum(m * ent, axis=0))
+    tl.store(out + _LOSS, tl.sum(w * loss_t, axis=0))
+    tl.store(out + _PG_LOSS, tl.sum(w * pg, axis=0))
+    tl.store(out + _CLIPPED, tl.sum(tl.where(is_clipped, m, 0.0), axis=0))
+    tl.store(out + _APPROX_KL, tl.sum(m * 0.5 * log_ratio * log_ratio, axis=0))
+    tl.store(out + _RATIO, tl.sum(m * ratio, axis=0))
+    tl.store(out + _KL, tl.sum(m * kl, axis=0))
+    tl.store(out + _ENTROPY, tl.sum(m * ent, axis=0))
     if DUAL:
-        tl.store(out + 7, tl.sum(tl.where(dual_active, m, 0.0), axis=0))
+        tl.store(out + _DUAL_CLIPPED, tl.sum(tl.where(dual_active, m, 0.0), axis=0))
     else:
-        tl.store(out + 7, 0.0)
+        tl.store(out + _DUAL_CLIPPED, 0.0)
 
 
 @triton.jit
-def _value_loss_kernel(
+def _value_loss_forward_kernel(
     values_ptr, old_ptr, returns_ptr, mask_ptr, row_scale_ptr, grad_ptr, partials_ptr,
     n, T, clip_eps,
     GRAD: tl.constexpr, NUM_STATS: tl.constexpr, BLOCK: tl.constexpr,
@@ -139,9 +145,9 @@ def _value_loss_kernel(
         tl.store(grad_ptr + offs, w * dloss, mask=valid)
 
     out = partials_ptr + pid * NUM_STATS
-    tl.store(out + 0, tl.sum(w * loss_t, axis=0))
-    tl.store(out + 1, tl.sum(tl.where(is_clipped, m, 0.0), axis=0))
-    tl.store(out + 2, tl.sum(m * values, axis=0))
+    tl.store(out + _V_LOSS, tl.sum(w * loss_t, axis=0))
+    tl.store(out + _V_CLIPPED, tl.sum(tl.where(is_clipped, m, 0.0), axis=0))
+    tl.store(out + _V_VALUES, tl.sum(m * values, axis=0))
 
 
 def _grad_buffer(like: torch.Tensor, wanted: bool) -> torch.Tensor | None:
@@ -156,29 +162,31 @@ def _partials(n: int, num_stats: int, device: torch.device) -> tuple[torch.Tenso
     return torch.zeros((max(programs, 1), num_stats), dtype=torch.float32, device=device), programs, block
 
 
-def ppo_objective_fwd(
+def ppo_loss_forward(
     logps: torch.Tensor,
     old_logps: torch.Tensor,
     advantages: torch.Tensor,
     mask: torch.Tensor,
-    row_scale: torch.Tensor,
     ref_logps: torch.Tensor | None,
     entropy: torch.Tensor | None,
+    row_scale: torch.Tensor,
     *,
     clip_low: float,
     clip_high: float,
     dual_clip: float | None,
     kl_coef: float,
+    kl_estimator: str,
     entropy_coef: float,
-    estimator: str,
     grad_logps: bool,
     grad_ref: bool,
     grad_entropy: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """PPO objective over [B, T] tensors (any float dtype; `mask` fp32, `row_scale` fp32 [B]).
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """PPO objective over [B, T] tensors (any float dtype; `mask` fp32, `row_scale` fp32 [B]),
+    tensors in the order of `fastrlhf.ppo_loss`'s arguments; `kl_estimator` is "k1" | "k2" | "k3".
 
-    Returns `(stats, d_logps, d_ref, d_entropy)`: `stats` is fp32 `[len(PPO_STATS)]` (sums over all
-    tokens, see PPO_STATS), and the d_* are fp32 [B, T] d loss / d input (None when not asked for).
+    Returns `(loss, stats, d_logps, d_ref, d_entropy)`: `stats` is fp32 `[len(PPO_STATS)]` (sums over
+    all tokens, named by PPO_STATS), `loss` its "loss" entry (0-d view), and the d_* are fp32
+    [B, T] d loss / d input (None when not asked for).
     """
     B, T = logps.shape
     n = B * T
@@ -191,24 +199,26 @@ def ppo_objective_fwd(
     partials, programs, block = _partials(n, len(PPO_STATS), logps.device)
     if programs:
         dummy = logps  # stands in for absent optional pointers; never read or written
-        _ppo_objective_kernel[(programs,)](
-            logps, old_logps, advantages, mask, row_scale.contiguous(),
+        _ppo_loss_forward_kernel[(programs,)](
+            logps, old_logps, advantages, mask,
             ref_logps if ref_logps is not None else dummy,
             entropy if entropy is not None else dummy,
+            row_scale.contiguous(),
             d_logps if d_logps is not None else partials,
             d_ref if d_ref is not None else partials,
             d_ent if d_ent is not None else partials,
             partials,
             n, T, float(clip_low), float(clip_high), float(dual_clip or 0.0), float(kl_coef), float(entropy_coef),
             HAS_REF=ref_logps is not None, HAS_ENT=entropy is not None, DUAL=dual_clip is not None,
-            ESTIMATOR=ESTIMATOR_CODES[estimator], LIMIT=LOG_RATIO_LIMIT,
+            ESTIMATOR=ESTIMATOR_CODES[kl_estimator], LIMIT=LOG_RATIO_LIMIT,
             GRAD_LOGPS=d_logps is not None, GRAD_REF=d_ref is not None, GRAD_ENT=d_ent is not None,
             NUM_STATS=len(PPO_STATS), BLOCK=block,
         )
-    return partials.sum(0), d_logps, d_ref, d_ent
+    stats = partials.sum(0)
+    return stats[PPO_STATS.index("loss")], stats, d_logps, d_ref, d_ent
 
 
-def value_loss_fwd(
+def value_loss_forward(
     values: torch.Tensor,
     old_values: torch.Tensor,
     returns: torch.Tensor,
@@ -217,18 +227,20 @@ def value_loss_fwd(
     *,
     clip_eps: float,
     grad_values: bool,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Clipped value loss over [B, T] tensors. Returns `(stats [len(VALUE_STATS)], d_values | None)`."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Clipped value loss over [B, T] tensors. Returns `(loss, stats, d_values | None)`: `stats` fp32
+    `[len(VALUE_STATS)]` (sums over all tokens, named by VALUE_STATS), `loss` its "loss" entry."""
     B, T = values.shape
     n = B * T
     values, old_values, returns, mask = (t.contiguous() for t in (values, old_values, returns, mask))
     d_values = _grad_buffer(values, grad_values)
     partials, programs, block = _partials(n, len(VALUE_STATS), values.device)
     if programs:
-        _value_loss_kernel[(programs,)](
+        _value_loss_forward_kernel[(programs,)](
             values, old_values, returns, mask, row_scale.contiguous(),
             d_values if d_values is not None else partials, partials,
             n, T, float(clip_eps),
             GRAD=grad_values, NUM_STATS=len(VALUE_STATS), BLOCK=block,
         )
-    return partials.sum(0), d_values
+    stats = partials.sum(0)
+    return stats[VALUE_STATS.index("loss")], stats, d_values

@@ -24,6 +24,15 @@ MAX_BLOCK_B = 1024
 _SIGMOID, _ROBUST, _HINGE, _IPO, _SIMPO, _ORPO = (
     tl.constexpr(DPO_LOSS_TYPES.index(name)) for name in ("sigmoid", "robust", "hinge", "ipo", "simpo", "orpo")
 )
+(_REWARDS_CHOSEN, _REWARDS_REJECTED, _ACCURACIES, _MARGINS, _LOGPS_CHOSEN, _LOGPS_REJECTED, _NLL,
+ _LOG_ODDS_RATIO, _LOG_ODDS_CHOSEN) = (
+    tl.constexpr(DPO_STATS.index(name)) for name in (
+        "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
+        "logps/rejected", "nll_loss", "log_odds_ratio", "log_odds_chosen")
+)
+_BT_ACCURACY, _BT_MARGIN, _BT_CHOSEN, _BT_REJECTED = (
+    tl.constexpr(REWARD_STATS.index(name)) for name in ("accuracy", "margin", "rewards/chosen", "rewards/rejected")
+)
 
 
 # ---- numerics helpers (no libdevice: the CPU interpreter does not implement it) --------------
@@ -64,7 +73,7 @@ def _store_block_mean(stats_ptr, slot, values, valid, inv_n):
 # ---- DPO family ---------------------------------------------------------------------------------
 
 @triton.jit
-def _dpo_kernel(
+def _dpo_loss_forward_kernel(
     chosen_ptr, rejected_ptr, ref_chosen_ptr, ref_rejected_ptr,
     grad_chosen_ptr, grad_rejected_ptr, loss_ptr, stats_ptr,
     B, inv_B, beta, label_smoothing, gamma, orpo_max_logp,
@@ -132,21 +141,21 @@ def _dpo_kernel(
     chosen_reward = beta * chosen_ratio
     rejected_reward = beta * rejected_ratio
     stats = stats_ptr + pid * N_STATS
-    _store_block_mean(stats, 0, chosen_reward, valid, inv_B)
-    _store_block_mean(stats, 1, rejected_reward, valid, inv_B)
-    _store_block_mean(stats, 2, (chosen_reward > rejected_reward).to(tl.float32), valid, inv_B)
-    _store_block_mean(stats, 3, chosen_reward - rejected_reward, valid, inv_B)
-    _store_block_mean(stats, 4, chosen, valid, inv_B)
-    _store_block_mean(stats, 5, rejected, valid, inv_B)
-    _store_block_mean(stats, 6, -chosen, valid, inv_B)
-    _store_block_mean(stats, 7, log_sig_log_odds, valid, inv_B)
-    _store_block_mean(stats, 8, log_odds, valid, inv_B)
+    _store_block_mean(stats, _REWARDS_CHOSEN, chosen_reward, valid, inv_B)
+    _store_block_mean(stats, _REWARDS_REJECTED, rejected_reward, valid, inv_B)
+    _store_block_mean(stats, _ACCURACIES, (chosen_reward > rejected_reward).to(tl.float32), valid, inv_B)
+    _store_block_mean(stats, _MARGINS, chosen_reward - rejected_reward, valid, inv_B)
+    _store_block_mean(stats, _LOGPS_CHOSEN, chosen, valid, inv_B)
+    _store_block_mean(stats, _LOGPS_REJECTED, rejected, valid, inv_B)
+    _store_block_mean(stats, _NLL, -chosen, valid, inv_B)
+    _store_block_mean(stats, _LOG_ODDS_RATIO, log_sig_log_odds, valid, inv_B)
+    _store_block_mean(stats, _LOG_ODDS_CHOSEN, log_odds, valid, inv_B)
 
 
 # ---- Bradley-Terry reward model -----------------------------------------------------------------
 
 @triton.jit
-def _bradley_terry_kernel(
+def _reward_loss_forward_kernel(
     chosen_ptr, rejected_ptr, margin_ptr,
     grad_chosen_ptr, grad_rejected_ptr, loss_ptr, stats_ptr,
     B, inv_B, margin_value, center_coef,
@@ -171,10 +180,10 @@ def _bradley_terry_kernel(
     tl.store(loss_ptr + pid, tl.sum(tl.where(valid, loss, 0.0), axis=0) * inv_B)
 
     stats = stats_ptr + pid * N_STATS
-    _store_block_mean(stats, 0, (chosen > rejected).to(tl.float32), valid, inv_B)
-    _store_block_mean(stats, 1, chosen - rejected, valid, inv_B)
-    _store_block_mean(stats, 2, chosen, valid, inv_B)
-    _store_block_mean(stats, 3, rejected, valid, inv_B)
+    _store_block_mean(stats, _BT_ACCURACY, (chosen > rejected).to(tl.float32), valid, inv_B)
+    _store_block_mean(stats, _BT_MARGIN, chosen - rejected, valid, inv_B)
+    _store_block_mean(stats, _BT_CHOSEN, chosen, valid, inv_B)
+    _store_block_mean(stats, _BT_REJECTED, rejected, valid, inv_B)
 
 
 # ---- launchers ----------------------------------------------------------------------------------
@@ -196,16 +205,17 @@ def _finish(loss_partials: torch.Tensor, stat_partials: torch.Tensor):
     return loss_partials.sum(), stat_partials.sum(0)
 
 
-def dpo_forward_backward(
+def dpo_loss_forward(
     chosen: torch.Tensor,
     rejected: torch.Tensor,
     ref_chosen: torch.Tensor | None,
     ref_rejected: torch.Tensor | None,
+    *,
     beta: float,
     loss_type: str,
     label_smoothing: float,
     gamma: float,
-):
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pass over `[B]` sequence log-probs (B >= 1, contiguous, one device).
 
     Returns `(loss, stats, grad_chosen, grad_rejected)`: the fp32 batch-mean loss (0-d), the
@@ -217,7 +227,7 @@ def dpo_forward_backward(
     block_b, n_blocks, grad_c, grad_r, loss_partials, stat_partials = _block_outputs(
         B, len(DPO_STATS), chosen.device
     )
-    _dpo_kernel[(n_blocks,)](
+    _dpo_loss_forward_kernel[(n_blocks,)](
         chosen, rejected,
         ref_chosen if has_ref else chosen, ref_rejected if has_ref else rejected,
         grad_c, grad_r, loss_partials, stat_partials,
@@ -229,15 +239,16 @@ def dpo_forward_backward(
     return loss, stats, grad_c, grad_r
 
 
-def bradley_terry_forward_backward(
+def reward_loss_forward(
     chosen: torch.Tensor,
     rejected: torch.Tensor,
+    *,
     margin: torch.Tensor | float | None,
     center_coef: float,
-):
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """One pass over `[B]` reward scores (B >= 1). `margin` is a `[B]` tensor, a float or None.
 
-    Returns `(loss, stats, grad_chosen, grad_rejected)` like `dpo_forward_backward`, with the
+    Returns `(loss, stats, grad_chosen, grad_rejected)` like `dpo_loss_forward`, with the
     metrics in `REWARD_STATS` order.
     """
     B = chosen.shape[0]
@@ -245,7 +256,7 @@ def bradley_terry_forward_backward(
     block_b, n_blocks, grad_c, grad_r, loss_partials, stat_partials = _block_outputs(
         B, len(REWARD_STATS), chosen.device
     )
-    _bradley_terry_kernel[(n_blocks,)](
+    _reward_loss_forward_kernel[(n_blocks,)](
         chosen, rejected, margin if has_margin_tensor else chosen,
         grad_c, grad_r, loss_partials, stat_partials,
         B, 1.0 / B, 0.0 if has_margin_tensor or margin is None else float(margin), float(center_coef),

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastrlhf.kernels.gae import gae_scan
+from fastrlhf.kernels.gae import gae_forward
 from fastrlhf.losses.advantages import gae, group_advantages, whiten
 from fastrlhf.twins import advantages as ref
 
@@ -108,7 +108,7 @@ def test_gae_block_carry(block_t, device):
     rewards, values = torch.randn(2, 37), torch.randn(2, 37)
     mask = make_mask(2, 37, "holes")
     expected_adv, _ = gae_closed_form(rewards, values, mask, 1.0, 0.95)
-    adv, _ = gae_scan(rewards.to(device), values.to(device), mask.to(device), 1.0, 0.95, block_t=block_t)
+    adv, _ = gae_forward(rewards.to(device), values.to(device), mask.to(device), gamma=1.0, lam=0.95, block_t=block_t)
     assert_close_np(adv, expected_adv, 1e-5)
 
 

@@ -136,21 +136,21 @@ def record(area: str) -> dict:
 # Constexpr values each area must have compiled (guards against a scenario silently dropping one).
 EXPECTED = {
     "logprobs": {
-        "_logprobs_fwd_kernel": {"COMPUTE_ENTROPY": {True, False}, "BLOCK_V": {4096}, "HAS_SOFTCAP": {True, False}},
-        "_logprobs_bwd_kernel": {"HAS_GRAD_LOGPS": {True, False}, "HAS_GRAD_ENTROPY": {True, False},
+        "_logprobs_forward_kernel": {"COMPUTE_ENTROPY": {True, False}, "BLOCK_V": {4096}, "HAS_SOFTCAP": {True, False}},
+        "_logprobs_backward_kernel": {"HAS_GRAD_LOGPS": {True, False}, "HAS_GRAD_ENTROPY": {True, False},
                                  "HAS_SOFTCAP": {True, False}},
     },
     "ppo": {
-        "_ppo_objective_kernel": {name: {True, False} for name in
+        "_ppo_loss_forward_kernel": {name: {True, False} for name in
                                   ("HAS_REF", "HAS_ENT", "DUAL", "GRAD_LOGPS", "GRAD_REF", "GRAD_ENT")}
         | {"ESTIMATOR": {1, 2, 3}, "BLOCK": {256, 1024}},
-        "_value_loss_kernel": {"GRAD": {True, False}},
-        "_kl_penalty_kernel": {"ESTIMATOR": {1, 2, 3}, "WRITE_GRAD": {True, False}},
+        "_value_loss_forward_kernel": {"GRAD": {True, False}},
+        "_kl_penalty_forward_kernel": {"ESTIMATOR": {1, 2, 3}, "WRITE_GRAD": {True, False}},
     },
-    "advantages": {"_gae_scan_kernel": {"BLOCK_T": {1, 64, 512, 1024}}},
+    "advantages": {"_gae_forward_kernel": {"BLOCK_T": {1, 64, 512, 1024}}},
     "preference": {
-        "_dpo_kernel": {"LOSS_TYPE": set(range(6)), "HAS_REF": {True, False}, "BLOCK_B": {16, 1024}},
-        "_bradley_terry_kernel": {"HAS_MARGIN_TENSOR": {True, False}},
+        "_dpo_loss_forward_kernel": {"LOSS_TYPE": set(range(6)), "HAS_REF": {True, False}, "BLOCK_B": {16, 1024}},
+        "_reward_loss_forward_kernel": {"HAS_MARGIN_TENSOR": {True, False}},
     },
 }
 

@@ -508,7 +508,7 @@ def test_vocab_tile_kernel_variants_compile_for_sm90(softcap, device, monkeypatc
                                                 softcap=softcap, backend="triton")
                 (logps + entropy).sum().backward()
     assert all(dict(launch.constexprs)["HAS_SOFTCAP"] == bool(softcap) for launch in launches)
-    blocks = {dict(launch.constexprs)["BLOCK_V"] for launch in launches if launch.kernel == "_logprobs_bwd_kernel"}
+    blocks = {dict(launch.constexprs)["BLOCK_V"] for launch in launches if launch.kernel == "_logprobs_backward_kernel"}
     assert blocks == {4096, 1024, 512, 128}, blocks
     usage = compile_for_cuda(launches, tmp_path)
     assert not [u for u in usage if u["local"] or u["stack"]], usage

@@ -41,9 +41,9 @@ def gae(
     check_gae_args(rewards, values, mask, gamma, lam)
     if resolve_backend(backend, rewards, values, mask) == "torch":
         return twin.gae(rewards, values, mask, gamma=gamma, lam=lam)
-    from fastrlhf.kernels.gae import gae_scan
+    from fastrlhf.kernels.gae import gae_forward
 
-    return gae_scan(rewards.detach(), values.detach(), mask.detach(), gamma, lam)
+    return gae_forward(rewards.detach(), values.detach(), mask.detach(), gamma=gamma, lam=lam)
 
 
 def whiten(

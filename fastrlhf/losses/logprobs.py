@@ -87,7 +87,7 @@ def _accumulate_matmul(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> N
 # --------------------------------------------------------------------------- autograd functions
 
 
-class _LogprobsFromLogits(torch.autograd.Function):
+class _LogprobsFromLogitsFunction(torch.autograd.Function):
     """logits `[N, V]` or `[G, R, V]` -> logps `[N]` (+ entropy `[N]`); backward writes a new
     contiguous gradient shaped like the logits.
 
@@ -260,7 +260,7 @@ def _backward_vocab_tiles(hidden, weight, bias, upstream, scaling, budget, need)
     )
 
 
-class _FusedLinearLogprobs(torch.autograd.Function):
+class _TokenLogprobsFunction(torch.autograd.Function):
     """hidden `[N, H]` or `[G, R, H]`, weight `[V, H]`, bias `[V]` -> logps `[N]` (+ entropy).
 
     Forward goes one row chunk at a time. Backward recomputes the logits, in row chunks or, when
@@ -353,11 +353,11 @@ def logprobs_from_logits(
         )
     flat_targets = targets.reshape(-1).contiguous()
     if predicts_next(logits, targets):
-        out = _LogprobsFromLogits.apply(logits, flat_targets, float(temperature), return_entropy, True, softcap)
+        out = _LogprobsFromLogitsFunction.apply(logits, flat_targets, float(temperature), return_entropy, True, softcap)
     else:
         # A view for the kernels whenever strides allow (logits[:, :-1] included): no copy of [N, V].
         rows = _kernels().rows_view(logits)
-        out = _LogprobsFromLogits.apply(rows, flat_targets, float(temperature), return_entropy, False, softcap)
+        out = _LogprobsFromLogitsFunction.apply(rows, flat_targets, float(temperature), return_entropy, False, softcap)
     return _reshape_outputs(out, targets.shape, return_entropy)
 
 
@@ -408,7 +408,7 @@ def token_logprobs(
             hidden, weight, targets, bias=bias, temperature=temperature,
             return_entropy=return_entropy, chunk_size=chunk_size, softcap=softcap,
         )
-    out = _FusedLinearLogprobs.apply(
+    out = _TokenLogprobsFunction.apply(
         _kernels().rows_view(hidden),  # no copy of hidden[:, :-1]-style views (see _rows)
         weight, bias, targets.reshape(-1).contiguous(),
         float(temperature), return_entropy, _logits_budget(chunk_size, weight.shape[0], hidden.device), softcap,

@@ -13,6 +13,7 @@ import torch
 import fastrlhf.twins.ppo as twin
 from fastrlhf._checks import check_kl_args, check_ppo_args, check_value_args
 from fastrlhf._dispatch import resolve_backend
+from fastrlhf.contracts import PPO_STATS, VALUE_STATS
 
 # Where each metric shows up in TRL's PPOTrainer logs (TRL averages them over minibatches, hence
 # "_avg"); trainers can log `{TRL_METRIC_NAMES.get(k, k): v}` so dashboards carry over.
@@ -56,13 +57,13 @@ def _scaled(grad_output: torch.Tensor, coefficient: torch.Tensor | None, dtype: 
 
 
 # ----------------------------------------------------------------------------- kl_penalty
-class _KLPenalty(torch.autograd.Function):
+class _KLPenaltyFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logps, ref_logps, estimator, need_grad):
-        from fastrlhf.kernels.kl import kl_penalty_fwd
+        from fastrlhf.kernels.kl import kl_penalty_forward
 
         out_dtype = torch.promote_types(logps.dtype, ref_logps.dtype)
-        kl, dkl = kl_penalty_fwd(logps, ref_logps, estimator, out_dtype=out_dtype, need_grad=need_grad)
+        kl, dkl = kl_penalty_forward(logps, ref_logps, estimator=estimator, out_dtype=out_dtype, need_grad=need_grad)
         ctx.save_for_backward(dkl)
         ctx.dtypes = (logps.dtype, ref_logps.dtype)
         return kl
@@ -97,31 +98,29 @@ def kl_penalty(
     if resolve_backend(backend, logps, ref_logps) == "torch":
         return twin.kl_penalty(logps, ref_logps, estimator=estimator)
     need_grad = _wants_grad(logps) or _wants_grad(ref_logps)
-    return _KLPenalty.apply(logps, ref_logps, estimator, need_grad)
+    return _KLPenaltyFunction.apply(logps, ref_logps, estimator, need_grad)
 
 
 # ----------------------------------------------------------------------------- ppo_loss
-class _PPOObjective(torch.autograd.Function):
+class _PPOLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logps, ref_logps, entropy, old_logps, advantages, mask, row_scale, options):
-        from fastrlhf.kernels.ppo import ppo_objective_fwd
+    def forward(ctx, logps, old_logps, advantages, mask, ref_logps, entropy, row_scale, options):
+        from fastrlhf.kernels.ppo import ppo_loss_forward
 
-        stats, d_logps, d_ref, d_ent = ppo_objective_fwd(
-            logps, old_logps, advantages, mask, row_scale, ref_logps, entropy, **options,
+        loss, stats, d_logps, d_ref, d_ent = ppo_loss_forward(
+            logps, old_logps, advantages, mask, ref_logps, entropy, row_scale, **options,
         )
         ctx.save_for_backward(d_logps, d_ref, d_ent)
         ctx.dtypes = tuple(None if t is None else t.dtype for t in (logps, ref_logps, entropy))
         ctx.mark_non_differentiable(stats)
-        return stats[0].clone(), stats
+        return loss.clone(), stats  # a view of stats cannot be a differentiable output
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
         d_logps, d_ref, d_ent = ctx.saved_tensors
         grad_loss = grad_loss.float()
-        return (
-            *(_scaled(grad_loss, d, dtype) for d, dtype in zip((d_logps, d_ref, d_ent), ctx.dtypes)),
-            None, None, None, None, None,
-        )
+        grad_logps, grad_ref, grad_ent = (_scaled(grad_loss, d, dtype) for d, dtype in zip((d_logps, d_ref, d_ent), ctx.dtypes))
+        return grad_logps, None, None, None, grad_ref, grad_ent, None, None
 
 
 def ppo_loss(
@@ -181,41 +180,41 @@ def ppo_loss(
         )
     options = dict(
         clip_low=1.0 - clip_eps, clip_high=1.0 + clip_eps_high, dual_clip=dual_clip, kl_coef=kl_coef,
-        entropy_coef=entropy_coef, estimator=estimator, grad_logps=_wants_grad(logps),
+        kl_estimator=estimator, entropy_coef=entropy_coef, grad_logps=_wants_grad(logps),
         grad_ref=_wants_grad(ref_logps), grad_entropy=_wants_grad(entropy),
     )
     row_scale = aggregation_row_scale(mask_f, loss_agg)
-    loss, stats = _PPOObjective.apply(
-        logps, ref_logps, entropy, old_logps.detach(), advantages.detach(), mask_f, row_scale, options,
+    loss, stats = _PPOLossFunction.apply(
+        logps, old_logps.detach(), advantages.detach(), mask_f, ref_logps, entropy, row_scale, options,
     )
-    per_token_mean = dict(zip(("clipfrac", "approx_kl", "ratio_mean", "kl", "entropy", "dual_clipfrac"),
-                              (stats[2:8] / mask_f.sum().clamp(min=1)).unbind()))
-    metrics = {"clipfrac": per_token_mean["clipfrac"]}
+    sums = dict(zip(PPO_STATS, stats.unbind()))
+    counted = mask_f.sum().clamp(min=1)
+    metrics = {"clipfrac": sums["clipped"] / counted}
     if dual_clip is not None:
-        metrics["dual_clipfrac"] = per_token_mean["dual_clipfrac"]
+        metrics["dual_clipfrac"] = sums["dual_clipped"] / counted
     if ref_logps is not None:
-        metrics["kl"] = per_token_mean["kl"]
+        metrics["kl"] = sums["kl"] / counted
     if entropy is not None:
-        metrics["entropy"] = per_token_mean["entropy"]
-    metrics["pg_loss"] = stats[1]
-    metrics["approx_kl"] = per_token_mean["approx_kl"]
-    metrics["ratio_mean"] = per_token_mean["ratio_mean"]
+        metrics["entropy"] = sums["entropy"] / counted
+    metrics["pg_loss"] = sums["pg_loss"]
+    metrics["approx_kl"] = sums["approx_kl"] / counted
+    metrics["ratio_mean"] = sums["ratio"] / counted
     return loss, metrics
 
 
 # ----------------------------------------------------------------------------- value_loss
-class _ValueLoss(torch.autograd.Function):
+class _ValueLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values, old_values, returns, mask, row_scale, clip_eps, need_grad):
-        from fastrlhf.kernels.ppo import value_loss_fwd
+        from fastrlhf.kernels.ppo import value_loss_forward
 
-        stats, d_values = value_loss_fwd(
+        loss, stats, d_values = value_loss_forward(
             values, old_values, returns, mask, row_scale, clip_eps=clip_eps, grad_values=need_grad,
         )
         ctx.save_for_backward(d_values)
         ctx.values_dtype = values.dtype
         ctx.mark_non_differentiable(stats)
-        return stats[0].clone(), stats
+        return loss.clone(), stats  # a view of stats cannot be a differentiable output
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):
@@ -252,9 +251,10 @@ def value_loss(
     if resolve_backend(backend, values, old_values, returns) == "torch":
         return twin.value_loss(values, old_values, returns, mask, clip_eps=clip_eps, loss_agg=loss_agg)
     row_scale = aggregation_row_scale(mask_f, loss_agg)
-    loss, stats = _ValueLoss.apply(
+    loss, stats = _ValueLossFunction.apply(
         values, old_values.detach(), returns.detach(), mask_f, row_scale, float(clip_eps), _wants_grad(values),
     )
+    sums = dict(zip(VALUE_STATS, stats.unbind()))
     counted = mask_f.sum().clamp(min=1)
-    metrics = {"vf_loss": loss.detach(), "vf_clipfrac": stats[1] / counted, "vpred": stats[2] / counted}
+    metrics = {"vf_loss": loss.detach(), "vf_clipfrac": sums["clipped"] / counted, "vpred": sums["values"] / counted}
     return loss, metrics

@@ -49,19 +49,19 @@ class _PairwiseLossFunction(torch.autograd.Function):
         )
 
 
-class _DPOFunction(_PairwiseLossFunction):
+class _DPOLossFunction(_PairwiseLossFunction):
     @staticmethod
     def forward(ctx, chosen, rejected, ref_chosen, ref_rejected, beta, loss_type, label_smoothing, gamma):
-        from fastrlhf.kernels.preference import dpo_forward_backward
+        from fastrlhf.kernels.preference import dpo_loss_forward
 
         if chosen.shape[0] == 0:
             loss, stats = _empty_batch(chosen.device, DPO_STATS)
             grad_chosen = grad_rejected = torch.zeros(0, device=chosen.device)
         else:
-            loss, stats, grad_chosen, grad_rejected = dpo_forward_backward(
+            loss, stats, grad_chosen, grad_rejected = dpo_loss_forward(
                 *(None if t is None else t.detach().contiguous()
                   for t in (chosen, rejected, ref_chosen, ref_rejected)),
-                beta, loss_type, label_smoothing, gamma,
+                beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma,
             )
         _PairwiseLossFunction._save(ctx, grad_chosen, grad_rejected, chosen, rejected, ref_chosen, ref_rejected)
         ctx.mark_non_differentiable(stats)
@@ -72,10 +72,10 @@ class _DPOFunction(_PairwiseLossFunction):
         return (*_PairwiseLossFunction._grads(ctx, grad_loss), None, None, None, None)
 
 
-class _BradleyTerryFunction(_PairwiseLossFunction):
+class _RewardLossFunction(_PairwiseLossFunction):
     @staticmethod
     def forward(ctx, chosen, rejected, margin, center_coef):
-        from fastrlhf.kernels.preference import bradley_terry_forward_backward
+        from fastrlhf.kernels.preference import reward_loss_forward
 
         if chosen.shape[0] == 0:
             loss, stats = _empty_batch(chosen.device, REWARD_STATS)
@@ -83,8 +83,8 @@ class _BradleyTerryFunction(_PairwiseLossFunction):
         else:
             if isinstance(margin, torch.Tensor):
                 margin = margin.detach().contiguous()
-            loss, stats, grad_chosen, grad_rejected = bradley_terry_forward_backward(
-                chosen.detach().contiguous(), rejected.detach().contiguous(), margin, center_coef
+            loss, stats, grad_chosen, grad_rejected = reward_loss_forward(
+                chosen.detach().contiguous(), rejected.detach().contiguous(), margin=margin, center_coef=center_coef
             )
         _PairwiseLossFunction._save(ctx, grad_chosen, grad_rejected, chosen, rejected, None, None)
         ctx.mark_non_differentiable(stats)
@@ -137,7 +137,7 @@ def dpo_loss(
     tensors = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     if resolve_backend(backend, *tensors) == "torch":
         return twin.dpo_loss(*tensors, **kwargs)
-    loss, stats = _DPOFunction.apply(*tensors, beta, loss_type, label_smoothing, gamma)
+    loss, stats = _DPOLossFunction.apply(*tensors, beta, loss_type, label_smoothing, gamma)
     keep = set(DPO_STATS) if loss_type == "orpo" else set(DPO_STATS) - set(ORPO_STATS)
     return loss, _named(stats, DPO_STATS, keep)
 
@@ -160,7 +160,7 @@ def reward_loss(
     margin_tensor = margin if isinstance(margin, torch.Tensor) else None
     if resolve_backend(backend, chosen_rewards, rejected_rewards, margin_tensor) == "torch":
         return twin.reward_loss(chosen_rewards, rejected_rewards, margin=margin, center_coef=center_coef)
-    loss, stats = _BradleyTerryFunction.apply(chosen_rewards, rejected_rewards, margin, center_coef)
+    loss, stats = _RewardLossFunction.apply(chosen_rewards, rejected_rewards, margin, center_coef)
     return loss, _named(stats, REWARD_STATS, set(REWARD_STATS))
 
 

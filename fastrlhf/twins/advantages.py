@@ -22,14 +22,10 @@ def gae(
     gamma: float = 1.0,
     lam: float = 0.95,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation as a log-depth parallel scan over t (no Python loop over T).
+    """The PyTorch twin of `fastrlhf.gae`: same arguments (minus `backend`), same results and
+    metrics (see its docstring), computed op by op; float64 inputs stay float64 (gradcheck).
 
-    rewards, values: `[B, T]` float; mask: `[B, T]` (bool/int/float, 1 = response token).
-        delta_t = r_t + gamma * V_{t+1} * m_{t+1} - V_t
-        A_t     = delta_t + gamma * lam * m_{t+1} * A_{t+1}      (V_T = A_T = 0 past the end)
-    A token followed by a masked one is treated as terminal.
-    Returns `(advantages, returns)`, `[B, T]` float32 (float64 for float64 inputs), zero where
-    mask is 0, returns = (A + V) * m. Outputs are detached targets (no gradient).
+    A log-depth parallel scan over t (no Python loop over T): `affine_suffix_scan`.
     """
     dtype = compute_dtype(rewards, values)
     r, v, m = rewards.to(dtype), values.to(dtype), mask.to(dtype)
@@ -111,14 +107,10 @@ def whiten(
     shift_mean: bool = True,
     eps: float = 1e-8,
 ) -> torch.Tensor:
-    """Masked whitening over all elements of `x` (any shape, e.g. `[B, T]`), like TRL's
-    `masked_whiten`: (x - mean) * rsqrt(var + eps), plus the mean back if `shift_mean=False`.
+    """The PyTorch twin of `fastrlhf.whiten`: same arguments (minus `backend`), same results and
+    metrics (see its docstring), computed op by op; float64 inputs stay float64 (gradcheck).
 
-    mean and var are over positions where mask is set; var is UNBIASED (Bessel's n / (n - 1)),
-    as TRL's `masked_var(unbiased=True)` used by `masked_whiten`. Unlike TRL, one counted
-    element gives var = 0 instead of a division by zero, and an empty mask gives all zeros.
-    Positions outside the mask are 0 in the output (whatever x holds there, NaN included).
-    Returns float32 (float64 for float64 x); differentiable in x.
+    Differs from TRL's `masked_whiten` only where TRL divides by zero (one counted element: var 0).
     """
     return whiten_with_reduce(x, mask, shift_mean=shift_mean, eps=eps)
 
@@ -149,10 +141,8 @@ def group_advantages(
     scale: bool = True,
     eps: float = 1e-6,
 ) -> torch.Tensor:
-    """GRPO advantages: scores `[B]` in consecutive groups of `group_size` completions of one
-    prompt; returns `[B]` (s - group mean) / (group std + eps), or only s - group mean with
-    `scale=False`. The std is the BIASED one (unbiased=False; note TRL's GRPOTrainer uses
-    torch's default unbiased std). float32 (float64 for float64 scores); detached targets.
+    """The PyTorch twin of `fastrlhf.group_advantages`: same arguments (minus `backend`), same results and
+    metrics (see its docstring), computed op by op; float64 inputs stay float64 (gradcheck).
     """
     grouped = scores.to(compute_dtype(scores)).reshape(-1, group_size)
     if grouped.numel() == 0:

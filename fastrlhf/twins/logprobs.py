@@ -58,11 +58,8 @@ def logprobs_from_logits(
     return_entropy: bool = False,
     softcap: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability of `targets [...]` under `softmax(cap(logits [..., V]) / temperature)`, with
-    cap(x) = softcap·tanh(x / softcap) (no cap for None / 0); also the next-token layout
-    `logits [..., T+1, V]`, `targets [..., T]` (see `predicts_next`).
-
-    Returns logps `[...]` (fp32), and entropy `[...]` too if `return_entropy`.
+    """The PyTorch twin of `fastrlhf.logprobs_from_logits`: same arguments (minus `backend`), same results and
+    metrics (see its docstring), computed op by op; float64 inputs stay float64 (gradcheck).
     """
     if predicts_next(logits, targets):
         logits = logits[..., :-1, :]
@@ -101,14 +98,11 @@ def token_logprobs(
     chunk_size: int | None = None,
     softcap: float | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """Log-probability of `targets` under the LM head: `log_softmax(cap(hidden @ weight.T + bias) / temperature)`,
-    cap(x) = softcap·tanh(x / softcap) (no cap for None / 0).
+    """The PyTorch twin of `fastrlhf.token_logprobs`: same arguments (minus `backend`), same results and
+    metrics (see its docstring), computed op by op; float64 inputs stay float64 (gradcheck).
 
-    hidden `[N, H]` (or `[B, T, H]`), weight `[V, H]`, targets `[N]` (or `[B, T]`), bias `[V]`.
-    Returns logps shaped like targets (fp32), and entropy too if `return_entropy`.
-
-    Rows are processed `chunk_size` at a time under activation checkpointing, so no `N x V`
-    logits tensor exists at any moment, forward or backward (each chunk is recomputed in backward).
+    Rows go `chunk_size` at a time under activation checkpointing, so no `N x V` logits
+    tensor exists at any moment, forward or backward (each chunk is recomputed in backward).
     """
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     flat_targets = targets.reshape(-1)

@@ -54,17 +54,8 @@ def _kl_terms(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) -> t
 
 # ----------------------------------------------------------------------------- public twins
 def kl_penalty(logps: torch.Tensor, ref_logps: torch.Tensor, *, estimator: str = "k1") -> torch.Tensor:
-    """Per-token KL estimate between the policy and the reference.
-
-    Args:
-        logps: policy log-probs, any shape (typically `[B, T]`).
-        ref_logps: reference log-probs, same shape.
-        estimator: with d = clamp(logps - ref_logps, -20, 20): "k1" d, "k2" d²/2,
-            "k3" exp(-d) + d - 1 (aliases "kl", "mse", "low_var_kl" as in verl).
-
-    Returns:
-        KL per token, same shape, dtype of `logps` promoted with `ref_logps`.
-        Differentiable w.r.t. both inputs.
+    """The PyTorch twin of `fastrlhf.kl_penalty`: same arguments (minus `backend`), same results and
+    metrics (see its docstring), computed op by op; float64 inputs stay float64 (gradcheck).
     """
     estimator = KL_ESTIMATOR_ALIASES[estimator]
     dtype = compute_dtype(logps, ref_logps)
@@ -88,25 +79,8 @@ def ppo_loss(
     entropy_coef: float = 0.0,
     loss_agg: str = "token-mean",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped PPO policy loss with token-level advantages, optional KL-to-reference and entropy terms.
-
-    Args:
-        logps, old_logps, advantages: `[B, T]`; gradients flow to `logps` only.
-        mask: `[B, T]` bool/int/float, tokens that count.
-        clip_eps, clip_eps_high: ratio clipped to [1 - clip_eps, 1 + clip_eps_high]
-            (clip_eps_high defaults to clip_eps).
-        dual_clip: c > 1 caps the loss of tokens with A < 0 at -A·c; None disables it.
-        ref_logps: `[B, T]` reference log-probs (gradient flows if it requires grad).
-        kl_coef, kl_estimator: adds kl_coef · KL(logps, ref_logps) per token (see `kl_penalty`).
-        entropy, entropy_coef: `[B, T]` per-token entropy; subtracts entropy_coef · entropy.
-        loss_agg: "token-mean" (Σ mask·l / Σ mask), "seq-mean-token-mean" (mean over sequences
-            with ≥ 1 counted token of their token means), "seq-mean-token-sum-norm" (Σ mask·l / (B·T)).
-
-    Returns:
-        `(loss, metrics)`: fp32 scalar loss, and detached scalars `pg_loss` (policy term alone,
-        aggregated like the loss), `clipfrac`, `approx_kl` (mean ½·log_ratio²), `ratio_mean`, plus
-        `kl` (with ref_logps), `entropy` (with entropy), `dual_clipfrac` (with dual_clip); all
-        except `pg_loss` are means over counted tokens.
+    """The PyTorch twin of `fastrlhf.ppo_loss`: same arguments (minus `backend`), same results and
+    metrics (see its docstring), computed op by op; float64 inputs stay float64 (gradcheck).
     """
     estimator = KL_ESTIMATOR_ALIASES[kl_estimator]
     clip_eps_high = clip_eps if clip_eps_high is None else clip_eps_high
@@ -156,18 +130,8 @@ def value_loss(
     clip_eps: float = 0.2,
     loss_agg: str = "token-mean",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Clipped value loss: per token 0.5 · max((v − R)², (old_v + clip(v − old_v, −eps, eps) − R)²).
-
-    Args:
-        values: `[B, T]` current value predictions (gradients flow here only).
-        old_values: `[B, T]` values at rollout time; returns: `[B, T]` targets.
-        mask: `[B, T]` tokens that count.
-        clip_eps: value clip range (> 0; `math.inf` disables clipping).
-        loss_agg: as in `ppo_loss`.
-
-    Returns:
-        `(loss, metrics)`: fp32 scalar loss; detached `vf_loss` (= loss), `vf_clipfrac` (fraction of
-        counted tokens where the clipped error is the larger one), `vpred` (mean counted value).
+    """The PyTorch twin of `fastrlhf.value_loss`: same arguments (minus `backend`), same results and
+    metrics (see its docstring), computed op by op; float64 inputs stay float64 (gradcheck).
     """
     mask_f = mask.to(torch.float32)
     dtype = compute_dtype(values, old_values, returns)

@@ -52,10 +52,9 @@ def reward_metrics(chosen_rewards, rejected_rewards) -> dict[str, torch.Tensor]:
 # ---- losses -------------------------------------------------------------------------------------
 
 def sequence_logps(logps: torch.Tensor, mask: torch.Tensor, *, average: bool = False) -> torch.Tensor:
-    """Per-sequence log-prob `[B]` from token log-probs `logps` `[B, T]` and `mask` `[B, T]`:
-    the masked sum, or with `average=True` the masked mean (0 for an empty row).
-    Differentiable in logps; values outside the mask are ignored (even -inf or NaN padding).
-    float32 (float64 for float64 logps)."""
+    """The PyTorch twin of `fastrlhf.sequence_logps`: same arguments (minus `backend`), same results and
+    metrics (see its docstring), computed op by op; float64 inputs stay float64 (gradcheck).
+    """
     m = mask.to(torch.float32).to(compute_dtype(logps))
     masked = torch.where(m != 0, logps.to(m.dtype), 0.0) * m
     total = masked.sum(dim=-1)
@@ -85,24 +84,8 @@ def dpo_loss(
     label_smoothing: float = 0.0,
     gamma: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """DPO-family loss over sequence log-probs `[B]` (policy and reference, chosen and rejected).
-
-    With h = (chosen - ref_chosen) - (rejected - ref_rejected), eps = label_smoothing and the
-    loss averaged over the batch (0 for B = 0):
-      sigmoid: -(1 - eps) log s(beta h) - eps log s(-beta h)
-      robust:  [-(1 - eps) log s(beta h) + eps log s(-beta h)] / (1 - 2 eps)
-      hinge:   relu(1 - beta h)
-      ipo:     (h - 1 / (2 beta))^2                 (pass length-averaged logps)
-      simpo:   -(1 - eps) log s(x) - eps log s(-x), x = beta (chosen - rejected) - gamma
-               (reference-free: refs must be None; pass length-normalised logps)
-      orpo:    -chosen - beta log s(log odds(chosen) - log odds(rejected)), odds(p) = p / (1 - p)
-               (reference-free; pass length-averaged logps; beta is TRL's ORPO beta / paper's
-               lambda; the first term is the SFT NLL, as a per-sequence mean of token NLLs)
-    label_smoothing applies to sigmoid, robust and simpo only; gamma to simpo only.
-
-    Metrics (TRL names, detached): rewards/chosen, rewards/rejected (beta (logp - ref);
-    beta logp for simpo/orpo), rewards/accuracies, rewards/margins, logps/chosen,
-    logps/rejected; orpo adds nll_loss, log_odds_ratio (mean log s(log odds)), log_odds_chosen.
+    """The PyTorch twin of `fastrlhf.dpo_loss`: same arguments (minus `backend`), same results and
+    metrics (see its docstring), computed op by op; float64 inputs stay float64 (gradcheck).
     """
     dtype = compute_dtype(*(t for t in (chosen_logps, rejected_logps, ref_chosen_logps,
                                         ref_rejected_logps) if t is not None))
@@ -141,12 +124,8 @@ def reward_loss(
     margin: torch.Tensor | float | None = None,
     center_coef: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Bradley-Terry reward-model loss over scalar rewards `[B]`, as TRL's RewardTrainer:
-        mean(-log s(r_c - r_r - margin)) + center_coef * mean((r_c + r_r)^2)
-    (center_coef is TRL's `center_rewards_coefficient`). margin: None, a float or a `[B]` tensor
-    (it receives no gradient). Loss 0 for B = 0.
-    Metrics (detached): accuracy (mean of r_c > r_r), margin (mean r_c - r_r),
-    rewards/chosen, rewards/rejected (means).
+    """The PyTorch twin of `fastrlhf.reward_loss`: same arguments (minus `backend`), same results and
+    metrics (see its docstring), computed op by op; float64 inputs stay float64 (gradcheck).
     """
     dtype = compute_dtype(chosen_rewards, rejected_rewards)
     chosen, rejected = chosen_rewards.to(dtype), rejected_rewards.to(dtype)
