@@ -21,7 +21,7 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 
 # DPO-family loss types. The kernel selects one by its position in this tuple.
-DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "simpo", "orpo")
+DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "simpo", "orpo", "apo_zero")
 REFERENCE_FREE_LOSS_TYPES = ("simpo", "orpo")
 LABEL_SMOOTHING_LOSS_TYPES = ("sigmoid", "robust", "simpo")
 

@@ -21,8 +21,9 @@ MAX_BLOCK_B = 1024
 # Loss types by constexpr id, the position in DPO_LOSS_TYPES (one compiled variant each). Globals
 # read inside @triton.jit must be tl.constexpr objects: plain ints work in the interpreter but fail
 # to compile for a GPU. The per-block metric partials are laid out as DPO_STATS / REWARD_STATS.
-_SIGMOID, _ROBUST, _HINGE, _IPO, _SIMPO, _ORPO = (
-    tl.constexpr(DPO_LOSS_TYPES.index(name)) for name in ("sigmoid", "robust", "hinge", "ipo", "simpo", "orpo")
+_SIGMOID, _ROBUST, _HINGE, _IPO, _SIMPO, _ORPO, _APO_ZERO = (
+    tl.constexpr(DPO_LOSS_TYPES.index(name))
+    for name in ("sigmoid", "robust", "hinge", "ipo", "simpo", "orpo", "apo_zero")
 )
 (_REWARDS_CHOSEN, _REWARDS_REJECTED, _ACCURACIES, _MARGINS, _LOGPS_CHOSEN, _LOGPS_REJECTED, _NLL,
  _LOG_ODDS_RATIO, _LOG_ODDS_CHOSEN) = (
@@ -116,6 +117,13 @@ def _dpo_loss_forward_kernel(
         dloss_dlog_odds = -beta * _sigmoid(-log_odds)
         grad_chosen = -1.0 + dloss_dlog_odds * tl.where(chosen <= orpo_max_logp, -1.0 / expm1_c, 0.0)
         grad_rejected = dloss_dlog_odds * tl.where(rejected <= orpo_max_logp, 1.0 / expm1_r, 0.0)
+    elif LOSS_TYPE == _APO_ZERO:
+        # Each log-ratio through its own sigmoid: raise the chosen one, lower the rejected one.
+        sig_c = _sigmoid(beta * chosen_ratio)
+        sig_r = _sigmoid(beta * rejected_ratio)
+        loss = 1.0 - sig_c + sig_r
+        grad_chosen = -beta * sig_c * (1.0 - sig_c)
+        grad_rejected = beta * sig_r * (1.0 - sig_r)
     else:  # sigmoid, robust, simpo: functions of x = beta * h (- gamma)
         x = beta * h
         if LOSS_TYPE == _SIMPO:

@@ -13,7 +13,7 @@ import torch
 from fastrlhf.losses.preference import dpo_loss, reward_loss, sequence_logps
 from fastrlhf.twins import preference as ref
 
-LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "simpo", "orpo")
+LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "simpo", "orpo", "apo_zero")
 REFERENCE_FREE = ("simpo", "orpo")
 DPO_METRICS = {"rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                "logps/chosen", "logps/rejected"}
@@ -25,6 +25,10 @@ REWARD_METRICS = {"accuracy", "margin", "rewards/chosen", "rewards/rejected"}
 
 def log_sigmoid(z):
     return -math.log1p(math.exp(-z)) if z >= 0 else z - math.log1p(math.exp(z))
+
+
+def sigmoid(z):
+    return 1 / (1 + math.exp(-z)) if z >= 0 else math.exp(z) / (1 + math.exp(z))
 
 
 def orpo_log_odds(logp):
@@ -45,6 +49,8 @@ def dpo_row_loss(c, r, rc, rr, beta, loss_type, eps, gamma):
     if loss_type == "simpo":
         x = beta * h - gamma
         return -(1 - eps) * log_sigmoid(x) - eps * log_sigmoid(-x)
+    if loss_type == "apo_zero":  # APO-zero, D'Oosterlinck et al. 2024, eq. 7 (TRL's loss_type="apo_zero")
+        return 1 - sigmoid(beta * (c - rc)) + sigmoid(beta * (r - rr))
     return -c - beta * log_sigmoid(orpo_log_odds(c) - orpo_log_odds(r))
 
 
@@ -396,5 +402,6 @@ def test_contract_loss_types_are_tested_and_compiled_each():
     assert contracts.DPO_LOSS_TYPES == LOSS_TYPES  # a type added to the contract must be added here too
     assert set(REFERENCE_FREE) == set(contracts.REFERENCE_FREE_LOSS_TYPES)
     assert set(contracts.ORPO_STATS) <= set(contracts.DPO_STATS)
-    kernel_ids = [kernels._SIGMOID, kernels._ROBUST, kernels._HINGE, kernels._IPO, kernels._SIMPO, kernels._ORPO]
+    kernel_ids = [kernels._SIGMOID, kernels._ROBUST, kernels._HINGE, kernels._IPO, kernels._SIMPO, kernels._ORPO,
+                  kernels._APO_ZERO]
     assert sorted(int(getattr(i, "value", i)) for i in kernel_ids) == list(range(len(contracts.DPO_LOSS_TYPES)))

@@ -109,6 +109,8 @@ def dpo_loss(
         losses = torch.relu(1 - beta * h)
     elif loss_type == "ipo":
         losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "apo_zero":
+        losses = 1 - torch.sigmoid(beta * chosen_ratio) + torch.sigmoid(beta * rejected_ratio)
     else:  # orpo
         log_odds = orpo_log_odds(chosen, rejected)
         losses = -chosen - beta * F.logsigmoid(log_odds)
