@@ -124,6 +124,8 @@ def dpo_loss(
                (reference-free: refs must be None; pass length-normalised logps)
       orpo:    -chosen - beta log s(log odds(chosen) - log odds(rejected)), odds(p) = p / (1 - p)
                (reference-free; pass length-averaged logps; beta = TRL's ORPO beta)
+      apo_zero: 1 - s(beta (chosen - ref_chosen)) + s(beta (rejected - ref_rejected))
+               (APO-zero, D'Oosterlinck et al. 2024, eq. 7)
     label_smoothing (in [0, 0.5)) applies to sigmoid, robust, simpo; gamma to simpo only.
     Gradients flow to all given log-prob tensors.
 
