@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-# Vendor spec-sheet peaks (dense, no sparsity), for "% of peak". DESIGN.md quotes ~3 TB/s and
-# ~790 TFLOP/s as what an H100 SXM reaches in practice (a device-to-device copy and an 8k bf16 GEMM
+# Vendor spec-sheet peaks (dense, no sparsity), for "% of peak". About 3 TB/s and ~790 TFLOP/s is
+# what an H100 SXM reaches in practice (a device-to-device copy and an 8k bf16 GEMM
 # measured here gave 3.0 TB/s and ~798 TFLOP/s), so 80-85% of these spec numbers is the real ceiling.
 # fp32 rows use the non-tensor-core FP32 peak (torch's default matmul precision is "highest": no TF32).
 # Matched in order against torch.cuda.get_device_name(); first hit wins.
