@@ -51,6 +51,11 @@ def _gae_forward_kernel(
         m = tl.load(mask_ptr + row_start + t, mask=in_row, other=0).to(tl.float32)
         v_next = tl.load(values_ptr + row_start + t + 1, mask=has_next, other=0.0).to(tl.float32)
         m_next = tl.load(mask_ptr + row_start + t + 1, mask=has_next, other=0).to(tl.float32)
+        # Tokens outside the mask count as 0: their NaN/inf padding would otherwise survive the
+        # products with a zero mask (0 * NaN = NaN) and poison the whole row through the scan.
+        r = tl.where(m != 0.0, r, 0.0)
+        v = tl.where(m != 0.0, v, 0.0)
+        v_next = tl.where(m_next != 0.0, v_next, 0.0)
 
         delta = r + gamma * v_next * m_next - v
         coef = gamma_lam * m_next

@@ -171,6 +171,25 @@ def test_gae_mask_dtypes_and_padding_independence(mask_dtype, device):
     assert not adv[:, 20:].any()
 
 
+@pytest.mark.parametrize("junk", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("mask_kind", ["right_pad", "holes"])
+def test_gae_non_finite_padding_never_reaches_results(junk, mask_kind, device):
+    """NaN/inf rewards and values where mask == 0 (padding, tool-output holes) change nothing:
+    both backends give the advantages and returns of the same batch with zeros there."""
+    g = torch.Generator().manual_seed(5)
+    rewards, values = torch.randn(4, 24, generator=g), torch.randn(4, 24, generator=g)
+    mask = make_mask(4, 24, mask_kind, generator=g)
+    clean_adv, clean_ret = gae_closed_form(rewards * mask, values * mask, mask, 0.99, 0.95)
+    junk_rewards = rewards.masked_fill(~mask, junk)
+    junk_values = values.masked_fill(~mask, junk)
+    for backend in ("triton", "torch"):
+        adv, ret = gae(junk_rewards.to(device), junk_values.to(device), mask.to(device), gamma=0.99, lam=0.95,
+                       backend=backend)
+        assert torch.isfinite(adv).all() and torch.isfinite(ret).all(), backend
+        np.testing.assert_allclose(adv.double().cpu().numpy(), clean_adv, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ret.double().cpu().numpy(), clean_ret, rtol=1e-5, atol=1e-5)
+
+
 def test_gae_outputs_are_detached(device):
     rewards = torch.randn(2, 9, device=device, requires_grad=True)
     values = torch.randn(2, 9, device=device, requires_grad=True)

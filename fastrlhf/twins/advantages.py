@@ -28,7 +28,10 @@ def gae(
     A log-depth parallel scan over t (no Python loop over T): `affine_suffix_scan`.
     """
     dtype = compute_dtype(rewards, values)
-    r, v, m = rewards.to(dtype), values.to(dtype), mask.to(dtype)
+    m = mask.to(dtype)
+    # Tokens outside the mask count as 0, so NaN/inf padding cannot leak through 0 * NaN products.
+    r = torch.where(m != 0, rewards.to(dtype), 0.0)
+    v = torch.where(m != 0, values.to(dtype), 0.0)
     next_value, next_mask = shift_left(v), shift_left(m)
     delta = r + gamma * next_value * next_mask - v
     advantages = affine_suffix_scan(delta, gamma * lam * next_mask) * m
