@@ -688,6 +688,47 @@ def test_fully_ignored_and_empty_batches(backend, device):
     assert out.shape == (0,) and dlogits.shape == (0, 9)
 
 
+@pytest.mark.parametrize("junk", [float("nan"), float("inf")])
+@pytest.mark.parametrize("path", ["vocab", "rows"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignored_rows_with_non_finite_hidden_give_no_gradient(backend, path, junk, device, monkeypatch):
+    """A -100 target means "no gradient" even when its hidden row is NaN/inf (e.g. padding of a
+    diverged or uninitialised position): every gradient equals that of the batch with the row at 0."""
+    hidden, weight, b = head(40 if path == "vocab" else 9, 8, torch.float32, device, bias=True)
+    targets = make_targets((2, 7), weight.shape[0], device)
+    targets[0, 2] = targets[1, 5] = IGNORE
+    g, gh = torch.randn(2, 7, device=device), torch.randn(2, 7, device=device)
+    clean = hidden.clone()
+    clean[0, 2] = clean[1, 5] = 0.0
+    junked = hidden.clone()
+    junked[0, 2] = junk
+    junked[1, 5, 3] = -junk
+    if backend == "triton":
+        spy_path(monkeypatch, force=path)
+    expected = run_token_logprobs(clean, weight, b, targets, backend, g, gh, return_entropy=True, chunk_size=4)
+    logps, entropy, grads = run_token_logprobs(junked, weight, b, targets, backend, g, gh, return_entropy=True,
+                                               chunk_size=4)
+    torch.testing.assert_close(logps, expected[0])
+    torch.testing.assert_close(entropy, expected[1])
+    for name, grad, want in zip(("hidden", "weight", "bias"), grads, expected[2]):
+        assert torch.isfinite(grad).all(), f"d{name} is not finite"
+        torch.testing.assert_close(grad, want, msg=lambda m: f"d{name}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ignored_logits_rows_with_non_finite_values_give_zero_gradient(backend, device):
+    logits = torch.randn(4, 6, 50, device=device)
+    targets = make_targets((4, 5), 50, device)
+    targets[1, 3] = IGNORE
+    logits[1, 3] = float("nan")
+    logits[2, 5] = float("inf")  # the last position of the next-token layout scores nothing
+    g = torch.randn(4, 5, device=device)
+    logps, entropy, dlogits = run_from_logits(logits, targets, 1.0, True, backend, g, g)
+    assert torch.isfinite(logps).all() and torch.isfinite(entropy).all()
+    assert torch.isfinite(dlogits).all()
+    assert (dlogits[1, 3] == 0).all() and (dlogits[:, -1] == 0).all()
+
+
 # --------------------------------------------------------------------------- gradcheck (reference)
 
 

@@ -27,6 +27,8 @@ from fastrlhf._checks import (
 )
 from fastrlhf._dispatch import resolve_backend
 from fastrlhf._dtypes import compute_dtype
+from fastrlhf.contracts import IGNORE_INDEX
+from fastrlhf.losses._autograd import first_order_only
 from fastrlhf.twins import logprobs as twin
 from fastrlhf.twins.logprobs import CHUNK_BYTES_CPU, CHUNK_BYTES_CUDA, no_autocast
 
@@ -109,6 +111,7 @@ class _LogprobsFromLogitsFunction(torch.autograd.Function):
         return (logps, entropy) if return_entropy else logps
 
     @staticmethod
+    @first_order_only("logprobs_from_logits")
     def backward(ctx, grad_logps, grad_entropy=None):
         logits, targets, lse, entropy = ctx.saved_tensors
         if grad_logps is None and grad_entropy is None:
@@ -191,6 +194,13 @@ def _dlogits(logits, weight_dtype, upstream, rows, scaling, col_start=0):
     )
 
 
+def _counted_rows(hidden_rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """`hidden_rows` [n, H] with the rows of ignored targets set to 0, for the weight-gradient GEMM:
+    their d logits rows are 0, but 0 * NaN = NaN, so a NaN/inf hidden row (padding) would otherwise
+    make the whole weight gradient non-finite."""
+    return hidden_rows.masked_fill((targets == IGNORE_INDEX).unsqueeze(-1), 0)
+
+
 def _backward_row_chunks(hidden, weight, bias, upstream, scaling, budget, need):
     """(d hidden, d weight, d bias) one row chunk at a time: each chunk adds its share of the
     weight gradient to an fp32 [V, H] accumulator."""
@@ -209,7 +219,7 @@ def _backward_row_chunks(hidden, weight, bias, upstream, scaling, budget, need):
         if need_hidden:
             torch.mm(dlogits, weight, out=grad_hidden_rows[rows])
         if need_weight:
-            _accumulate_matmul(grad_weight, dlogits.t(), hidden_rows)
+            _accumulate_matmul(grad_weight, dlogits.t(), _counted_rows(hidden_rows, upstream[0][rows]))
         if need_bias:
             grad_bias += dlogits.sum(0, dtype=grad_bias.dtype)
         del dlogits, hidden_rows
@@ -236,9 +246,11 @@ def _backward_vocab_tiles(hidden, weight, bias, upstream, scaling, budget, need)
     """
     need_hidden, need_weight, need_bias = need
     n_rows, (vocab, dim) = hidden.shape[:-1].numel(), weight.shape
-    # All rows as one [N, H] matrix: a view for [N, H], one copy for a strided [G, R, H] view
-    # (hidden[:, :-1]); N x H is small next to the V x H weight gradient it replaces.
+    # All rows as one [N, H] matrix, ignored rows zeroed for the weight-gradient GEMM: one copy of
+    # N x H, small next to the V x H weight gradient it replaces.
     hidden_all = hidden.reshape(n_rows, dim)
+    if need_weight:
+        hidden_all = _counted_rows(hidden_all, upstream[0])
     grad_weight = torch.empty_like(weight, memory_format=torch.contiguous_format) if need_weight else None
     grad_hidden = torch.zeros(n_rows, dim, device=hidden.device, dtype=compute_dtype(hidden.dtype)) if need_hidden else None
     grad_bias = torch.empty(bias.shape, device=bias.device, dtype=compute_dtype(bias.dtype)) if need_bias else None
@@ -295,6 +307,7 @@ class _TokenLogprobsFunction(torch.autograd.Function):
         return (logps, entropy) if return_entropy else logps
 
     @staticmethod
+    @first_order_only("token_logprobs")
     def backward(ctx, grad_logps, grad_entropy=None):
         hidden, weight, bias, targets, lse, entropy = ctx.saved_tensors
         if grad_logps is None and grad_entropy is None:

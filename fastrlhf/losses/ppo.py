@@ -14,6 +14,7 @@ import fastrlhf.twins.ppo as twin
 from fastrlhf._checks import check_kl_args, check_ppo_args, check_value_args
 from fastrlhf._dispatch import resolve_backend
 from fastrlhf.contracts import PPO_STATS, VALUE_STATS
+from fastrlhf.losses._autograd import first_order_only
 
 # Where each metric shows up in TRL's PPOTrainer logs (TRL averages them over minibatches, hence
 # "_avg"); trainers can log `{TRL_METRIC_NAMES.get(k, k): v}` so dashboards carry over.
@@ -69,6 +70,7 @@ class _KLPenaltyFunction(torch.autograd.Function):
         return kl
 
     @staticmethod
+    @first_order_only("kl_penalty")
     def backward(ctx, grad_kl):
         (dkl,) = ctx.saved_tensors
         grad = dkl * grad_kl.float()
@@ -116,6 +118,7 @@ class _PPOLossFunction(torch.autograd.Function):
         return loss.clone(), stats  # a view of stats cannot be a differentiable output
 
     @staticmethod
+    @first_order_only("ppo_loss")
     def backward(ctx, grad_loss, _grad_stats):
         d_logps, d_ref, d_ent = ctx.saved_tensors
         grad_loss = grad_loss.float()
@@ -217,6 +220,7 @@ class _ValueLossFunction(torch.autograd.Function):
         return loss.clone(), stats  # a view of stats cannot be a differentiable output
 
     @staticmethod
+    @first_order_only("value_loss")
     def backward(ctx, grad_loss, _grad_stats):
         (d_values,) = ctx.saved_tensors
         grad = None if d_values is None else (d_values * grad_loss.float()).to(ctx.values_dtype)

@@ -17,6 +17,7 @@ from fastrlhf._checks import (
 )
 from fastrlhf._dispatch import resolve_backend
 from fastrlhf.contracts import DPO_STATS, ORPO_STATS, REWARD_STATS
+from fastrlhf.losses._autograd import first_order_only
 from fastrlhf.twins import preference as twin
 
 
@@ -68,6 +69,7 @@ class _DPOLossFunction(_PairwiseLossFunction):
         return loss, stats
 
     @staticmethod
+    @first_order_only("dpo_loss")
     def backward(ctx, grad_loss, _grad_stats):
         return (*_PairwiseLossFunction._grads(ctx, grad_loss), None, None, None, None)
 
@@ -91,6 +93,7 @@ class _RewardLossFunction(_PairwiseLossFunction):
         return loss, stats
 
     @staticmethod
+    @first_order_only("reward_loss")
     def backward(ctx, grad_loss, _grad_stats):
         grad_chosen, grad_rejected, _, _ = _PairwiseLossFunction._grads(ctx, grad_loss)
         return grad_chosen, grad_rejected, None, None

@@ -64,10 +64,12 @@ def logprobs_from_logits(
     if predicts_next(logits, targets):
         logits = logits[..., :-1, :]
     logits = logits.to(compute_dtype(logits.dtype))
+    ignored = targets == IGNORE_INDEX
+    # Ignored rows are never used: zeroed, so NaN/inf there gets no (NaN) gradient through log_softmax.
+    logits = logits.masked_fill(ignored.unsqueeze(-1), 0.0)
     if softcap:  # None or 0: no cap
         logits = softcap * torch.tanh(logits / softcap)
     log_probs = torch.log_softmax(logits / temperature, dim=-1)
-    ignored = targets == IGNORE_INDEX
     safe_targets = targets.masked_fill(ignored, 0).long().unsqueeze(-1)
     logps = log_probs.gather(-1, safe_targets).squeeze(-1)
     logps = logps.clamp(max=0.0).masked_fill(ignored, 0.0)
@@ -81,6 +83,8 @@ def logprobs_from_logits(
 
 def _chunk_logprobs(hidden, weight, bias, targets, temperature, return_entropy, softcap):
     dtype = compute_dtype(hidden.dtype)
+    # Rows of ignored targets are zeroed: 0 * NaN would carry a NaN/inf row into the weight gradient.
+    hidden = hidden.masked_fill((targets == IGNORE_INDEX).unsqueeze(-1), 0)
     with no_autocast(hidden.device):
         logits = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
     return logprobs_from_logits(logits, targets, temperature=temperature, return_entropy=return_entropy,
