@@ -77,21 +77,21 @@ def _softcap(x, softcap, inv_softcap):
 
 
 @triton.jit
-def _logprobs_fwd_kernel(
-    logits_ptr, targets_ptr, logps_ptr, lse_ptr, entropy_ptr,
-    V, rows_per_group, stride_group, stride_row, inv_temperature, softcap, inv_softcap,
-    IGNORE: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
+def _row_logprob(
+    row_ptr, target, skip, V, inv_temperature, softcap, inv_softcap,
+    COMPUTE_ENTROPY: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)  # int64 before any stride multiply
-    target = tl.load(targets_ptr + row).to(tl.int64)
-    ignored = target == IGNORE
-    in_range = (target >= 0) & (target < V)
-    row_ptr = logits_ptr + _row_offset(row, rows_per_group, stride_group, stride_row)
+    """(logp, lse, entropy) of one row of V logits at `row_ptr`, in one streaming pass.
 
+    A row with `skip` set is never read and gives (0, 0, 0) (ignored targets; the fused head also
+    skips rows outside the loss mask); a target outside [0, V) gives logp NaN. entropy is 0 unless
+    COMPUTE_ENTROPY. Shared by `_logprobs_fwd_kernel` and the fused head's row kernel.
+    """
+    in_range = (target >= 0) & (target < V)
     m = tl.full((), float("-inf"), tl.float32)  # running max of z
     s = tl.zeros((), tl.float32)  # sum exp(z - m)
     t = tl.zeros((), tl.float32)  # sum exp(z - m) * (z - m)
-    n_cols = tl.where(ignored, 0, V)  # ignored rows skip the pass entirely
+    n_cols = tl.where(skip, 0, V)  # skipped rows skip the pass entirely
     offsets = tl.arange(0, BLOCK_V)
     for start in range(0, n_cols, BLOCK_V):
         cols = start + offsets
@@ -115,47 +115,33 @@ def _logprobs_fwd_kernel(
         s = alpha * s + tl.sum(e, axis=0)
         m = m_new
 
-    s = tl.where(ignored, 1.0, s)  # ignored rows never summed: keep their arithmetic finite
+    s = tl.where(skip, 1.0, s)  # skipped rows never summed: keep their arithmetic finite
     log_s = tl.log(s)
-    lse = tl.where(ignored, 0.0, m) + log_s
-    z_target = tl.load(row_ptr + tl.where(in_range, target, 0), mask=target != IGNORE, other=0.0).to(tl.float32)
+    lse = tl.where(skip, 0.0, m) + log_s
+    z_target = tl.load(row_ptr + tl.where(in_range, target, 0), mask=~skip, other=0.0).to(tl.float32)
     if HAS_SOFTCAP:
         z_target = _softcap(z_target, softcap, inv_softcap)
     # NaN-propagating clamp: the default min returns the non-NaN operand, i.e. logp 0 for a NaN row.
     logp = tl.minimum(z_target * inv_temperature - lse, 0.0, propagate_nan=tl.PropagateNan.ALL)
-    logp = tl.where(in_range, logp, float("nan"))
-    tl.store(logps_ptr + row, tl.where(ignored, 0.0, logp))
-    tl.store(lse_ptr + row, tl.where(ignored, 0.0, lse))
+    logp = tl.where(skip, 0.0, tl.where(in_range, logp, float("nan")))
+    entropy = tl.zeros((), tl.float32)
     if COMPUTE_ENTROPY:
         entropy = tl.maximum(log_s - t / s, 0.0, propagate_nan=tl.PropagateNan.ALL)
-        tl.store(entropy_ptr + row, tl.where(ignored, 0.0, entropy))
+        entropy = tl.where(skip, 0.0, entropy)
+    return logp, tl.where(skip, 0.0, lse), entropy
 
 
 @triton.jit
-def _logprobs_bwd_kernel(
-    logits_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logps_ptr, grad_entropy_ptr, dlogits_ptr,
-    V, col_start, rows_per_group, stride_group, stride_row, out_stride_group, out_stride_row, inv_temperature,
-    softcap, inv_softcap,
-    IGNORE: tl.constexpr, HAS_GRAD_LOGPS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
+def _write_row_dlogits(
+    in_ptr, out_ptr, V, target_col, zero, lse, entropy, g, gh, inv_temperature, softcap, inv_softcap,
+    HAS_GRAD_ENTROPY: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    # V here is the width of the logits read (a vocab tile, or all of it), col_start the vocab id
-    # of their first column.
-    row = tl.program_id(0).to(tl.int64)
-    target = tl.load(targets_ptr + row).to(tl.int64)
-    ignored = target == IGNORE
-    target_col = target - col_start  # outside [0, V) when the target lies in another tile
-    n_read = tl.where(ignored, 0, V)  # ignored rows only write zeros, never read their logits
-    lse = tl.load(lse_ptr + row)
-    if HAS_GRAD_LOGPS:
-        g = tl.load(grad_logps_ptr + row).to(tl.float32)
-    else:
-        g = 0.0
-    if HAS_GRAD_ENTROPY:
-        gh = tl.load(grad_entropy_ptr + row).to(tl.float32)
-        entropy = tl.load(entropy_ptr + row)
-    in_ptr = logits_ptr + _row_offset(row, rows_per_group, stride_group, stride_row)
-    out_ptr = dlogits_ptr + _row_offset(row, rows_per_group, out_stride_group, out_stride_row)
+    """Write d loss / d logits of one row of V logits (`in_ptr`) to `out_ptr`, in out's dtype:
+    (g (1[j = target] - p_j) - gh p_j (log p_j + entropy)) / temperature (· d cap / dx), with p from
+    the row's saved `lse`. A row with `zero` set is not read and gets zeros. Each block is read
+    before it is written, so `out_ptr` may alias `in_ptr` (see `logprobs_backward`).
+    Shared by `_logprobs_bwd_kernel` and the fused head's row kernel."""
+    n_read = tl.where(zero, 0, V)  # zero rows only write zeros, never read their logits
     offsets = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         cols = start + offsets
@@ -173,8 +159,57 @@ def _logprobs_bwd_kernel(
         dz = dz * inv_temperature
         if HAS_SOFTCAP:
             dz = dz * dcap  # chain rule through the cap: d z / d x = 1 - tanh²(x / c)
-        dz = tl.where(ignored, 0.0, dz)
-        tl.store(out_ptr + cols, dz.to(dlogits_ptr.dtype.element_ty), mask=valid)
+        dz = tl.where(zero, 0.0, dz)
+        tl.store(out_ptr + cols, dz.to(out_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _logprobs_fwd_kernel(
+    logits_ptr, targets_ptr, logps_ptr, lse_ptr, entropy_ptr,
+    V, rows_per_group, stride_group, stride_row, inv_temperature, softcap, inv_softcap,
+    IGNORE: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # int64 before any stride multiply
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    row_ptr = logits_ptr + _row_offset(row, rows_per_group, stride_group, stride_row)
+    logp, lse, entropy = _row_logprob(
+        row_ptr, target, target == IGNORE, V, inv_temperature, softcap, inv_softcap,
+        COMPUTE_ENTROPY=COMPUTE_ENTROPY, HAS_SOFTCAP=HAS_SOFTCAP, BLOCK_V=BLOCK_V,
+    )
+    tl.store(logps_ptr + row, logp)
+    tl.store(lse_ptr + row, lse)
+    if COMPUTE_ENTROPY:
+        tl.store(entropy_ptr + row, entropy)
+
+
+@triton.jit
+def _logprobs_bwd_kernel(
+    logits_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logps_ptr, grad_entropy_ptr, dlogits_ptr,
+    V, col_start, rows_per_group, stride_group, stride_row, out_stride_group, out_stride_row, inv_temperature,
+    softcap, inv_softcap,
+    IGNORE: tl.constexpr, HAS_GRAD_LOGPS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    # V here is the width of the logits read (a vocab tile, or all of it), col_start the vocab id
+    # of their first column.
+    row = tl.program_id(0).to(tl.int64)
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    lse = tl.load(lse_ptr + row)
+    g = tl.zeros((), tl.float32)
+    if HAS_GRAD_LOGPS:
+        g = tl.load(grad_logps_ptr + row).to(tl.float32)
+    gh = tl.zeros((), tl.float32)
+    entropy = tl.zeros((), tl.float32)
+    if HAS_GRAD_ENTROPY:
+        gh = tl.load(grad_entropy_ptr + row).to(tl.float32)
+        entropy = tl.load(entropy_ptr + row)
+    _write_row_dlogits(
+        logits_ptr + _row_offset(row, rows_per_group, stride_group, stride_row),
+        dlogits_ptr + _row_offset(row, rows_per_group, out_stride_group, out_stride_row),
+        V, target - col_start,  # target column outside [0, V) when the target lies in another tile
+        target == IGNORE, lse, entropy, g, gh, inv_temperature, softcap, inv_softcap,
+        HAS_GRAD_ENTROPY=HAS_GRAD_ENTROPY, HAS_SOFTCAP=HAS_SOFTCAP, BLOCK_V=BLOCK_V,
+    )
 
 
 def _block_v(V: int, device: torch.device, block_v: int | None) -> int:
