@@ -143,6 +143,10 @@ def fused_head_rows(
     loss: "nll" or "ppo"; ppo: dict(old_logps, advantages, ref_logps or None ([B * T]
     contiguous), clip_low, clip_high, dual_clip or None, kl_coef, entropy_coef, estimator).
     entropy_grad: the loss depends on the entropy (PPO with entropy_coef != 0).
+
+    One program per row, BLOCK_V = 4096 columns per step with 8 warps on a GPU. Bytes (rows that
+    count): pass 1 reads 4·C·V; with dlogits, pass 2 reads 4·C·V more and writes C·V·itemsize;
+    ~20 FLOPs per logit. C = 2048, V = 151936, bf16 d logits: 3.1 GB, 0.65 ms at 4.8 TB/s.
     """
     C, V = logits.shape
     if C == 0:

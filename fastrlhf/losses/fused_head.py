@@ -73,7 +73,7 @@ import math
 
 import torch
 
-from fastrlhf._checks import as_float_mask, check_choice, check_floating, check_ndim, check_same_device
+from fastrlhf._checks import check_choice, check_floating, check_ndim, check_same_device
 from fastrlhf._dispatch import resolve_backend
 from fastrlhf.losses.logprobs import _chunk_logits, _rows, _spans
 from fastrlhf.losses.ppo import aggregation_row_scale
@@ -230,7 +230,7 @@ def _row_local_loss(hidden, weight, bias, need, *, targets, mask, row_scale, los
     active = ((mask != 0) & (targets != IGNORE_INDEX)).reshape(-1)
     grads = _head_sweep(hidden, weight, bias, chunks, need, process, active)
     totals = stats.sum(0)
-    return totals[0], totals, grads
+    return totals[0].clone(), totals, grads  # a clone: the differentiable loss must not view the stats
 
 
 # --------------------------------------------------------------------------- checks
@@ -404,13 +404,13 @@ def sft_loss_from_hidden(
     if resolve_backend(backend, hidden, weight, targets, bias) == "torch":
         return reference.sft_loss_from_hidden(hidden, weight, targets, bias=bias, softcap=softcap,
                                               loss_agg=loss_agg, chunk_size=chunk_size)
-    token_targets = targets.reshape(1, -1) if targets.dim() != 2 else targets
+    token_targets = (targets.reshape(1, -1) if targets.dim() != 2 else targets).contiguous()
     mask_f = (token_targets != IGNORE_INDEX).float()
     row_scale = _sft_row_scale(mask_f, loss_agg)
 
     def compute(hidden_rows, weight_, bias_, need):
         return _row_local_loss(
-            hidden_rows, weight_, bias_, need, targets=token_targets.contiguous(), mask=mask_f,
+            hidden_rows, weight_, bias_, need, targets=token_targets, mask=mask_f,
             row_scale=row_scale, loss="nll", scaling=(1.0, softcap), chunk=_chunk_arg(chunk_size),
         )
 
@@ -577,7 +577,7 @@ def dpo_loss_from_hidden(
     max_rows = _max_chunk_rows(chunk_size, weight.shape[0], hidden.device)
     max_pairs = max_rows // max(2 * seq_len, 1)
     scaling = (float(temperature), softcap)
-    metrics_box = {}
+    names = []  # the metric names dpo_loss returns for this loss type
 
     def compute(hidden_rows, weight_, bias_, need):
         if pairs and max_pairs == 0:
@@ -588,10 +588,10 @@ def dpo_loss_from_hidden(
                 hidden_rows, weight_, bias_, need, targets=targets.contiguous(), refs=refs, options=options,
                 scaling=scaling, max_pairs=max(max_pairs, 1), explicit=chunk_size is not None,
             )
-        metrics_box.update(metrics)
+        names[:] = metrics
         return loss, torch.stack(list(metrics.values())), grads
 
     from fastrlhf.kernels.logprobs import rows_view
 
-    loss, _stats = _apply(compute, rows_view(hidden), weight, bias)
-    return loss, {name: value.detach() for name, value in metrics_box.items()}
+    loss, stats = _apply(compute, rows_view(hidden), weight, bias)
+    return loss, dict(zip(names, stats.unbind()))
