@@ -427,6 +427,22 @@ def test_memory_is_one_chunk_of_logits_independent_of_n(device):
     assert largest[0] == largest[1], largest
 
 
+def test_shifted_hidden_is_read_chunk_by_chunk_not_copied(device):
+    """hidden[:, :-1] does not flatten to [N, H]: the rows are copied chunk by chunk, never whole
+    (forward only here: with gradients, the [N, H] gradient itself is an allocation of that size)."""
+    B, T, chunk = 4, 33, 5
+    full = torch.randn(B, T + 1, 64, device=device)
+    weight = torch.randn(131, 64, device=device) * 0.3
+    targets = torch.randint(0, 131, (B, T), device=device)
+    mask = torch.ones(B, T, device=device)
+    mode = LargestAllocation()
+    with mode, torch.no_grad():
+        fastrlhf.policy_loss_from_hidden(full[:, :-1], weight, targets, mask, mask, mask, entropy_coef=0.1,
+                                         chunk_size=chunk, backend="triton")
+        fastrlhf.sft_loss_from_hidden(full[:, :-1], weight, targets, chunk_size=chunk, backend="triton")
+    assert mode.largest["forward"] < B * T * 64 * 4 // 4, mode.largest
+
+
 @pytest.mark.parametrize("mode", ["no_grad", "no_leaf_requires_grad"])
 def test_forward_only_runs_only_the_logits_gemm(mode, device):
     x = policy_inputs(3, 5, 131, torch.float32, device)
