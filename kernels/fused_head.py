@@ -20,10 +20,12 @@ entropy terms). NaN inside the mask propagates: a NaN logit makes logp, the loss
 gradient NaN (the clamps are NaN-propagating, `g != 0` is true for NaN).
 
 In place over fp32 logits: the d logits of a bf16/fp16 head are written as a `[C, V]` view with row
-stride 2V into the same bytes (`dlogits_view`). Column j of row r is read at byte 4(rV + j) and its
-gradient written at byte 4rV + 2j <= 4(rV + j); a program reads block [s, s + B) before writing
-it, and its writes never reach bytes it has yet to read. So one buffer of 4·C·V bytes holds the
-chunk's logits and then its gradient (the GEMMs accept the row stride 2V as a leading dimension).
+stride 2V into the same bytes (`logprobs.dlogits_view`). Column j of row r is read at byte
+4(rV + j) and its gradient written at byte 4rV + 2j <= 4(rV + j), so the writes of block
+[s, s + B) land in fp32 columns [s/2, (s + B)/2), all in blocks already read; but they are read by
+OTHER threads of the program, so a barrier separates each block's loads from its stores
+(NARROW_IN_PLACE, `logprobs._write_row_dlogits`). One buffer of 4·C·V bytes then holds the chunk's
+logits and afterwards their gradient (the GEMMs take the row stride 2V as a leading dimension).
 
 Cost per chunk of C rows (no GEMM here): FLOPs ~ 20·C·V (two exp per element, negligible);
 bytes 4CV (pass 1) + 4CV (pass 2 read) + 2CV (bf16 write) = 10·C·V. At the headline shape
@@ -39,7 +41,16 @@ import triton
 import triton.language as tl
 
 from fastrlhf.kernels.kl import ESTIMATOR_CODES, LOG_RATIO_LIMIT
-from fastrlhf.kernels.logprobs import IGNORE_INDEX, _block_v, _num_warps, _row_logprob, _softcap_args, _write_row_dlogits
+from fastrlhf.kernels.logprobs import (
+    IGNORE_INDEX,
+    _block_v,
+    _num_warps,
+    _row_logprob,
+    _softcap_args,
+    _write_row_dlogits,
+    dlogits_view,  # noqa: F401  (re-exported: where the row kernel's d logits go)
+    narrow_in_place,
+)
 from fastrlhf.kernels.ppo import PPO_STATS, ppo_token_terms
 
 # Per-token losses by constexpr id (globals read inside @triton.jit must be tl.constexpr).
@@ -53,9 +64,9 @@ def _fused_head_rows_kernel(
     logits_ptr, dlogits_ptr, targets_ptr, mask_ptr, row_scale_ptr, old_ptr, adv_ptr, ref_ptr, stats_ptr,
     V, row0, T, stride_logits, stride_dlogits, inv_temperature, softcap, inv_softcap,
     clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
-    IGNORE: tl.constexpr, LOSS: tl.constexpr, HAS_REF: tl.constexpr, DUAL: tl.constexpr,
+    IGNORE: tl.constexpr, LOSS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, DUAL: tl.constexpr,
     ESTIMATOR: tl.constexpr, LIMIT: tl.constexpr, ENTROPY_GRAD: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, NUM_STATS: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, NARROW_IN_PLACE: tl.constexpr, NUM_STATS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)  # int64 before any stride multiply
     row = row0 + pid  # index of this token in the flattened [B, T] batch
@@ -72,7 +83,9 @@ def _fused_head_rows_kernel(
     w = m * tl.load(row_scale_ptr + row // T)
     out = stats_ptr + row * NUM_STATS
     if LOSS == _PPO:
-        old = tl.where(counted, tl.load(old_ptr + row).to(tl.float32), 0.0)  # padding garbage stays inert
+        old = logp  # on-policy (no old_logps): the current log-prob itself, a constant (ratio 1)
+        if HAS_OLD:
+            old = tl.where(counted, tl.load(old_ptr + row).to(tl.float32), 0.0)  # padding garbage stays inert
         adv = tl.where(counted, tl.load(adv_ptr + row).to(tl.float32), 0.0)
         ref = logp
         if HAS_REF:
@@ -101,21 +114,9 @@ def _fused_head_rows_kernel(
         _write_row_dlogits(
             row_ptr, dlogits_ptr + pid * stride_dlogits, V, target, zero, lse, entropy, g, gh,
             inv_temperature, softcap, inv_softcap,
-            HAS_GRAD_ENTROPY=ENTROPY_GRAD, HAS_SOFTCAP=HAS_SOFTCAP, BLOCK_V=BLOCK_V,
+            HAS_GRAD_ENTROPY=ENTROPY_GRAD, HAS_SOFTCAP=HAS_SOFTCAP, NARROW_IN_PLACE=NARROW_IN_PLACE,
+            BLOCK_V=BLOCK_V,
         )
-
-
-def dlogits_view(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """Where the row kernel writes d logits of `logits [C, V]` (contiguous rows) in `dtype`: the
-    logits themselves for the same dtype; for a dtype of half the width (bf16/fp16 gradients of
-    fp32 logits), a `[C, V]` view of the same bytes with row stride 2V (see the module docstring);
-    otherwise a new tensor."""
-    if logits.dtype == dtype:
-        return logits
-    C, V = logits.shape
-    if 2 * dtype.itemsize == logits.dtype.itemsize and logits.stride() == (V, 1):
-        return logits.view(dtype)[:, :V]
-    return torch.empty((C, V), dtype=dtype, device=logits.device)
 
 
 def fused_head_rows(
@@ -140,8 +141,9 @@ def fused_head_rows(
     d loss / d logits (weight dtype; may be `dlogits_view(logits, ...)`), or None for forward only.
     targets, mask (fp32): `[B * T]` contiguous, for the whole batch; row_scale: fp32 `[B]`;
     stats: fp32 `[B * T, len(ROW_STATS[loss])]`, this chunk's rows are written. seq_len: T.
-    loss: "nll" or "ppo"; ppo: dict(old_logps, advantages, ref_logps or None ([B * T]
-    contiguous), clip_low, clip_high, dual_clip or None, kl_coef, entropy_coef, estimator).
+    loss: "nll" or "ppo"; ppo: dict(old_logps or None (on-policy: the current log-probs), advantages,
+    ref_logps or None ([B * T] contiguous), clip_low, clip_high, dual_clip or None, kl_coef,
+    entropy_coef, estimator).
     entropy_grad: the loss depends on the entropy (PPO with entropy_coef != 0).
 
     One program per row, BLOCK_V = 4096 columns per step with 8 warps on a GPU. Bytes (rows that
@@ -158,17 +160,18 @@ def fused_head_rows(
     is_ppo = loss == "ppo"
     opts = ppo if is_ppo else {}
     row_scale = row_scale.contiguous()  # aggregation_row_scale may return an expanded (stride 0) view
-    ref = opts.get("ref_logps")
+    ref, old = opts.get("ref_logps"), opts.get("old_logps")
     block = _block_v(V, logits.device, None)
     _fused_head_rows_kernel[(C,)](
         logits, dlogits if dlogits is not None else logits, targets, mask, row_scale,
-        opts.get("old_logps", mask), opts.get("advantages", mask), ref if ref is not None else mask, stats,
+        old if old is not None else mask, opts.get("advantages", mask), ref if ref is not None else mask, stats,
         V, row0, seq_len, logits.stride(0), dlogits.stride(0) if dlogits is not None else 0,
         1.0 / temperature, *_softcap_args(softcap),
         float(opts.get("clip_low", 0.0)), float(opts.get("clip_high", 0.0)), float(opts.get("dual_clip") or 0.0),
         float(opts.get("kl_coef", 0.0)), float(opts.get("entropy_coef", 0.0)),
-        IGNORE=IGNORE_INDEX, LOSS=1 if is_ppo else 0, HAS_REF=ref is not None,
+        IGNORE=IGNORE_INDEX, LOSS=1 if is_ppo else 0, HAS_OLD=old is not None, HAS_REF=ref is not None,
         DUAL=opts.get("dual_clip") is not None, ESTIMATOR=ESTIMATOR_CODES[opts.get("estimator", "k3")],
         LIMIT=LOG_RATIO_LIMIT, ENTROPY_GRAD=entropy_grad, WRITE_GRAD=dlogits is not None,
-        HAS_SOFTCAP=bool(softcap), NUM_STATS=len(ROW_STATS[loss]), BLOCK_V=block, num_warps=_num_warps(block),
+        HAS_SOFTCAP=bool(softcap), NARROW_IN_PLACE=dlogits is not None and narrow_in_place(logits, dlogits),
+        NUM_STATS=len(ROW_STATS[loss]), BLOCK_V=block, num_warps=_num_warps(block),
     )

@@ -24,7 +24,8 @@ multiplies by d cap / dx = 1 - tanh²(x / c). A capped -inf logit is -c (as in t
 and a NaN logit stays NaN through the cap.
 
 It may write its result over the logits it reads (`out=logits`), which the fused linear path
-uses to keep only one `[chunk, V]` buffer alive.
+uses to keep only one `[chunk, V]` buffer alive; a bf16/fp16 gradient of fp32 logits can go over
+them too, as `dlogits_view` lays it out (the fused RL head does; see `_write_row_dlogits`).
 
 Because lse and entropy come saved from the forward, backward needs no reduction over the row:
 it can run on a vocab tile, columns [col_start, col_start + width) of every row (`col_start`,
@@ -134,12 +135,18 @@ def _row_logprob(
 @triton.jit
 def _write_row_dlogits(
     in_ptr, out_ptr, V, target_col, zero, lse, entropy, g, gh, inv_temperature, softcap, inv_softcap,
-    HAS_GRAD_ENTROPY: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_GRAD_ENTROPY: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NARROW_IN_PLACE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     """Write d loss / d logits of one row of V logits (`in_ptr`) to `out_ptr`, in out's dtype:
     (g (1[j = target] - p_j) - gh p_j (log p_j + entropy)) / temperature (· d cap / dx), with p from
-    the row's saved `lse`. A row with `zero` set is not read and gets zeros. Each block is read
-    before it is written, so `out_ptr` may alias `in_ptr` (see `logprobs_backward`).
+    the row's saved `lse`. A row with `zero` set is not read and gets zeros.
+
+    `out_ptr` may alias `in_ptr`: same dtype, each element is read and written by the same thread.
+    NARROW_IN_PLACE: a half-width out (bf16/fp16) over the same row of fp32 logits; column j's
+    gradient lands in the bytes of fp32 column j / 2, which another thread of the program reads, so
+    a barrier between each block's loads and its stores keeps every store behind every read of the
+    bytes it overwrites (blocks already passed, or this one; later blocks lie beyond byte 4(s + B)).
     Shared by `_logprobs_bwd_kernel` and the fused head's row kernel."""
     n_read = tl.where(zero, 0, V)  # zero rows only write zeros, never read their logits
     offsets = tl.arange(0, BLOCK_V)
@@ -160,6 +167,8 @@ def _write_row_dlogits(
         if HAS_SOFTCAP:
             dz = dz * dcap  # chain rule through the cap: d z / d x = 1 - tanh²(x / c)
         dz = tl.where(zero, 0.0, dz)
+        if NARROW_IN_PLACE:
+            tl.debug_barrier()  # every thread has loaded this block before any thread overwrites half of it
         tl.store(out_ptr + cols, dz.to(out_ptr.dtype.element_ty), mask=valid)
 
 
@@ -188,7 +197,7 @@ def _logprobs_bwd_kernel(
     V, col_start, rows_per_group, stride_group, stride_row, out_stride_group, out_stride_row, inv_temperature,
     softcap, inv_softcap,
     IGNORE: tl.constexpr, HAS_GRAD_LOGPS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, NARROW_IN_PLACE: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     # V here is the width of the logits read (a vocab tile, or all of it), col_start the vocab id
     # of their first column.
@@ -208,7 +217,8 @@ def _logprobs_bwd_kernel(
         dlogits_ptr + _row_offset(row, rows_per_group, out_stride_group, out_stride_row),
         V, target - col_start,  # target column outside [0, V) when the target lies in another tile
         target == IGNORE, lse, entropy, g, gh, inv_temperature, softcap, inv_softcap,
-        HAS_GRAD_ENTROPY=HAS_GRAD_ENTROPY, HAS_SOFTCAP=HAS_SOFTCAP, BLOCK_V=BLOCK_V,
+        HAS_GRAD_ENTROPY=HAS_GRAD_ENTROPY, HAS_SOFTCAP=HAS_SOFTCAP, NARROW_IN_PLACE=NARROW_IN_PLACE,
+        BLOCK_V=BLOCK_V,
     )
 
 
@@ -298,6 +308,33 @@ def logprobs_forward(
     return logps, lse, entropy
 
 
+def dlogits_view(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Where to write d loss / d logits of `logits [C, V]` (contiguous rows) in `dtype`, without a
+    second [C, V] buffer: the logits themselves for the same dtype; for half the width (bf16/fp16
+    gradients of fp32 logits), a `[C, V]` view of the same bytes with row stride 2V (column j of row
+    r at byte 4rV + 2j, which `logprobs_backward` and the fused head's row kernel write safely, see
+    `_write_row_dlogits`; cuBLAS takes the row stride as a leading dimension). Otherwise a new tensor."""
+    if logits.dtype == dtype:
+        return logits
+    C, V = logits.shape
+    if 2 * dtype.itemsize == logits.dtype.itemsize and logits.stride() == (V, 1):
+        return logits.view(dtype)[:, :V]
+    return torch.empty((C, V), dtype=dtype, device=logits.device)
+
+
+def narrow_in_place(logits: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether `out` is `dlogits_view(logits, narrower dtype)`; ValueError for any other overlap of
+    out and logits than that or out = logits (the kernels could not write it safely)."""
+    if out.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr():
+        return False
+    if out.dtype == logits.dtype and out.data_ptr() == logits.data_ptr() and out.stride() == logits.stride():
+        return False  # logits itself: every element read and written by the same thread
+    if (logits.dim() == 2 and out.data_ptr() == logits.data_ptr() and 2 * out.element_size() == logits.element_size()
+            and logits.stride() == (logits.shape[1], 1) and out.stride() == (2 * logits.shape[1], 1)):
+        return True
+    raise ValueError("out may share memory with logits only as logits itself or as dlogits_view(logits, dtype)")
+
+
 def logprobs_backward(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -316,8 +353,8 @@ def logprobs_backward(
     logps and entropy (either may be None), through the same `softcap` as the forward.
 
     `out` (default: a new contiguous tensor of logits' dtype) may be `logits` itself: each element
-    is read before it is overwritten, by the same program. `entropy` is needed only with
-    `grad_entropy`.
+    is read before it is overwritten, by the same program; or `dlogits_view(logits, dtype)` for a
+    half-width gradient over [N, V] fp32 logits. `entropy` is needed only with `grad_entropy`.
 
     `col_start`: `logits` are the vocab columns [col_start, col_start + width) of the full rows (a
     vocab tile); `targets` are full-vocabulary ids and `lse` / `entropy` those of the full rows, as
@@ -342,7 +379,8 @@ def logprobs_backward(
         out,
         V, col_start, *_row_layout(logits), *_row_layout(out)[1:], 1.0 / temperature, *_softcap_args(softcap),
         IGNORE=IGNORE_INDEX, HAS_GRAD_LOGPS=grad_logps is not None,
-        HAS_GRAD_ENTROPY=grad_entropy is not None, HAS_SOFTCAP=bool(softcap), BLOCK_V=block,
+        HAS_GRAD_ENTROPY=grad_entropy is not None, HAS_SOFTCAP=bool(softcap),
+        NARROW_IN_PLACE=narrow_in_place(logits, out), BLOCK_V=block,
         num_warps=_num_warps(block),
     )
     return out

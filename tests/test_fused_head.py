@@ -125,8 +125,9 @@ def policy_closed_form(x, *, temperature=1.0, softcap=None, ref_logps=None, **pp
     flat = targets.reshape(-1)
     zeros = torch.zeros(flat.shape, dtype=torch.float64, device=flat.device)
     logps, entropy, _ = closed_form(logits, flat, temperature, zeros, zeros, softcap)
+    old = logps.reshape(targets.shape) if x["old"] is None else x["old"]  # None: on-policy
     loss, metrics, grads = ppo_closed_form(
-        logps.reshape(targets.shape), x["old"], x["adv"], x["mask"], ref=ref_logps,
+        logps.reshape(targets.shape), old, x["adv"], x["mask"], ref=ref_logps,
         entropy=entropy.reshape(targets.shape), **ppo)
     g = torch.as_tensor(grads["logps"], device=flat.device).reshape(-1)
     gh = torch.as_tensor(grads["entropy"], device=flat.device).reshape(-1)
@@ -192,6 +193,19 @@ def test_policy_bf16(case, device):
         result = run_policy(x, backend, **kwargs)
         assert all(g.dtype == torch.bfloat16 for g in result[2])
         check_result(result, expected, torch.bfloat16, f"bf16 {case} {backend}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_policy_on_policy_without_old_logps(dtype, device):
+    """old_logps=None: the current log-probs as constants (GRPO's single pass): ratio 1, no clipping,
+    d loss / d logp = -A w; the same as passing those log-probs."""
+    x = policy_inputs(3, 5, 1000, dtype, device, bias=True)
+    x["old"] = None
+    kwargs = dict(ref_logps=x["ref"], kl_coef=0.1, entropy_coef=0.01, dual_clip=2.0, chunk_size=4)
+    expected = policy_closed_form(x, **{k: v for k, v in kwargs.items() if k != "chunk_size"})
+    assert expected[1]["ratio_mean"] == pytest.approx(1.0) and expected[1]["clipfrac"] == 0
+    for backend in ("triton", "torch"):
+        check_result(run_policy(x, backend, **kwargs), expected, dtype, f"on-policy {backend}")
 
 
 def test_policy_large_prime_vocab(device):

@@ -134,6 +134,8 @@ def _fused_head_variants():
             loss, _ = fastrlhf.policy_loss_from_hidden(full[:, :-1], weight, targets, old, adv, mask, **kwargs,
                                                        backend="triton")
             loss.backward()
+        fastrlhf.policy_loss_from_hidden(full[:, :-1], weight, targets, None, adv, mask,  # on-policy
+                                         backend="triton")[0].backward()
         with torch.no_grad():  # forward only: no d logits written
             fastrlhf.policy_loss_from_hidden(full[:, :-1], weight, targets, old, adv, mask, ref_logps=ref,
                                              kl_coef=0.1, entropy_coef=0.01, backend="triton")
@@ -187,10 +189,11 @@ EXPECTED = {
     "advantages": {"_gae_scan_kernel": {"BLOCK_T": {1, 64, 512, 1024}}},
     "fused_head": {
         "_fused_head_rows_kernel": {name: {True, False} for name in
-                                    ("HAS_REF", "DUAL", "ENTROPY_GRAD", "WRITE_GRAD", "HAS_SOFTCAP")}
+                                    ("HAS_OLD", "HAS_REF", "DUAL", "ENTROPY_GRAD", "WRITE_GRAD", "HAS_SOFTCAP",
+                                     "NARROW_IN_PLACE")}
         | {"LOSS": {0, 1}, "ESTIMATOR": {1, 2, 3}, "BLOCK_V": {256, 4096}},
         "_logprobs_fwd_kernel": {"COMPUTE_ENTROPY": {False}},
-        "_logprobs_bwd_kernel": {"HAS_GRAD_LOGPS": {True}, "HAS_GRAD_ENTROPY": {False}},
+        "_logprobs_bwd_kernel": {"HAS_GRAD_LOGPS": {True}, "HAS_GRAD_ENTROPY": {False}, "NARROW_IN_PLACE": {True, False}},
     },
     "preference": {
         "_dpo_kernel": {"LOSS_TYPE": set(range(6)), "HAS_REF": {True, False}, "BLOCK_B": {16, 1024}},

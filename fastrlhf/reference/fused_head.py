@@ -33,7 +33,7 @@ def policy_loss_from_hidden(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     targets: torch.Tensor,
-    old_logps: torch.Tensor,
+    old_logps: torch.Tensor | None,
     advantages: torch.Tensor,
     mask: torch.Tensor,
     *,
@@ -51,12 +51,14 @@ def policy_loss_from_hidden(
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO/GRPO policy loss from hidden `[B, T, H]`, weight `[V, H]`, targets `[B, T]`: the log-probs
-    and entropies of `token_logprobs` fed to `ppo_loss` (see `fastrlhf.losses.fused_head`)."""
+    and entropies of `token_logprobs` fed to `ppo_loss` (see `fastrlhf.losses.fused_head`).
+    old_logps=None: on-policy, the current log-probs detached (GRPOTrainer's single-pass case)."""
     check_ndim("hidden", hidden, 3, "[B, T, H]")
     logps, entropy = token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
                                     return_entropy=True, chunk_size=chunk_size)
+    old_logps = logps.detach() if old_logps is None else old_logps.detach()
     return ppo_loss(
-        logps, old_logps.detach(), advantages.detach(), mask, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
+        logps, old_logps, advantages.detach(), mask, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
         dual_clip=dual_clip, ref_logps=_detached(ref_logps), kl_coef=kl_coef, kl_estimator=kl_estimator,
         entropy=entropy, entropy_coef=entropy_coef, loss_agg=loss_agg,
     )
