@@ -19,11 +19,16 @@ KL_ESTIMATORS = ("k1", "k2", "k3")
 
 # How a [B, T] per-token loss becomes a scalar (verl's names; see `fastrlhf.twins.ppo.aggregate`).
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+# The SFT loss's aggregations of the token NLL (mean over all tokens, or of per-sequence means).
+SFT_LOSS_AGGS = ("token-mean", "seq-mean-token-mean")
 
 # DPO-family loss types. The kernel selects one by its position in this tuple.
 DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "simpo", "orpo", "apo_zero")
 REFERENCE_FREE_LOSS_TYPES = ("simpo", "orpo")
 LABEL_SMOOTHING_LOSS_TYPES = ("sigmoid", "robust", "simpo")
+# Losses taken on length-normalised (mean per token) sequence log-probs: IPO as in TRL, SimPO and
+# ORPO as in their papers. The DPO trainer and `dpo_loss_from_hidden` average for these.
+LENGTH_AVERAGED_LOSS_TYPES = ("ipo", "simpo", "orpo")
 
 # ORPO's odds p / (1 - p) need p < 1: log-probs are clamped to at most this value (TRL clamps
 # exp(logp) at 1 - 1e-7 for the same reason); no gradient flows through the clamp above it.

@@ -304,7 +304,11 @@ class DistContext:
         if not self.distributed:
             return module
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+        from torch.distributed.fsdp import (
+            MixedPrecisionPolicy,
+            fully_shard,
+            register_fsdp_forward_method,
+        )
 
         names_before = {id(p): name for name, p in module.named_parameters(remove_duplicate=False)}
         mesh = init_device_mesh(self.device.type, (self.world_size,))

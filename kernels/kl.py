@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from fastrlhf.kernels._launch import check_int32_indexable, elementwise_block
 
 from fastrlhf.contracts import KL_ESTIMATORS, LOG_RATIO_LIMIT
-from fastrlhf.kernels._launch import check_int32_indexable, elementwise_block
 
 # Integer codes for the constexpr ESTIMATOR argument of the kernels: k1 -> 1, k2 -> 2, k3 -> 3.
 ESTIMATOR_CODES = {name: code for code, name in enumerate(KL_ESTIMATORS, start=1)}

@@ -24,7 +24,8 @@ multiplies by d cap / dx = 1 - tanh²(x / c). A capped -inf logit is -c (as in t
 and a NaN logit stays NaN through the cap.
 
 It may write its result over the logits it reads (`out=logits`), which the fused linear path
-uses to keep only one `[chunk, V]` buffer alive.
+uses to keep only one `[chunk, V]` buffer alive; a bf16/fp16 gradient of fp32 logits can go over
+them too, as `dlogits_view` lays it out (the fused RL head does; see `_write_row_dlogits`).
 
 Because lse and entropy come saved from the forward, backward needs no reduction over the row:
 it can run on a vocab tile, columns [col_start, col_start + width) of every row (`col_start`,
@@ -45,9 +46,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from fastrlhf.kernels._launch import gpu_sizes
 
 from fastrlhf.contracts import IGNORE_INDEX
-from fastrlhf.kernels._launch import gpu_sizes
 
 
 @triton.jit
@@ -76,21 +77,21 @@ def _softcap(x, softcap, inv_softcap):
 
 
 @triton.jit
-def _logprobs_forward_kernel(
-    logits_ptr, targets_ptr, logps_ptr, lse_ptr, entropy_ptr,
-    V, rows_per_group, stride_group, stride_row, inv_temperature, softcap, inv_softcap,
-    IGNORE: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
+def _row_logprob(
+    row_ptr, target, skip, V, inv_temperature, softcap, inv_softcap,
+    COMPUTE_ENTROPY: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)  # int64 before any stride multiply
-    target = tl.load(targets_ptr + row).to(tl.int64)
-    ignored = target == IGNORE
-    in_range = (target >= 0) & (target < V)
-    row_ptr = logits_ptr + _row_offset(row, rows_per_group, stride_group, stride_row)
+    """(logp, lse, entropy) of one row of V logits at `row_ptr`, in one streaming pass.
 
+    A row with `skip` set is never read and gives (0, 0, 0) (ignored targets; the fused head also
+    skips rows outside the loss mask); a target outside [0, V) gives logp NaN. entropy is 0 unless
+    COMPUTE_ENTROPY. Shared by `_logprobs_forward_kernel` and the fused head's row kernel.
+    """
+    in_range = (target >= 0) & (target < V)
     m = tl.full((), float("-inf"), tl.float32)  # running max of z
     s = tl.zeros((), tl.float32)  # sum exp(z - m)
     t = tl.zeros((), tl.float32)  # sum exp(z - m) * (z - m)
-    n_cols = tl.where(ignored, 0, V)  # ignored rows skip the pass entirely
+    n_cols = tl.where(skip, 0, V)  # skipped rows skip the pass entirely
     offsets = tl.arange(0, BLOCK_V)
     for start in range(0, n_cols, BLOCK_V):
         cols = start + offsets
@@ -114,47 +115,39 @@ def _logprobs_forward_kernel(
         s = alpha * s + tl.sum(e, axis=0)
         m = m_new
 
-    s = tl.where(ignored, 1.0, s)  # ignored rows never summed: keep their arithmetic finite
+    s = tl.where(skip, 1.0, s)  # skipped rows never summed: keep their arithmetic finite
     log_s = tl.log(s)
-    lse = tl.where(ignored, 0.0, m) + log_s
-    z_target = tl.load(row_ptr + tl.where(in_range, target, 0), mask=target != IGNORE, other=0.0).to(tl.float32)
+    lse = tl.where(skip, 0.0, m) + log_s
+    z_target = tl.load(row_ptr + tl.where(in_range, target, 0), mask=~skip, other=0.0).to(tl.float32)
     if HAS_SOFTCAP:
         z_target = _softcap(z_target, softcap, inv_softcap)
     # NaN-propagating clamp: the default min returns the non-NaN operand, i.e. logp 0 for a NaN row.
     logp = tl.minimum(z_target * inv_temperature - lse, 0.0, propagate_nan=tl.PropagateNan.ALL)
-    logp = tl.where(in_range, logp, float("nan"))
-    tl.store(logps_ptr + row, tl.where(ignored, 0.0, logp))
-    tl.store(lse_ptr + row, tl.where(ignored, 0.0, lse))
+    logp = tl.where(skip, 0.0, tl.where(in_range, logp, float("nan")))
+    entropy = tl.zeros((), tl.float32)
     if COMPUTE_ENTROPY:
         entropy = tl.maximum(log_s - t / s, 0.0, propagate_nan=tl.PropagateNan.ALL)
-        tl.store(entropy_ptr + row, tl.where(ignored, 0.0, entropy))
+        entropy = tl.where(skip, 0.0, entropy)
+    return logp, tl.where(skip, 0.0, lse), entropy
 
 
 @triton.jit
-def _logprobs_backward_kernel(
-    logits_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logps_ptr, grad_entropy_ptr, dlogits_ptr,
-    V, col_start, rows_per_group, stride_group, stride_row, out_stride_group, out_stride_row, inv_temperature,
-    softcap, inv_softcap,
-    IGNORE: tl.constexpr, HAS_GRAD_LOGPS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
+def _write_row_dlogits(
+    in_ptr, out_ptr, V, target_col, zero, lse, entropy, g, gh, inv_temperature, softcap, inv_softcap,
+    HAS_GRAD_ENTROPY: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NARROW_IN_PLACE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
-    # V here is the width of the logits read (a vocab tile, or all of it), col_start the vocab id
-    # of their first column.
-    row = tl.program_id(0).to(tl.int64)
-    target = tl.load(targets_ptr + row).to(tl.int64)
-    ignored = target == IGNORE
-    target_col = target - col_start  # outside [0, V) when the target lies in another tile
-    n_read = tl.where(ignored, 0, V)  # ignored rows only write zeros, never read their logits
-    lse = tl.load(lse_ptr + row)
-    if HAS_GRAD_LOGPS:
-        g = tl.load(grad_logps_ptr + row).to(tl.float32)
-    else:
-        g = 0.0
-    if HAS_GRAD_ENTROPY:
-        gh = tl.load(grad_entropy_ptr + row).to(tl.float32)
-        entropy = tl.load(entropy_ptr + row)
-    in_ptr = logits_ptr + _row_offset(row, rows_per_group, stride_group, stride_row)
-    out_ptr = dlogits_ptr + _row_offset(row, rows_per_group, out_stride_group, out_stride_row)
+    """Write d loss / d logits of one row of V logits (`in_ptr`) to `out_ptr`, in out's dtype:
+    (g (1[j = target] - p_j) - gh p_j (log p_j + entropy)) / temperature (· d cap / dx), with p from
+    the row's saved `lse`. A row with `zero` set is not read and gets zeros.
+
+    `out_ptr` may alias `in_ptr`: same dtype, each element is read and written by the same thread.
+    NARROW_IN_PLACE: a half-width out (bf16/fp16) over the same row of fp32 logits; column j's
+    gradient lands in the bytes of fp32 column j / 2, which another thread of the program reads, so
+    a barrier between each block's loads and its stores keeps every store behind every read of the
+    bytes it overwrites (blocks already passed, or this one; later blocks lie beyond byte 4(s + B)).
+    Shared by `_logprobs_backward_kernel` and the fused head's row kernel."""
+    n_read = tl.where(zero, 0, V)  # zero rows only write zeros, never read their logits
     offsets = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
         cols = start + offsets
@@ -172,8 +165,60 @@ def _logprobs_backward_kernel(
         dz = dz * inv_temperature
         if HAS_SOFTCAP:
             dz = dz * dcap  # chain rule through the cap: d z / d x = 1 - tanh²(x / c)
-        dz = tl.where(ignored, 0.0, dz)
-        tl.store(out_ptr + cols, dz.to(dlogits_ptr.dtype.element_ty), mask=valid)
+        dz = tl.where(zero, 0.0, dz)
+        if NARROW_IN_PLACE:
+            tl.debug_barrier()  # every thread has loaded this block before any thread overwrites half of it
+        tl.store(out_ptr + cols, dz.to(out_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _logprobs_forward_kernel(
+    logits_ptr, targets_ptr, logps_ptr, lse_ptr, entropy_ptr,
+    V, rows_per_group, stride_group, stride_row, inv_temperature, softcap, inv_softcap,
+    IGNORE: tl.constexpr, COMPUTE_ENTROPY: tl.constexpr, HAS_SOFTCAP: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # int64 before any stride multiply
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    row_ptr = logits_ptr + _row_offset(row, rows_per_group, stride_group, stride_row)
+    logp, lse, entropy = _row_logprob(
+        row_ptr, target, target == IGNORE, V, inv_temperature, softcap, inv_softcap,
+        COMPUTE_ENTROPY=COMPUTE_ENTROPY, HAS_SOFTCAP=HAS_SOFTCAP, BLOCK_V=BLOCK_V,
+    )
+    tl.store(logps_ptr + row, logp)
+    tl.store(lse_ptr + row, lse)
+    if COMPUTE_ENTROPY:
+        tl.store(entropy_ptr + row, entropy)
+
+
+@triton.jit
+def _logprobs_backward_kernel(
+    logits_ptr, targets_ptr, lse_ptr, entropy_ptr, grad_logps_ptr, grad_entropy_ptr, dlogits_ptr,
+    V, col_start, rows_per_group, stride_group, stride_row, out_stride_group, out_stride_row, inv_temperature,
+    softcap, inv_softcap,
+    IGNORE: tl.constexpr, HAS_GRAD_LOGPS: tl.constexpr, HAS_GRAD_ENTROPY: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, NARROW_IN_PLACE: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    # V here is the width of the logits read (a vocab tile, or all of it), col_start the vocab id
+    # of their first column.
+    row = tl.program_id(0).to(tl.int64)
+    target = tl.load(targets_ptr + row).to(tl.int64)
+    lse = tl.load(lse_ptr + row)
+    g = tl.zeros((), tl.float32)
+    if HAS_GRAD_LOGPS:
+        g = tl.load(grad_logps_ptr + row).to(tl.float32)
+    gh = tl.zeros((), tl.float32)
+    entropy = tl.zeros((), tl.float32)
+    if HAS_GRAD_ENTROPY:
+        gh = tl.load(grad_entropy_ptr + row).to(tl.float32)
+        entropy = tl.load(entropy_ptr + row)
+    _write_row_dlogits(
+        logits_ptr + _row_offset(row, rows_per_group, stride_group, stride_row),
+        dlogits_ptr + _row_offset(row, rows_per_group, out_stride_group, out_stride_row),
+        V, target - col_start,  # target column outside [0, V) when the target lies in another tile
+        target == IGNORE, lse, entropy, g, gh, inv_temperature, softcap, inv_softcap,
+        HAS_GRAD_ENTROPY=HAS_GRAD_ENTROPY, HAS_SOFTCAP=HAS_SOFTCAP, NARROW_IN_PLACE=NARROW_IN_PLACE,
+        BLOCK_V=BLOCK_V,
+    )
 
 
 def _block_v(V: int, device: torch.device, block_v: int | None) -> int:
@@ -262,6 +307,33 @@ def logprobs_forward(
     return logps, lse, entropy
 
 
+def dlogits_view(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Where to write d loss / d logits of `logits [C, V]` (contiguous rows) in `dtype`, without a
+    second [C, V] buffer: the logits themselves for the same dtype; for half the width (bf16/fp16
+    gradients of fp32 logits), a `[C, V]` view of the same bytes with row stride 2V (column j of row
+    r at byte 4rV + 2j, which `logprobs_backward` and the fused head's row kernel write safely, see
+    `_write_row_dlogits`; cuBLAS takes the row stride as a leading dimension). Otherwise a new tensor."""
+    if logits.dtype == dtype:
+        return logits
+    C, V = logits.shape
+    if 2 * dtype.itemsize == logits.dtype.itemsize and logits.stride() == (V, 1):
+        return logits.view(dtype)[:, :V]
+    return torch.empty((C, V), dtype=dtype, device=logits.device)
+
+
+def narrow_in_place(logits: torch.Tensor, out: torch.Tensor) -> bool:
+    """Whether `out` is `dlogits_view(logits, narrower dtype)`; ValueError for any other overlap of
+    out and logits than that or out = logits (the kernels could not write it safely)."""
+    if out.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr():
+        return False
+    if out.dtype == logits.dtype and out.data_ptr() == logits.data_ptr() and out.stride() == logits.stride():
+        return False  # logits itself: every element read and written by the same thread
+    if (logits.dim() == 2 and out.data_ptr() == logits.data_ptr() and 2 * out.element_size() == logits.element_size()
+            and logits.stride() == (logits.shape[1], 1) and out.stride() == (2 * logits.shape[1], 1)):
+        return True
+    raise ValueError("out may share memory with logits only as logits itself or as dlogits_view(logits, dtype)")
+
+
 def logprobs_backward(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -280,8 +352,8 @@ def logprobs_backward(
     logps and entropy (either may be None), through the same `softcap` as the forward.
 
     `out` (default: a new contiguous tensor of logits' dtype) may be `logits` itself: each element
-    is read before it is overwritten, by the same program. `entropy` is needed only with
-    `grad_entropy`.
+    is read before it is overwritten, by the same program; or `dlogits_view(logits, dtype)` for a
+    half-width gradient over [N, V] fp32 logits. `entropy` is needed only with `grad_entropy`.
 
     `col_start`: `logits` are the vocab columns [col_start, col_start + width) of the full rows (a
     vocab tile); `targets` are full-vocabulary ids and `lse` / `entropy` those of the full rows, as
@@ -306,7 +378,8 @@ def logprobs_backward(
         out,
         V, col_start, *_row_layout(logits), *_row_layout(out)[1:], 1.0 / temperature, *_softcap_args(softcap),
         IGNORE=IGNORE_INDEX, HAS_GRAD_LOGPS=grad_logps is not None,
-        HAS_GRAD_ENTROPY=grad_entropy is not None, HAS_SOFTCAP=bool(softcap), BLOCK_V=block,
+        HAS_GRAD_ENTROPY=grad_entropy is not None, HAS_SOFTCAP=bool(softcap),
+        NARROW_IN_PLACE=narrow_in_place(logits, out), BLOCK_V=block,
         num_warps=_num_warps(block),
     )
     return out

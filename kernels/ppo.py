@@ -19,10 +19,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-
-from fastrlhf.contracts import LOG_RATIO_LIMIT, PPO_STATS, VALUE_STATS
 from fastrlhf.kernels._launch import check_int32_indexable, elementwise_block
 from fastrlhf.kernels.kl import ESTIMATOR_CODES, clamped_log_ratio, kl_estimate
+
+from fastrlhf.contracts import LOG_RATIO_LIMIT, PPO_STATS, VALUE_STATS
 
 # Slots of the per-program partial sums, by name from the contract (PPO_STATS / VALUE_STATS).
 # Globals read inside @triton.jit must be tl.constexpr objects.
@@ -38,6 +38,57 @@ def _load_counted(ptr, offs, valid, counted):
     """Load as fp32 and zero the tokens that do not count (so padding garbage is inert)."""
     x = tl.load(ptr + offs, mask=valid, other=0.0).to(tl.float32)
     return tl.where(counted, x, 0.0)
+
+
+@triton.jit
+def ppo_token_terms(
+    logps, old, adv, ref, ent, clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
+    HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, DUAL: tl.constexpr, ESTIMATOR: tl.constexpr,
+    LIMIT: tl.constexpr,
+):
+    """Per-token PPO objective on fp32 values of any shape (a block of tokens, or one token):
+
+        loss_t = pg + kl_coef * KL(logps, ref) - entropy_coef * ent
+
+    Returns (loss_t, pg, dloss_dlogps, dkl_dlogps, is_clipped, dual_active, log_ratio, ratio, kl):
+    d loss_t / d logps (policy and KL terms; the entropy term's derivative w.r.t. ent is the constant
+    -entropy_coef), d KL / d logps (= -d KL / d ref), the metric ingredients. `ref` / `ent` are
+    only read with HAS_REF / HAS_ENT; absent terms come back as 0 (dual_active as False).
+    Inlined by `_ppo_loss_forward_kernel` and by the fused RL head (`kernels/fused_head.py`), so the
+    objective exists once.
+    """
+    # Clipped surrogate: pg = max(-A r, -A clip(r, 1 - eps, 1 + eps_high)).
+    log_ratio, dclamp = clamped_log_ratio(logps - old, LIMIT)
+    ratio = tl.exp(log_ratio)
+    unclipped = -adv * ratio
+    # NaN-propagating min/max (see clamped_log_ratio): a NaN token must make the loss NaN.
+    clipped = -adv * tl.minimum(tl.maximum(ratio, clip_low, propagate_nan=tl.PropagateNan.ALL), clip_high,
+                                propagate_nan=tl.PropagateNan.ALL)
+    pg = tl.maximum(unclipped, clipped, propagate_nan=tl.PropagateNan.ALL)
+    is_clipped = clipped > unclipped
+    # Only the unclipped branch depends on logps; d(-A r)/d logps = -A r (times the clamp's 0/1).
+    dpg = tl.where(is_clipped, 0.0, unclipped * dclamp)
+    dual_active = tl.zeros_like(pg) > 0.0  # all False without DUAL
+    if DUAL:
+        # For A < 0 the loss is also capped at -A * c (dual clip, Ye et al. 2020); the cap is constant.
+        bound = -adv * dual_clip
+        dual_active = (adv < 0.0) & (pg > bound)
+        pg = tl.where(dual_active, bound, pg)
+        dpg = tl.where(dual_active, 0.0, dpg)
+
+    loss_t = pg
+    dloss = dpg
+    kl = tl.zeros_like(pg)
+    dkl = tl.zeros_like(pg)
+    if HAS_REF:
+        ref_log_ratio, ref_dclamp = clamped_log_ratio(logps - ref, LIMIT)
+        kl, dkl = kl_estimate(ref_log_ratio, ESTIMATOR)
+        dkl = dkl * ref_dclamp
+        loss_t += kl_coef * kl
+        dloss += kl_coef * dkl
+    if HAS_ENT:
+        loss_t -= entropy_coef * ent
+    return loss_t, pg, dloss, dkl, is_clipped, dual_active, log_ratio, ratio, kl
 
 
 @triton.jit
@@ -59,43 +110,20 @@ def _ppo_loss_forward_kernel(
     logps = _load_counted(logps_ptr, offs, valid, counted)
     old = _load_counted(old_ptr, offs, valid, counted)
     adv = _load_counted(adv_ptr, offs, valid, counted)
-
-    # Clipped surrogate: pg = max(-A r, -A clip(r, 1 - eps, 1 + eps_high)).
-    log_ratio, dclamp = clamped_log_ratio(logps - old, LIMIT)
-    ratio = tl.exp(log_ratio)
-    unclipped = -adv * ratio
-    # NaN-propagating min/max (see clamped_log_ratio): a NaN token must make the loss NaN.
-    clipped = -adv * tl.minimum(tl.maximum(ratio, clip_low, propagate_nan=tl.PropagateNan.ALL), clip_high,
-                                propagate_nan=tl.PropagateNan.ALL)
-    pg = tl.maximum(unclipped, clipped, propagate_nan=tl.PropagateNan.ALL)
-    is_clipped = clipped > unclipped
-    # Only the unclipped branch depends on logps; d(-A r)/d logps = -A r (times the clamp's 0/1).
-    dpg = tl.where(is_clipped, 0.0, unclipped * dclamp)
-    if DUAL:
-        # For A < 0 the loss is also capped at -A * c (dual clip, Ye et al. 2020); the cap is constant.
-        bound = -adv * dual_clip
-        dual_active = (adv < 0.0) & (pg > bound)
-        pg = tl.where(dual_active, bound, pg)
-        dpg = tl.where(dual_active, 0.0, dpg)
-
-    loss_t = pg
-    dloss_t = dpg
-    kl = tl.zeros_like(pg)
+    ref = logps
     if HAS_REF:
         ref = _load_counted(ref_ptr, offs, valid, counted)
-        ref_log_ratio, ref_dclamp = clamped_log_ratio(logps - ref, LIMIT)
-        kl, dkl = kl_estimate(ref_log_ratio, ESTIMATOR)
-        dkl = dkl * ref_dclamp
-        loss_t += kl_coef * kl
-        dloss_t += kl_coef * dkl
-        if GRAD_REF:
-            tl.store(grad_ref_ptr + offs, -w * kl_coef * dkl, mask=valid)
-    ent = tl.zeros_like(pg)
+    ent = tl.zeros_like(logps)
     if HAS_ENT:
         ent = _load_counted(ent_ptr, offs, valid, counted)
-        loss_t -= entropy_coef * ent
-        if GRAD_ENT:
-            tl.store(grad_ent_ptr + offs, -w * entropy_coef, mask=valid)
+    loss_t, pg, dloss_t, dkl, is_clipped, dual_active, log_ratio, ratio, kl = ppo_token_terms(
+        logps, old, adv, ref, ent, clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
+        HAS_REF=HAS_REF, HAS_ENT=HAS_ENT, DUAL=DUAL, ESTIMATOR=ESTIMATOR, LIMIT=LIMIT,
+    )
+    if GRAD_REF:
+        tl.store(grad_ref_ptr + offs, -w * kl_coef * dkl, mask=valid)
+    if GRAD_ENT:
+        tl.store(grad_ent_ptr + offs, -w * entropy_coef, mask=valid)
     if GRAD_LOGPS:
         tl.store(grad_logps_ptr + offs, w * dloss_t, mask=valid)
 
@@ -107,10 +135,7 @@ def _ppo_loss_forward_kernel(
     tl.store(out + _RATIO, tl.sum(m * ratio, axis=0))
     tl.store(out + _KL, tl.sum(m * kl, axis=0))
     tl.store(out + _ENTROPY, tl.sum(m * ent, axis=0))
-    if DUAL:
-        tl.store(out + _DUAL_CLIPPED, tl.sum(tl.where(dual_active, m, 0.0), axis=0))
-    else:
-        tl.store(out + _DUAL_CLIPPED, 0.0)
+    tl.store(out + _DUAL_CLIPPED, tl.sum(tl.where(dual_active, m, 0.0), axis=0))
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""Compile the kernel variants a GPU would launch to sm_90 cubins, on a machine without a GPU.
+"""Compile the kernel variants a GPU would launch to sm_80 / sm_90 cubins, on a machine without a GPU.
 
 The CPU interpreter runs kernels as plain Python, so it accepts code that the real compiler
 rejects (e.g. a non-constexpr global read inside @triton.jit), and it says nothing about
@@ -13,7 +13,7 @@ hints ("tt.divisibility") and num_warps / num_stages, with the launchers' GPU bl
 (`fastrlhf.kernels._launch.GPU_SIZES_EVERYWHERE`). Hand-written signatures would drift from the
 launchers; recorded ones cannot.
 
-`compile_for_cuda(launches, tmp_path)` compiles them in a subprocess (the test process has
+`compile_for_cuda(launches, tmp_path, arch=90)` compiles them in a subprocess (the test process has
 TRITON_INTERPRET=1, under which @triton.jit functions cannot be compiled) and returns, per
 variant, the resource usage that `cuobjdump --dump-resource-usage` reads from the cubin:
 registers per thread, local memory (spills), shared memory.
@@ -36,8 +36,10 @@ import pytest
 
 KERNEL_MODULES = (
     "fastrlhf.kernels.logprobs", "fastrlhf.kernels.kl", "fastrlhf.kernels.ppo",
-    "fastrlhf.kernels.gae", "fastrlhf.kernels.preference",
+    "fastrlhf.kernels.gae", "fastrlhf.kernels.preference", "fastrlhf.kernels.fused_head",
 )
+# Compute capabilities the kernels are compiled for: sm_80 (A100) and sm_90 (H100 / H200).
+ARCHS = (80, 90)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,12 +126,13 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 results = []
+arch = int(sys.argv[3])
 for module, kernel, signature, constexprs, divisible, num_warps, num_stages in json.load(open(sys.argv[1])):
     fn = getattr(importlib.import_module(module), kernel)
     names = [name for name, _ in signature]
     attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in divisible}
     src = ASTSource(fn=fn, signature=dict(signature), constexprs=dict(constexprs), attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
     cubin = compiled.asm["cubin"]
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -142,8 +145,8 @@ json.dump(results, open(sys.argv[2], "w"))
 """
 
 
-def compile_for_cuda(launches, tmp_path) -> list[dict]:
-    """Compile every `Launch` for sm_90; returns per launch {"reg", "stack", "shared", "local"}
+def compile_for_cuda(launches, tmp_path, arch: int = 90) -> list[dict]:
+    """Compile every `Launch` for sm_`arch`; returns per launch {"reg", "stack", "shared", "local"}
     (registers per thread, bytes of stack / shared / local memory). Fails the test with the
     compiler's message if a variant does not compile; skips without an NVIDIA backend."""
     pytest.importorskip("triton.backends.nvidia")
@@ -154,10 +157,10 @@ def compile_for_cuda(launches, tmp_path) -> list[dict]:
         for l in launches
     ]))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile for real, not from cache
+    env["TRITON_CACHE_DIR"] = str(tmp_path / f"triton-cache-sm{arch}")  # compile for real, not from cache
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     result = subprocess.run(
-        [sys.executable, "-c", _SCRIPT, str(specs_path), str(results_path)],
+        [sys.executable, "-c", _SCRIPT, str(specs_path), str(results_path), str(arch)],
         env=env, capture_output=True, text=True, timeout=900,
     )
     assert result.returncode == 0, result.stderr[-4000:]

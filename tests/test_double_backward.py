@@ -3,6 +3,8 @@ differentiable function: exact on the torch backend (checked against float64 fin
 the gradient by gradgradcheck), a clear RuntimeError on the Triton backend, never a silently wrong
 second-order term.
 """
+import re
+
 import pytest
 import torch
 
@@ -38,6 +40,13 @@ def _cases(dtype, device):
         "dpo_loss": (lambda a, b, backend: fastrlhf.dpo_loss(a, b, rc, rr, beta=0.5, backend=backend)[0], (c, r)),
         "reward_loss": (lambda a, b, backend: fastrlhf.reward_loss(a, b, center_coef=0.1, backend=backend)[0], (c, r)),
         "whiten": (lambda x, backend: (fastrlhf.whiten(x, mask, backend=backend) ** 3).sum(), (rand(B, T),)),
+        "policy_loss_from_hidden": (lambda h, w, backend: fastrlhf.policy_loss_from_hidden(
+            h, w, targets, old, adv, mask, ref_logps=ref, kl_coef=0.1, entropy_coef=0.01, backend=backend)[0],
+            (rand(B, T, H), rand(V, H))),
+        "dpo_loss_from_hidden": (lambda h, w, backend: fastrlhf.dpo_loss_from_hidden(
+            h, w, targets, rc[:1], rr[:1], beta=0.5, backend=backend)[0], (rand(B, T, H), rand(V, H))),
+        "sft_loss_from_hidden": (lambda h, w, backend: fastrlhf.sft_loss_from_hidden(h, w, targets, backend=backend)[0],
+                                 (rand(B, T, H), rand(V, H))),
     }
     return cases
 
@@ -63,7 +72,8 @@ def test_triton_backend_refuses_to_differentiate_its_gradient(name, device):
         penalty.backward()
         assert all(torch.isfinite(x.grad).all() for x in leaves)
         return
-    with pytest.raises(RuntimeError, match=f"fastrlhf.{name} on the Triton backend has no second derivative"):
+    shown = "<policy|dpo|sft>_loss_from_hidden" if name.endswith("_from_hidden") else name
+    with pytest.raises(RuntimeError, match=f"fastrlhf.{re.escape(shown)} on the Triton backend has no second derivative"):
         penalty.backward()
 
 

@@ -1,11 +1,11 @@
-"""Every kernel variant the public functions launch compiles for sm_90, without register spills.
+"""Every kernel variant the public functions launch compiles for sm_80 and sm_90, without register spills.
 
 The variants are recorded from real calls of the public API (`gpu_compile.recorded_launches`),
 so a launcher that passes a new argument or constexpr is compiled as it is launched. Each option
 that selects a constexpr variant is exercised at least once, and each dtype family (fp32, bf16,
 fp16 where the code differs only by the pointer type, one of them).
 
-`python tests/test_gpu_compile.py` prints registers / spills / shared memory per variant.
+`python tests/test_gpu_compile.py` prints registers / spills / shared memory per variant and arch.
 """
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ import os
 
 import pytest
 import torch
+from gpu_compile import ARCHS, compile_for_cuda, recorded_launches
 
 import fastrlhf
-from gpu_compile import compile_for_cuda, recorded_launches
+from fastrlhf.contracts import DPO_LOSS_TYPES, REFERENCE_FREE_LOSS_TYPES
 
 
 def _logprob_variants():
@@ -104,18 +105,55 @@ def _advantage_variants():
 
 
 def _preference_variants():
-    from fastrlhf.contracts import DPO_LOSS_TYPES
-
     for B, dtype in ((8, torch.float32), (3000, torch.float32), (8, torch.bfloat16)):
         c, r, rc, rr = (torch.randn(B, dtype=dtype, requires_grad=True) for _ in range(4))
         for loss_type in DPO_LOSS_TYPES:
-            refs = (None, None) if loss_type in ("simpo", "orpo") else (rc, rr)
+            refs = (None, None) if loss_type in REFERENCE_FREE_LOSS_TYPES else (rc, rr)
             fastrlhf.dpo_loss(-c.abs(), -r.abs(), *refs, loss_type=loss_type, backend="triton")[0].backward()
         for margin in (None, torch.rand(B)):
             fastrlhf.reward_loss(c, r, margin=margin, center_coef=0.01, backend="triton")[0].backward()
 
 
+def _fused_head_variants():
+    V, H, B, T = 4096, 16, 2, 4  # V = 4096: the GPU block (BLOCK_V = 4096, 8 warps), strides divisible by 16
+    for dtype in (torch.float32, torch.bfloat16):
+        # hidden[:, :-1] of [B, T + 1, H]: the strided rows view; bf16: d logits in place over fp32 logits
+        full = torch.randn(B, T + 1, H, dtype=dtype, requires_grad=True)
+        weight = torch.randn(V, H, dtype=dtype, requires_grad=True)
+        targets = torch.randint(0, V, (B, T))
+        old, adv, ref = (torch.randn(B, T) for _ in range(3))
+        mask = torch.ones(B, T)
+        calls = [
+            dict(),                                                               # policy term only
+            dict(ref_logps=ref, kl_coef=0.1, kl_estimator="k1", dual_clip=3.0),
+            dict(ref_logps=ref, kl_coef=0.1, kl_estimator="k2", entropy_coef=0.01),
+            dict(ref_logps=ref, kl_coef=0.1, kl_estimator="k3", entropy_coef=0.01, dual_clip=3.0, softcap=30.0),
+        ]
+        for kwargs in calls if dtype == torch.float32 else calls[3:]:
+            loss, _ = fastrlhf.policy_loss_from_hidden(full[:, :-1], weight, targets, old, adv, mask, **kwargs,
+                                                       backend="triton")
+            loss.backward()
+        fastrlhf.policy_loss_from_hidden(full[:, :-1], weight, targets, None, adv, mask,  # on-policy
+                                         backend="triton")[0].backward()
+        with torch.no_grad():  # forward only: no d logits written
+            fastrlhf.policy_loss_from_hidden(full[:, :-1], weight, targets, old, adv, mask, ref_logps=ref,
+                                             kl_coef=0.1, entropy_coef=0.01, backend="triton")
+            fastrlhf.sft_loss_from_hidden(full, weight, targets.new_zeros(B, T + 1), backend="triton")
+        for softcap in (None, 30.0):
+            fastrlhf.sft_loss_from_hidden(full, weight, targets.new_zeros(B, T + 1), softcap=softcap,
+                                          backend="triton")[0].backward()
+        # DPO: whole pairs per chunk (logprobs fwd, then bwd in place), and the two-phase fallback
+        for chunk_size in (None, T):
+            fastrlhf.dpo_loss_from_hidden(full[:, :-1], weight, targets, old[:1, 0], adv[:1, 0], chunk_size=chunk_size,
+                                          backend="triton")[0].backward()
+    # An odd vocabulary: no divisibility hints (unvectorised loads).
+    hidden = torch.randn(3, 16, requires_grad=True)
+    weight = torch.randn(131, 16, requires_grad=True)
+    fastrlhf.sft_loss_from_hidden(hidden, weight, torch.randint(0, 131, (3,)), backend="triton")[0].backward()
+
+
 VARIANT_SOURCES = {
+    "fused_head": _fused_head_variants,
     "logprobs": _logprob_variants,
     "ppo": _ppo_variants,
     "advantages": _advantage_variants,
@@ -148,8 +186,17 @@ EXPECTED = {
         "_kl_penalty_forward_kernel": {"ESTIMATOR": {1, 2, 3}, "WRITE_GRAD": {True, False}},
     },
     "advantages": {"_gae_forward_kernel": {"BLOCK_T": {1, 64, 512, 1024}}},
+    "fused_head": {
+        "_fused_head_rows_kernel": {name: {True, False} for name in
+                                    ("HAS_OLD", "HAS_REF", "DUAL", "ENTROPY_GRAD", "WRITE_GRAD", "HAS_SOFTCAP",
+                                     "NARROW_IN_PLACE")}
+        | {"LOSS": {0, 1}, "ESTIMATOR": {1, 2, 3}, "BLOCK_V": {256, 4096}},
+        "_logprobs_forward_kernel": {"COMPUTE_ENTROPY": {False}},
+        "_logprobs_backward_kernel": {"HAS_GRAD_LOGPS": {True}, "HAS_GRAD_ENTROPY": {False},
+                                      "NARROW_IN_PLACE": {True, False}},
+    },
     "preference": {
-        "_dpo_loss_forward_kernel": {"LOSS_TYPE": set(range(6)), "HAS_REF": {True, False}, "BLOCK_B": {16, 1024}},
+        "_dpo_loss_forward_kernel": {"LOSS_TYPE": set(range(len(DPO_LOSS_TYPES))), "HAS_REF": {True, False}, "BLOCK_B": {16, 1024}},
         "_reward_loss_forward_kernel": {"HAS_MARGIN_TENSOR": {True, False}},
     },
 }
@@ -166,11 +213,12 @@ def _assert_covered(area: str, launches) -> None:
             assert values <= seen.get(name, set()), (kernel, name, values, seen.get(name))
 
 
+@pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("area", sorted(VARIANT_SOURCES))
-def test_every_launched_variant_compiles_for_sm90_without_spills(area, tmp_path):
+def test_every_launched_variant_compiles_without_spills(area, arch, tmp_path):
     launches = record(area)
     _assert_covered(area, launches)
-    usage = compile_for_cuda(launches, tmp_path)
+    usage = compile_for_cuda(launches, tmp_path, arch)
     spilling = [(l.describe(), u) for l, u in zip(launches, usage) if u["local"] or u["stack"]]
     assert not spilling, spilling
     # At most 128 registers per thread: four 4-warp programs still fit on an SM, which keeps
@@ -182,13 +230,15 @@ def main() -> None:
     import tempfile
     from pathlib import Path
 
-    print(f"{'variant':<118} {'regs':>4} {'local':>5} {'stack':>5} {'shared':>6}")
+    print(f"{'variant':<118} {'arch':>4} {'regs':>4} {'local':>5} {'stack':>5} {'shared':>6}")
     for area in sorted(VARIANT_SOURCES):
         launches = record(area)
-        with tempfile.TemporaryDirectory() as tmp:
-            usage = compile_for_cuda(launches, Path(tmp))
-        for launch, u in zip(launches, usage):
-            print(f"{launch.describe():<118} {u['reg']:>4} {u['local']:>5} {u['stack']:>5} {u['shared']:>6}")
+        for arch in ARCHS:
+            with tempfile.TemporaryDirectory() as tmp:
+                usage = compile_for_cuda(launches, Path(tmp), arch)
+            for launch, u in zip(launches, usage):
+                print(f"{launch.describe():<118} {'sm' + str(arch):>4} {u['reg']:>4} {u['local']:>5} {u['stack']:>5} "
+                      f"{u['shared']:>6}")
 
 
 if __name__ == "__main__":

@@ -17,13 +17,11 @@ from fastrlhf._checks import check_choice, check_number
 from fastrlhf.contracts import (
     DPO_LOSS_TYPES,
     LABEL_SMOOTHING_LOSS_TYPES,
+    LENGTH_AVERAGED_LOSS_TYPES,
     REFERENCE_FREE_LOSS_TYPES,
 )
 from fastrlhf.options import option_help
 from fastrlhf.trainers.base import SupervisedConfig, Trainer
-
-# Losses defined on length-normalised sequence log-probs (IPO as in TRL, SimPO and ORPO as in their papers).
-AVERAGED_LOSS_TYPES = ("ipo", "simpo", "orpo")
 
 
 @dataclass
@@ -85,7 +83,7 @@ class DPOTrainer(Trainer):
     def sequence_logps(self, role: str, batch) -> torch.Tensor:
         """[2B] (length-averaged for ipo/simpo/orpo) sequence log-probs of the completions under `role`."""
         logps = self.model.token_logprobs(role, batch["input_ids"], batch["attention_mask"])
-        average = self.config.loss_type in AVERAGED_LOSS_TYPES
+        average = self.config.loss_type in LENGTH_AVERAGED_LOSS_TYPES
         return fastrlhf.sequence_logps(logps, batch["loss_mask"][:, 1:], average=average)
 
     def compute_loss(self, batch):

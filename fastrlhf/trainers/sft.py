@@ -9,10 +9,9 @@ from dataclasses import dataclass, field
 
 import fastrlhf
 from fastrlhf._checks import check_choice
+from fastrlhf.contracts import SFT_LOSS_AGGS
 from fastrlhf.options import option_help
 from fastrlhf.trainers.base import SupervisedConfig, Trainer
-
-SFT_LOSS_AGGS = ("token-mean", "seq-mean-token-mean")
 
 
 @dataclass

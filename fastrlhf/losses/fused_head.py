@@ -1,0 +1,612 @@
+"""The fused RL head: from final hidden states and the LM-head weight straight to `(loss, metrics)`.
+
+    policy_loss_from_hidden   PPO / GRPO (token-level advantages, clip-higher, dual clip, KL, entropy)
+    dpo_loss_from_hidden      DPO family over [chosen rows; rejected rows]
+    sft_loss_from_hidden      mean NLL (SFT)
+
+Each equals, in value, metrics and gradients, the composition of `token_logprobs` with `ppo_loss`
+/ `sequence_logps` + `dpo_loss` / the SFT trainer's NLL (`fastrlhf.twins.fused_head` spells
+the compositions out). The loss is the last node of the graph, so d loss / d logits is known the
+moment the logits are: the gradients of hidden, weight and bias are computed DURING the forward
+sweep, and backward only multiplies them by the incoming scalar gradient (exact for any use of the
+scalar loss; differentiating through the gradient, or a second backward through the same call, raises). No
+`[N, V]` buffer; the logits are made once and never recomputed.
+
+Design (per chunk of C rows; the GEMMs are cuBLAS, the rest one Triton row kernel):
+
+    logits  = hidden_c @ W.T (+ b)        fp32 [C, V]  `_chunk_logits`             2·C·V·H FLOPs
+    row kernel: lse/entropy, per-token loss, metric partials, d logits (bf16 in place, see
+            `kernels/fused_head.py`)                                              10·C·V bytes
+    dH_c    = dlogits @ W                 written once into dH rows                 2·C·V·H
+    dW     += dlogits.T @ hidden_c        accumulated in the weight dtype          2·C·V·H
+    db     += column sums of dlogits      fp32 [V]
+
+So fwd+bwd costs 6·N·V·H FLOPs (the recompute path of `token_logprobs` + a loss: 8·N·V·H, it makes
+the logits twice). Forward only (no_grad, or nothing requires grad): 2·N·V·H and one read of the
+logits. A frozen head (weight.requires_grad False, LoRA) skips the dW GEMM entirely. Rows the loss
+does not depend on (mask 0, target -100) are never read by the row kernel and get zero d logits,
+and their hidden rows are zeroed before the dW GEMM (0 · NaN padding would be NaN; C·H bytes);
+they still go through the three GEMMs: dropping them needs their count on the host (a sync),
+which prompt-heavy SFT/DPO batches could afford; not done.
+
+Why chunked cuBLAS + a row kernel, not tl.dot tiles that keep the LSE and d logits in SRAM: d logits
+of a row needs the row's LSE over all V, so a tile kernel that never materialises logits must make
+them twice (LSE pass, then gradient pass) = 8·N·V·H, and a hand-written Triton GEMM mainloop reaches
+~70-80% of cuBLAS on sm_90 (no warp-specialised TMA pipeline as tuned as cuBLAS'/CUTLASS'). To
+beat 6·N·V·H on cuBLAS it would need ~1.33x cuBLAS's throughput. Materialising one chunk instead
+costs ~10 bytes per logit of HBM traffic outside the GEMMs (the row kernel), ~8% of the GEMM time
+at the shape below. So: cuBLAS for all three GEMMs, Triton only where cuBLAS cannot go.
+
+Chunk size and the dW accumulator (the one real trade-off): with gradients in the forward, every
+row chunk contributes to all of dW, so dW is read and written once per chunk: (N / C)·2·V·H·bytes.
+Memory is C·V·4 bytes of fp32 logits. Memory x traffic is fixed (∝ N·V²·H): smaller chunks cost
+dW traffic, bigger chunks cost memory. Default (CUDA): the most rows whose fp32 logits fit
+`FUSED_CHUNK_BYTES_CUDA` = 1.25 GiB, balanced over the chunks: C = 2048 at N = 16384, V = 151936
+(M = 2048 is a full-efficiency GEMM shape for the logits and dH GEMMs, and the K = 2048 of the dW GEMM
+makes its 2.5 GB bf16 read+write of dW (0.52 ms at 4.8 TB/s) ~20% of its 2.6 ms of math at peak,
+partly hidden in the GEMM epilogue).
+dW is accumulated in the weight dtype, as Liger's FLCE does by default: an fp32 accumulator would
+add 4·V·H bytes of memory (2.5 GB at the shape below, the memory the first H200 run flagged) plus
+a final cast, and double the per-chunk traffic; the price is one bf16 rounding (2^-9 relative) of
+the running sum per chunk, i.e. at most ceil(N / C) = 8 roundings at the shape below instead of
+the 1 of an fp32 accumulator cast once; each GEMM itself accumulates in fp32. fp32 heads
+accumulate in fp32.
+
+Cost model at N = 16384, V = 151936, H = 4096, bf16 (C = 2048, 8 chunks), H200 bf16 dense peak
+989 TFLOP/s, 4.8 TB/s (predictions, NOT measured on a GPU):
+    logits GEMMs   20.4 TFLOP, ~20 GB (W read per chunk, fp32 logits written)    20.6 ms at peak
+    row kernel     ~0 FLOP,    24.9 GB                                            5.2 ms
+    dH GEMMs       20.4 TFLOP, ~15 GB                                             20.6 ms
+    dW GEMMs       20.4 TFLOP, ~25 GB (incl. 8 x 2.5 GB dW read+write)            20.6 ms
+    backward       scale dW and dH by grad_output: 2.8 GB                          0.6 ms
+    total          61.2 TFLOP (6·N·V·H) ~ 68 ms at peak GEMMs (+ the row kernel), ~82 ms at
+                   an 80%-of-peak cuBLAS; the recompute path needs 8·N·V·H = 82.5 ms at peak.
+    memory beyond inputs: 1.25 GB chunk logits + 1.25 GB dW + 134 MB dH (the outputs) ≈ 2.65 GB.
+
+DPO: a token's gradient depends on its pair's summed log-probs, known only after the pair's last
+token. Chunks are therefore aligned to whole pairs (chosen rows of pairs [p0, p1) and their
+rejected rows in one chunk, as Liger's chunked DPO): pass 1 (`logprobs_forward`) -> per-sequence
+sums -> the DPO kernel's per-pair gradients -> pass 2 (`logprobs_backward`, in place) -> GEMMs:
+6·N·V·H. When one pair (2T rows) exceeds the chunk budget, it falls back to two phases with
+row chunks of any size: the recompute path (`token_logprobs` fwd+bwd under an inner autograd):
+8·N·V·H, memory within the budget. At pairs = 4, T = 1024, V = 151936 one pair is 2048 rows
+(1.25 GB fp32), which fits the default budget: 6·N·V·H.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fastrlhf._checks import (
+    check_choice,
+    check_dpo_args,
+    check_floating,
+    check_hidden_args,
+    check_ndim,
+    check_ppo_args,
+    check_same_device,
+    check_softcap,
+)
+from fastrlhf._dispatch import resolve_backend
+from fastrlhf.contracts import (
+    IGNORE_INDEX,
+    LENGTH_AVERAGED_LOSS_TYPES,
+    PPO_STATS,
+    SFT_LOSS_AGGS,
+)
+from fastrlhf.losses._autograd import first_order_only
+from fastrlhf.losses.logprobs import _chunk_logits, _rows, _spans, token_logprobs
+from fastrlhf.losses.ppo import aggregation_row_scale
+from fastrlhf.losses.preference import dpo_loss, sequence_logps
+from fastrlhf.twins import fused_head as twin
+from fastrlhf.twins.logprobs import CHUNK_BYTES_CPU, no_autocast
+
+__all__ = ["policy_loss_from_hidden", "dpo_loss_from_hidden", "sft_loss_from_hidden"]
+
+# One chunk's fp32 logits take at most this much on CUDA (see the module docstring).
+FUSED_CHUNK_BYTES_CUDA = 5 * 2**28  # 1.25 GiB
+
+
+def _kernels():
+    # Imported on first Triton use only: `import fastrlhf` must not need triton.
+    from fastrlhf.kernels import fused_head
+
+    return fused_head
+
+
+# --------------------------------------------------------------------------- chunking
+
+
+def _max_chunk_rows(chunk_size: int | None, vocab: int, device: torch.device) -> int:
+    """Rows one chunk may hold: `chunk_size`, or as many as keep the fp32 logits within the budget."""
+    if chunk_size is not None:
+        return chunk_size
+    budget = FUSED_CHUNK_BYTES_CUDA if device.type == "cuda" else CHUNK_BYTES_CPU
+    return max(1, budget // (4 * vocab))
+
+
+def _balanced_spans(n: int, max_size: int, explicit: bool):
+    """[start, end) pieces of range(n) of at most `max_size`: exactly `max_size` long (the last one
+    shorter) when the caller chose the size, else as equal as possible (16384 rows at most 2208
+    per chunk -> 8 chunks of 2048, not 7 of 2208 and one of 928)."""
+    if explicit or n == 0:
+        return _spans(n, max_size)
+    return _spans(n, math.ceil(n / math.ceil(n / max_size)))
+
+
+# --------------------------------------------------------------------------- autograd
+
+
+class _GradientsFromForward(torch.autograd.Function):
+    """(loss, stats) of `compute(hidden, weight, bias, need)`, which also returns the gradients of
+    the loss w.r.t. hidden, weight, bias (None where `need` is False). Backward hands them over,
+    multiplied by grad_loss: no recomputation."""
+
+    @staticmethod
+    def forward(ctx, compute, hidden, weight, bias):
+        loss, stats, grads = compute(hidden, weight, bias, ctx.needs_input_grad[1:4])
+        ctx.grads = grads
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
+
+    @staticmethod
+    @first_order_only("<policy|dpo|sft>_loss_from_hidden")
+    def backward(ctx, grad_loss, _grad_stats):
+        grads, ctx.grads = ctx.grads, None  # hand the buffers over (autograd may keep them as .grad)
+        if grads is None:
+            raise RuntimeError(
+                "backward through a fused head loss ran a second time (retain_graph=True): its gradients "
+                "were computed in the forward pass and handed over by the first backward; call the "
+                "loss function again for a second backward"
+            )
+        scale = grad_loss.float()
+        return (None, *(None if g is None else g.mul_(scale) for g in grads))
+
+
+def _apply(compute, hidden, weight, bias):
+    """Run `compute` under autograd when a gradient is wanted, else forward only."""
+    wanted = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (hidden, weight, bias))
+    if wanted:
+        return _GradientsFromForward.apply(compute, hidden, weight, bias)
+    loss, stats, _ = compute(hidden, weight, bias, (False, False, False))
+    return loss, stats
+
+
+def _head_sweep(hidden, weight, bias, chunks, need, process, active):
+    """One pass over row chunks of the head: per chunk, cuBLAS makes the fp32 logits of its rows,
+    `process(logits, ranges)` runs the row kernel(s) and returns d loss / d logits (in the weight
+    dtype, or None when no gradient is wanted), and two GEMMs turn that into the chunk's dH rows and
+    its share of dW (and db). `chunks`: lists of [start, end) row ranges (one chunk = their rows,
+    in order). `active` (bool `[N]`): rows the loss depends on; the others get zero d logits, and
+    their hidden states are zeroed for the dW GEMM, where 0 · NaN padding would still be NaN.
+    Returns (dH `hidden.shape`, dW, db), None where not needed."""
+    need_hidden, need_weight, need_bias = need
+    n_rows, (vocab, dim) = hidden.shape[:-1].numel(), weight.shape
+    # Every row lies in exactly one chunk, whose dH GEMM writes it.
+    grad_hidden = torch.empty((n_rows, dim), dtype=hidden.dtype, device=hidden.device) if need_hidden else None
+    grad_weight = None  # the first chunk's GEMM writes it, later ones add to it (in the weight dtype)
+    grad_bias = torch.zeros(vocab, dtype=torch.float32, device=weight.device) if need_bias else None
+    with no_autocast(hidden.device):
+        for ranges in chunks:
+            parts = [_rows(hidden, start, end) for start, end in ranges]
+            hidden_rows = parts[0] if len(parts) == 1 else torch.cat(parts)
+            # Only one [C, V] buffer lives at a time: the logits, then their gradient in place.
+            dlogits = process(_chunk_logits(hidden_rows, weight, bias), ranges)
+            if dlogits is None:
+                continue
+            if need_hidden:
+                offset = 0
+                for start, end in ranges:
+                    torch.mm(dlogits[offset:offset + end - start], weight, out=grad_hidden[start:end])
+                    offset += end - start
+            if need_weight:
+                rows_active = torch.cat([active[start:end] for start, end in ranges])
+                hidden_rows = torch.where(rows_active[:, None], hidden_rows, 0)  # C x H: ~1% of the chunk's bytes
+                if grad_weight is None:
+                    grad_weight = torch.mm(dlogits.t(), hidden_rows)
+                else:
+                    grad_weight.addmm_(dlogits.t(), hidden_rows)
+            if need_bias:
+                grad_bias += dlogits.sum(0, dtype=torch.float32)
+            del dlogits, hidden_rows, parts
+    if need_weight and grad_weight is None:  # no rows at all
+        grad_weight = torch.zeros_like(weight, memory_format=torch.contiguous_format)
+    return (
+        None if grad_hidden is None else grad_hidden.view(hidden.shape),
+        grad_weight,
+        None if grad_bias is None else grad_bias.to(bias.dtype),
+    )
+
+
+def _row_local_loss(hidden, weight, bias, need, *, targets, mask, row_scale, loss, scaling, chunk, ppo=None,
+                    entropy_grad=False):
+    """(loss, per-stat totals, grads) of a per-token loss (NLL or PPO) through the row kernel."""
+    kernels = _kernels()
+    n_rows, seq_len = targets.numel(), targets.shape[-1] if targets.dim() else 1
+    stats = torch.empty((n_rows, len(kernels.ROW_STATS[loss])), dtype=torch.float32, device=hidden.device)
+    write_grad = any(need)
+    temperature, softcap = scaling
+
+    def process(logits, ranges):
+        ((start, _end),) = ranges
+        dlogits = kernels.dlogits_view(logits, weight.dtype) if write_grad else None
+        kernels.fused_head_rows(
+            logits, dlogits, targets.reshape(-1), mask.reshape(-1), row_scale, stats, row0=start,
+            seq_len=seq_len, loss=loss, temperature=temperature, softcap=softcap, ppo=ppo,
+            entropy_grad=entropy_grad,
+        )
+        return dlogits
+
+    max_rows, explicit = chunk
+    chunks = [[span] for span in _balanced_spans(n_rows, _max_chunk_rows(max_rows, weight.shape[0], hidden.device),
+                                                  explicit)]
+    active = ((mask != 0) & (targets != IGNORE_INDEX)).reshape(-1)
+    grads = _head_sweep(hidden, weight, bias, chunks, need, process, active)
+    totals = stats.sum(0)
+    return totals[0].clone(), totals, grads  # a clone: the differentiable loss must not view the stats
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def _check_token_tensor(name: str, tensor: torch.Tensor | None, targets: torch.Tensor) -> None:
+    if tensor is None:
+        return
+    check_floating(name, tensor)
+    if tensor.shape != targets.shape:
+        raise ValueError(f"{name} must have the shape of targets {tuple(targets.shape)}, got {tuple(tensor.shape)}")
+
+
+def _chunk_arg(chunk_size: int | None) -> tuple[int | None, bool]:
+    """(max rows per chunk or None for the default, whether the caller chose it)."""
+    return chunk_size, chunk_size is not None
+
+
+# --------------------------------------------------------------------------- PPO / GRPO
+
+
+def policy_loss_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    old_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
+    ref_logps: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    loss_agg: str = "token-mean",
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO/GRPO policy loss straight from the final hidden states, gradients computed in the forward.
+
+    Equals `logps, ent = token_logprobs(hidden, weight, targets, bias=, temperature=, softcap=,
+    return_entropy=True)` followed by `ppo_loss(logps, old_logps, advantages, mask, ..., entropy=ent,
+    ...)`, in value, metrics and the gradients w.r.t. hidden, weight and bias, without `[B, T, V]`
+    logits and without making the logits twice (6·N·V·H FLOPs fwd+bwd; see the module docstring).
+
+    Args:
+        hidden: `[B, T, H]` final hidden states (fp32/bf16/fp16), strided views such as `h[:, :-1]`
+            included (read chunk by chunk, never copied whole).
+        weight: `[V, H]` LM head weight, hidden's dtype. bias: optional `[V]`.
+        targets: `[B, T]` token ids; -100 = ignored (logp 0, entropy 0, no gradient: such a token
+            still counts in the loss if `mask` says so, with logp 0, exactly as in the composition).
+        old_logps, advantages: `[B, T]` rollout log-probs and token-level advantages. CONSTANTS: no
+            gradient flows to them (detached), as in every PPO implementation. old_logps=None: a
+            single on-policy pass (as GRPOTrainer's `logps.detach()`): the current log-probs, as
+            constants (ratio 1), without a separate forward to compute them.
+        mask: `[B, T]` bool/int/float, tokens that count.
+        clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, entropy_coef, loss_agg: as in
+            `ppo_loss`. The entropy of each token's softmax is computed in the same pass (the
+            `entropy` metric is always reported); entropy_coef > 0 adds its gradient.
+        ref_logps: `[B, T]` reference log-probs, needed when kl_coef > 0. A CONSTANT here (no
+            gradient), unlike `ppo_loss` where it may require grad.
+        temperature, softcap: as in `token_logprobs`.
+        chunk_size: rows per chunk of fp32 logits (default: within 1.25 GiB on CUDA, 32 MiB on CPU).
+        backend: "auto" | "triton" | "torch".
+
+    Returns:
+        `(loss, metrics)` as `ppo_loss`: fp32 scalar loss; detached `pg_loss`, `clipfrac`,
+        `approx_kl`, `ratio_mean`, `entropy`, plus `kl` (with ref_logps) and `dual_clipfrac` (with
+        dual_clip). The loss must be the final node: differentiating through its gradient raises.
+    """
+    check_hidden_args(hidden, weight, targets, bias, temperature, chunk_size, softcap)
+    check_ndim("hidden", hidden, 3, "[B, T, H]")
+    for name, tensor in (("old_logps", old_logps), ("advantages", advantages), ("ref_logps", ref_logps)):
+        _check_token_tensor(name, tensor, targets)
+    # advantages stand in for the [B, T] log-probs (shapes already checked against targets); the
+    # entropy is always computed here
+    estimator, clip_eps_high, mask_f = check_ppo_args(
+        advantages, advantages if old_logps is None else old_logps, advantages, mask, clip_eps=clip_eps,
+        clip_eps_high=clip_eps_high, dual_clip=dual_clip, ref_logps=ref_logps, kl_coef=kl_coef,
+        kl_estimator=kl_estimator, entropy=advantages, entropy_coef=entropy_coef, loss_agg=loss_agg,
+    )
+    check_same_device(hidden=hidden, old_logps=old_logps, advantages=advantages, mask=mask)
+    softcap = check_softcap(softcap)
+    if resolve_backend(backend, hidden, weight, targets, bias, old_logps, advantages, ref_logps) == "torch":
+        return twin.policy_loss_from_hidden(
+            hidden, weight, targets, old_logps, advantages, mask, bias=bias, clip_eps=clip_eps,
+            clip_eps_high=clip_eps_high, dual_clip=dual_clip, ref_logps=ref_logps, kl_coef=kl_coef,
+            kl_estimator=estimator, entropy_coef=entropy_coef, loss_agg=loss_agg, temperature=temperature,
+            softcap=softcap, chunk_size=chunk_size,
+        )
+
+    ppo = dict(
+        old_logps=None if old_logps is None else old_logps.detach().reshape(-1).contiguous(),
+        advantages=advantages.detach().reshape(-1).contiguous(),
+        ref_logps=None if ref_logps is None else ref_logps.detach().reshape(-1).contiguous(),
+        clip_low=1.0 - clip_eps, clip_high=1.0 + clip_eps_high, dual_clip=dual_clip, kl_coef=kl_coef,
+        entropy_coef=entropy_coef, estimator=estimator,
+    )
+    row_scale = aggregation_row_scale(mask_f, loss_agg)
+
+    def compute(hidden_rows, weight_, bias_, need):
+        return _row_local_loss(
+            hidden_rows, weight_, bias_, need, targets=targets.contiguous(), mask=mask_f.contiguous(),
+            row_scale=row_scale, loss="ppo", scaling=(float(temperature), softcap), chunk=_chunk_arg(chunk_size),
+            ppo=ppo, entropy_grad=entropy_coef != 0,
+        )
+
+    from fastrlhf.kernels.logprobs import rows_view
+
+    loss, stats = _apply(compute, rows_view(hidden), weight, bias)
+    stats = dict(zip(PPO_STATS, stats.unbind()))
+    counted = mask_f.sum().clamp(min=1)
+    metrics = {"clipfrac": stats["clipped"] / counted}
+    if dual_clip is not None:
+        metrics["dual_clipfrac"] = stats["dual_clipped"] / counted
+    if ref_logps is not None:
+        metrics["kl"] = stats["kl"] / counted
+    metrics["entropy"] = stats["entropy"] / counted
+    metrics["pg_loss"] = stats["pg_loss"]
+    metrics["approx_kl"] = stats["approx_kl"] / counted
+    metrics["ratio_mean"] = stats["ratio"] / counted
+    return loss, metrics
+
+
+# --------------------------------------------------------------------------- SFT
+
+
+def _sft_row_scale(mask_f: torch.Tensor, loss_agg: str) -> torch.Tensor:
+    """Per-sequence weight of the SFT trainer's aggregations, mask_f `[B, T]` -> `[B]` (torch ops)."""
+    if loss_agg == "token-mean":
+        return aggregation_row_scale(mask_f, "token-mean")
+    # mean over all B sequences (an empty one counts as 0) of each sequence's mean token NLL
+    return 1.0 / (mask_f.sum(-1).clamp(min=1) * max(mask_f.shape[0], 1))
+
+
+def sft_loss_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    softcap: float | None = None,
+    loss_agg: str = "token-mean",
+    chunk_size: int | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """SFT loss straight from the final hidden states, gradients computed in the forward.
+
+    "token-mean" (default): mean NLL over the non-ignored targets, `-sum(logp) / max(count, 1)`,
+    which is what `SFTTrainer` computes from `token_logprobs` with mask = targets != -100;
+    "seq-mean-token-mean" (SFTTrainer's other option, `targets` `[B, T]`): the mean over all B
+    sequences of each one's mean token NLL. 6·N·V·H FLOPs fwd+bwd, no `[N, V]` logits.
+
+    Args:
+        hidden: `[N, H]` or `[B, T, H]` (strided views included). weight: `[V, H]`. bias: `[V]`.
+        targets: hidden's leading shape; -100 marks tokens outside the loss (no logits read for them).
+        softcap: Gemma-2 logit soft-cap, as in `token_logprobs`.
+        chunk_size, backend: as in `policy_loss_from_hidden`.
+
+    Returns:
+        `(loss, metrics)`: fp32 scalar loss; metrics `{}` (SFTTrainer logs the loss only). Final
+        node only: differentiating through its gradient raises.
+    """
+    check_hidden_args(hidden, weight, targets, bias, 1.0, chunk_size, softcap)
+    check_choice("loss_agg", loss_agg, SFT_LOSS_AGGS)
+    if loss_agg != "token-mean":
+        check_ndim("targets", targets, 2, "[B, T]")
+    softcap = check_softcap(softcap)
+    if resolve_backend(backend, hidden, weight, targets, bias) == "torch":
+        return twin.sft_loss_from_hidden(hidden, weight, targets, bias=bias, softcap=softcap,
+                                              loss_agg=loss_agg, chunk_size=chunk_size)
+    token_targets = (targets.reshape(1, -1) if targets.dim() != 2 else targets).contiguous()
+    mask_f = (token_targets != IGNORE_INDEX).float()
+    row_scale = _sft_row_scale(mask_f, loss_agg)
+
+    def compute(hidden_rows, weight_, bias_, need):
+        return _row_local_loss(
+            hidden_rows, weight_, bias_, need, targets=token_targets, mask=mask_f,
+            row_scale=row_scale, loss="nll", scaling=(1.0, softcap), chunk=_chunk_arg(chunk_size),
+        )
+
+    from fastrlhf.kernels.logprobs import rows_view
+
+    loss, _stats = _apply(compute, rows_view(hidden), weight, bias)
+    return loss, {}
+
+
+# --------------------------------------------------------------------------- DPO family
+
+
+def _pair_ranges(p0: int, p1: int, pairs: int, seq_len: int) -> list[tuple[int, int]]:
+    """Row ranges of pairs [p0, p1): their chosen rows, then their rejected rows."""
+    return [(p0 * seq_len, p1 * seq_len), ((pairs + p0) * seq_len, (pairs + p1) * seq_len)]
+
+
+def _dpo_pair_chunks(hidden, weight, bias, need, *, targets, refs, options, scaling, max_pairs, explicit):
+    """(loss, stats, grads) over chunks of whole pairs (6·N·V·H): pass 1, per-pair gradient, pass 2."""
+    from fastrlhf.kernels.logprobs import logprobs_backward, logprobs_forward
+    from fastrlhf.kernels.preference import dpo_loss_forward
+
+    two_b, seq_len = targets.shape
+    pairs = two_b // 2
+    flat_targets = targets.reshape(-1)
+    token_mask = (targets != IGNORE_INDEX).float()
+    lengths = token_mask.sum(-1).clamp(min=1) if options["average"] else None
+    seq = torch.zeros(two_b, dtype=torch.float32, device=hidden.device)
+    write_grad = any(need)
+    temperature, softcap = scaling
+    ref_chosen, ref_rejected = refs
+
+    def process(logits, ranges):
+        (c0, c1), (r0, r1) = ranges
+        p0, p1 = c0 // seq_len, c1 // seq_len
+        k = p1 - p0
+        rows = torch.cat([flat_targets[c0:c1], flat_targets[r0:r1]])
+        logps, lse, _ = logprobs_forward(logits, rows, temperature=temperature, softcap=softcap)
+        # sequence_logps, in its own arithmetic: where(m, logp, 0) * m summed (/ length when averaged)
+        seq_ids = torch.cat([torch.arange(p0, p1, device=seq.device), torch.arange(pairs + p0, pairs + p1,
+                                                                                 device=seq.device)])
+        m = token_mask[seq_ids]
+        chunk_seq = (torch.where(m != 0, logps.view(2 * k, seq_len), 0.0) * m).sum(-1)
+        if lengths is not None:
+            chunk_seq = chunk_seq / lengths[seq_ids]
+        seq[seq_ids] = chunk_seq
+        if not write_grad:
+            return None
+        chosen, rejected = chunk_seq[:k], chunk_seq[k:]
+        _loss, _stats, grad_chosen, grad_rejected = dpo_loss_forward(
+            chosen, rejected,
+            None if ref_chosen is None else ref_chosen[p0:p1].contiguous(),
+            None if ref_rejected is None else ref_rejected[p0:p1].contiguous(),
+            beta=options["beta"], loss_type=options["loss_type"], label_smoothing=options["label_smoothing"],
+            gamma=options["gamma"],
+        )
+        # The kernel averaged over these k pairs; the loss averages over all of them.
+        per_sequence = torch.cat([grad_chosen, grad_rejected]) * (k / pairs)
+        if lengths is not None:
+            per_sequence = per_sequence / lengths[seq_ids]
+        grad_logps = (per_sequence[:, None] * m).reshape(-1)
+        out = _kernels().dlogits_view(logits, weight.dtype)
+        return logprobs_backward(logits, rows, lse, None, grad_logps, None, temperature=temperature,
+                                 softcap=softcap, out=out)
+
+    pair_spans = _balanced_spans(pairs, max_pairs, explicit)
+    chunks = [_pair_ranges(p0, p1, pairs, seq_len) for p0, p1 in pair_spans]
+    grads = _head_sweep(hidden, weight, bias, chunks, need, process, flat_targets != IGNORE_INDEX)
+    loss, metrics = dpo_loss(seq[:pairs], seq[pairs:], ref_chosen, ref_rejected, beta=options["beta"],
+                             loss_type=options["loss_type"], label_smoothing=options["label_smoothing"],
+                             gamma=options["gamma"], backend="triton")
+    return loss, metrics, grads
+
+
+def _dpo_two_phases(hidden, weight, bias, need, *, targets, refs, options, scaling, chunk_rows):
+    """(loss, metrics, grads) when one pair does not fit a chunk: `token_logprobs` forward, the pair
+    sums, `dpo_loss`, and token_logprobs' recompute backward run under an inner autograd (8·N·V·H)."""
+
+    temperature, softcap = scaling
+    with torch.enable_grad():
+        leaves = [None if t is None else t.detach().requires_grad_(wanted) for t, wanted in
+                  zip((hidden, weight, bias), need)]
+        logps = token_logprobs(leaves[0], leaves[1], targets.reshape(hidden.shape[:-1]), bias=leaves[2],
+                               temperature=temperature, softcap=softcap, chunk_size=chunk_rows, backend="triton")
+        seq = sequence_logps(logps.reshape(targets.shape), targets != IGNORE_INDEX, average=options["average"])
+        chosen, rejected = seq.chunk(2)
+        loss, metrics = dpo_loss(chosen, rejected, *refs, beta=options["beta"], loss_type=options["loss_type"],
+                                 label_smoothing=options["label_smoothing"], gamma=options["gamma"],
+                                 backend="triton")
+        wrt = [t for t, wanted in zip(leaves, need) if wanted]
+        found = iter(torch.autograd.grad(loss, wrt, allow_unused=True) if wrt else ())
+    grads = [next(found) if wanted else None for wanted in need]
+    grads = [g if g is not None or not wanted else torch.zeros_like(t) for g, t, wanted in
+             zip(grads, (hidden, weight, bias), need)]
+    return loss.detach(), {k: v.detach() for k, v in metrics.items()}, tuple(grads)
+
+
+def dpo_loss_from_hidden(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None,
+    ref_rejected_logps: torch.Tensor | None,
+    *,
+    bias: torch.Tensor | None = None,
+    beta: float = 0.1,
+    loss_type: str = "sigmoid",
+    label_smoothing: float = 0.0,
+    gamma: float = 0.0,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    chunk_size: int | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """DPO-family loss straight from the final hidden states, gradients computed in the forward.
+
+    Rows are batched as `DPOTrainer` does: `hidden [2B, T, H]` holds the B chosen sequences first,
+    then the B rejected ones (pair b = rows b and B + b); `targets [2B, T]` with -100 outside the
+    completion. Equals what `DPOTrainer.compute_loss` computes: `token_logprobs` -> `sequence_logps`
+    over targets != -100 (length-averaged for ipo, simpo and orpo: SimPO's length normalisation,
+    ORPO's per-sequence mean NLL term) -> `.chunk(2)` -> `dpo_loss`; in value, metrics and the
+    gradients w.r.t. hidden, weight and bias. 6·N·V·H FLOPs when one pair's 2T rows fit a chunk,
+    else 8·N·V·H (module docstring).
+
+    Args:
+        hidden, weight, bias, targets, temperature, softcap: as in `token_logprobs`, hidden 3-D.
+        ref_chosen_logps, ref_rejected_logps: `[B]` reference sequence log-probs (summed, or
+            averaged for ipo); CONSTANTS here (no gradient). None for simpo and orpo.
+        beta, loss_type, label_smoothing, gamma: as in `dpo_loss` (gamma: SimPO's margin).
+        chunk_size: rows per chunk; whole pairs go in a chunk while 2T <= chunk_size.
+        backend: "auto" | "triton" | "torch".
+
+    Returns:
+        `(loss, metrics)` as `dpo_loss` (TRL names; orpo adds nll_loss, log_odds_ratio,
+        log_odds_chosen). Final node only: differentiating through its gradient raises.
+    """
+    check_hidden_args(hidden, weight, targets, bias, temperature, chunk_size, softcap)
+    check_ndim("hidden", hidden, 3, "[2B, T, H]")
+    if hidden.shape[0] % 2:
+        raise ValueError(f"hidden must be [2B, T, H] (B chosen rows, then B rejected rows), got {tuple(hidden.shape)}")
+    pairs = hidden.shape[0] // 2
+    for name, ref in (("ref_chosen_logps", ref_chosen_logps), ("ref_rejected_logps", ref_rejected_logps)):
+        if ref is not None:
+            check_floating(name, ref)
+            if ref.shape != (pairs,):
+                raise ValueError(f"{name} must be [B] = ({pairs},) for hidden of {2 * pairs} rows, "
+                                 f"got {tuple(ref.shape)}")
+    placeholder = torch.empty((), device=hidden.device).expand(pairs)  # stands in for the policy's [B] logps
+    check_dpo_args(placeholder, placeholder, ref_chosen_logps, ref_rejected_logps, beta, loss_type,
+                   label_smoothing, gamma)
+    softcap = check_softcap(softcap)
+    if resolve_backend(backend, hidden, weight, targets, bias, ref_chosen_logps, ref_rejected_logps) == "torch":
+        return twin.dpo_loss_from_hidden(
+            hidden, weight, targets, ref_chosen_logps, ref_rejected_logps, bias=bias, beta=beta,
+            loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma, temperature=temperature,
+            softcap=softcap, chunk_size=chunk_size,
+        )
+    refs = tuple(None if r is None else r.detach() for r in (ref_chosen_logps, ref_rejected_logps))
+    options = dict(beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma,
+                   average=loss_type in LENGTH_AVERAGED_LOSS_TYPES)
+    seq_len = targets.shape[1]
+    max_rows = _max_chunk_rows(chunk_size, weight.shape[0], hidden.device)
+    max_pairs = max_rows // max(2 * seq_len, 1)
+    scaling = (float(temperature), softcap)
+    names = []  # the metric names dpo_loss returns for this loss type
+
+    def compute(hidden_rows, weight_, bias_, need):
+        if pairs and max_pairs == 0:
+            loss, metrics, grads = _dpo_two_phases(hidden_rows, weight_, bias_, need, targets=targets, refs=refs,
+                                                   options=options, scaling=scaling, chunk_rows=max_rows)
+        else:
+            loss, metrics, grads = _dpo_pair_chunks(
+                hidden_rows, weight_, bias_, need, targets=targets.contiguous(), refs=refs, options=options,
+                scaling=scaling, max_pairs=max(max_pairs, 1), explicit=chunk_size is not None,
+            )
+        names[:] = metrics
+        return loss, torch.stack(list(metrics.values())), grads
+
+    from fastrlhf.kernels.logprobs import rows_view
+
+    loss, stats = _apply(compute, rows_view(hidden), weight, bias)
+    return loss, dict(zip(names, stats.unbind()))
