@@ -1,0 +1,595 @@
+"""One training step of a stage, run under a `MemoryCounter` on fake tensors (the simulator) or on
+real ones (to check the simulator), for each way of holding the models.
+
+Setups:
+    shared-lora   fastrlhf RoleModel, LoRA roles on one frozen base (the default of every stage)
+    full          fastrlhf RoleModel with use_lora=False (--no-lora): the policy trains the whole
+                  model, value head on the policy trunk, a frozen reference copy, and a frozen
+                  copy of the trunk for the reward role
+    separate      TRL-style: separate full models for policy, reference, value and reward
+                  (`fastrlhf.planner.trl_style`; PPO and DPO)
+    trl-peft      TRL with peft: policy LoRA over a base that, adapters off, is the reference;
+                  value and reward separate full models (PPO and DPO)
+
+For the fastrlhf setups the step is the trainers' own code: the trainer is constructed as
+`fastrlhf.train` does (tiny placeholder records and tokenizer, which only feed code that is not
+simulated) and the step calls `Trainer.optimize` with collated batches of the planned shape
+(SFT / RM / DPO), or `make_experience` then `update` (PPO / GRPO). What is replaced, and why:
+    - generation: `rollout` returns a batch of the planned shape (prompt + response, right padded
+      by `build_rollout_batch`); sampling itself (the KV cache of `generate`) is not simulated.
+    - a reward *function* runs on the host: `score` returns zeros (no GPU memory).
+    - `select_rows` cuts a micro-batch to its longest row, a data-dependent width: the simulation
+      keeps the full width (every sequence at the planned length, the worst case).
+    - PPO/GRPO: one optimizer step of the update (each of the ppo_epochs x num_minibatches steps
+      holds the same memory); at most 2 micro-batches of a gradient-accumulation window are run
+      (the second one already holds the first one's gradients, as every later one does).
+    - activation checkpointing in PPO/GRPO: their trainers put the model in eval mode for the whole
+      iteration, and transformers checkpoints a layer only in training mode; with checkpointing
+      requested the decoder layers alone (not their dropout children) are flagged as training.
+The optimizer state exists before the measured step (as in any step after the first): AdamW's
+own step runs once on zero gradients, then the counter's peaks are reset.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from fastrlhf.planner.counter import MemoryCounter, Snapshot
+
+STAGES = ("sft", "rm", "dpo", "ppo", "grpo")
+SETUPS = ("shared-lora", "full", "separate", "trl-peft")
+FASTRLHF_SETUPS = ("shared-lora", "full")
+TRL_STAGES = ("ppo", "dpo")
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+          "fp32": torch.float32, "float32": torch.float32}
+PAD_ID = 0
+
+
+@dataclass
+class StepSpec:
+    """What one step looks like. Rows per micro-batch: SFT `batch_size` sequences, RM / DPO
+    `batch_size` pairs (2 x batch_size rows), PPO `batch_size` prompts, GRPO `batch_size` prompts x
+    `group_size` samples; PPO/GRPO rollout scoring runs on all of them, each optimizer step on
+    rows / (num_minibatches x grad_accum_steps) per micro-batch."""
+
+    stage: str
+    setup: str = "shared-lora"
+    batch_size: int = 8
+    seq_len: int = 512              # SFT / RM / DPO: tokens per sequence; PPO / GRPO: prompt + response
+    prompt_len: int = 256           # PPO / GRPO: the prompt part of seq_len
+    checkpointing: bool = False
+    dtype: str = "bf16"
+    grad_accum_steps: int = 1
+    num_minibatches: int = 1
+    ppo_epochs: int = 1
+    group_size: int = 4
+    reward_model: bool = True       # PPO / GRPO: a reward role / model (True) or a reward function
+    kl_coef: float | None = None    # None: the trainer's default
+    entropy_coef: float = 0.0
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_target_modules: tuple | None = None
+    reference_device: str | None = None
+    legacy_peft_upcast: bool = False  # LoRA as before 6828f2e: peft's fp32 input upcast, no autocast
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {STAGES}, got {self.stage!r}")
+        if self.setup not in SETUPS:
+            raise ValueError(f"setup must be one of {SETUPS}, got {self.setup!r}")
+        if self.setup not in FASTRLHF_SETUPS and self.stage not in TRL_STAGES:
+            raise ValueError(f"setup {self.setup!r} is simulated for {TRL_STAGES} only, got stage {self.stage!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        for name in ("batch_size", "grad_accum_steps", "num_minibatches", "ppo_epochs", "lora_r"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if self.seq_len < 2:
+            raise ValueError(f"seq_len must be >= 2, got {self.seq_len}")
+        if self.stage in ("ppo", "grpo") and not 1 <= self.prompt_len < self.seq_len:
+            raise ValueError(f"prompt_len must be in [1, seq_len) for {self.stage}, got {self.prompt_len} "
+                             f"(seq_len {self.seq_len})")
+        if self.stage == "grpo" and self.group_size < 2:
+            raise ValueError(f"group_size must be >= 2, got {self.group_size}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def rollout_rows(self) -> int:
+        return self.batch_size * (self.group_size if self.stage == "grpo" else 1)
+
+    @property
+    def micro_rows(self) -> int:
+        """Rows of one forward/backward micro-batch."""
+        if self.stage in ("ppo", "grpo"):
+            return max(1, self.rollout_rows // (self.num_minibatches * self.grad_accum_steps))
+        return self.batch_size * (2 if self.stage in ("rm", "dpo") else 1)
+
+
+@dataclass
+class StepResult:
+    """Peaks of one measured step (a `MemoryCounter`'s), and how it ran."""
+
+    n_layers: int
+    peak: Snapshot
+    phase_peaks: dict[str, Snapshot]
+    region_peaks: dict[tuple, Snapshot]
+    static_bytes: dict[str, int] = field(default_factory=dict)  # category -> bytes before the step
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+class _StopAfterOneStep(Exception):
+    """Raised after the first optimizer step of a PPO/GRPO update (the others repeat it)."""
+
+
+# ---------------------------------------------------------------------------- models
+
+
+def build_causal_lm(config, dtype: torch.dtype, *, fake: bool, kind: str = "causal-lm", seed: int = 0):
+    """A causal LM (or a 1-label sequence classifier) from `config`: on the meta device when `fake`
+    (fakeified later), else real random weights on the CPU."""
+    from fastrlhf.planner.fake import build_causal_lm as build
+
+    return build(config, dtype, device="meta" if fake else "cpu", kind=kind, seed=seed)
+
+
+def stage_roles(spec: StepSpec) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(roles, trainable roles) of the RoleModel for a stage, as `fastrlhf.train` builds it."""
+    roles = {"sft": ("policy",), "rm": ("reward",), "dpo": ("policy",), "ppo": ("policy", "value"),
+             "grpo": ("policy",)}[spec.stage]
+    trainable = roles
+    if spec.stage in ("ppo", "grpo") and spec.reward_model:
+        roles = (*roles, "reward")
+    return roles, trainable
+
+
+def role_of_parameters(role_model) -> dict[int, str]:
+    """{id(parameter or buffer): role} of a RoleModel: adapters and heads by role, the shared
+    base "base" (LoRA) or "policy" (full fine-tuning), the reference copy "reference"."""
+    owner: dict[int, str] = {}
+    reference = role_model.__dict__.get("_reference_lm")
+    if reference is not None:
+        for t in [*reference.parameters(), *reference.buffers()]:
+            owner[id(t)] = "reference"
+    reward_lm = getattr(role_model, "reward_lm", None) if not role_model.use_lora else None
+    if reward_lm is not None:
+        for t in [*reward_lm.parameters(), *reward_lm.buffers()]:
+            owner[id(t)] = "reward"
+    for role, head in role_model.heads.items():
+        for t in head.parameters():
+            owner[id(t)] = role
+    for name, t in role_model.named_parameters():
+        parts = name.split(".")
+        at = next((i for i, part in enumerate(parts) if part.startswith("lora_")), None)
+        if at is not None and at + 1 < len(parts) and parts[at + 1] in role_model.roles:
+            owner[id(t)] = parts[at + 1]
+    base = "base" if role_model.use_lora else "policy"
+    for t in [*role_model.parameters(), *role_model.buffers()]:
+        owner.setdefault(id(t), base)
+    return owner
+
+
+# ---------------------------------------------------------------------------- batches (real tensors)
+
+
+def _rng(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _lengths(rows: int, length: int, g: torch.Generator) -> list[int]:
+    """Row 0 at full length, the others a little shorter: the batch has padding (so attention runs
+    with a padding mask, as in training) and its width is `length`."""
+    short = torch.randint(max(2, length - max(1, length // 8)), length + 1, (rows,), generator=g).tolist()
+    short[0] = length
+    return short
+
+
+def sft_batch(rows: int, length: int, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    from fastrlhf.data import collate_sft
+
+    g = _rng(seed)
+    examples = []
+    for n in _lengths(rows, length, g):
+        ids = torch.randint(1, vocab, (n,), generator=g).tolist()
+        prompt = max(1, n // 4)
+        examples.append({"input_ids": ids, "loss_mask": [0] * prompt + [1] * (n - prompt)})
+    return collate_sft(examples, PAD_ID)
+
+
+def preference_batch(pairs: int, length: int, vocab: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    from fastrlhf.data import collate_preferences
+
+    g = _rng(seed)
+    examples = []
+    for chosen_n, rejected_n in zip(_lengths(pairs, length, g), _lengths(pairs, length, g)):
+        example = {}
+        for side, n in (("chosen", chosen_n), ("rejected", rejected_n)):
+            prompt = max(1, n // 4)
+            example[f"{side}_input_ids"] = torch.randint(1, vocab, (n,), generator=g).tolist()
+            example[f"{side}_loss_mask"] = [0] * prompt + [1] * (n - prompt)
+        examples.append(example)
+    return collate_preferences(examples, PAD_ID)
+
+
+def rollout_batch(rows: int, prompt_len: int, length: int, vocab: int, eos_id: int, seed: int = 0) -> dict:
+    """What `PolicyGradientTrainer.rollout` returns for `rows` completions: prompt_len prompt tokens
+    and up to length - prompt_len generated ones (row 0 the longest)."""
+    from fastrlhf.trainers.rollout import build_rollout_batch
+
+    g = _rng(seed)
+    prompts, completions = [], []
+    for n in _lengths(rows, length, g):
+        prompts.append(torch.randint(1, vocab, (prompt_len,), generator=g).tolist())
+        completion = torch.randint(1, vocab, (max(1, n - prompt_len),), generator=g).tolist()
+        completion[-1] = eos_id
+        completions.append(completion)
+    batch = build_rollout_batch(prompts, completions, pad_token_id=PAD_ID)
+    batch["has_eos"] = torch.ones(rows, dtype=torch.bool)
+    batch["completion_ids"] = completions
+    return batch
+
+
+def _fake_inputs(batch: dict, mode) -> dict:
+    if mode is None:
+        return batch
+    return {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------- the run
+
+
+@dataclass
+class _Run:
+    """Everything one step needs, set up by a setup builder."""
+
+    modules: list                      # every nn.Module holding weights (fakeified in fake mode)
+    owner: dict[int, str]              # id(tensor) -> role, for parameters and buffers
+    optimizer: torch.optim.Optimizer | None = None
+    params: list = field(default_factory=list)
+    step: object = None                # callable(counter, inputs) running the measured step
+    inputs: dict = field(default_factory=dict)
+    layers: list = field(default_factory=list)  # decoder layer lists to watch
+    notes: list = field(default_factory=list)
+
+
+def run_step(spec: StepSpec, config, *, n_layers: int | None = None, fake: bool = True, target: str = "cuda",
+             seed: int = 0) -> StepResult:
+    """Build the setup of `spec` on `config` (cut to `n_layers` decoder layers), run one step under a
+    MemoryCounter and return its peaks.
+
+    fake: fake tensors (no memory used, any size) or real random weights on the CPU.
+    target: "cuda" simulates an H100/H200 (`fastrlhf.planner.cuda`, 512-byte allocator blocks);
+        "cpu" runs the CPU code paths with exact byte counts (what a real CPU run can be compared to).
+    """
+    from fastrlhf.planner import cuda
+    from fastrlhf.planner.configs import with_layers
+    from fastrlhf.planner.fake import fakeify, new_fake_mode
+
+    if target not in ("cuda", "cpu"):
+        raise ValueError(f"target must be 'cuda' or 'cpu', got {target!r}")
+    if n_layers is not None:
+        config = with_layers(config, n_layers)
+    started = time.perf_counter()
+    mode = new_fake_mode() if fake else None
+    counter = MemoryCounter(block_bytes=512 if target == "cuda" else 1, scalar_answers=fake)
+    with contextlib.ExitStack() as stack:
+        if target == "cuda":
+            stack.enter_context(cuda.cuda_semantics())
+        if spec.legacy_peft_upcast:
+            stack.enter_context(_legacy_peft_upcast())
+        prepare = (lambda modules: fakeify(modules, mode)) if fake else (lambda modules: None)
+        if spec.setup in FASTRLHF_SETUPS:
+            run = _build_fastrlhf(spec, config, fake=fake, target=target, seed=seed, prepare=prepare)
+        else:
+            from fastrlhf.planner import trl_style
+
+            run = trl_style.build(spec, config, fake=fake, target=target, seed=seed, prepare=prepare)
+        stack.enter_context(torch.random.fork_rng(devices=[]))
+        torch.manual_seed(seed)
+        if mode is not None:
+            stack.enter_context(mode)
+        stack.enter_context(counter)
+        for module in run.modules:
+            for t in [*module.parameters(), *module.buffers()]:
+                counter.track(t, "parameters", run.owner.get(id(t), "other"))
+        for layers in run.layers:
+            counter.layers.watch(layers)
+        stack.callback(counter.close)
+        grad_hooks = counter.watch_gradients(run.params, lambda p: run.owner.get(id(p), "other"))
+        stack.callback(lambda: [h.remove() for h in grad_hooks])
+        if target == "cuda" and run.optimizer is not None:
+            cuda.CudaOptimizerDefaults.apply(run.optimizer)
+        _warm_optimizer(run, counter)
+        static = counter.live_snapshot().by(0)
+        counter.reset_peaks()
+        inputs = _fake_inputs(run.inputs, mode)
+        with counter.saved_tensors_hooks():
+            run.step(counter, inputs)
+        result = StepResult(n_layers=config.num_hidden_layers, peak=counter.peak, phase_peaks=counter.phase_peaks,
+                            region_peaks=counter.region_peaks, static_bytes=static, notes=run.notes)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def _warm_optimizer(run: _Run, counter: MemoryCounter) -> None:
+    """Create the optimizer state with the optimizer's own step on zero gradients, then label it."""
+    if run.optimizer is None:
+        return
+    with counter.label(phase="setup"), torch.no_grad():
+        for p in run.params:
+            p.grad = torch.zeros_like(p)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    for group in run.optimizer.param_groups:
+        for p in group["params"]:
+            for value in run.optimizer.state.get(p, {}).values():
+                if isinstance(value, torch.Tensor):
+                    counter.relabel(value, "optimizer", run.owner.get(id(p), "other"))
+
+
+@contextlib.contextmanager
+def _legacy_peft_upcast():
+    """LoRA over a bf16 base as before commit 6828f2e: no autocast around the decoder, peft's own
+    fp32 upcast of each adapted layer's input (only needed for today's code; older code has
+    nothing to switch off)."""
+    import importlib
+
+    try:
+        mixed = importlib.import_module("fastrlhf._mixed_precision")
+        roles = importlib.import_module("fastrlhf.roles")
+    except ImportError:
+        yield
+        return
+    null = lambda *args, **kwargs: contextlib.nullcontext()  # noqa: E731
+    patches = [(mixed, "low_precision_lora"), (roles, "low_precision_lora")]
+    saved = [(obj, name, getattr(obj, name)) for obj, name in patches if hasattr(obj, name)]
+    for obj, name, _ in saved:
+        setattr(obj, name, null)
+    try:
+        yield
+    finally:
+        for obj, name, value in saved:
+            setattr(obj, name, value)
+
+
+# ---------------------------------------------------------------------------- fastrlhf setups
+
+
+def _records(stage: str) -> list[dict]:
+    if stage == "sft":
+        return [{"prompt": "say yes", "completion": "yes"}] * 2
+    if stage in ("rm", "dpo"):
+        return [{"prompt": "say yes", "chosen": "yes", "rejected": "no"}] * 2
+    return [{"prompt": "say yes"}] * 2
+
+
+def _trainer_and_config(spec: StepSpec, target: str):
+    from fastrlhf import trainers
+
+    trainer_name, config_name = trainers.TRAINERS[spec.stage]
+    trainer_class, config_class = getattr(trainers, trainer_name), getattr(trainers, config_name)
+    options = dict(output_dir="/nonexistent/fastrlhf-planner", batch_size=spec.batch_size,
+                   grad_accum_steps=spec.grad_accum_steps, progress=False, save_final=False, max_steps=1,
+                   backend="auto" if target == "cuda" else "torch", bf16="false")
+    if spec.stage in ("sft", "rm", "dpo"):
+        options["max_length"] = spec.seq_len
+        options["eval_batch_size"] = spec.batch_size
+    else:
+        options.update(max_prompt_length=spec.prompt_len, max_new_tokens=spec.seq_len - spec.prompt_len,
+                       ppo_epochs=spec.ppo_epochs, num_minibatches=spec.num_minibatches,
+                       entropy_coef=spec.entropy_coef)
+        if spec.kl_coef is not None:
+            options["kl_coef"] = spec.kl_coef
+        if spec.stage == "grpo":
+            options["group_size"] = spec.group_size
+    return trainer_class, config_class(**options)
+
+
+def _label_role_methods(role_model, counter_ref: list) -> None:
+    """Storages created inside a role's method are attributed to that role."""
+
+    def wrap(name, role_of_call):
+        method = getattr(role_model, name)
+
+        def labelled(*args, **kwargs):
+            counter = counter_ref[0]
+            if counter is None:
+                return method(*args, **kwargs)
+            with counter.label(role=role_of_call(args)):
+                return method(*args, **kwargs)
+        setattr(role_model, name, labelled)
+
+    first = lambda args: args[0] if args else "other"  # noqa: E731
+    wrap("token_logprobs", first)
+    wrap("hidden_states", first)
+    wrap("values", lambda args: "value")
+    wrap("rewards", lambda args: "reward")
+    wrap("token_logprobs_and_values", lambda args: "policy")
+
+
+def _decoder_layer_lists(role_model) -> list:
+    from fastrlhf.planner.fake import decoder_layers
+
+    trunks = [role_model.causal_lm]
+    if not role_model.use_lora:
+        trunks += [m for m in (getattr(role_model, "reward_lm", None), role_model.__dict__.get("_reference_lm"))
+                   if m is not None]
+    return [decoder_layers(t) for t in trunks]
+
+
+def _keep_layers_training(role_model, layer_lists) -> None:
+    """model.eval() everywhere but the decoder layers themselves flagged training, so that
+    transformers' activation checkpointing (which looks at layer.training) stays on in PPO/GRPO,
+    whose trainers run the whole iteration in eval mode; dropout modules stay in eval mode."""
+    original_eval = role_model.eval
+
+    def eval_keeping_checkpointing():
+        original_eval()
+        for layers in layer_lists:
+            for layer in layers:
+                layer.training = True
+        return role_model
+    role_model.eval = eval_keeping_checkpointing
+
+
+def _build_fastrlhf(spec: StepSpec, config, *, fake: bool, target: str, seed: int, prepare) -> _Run:
+    from fastrlhf.distributed import DistContext
+    from fastrlhf.roles import RoleModel
+    from fastrlhf.testing import tiny_tokenizer
+
+    dtype = spec.torch_dtype
+    torch.manual_seed(seed)
+    base = build_causal_lm(config, dtype, fake=fake, seed=seed)
+    roles, trainable = stage_roles(spec)
+    role_model = RoleModel(
+        base, roles=roles, trainable_roles=trainable, use_lora=spec.setup == "shared-lora",
+        lora_r=spec.lora_r, lora_alpha=spec.lora_alpha,
+        lora_target_modules=list(spec.lora_target_modules) if spec.lora_target_modules else None,
+        reference_device=spec.reference_device,
+    )
+    notes = []
+    modules = [role_model]
+    reference = role_model.__dict__.get("_reference_lm")
+    if reference is not None:
+        modules.append(reference)
+    prepare(modules)  # fake tensors in place, before any optimizer holds the parameters
+    layer_lists = _decoder_layer_lists(role_model)
+    if spec.checkpointing:
+        role_model.gradient_checkpointing_enable()
+        if spec.stage in ("ppo", "grpo"):
+            _keep_layers_training(role_model, layer_lists[:1])
+            notes.append("PPO/GRPO trainers run in eval mode, which turns transformers' activation checkpointing "
+                         "off; simulated with the decoder layers flagged training")
+    owner = role_of_parameters(role_model)
+
+    counter_ref: list = [None]
+    _label_role_methods(role_model, counter_ref)
+    tokenizer = tiny_tokenizer()
+    trainer_class, trainer_config = _trainer_and_config(spec, target)
+    reward_fn = None if spec.reward_model or spec.stage not in ("ppo", "grpo") else (lambda p, c, r: [0.0] * len(p))
+    trainer = trainer_class(role_model, tokenizer, trainer_config, _records(spec.stage), reward_fn=reward_fn,
+                            ctx=DistContext(device=torch.device("cpu")))
+    if target == "cuda" and dtype != torch.float32:
+        from fastrlhf.planner.cuda import bf16_autocast
+
+        trainer.autocast = bf16_autocast  # the trainers' bf16 autocast on CUDA
+    vocab = config.vocab_size
+    eos = tokenizer.eos_token_id
+    inputs = _stage_inputs(spec, vocab, eos, seed)
+
+    def step(counter: MemoryCounter, batch: dict) -> None:
+        counter_ref[0] = counter
+        try:
+            _fastrlhf_step(spec, trainer, counter, batch)
+        finally:
+            counter_ref[0] = None
+
+    return _Run(modules=modules, owner=owner, optimizer=trainer.optimizer, params=list(trainer.params), step=step,
+                inputs=inputs, layers=layer_lists, notes=notes)
+
+
+def _stage_inputs(spec: StepSpec, vocab: int, eos: int, seed: int) -> dict:
+    if spec.stage == "sft":
+        micro = [sft_batch(spec.batch_size, spec.seq_len, vocab, seed + i) for i in range(min(spec.grad_accum_steps, 2))]
+    elif spec.stage in ("rm", "dpo"):
+        micro = [preference_batch(spec.batch_size, spec.seq_len, vocab, seed + i)
+                 for i in range(min(spec.grad_accum_steps, 2))]
+    else:
+        return rollout_batch(spec.rollout_rows, spec.prompt_len, spec.seq_len, vocab, eos, seed)
+    return {f"micro{i}.{k}": v for i, batch in enumerate(micro) for k, v in batch.items()}
+
+
+def _micro_batches(inputs: dict) -> list[dict]:
+    out: dict[int, dict] = {}
+    for key, value in inputs.items():
+        index, _, name = key.partition(".")
+        out.setdefault(int(index.removeprefix("micro")), {})[name] = value
+    return [out[i] for i in sorted(out)]
+
+
+def _phase_hooks(trainer, counter: MemoryCounter, loss_name: str) -> None:
+    """Phase labels: "forward" from the start of each loss, "optimizer step" from the gradient sync
+    (after the last backward) on; "backward" is found by the counter itself."""
+    loss_fn = getattr(trainer, loss_name)
+
+    def labelled_loss(*args, **kwargs):
+        counter.phase = "forward"
+        return loss_fn(*args, **kwargs)
+    setattr(trainer, loss_name, labelled_loss)
+    sync = trainer.ctx.sync_gradients
+
+    def labelled_sync(params):
+        counter.phase = "optimizer step"
+        return sync(params)
+    trainer.ctx.sync_gradients = labelled_sync
+
+
+def _fastrlhf_step(spec: StepSpec, trainer, counter: MemoryCounter, inputs: dict) -> None:
+    if spec.stage in ("sft", "rm", "dpo"):
+        micro = _micro_batches(inputs)
+        if spec.stage == "dpo" and trainer.precompute:
+            with counter.label(phase="reference precompute"), torch.no_grad():
+                for batch in micro:
+                    with trainer.autocast():
+                        batch["ref_logps"] = trainer.sequence_logps("reference", batch).float()
+        _phase_hooks(trainer, counter, "compute_loss")
+        trainer.model.train()
+        trainer.optimize(micro)
+        return
+    _policy_gradient_step(spec, trainer, counter, inputs)
+
+
+def _policy_gradient_step(spec: StepSpec, trainer, counter: MemoryCounter, batch: dict) -> None:
+    from fastrlhf.trainers import _policy_gradient as pg
+
+    rows = batch["input_ids"].shape[0]
+    batch = {**batch, "examples": [{"input_ids": [1], "prompt": "p"}] * rows}
+    trainer.rollout = lambda prompts, repeat=1: batch
+    if not spec.reward_model:
+        trainer.score = lambda b: torch.zeros(b["input_ids"].shape[0], dtype=torch.float32)
+    prompts = trainer.train_examples[:1] * spec.batch_size
+    original_optimize = trainer.optimize
+
+    def one_optimizer_step(micro, **kwargs):
+        original_optimize(micro[:2], **kwargs)
+        raise _StopAfterOneStep
+    trainer.optimize = one_optimizer_step
+    _phase_hooks(trainer, counter, "policy_loss")
+
+    def full_width_rows(experience, rows):  # the data-dependent cut to the longest row, skipped
+        return {k: v[rows.to(v.device)] for k, v in experience.items()}
+
+    saved_select = pg.select_rows
+    pg.select_rows = full_width_rows
+    try:
+        trainer.model.eval()
+        with counter.label(phase="rollout scoring"), torch.no_grad():
+            experience, _ = trainer.make_experience(prompts)
+        try:
+            trainer.update(experience)
+        except _StopAfterOneStep:
+            pass
+    finally:
+        pg.select_rows = saved_select
+
+
+def describe(spec: StepSpec) -> str:
+    shape = (f"B={spec.batch_size} prompts x T={spec.seq_len} ({spec.prompt_len}+{spec.seq_len - spec.prompt_len})"
+             if spec.stage in ("ppo", "grpo") else
+             f"B={spec.batch_size}{' pairs' if spec.stage in ('rm', 'dpo') else ''} x T={spec.seq_len}")
+    return f"{spec.stage} {spec.setup} {shape} {spec.dtype}{' ckpt' if spec.checkpointing else ''}"
+
+
+def with_changes(spec: StepSpec, **changes) -> StepSpec:
+    return replace(spec, **changes)
+
+
+__all__ = ["STAGES", "SETUPS", "StepSpec", "StepResult", "run_step", "describe", "with_changes",
+           "sft_batch", "preference_batch", "rollout_batch", "build_causal_lm"]
