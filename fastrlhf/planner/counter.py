@@ -192,18 +192,41 @@ class MemoryCounter(TorchDispatchMode):
         self.region_peaks: dict[tuple, Snapshot] = {}
         self.layers = LayerTracker()
         self._finalizers: dict[int, weakref.finalize] = {}
+        self._role_intervals: list[tuple[int, int, str]] = []
+        self._backward_role = "other"
 
     # ------------------------------------------------------------------ labels
     @contextlib.contextmanager
     def label(self, *, role: str | None = None, phase: str | None = None):
-        """New storages created inside are attributed to `role` / `phase`."""
+        """New storages created inside are attributed to `role` / `phase`; so are those created
+        later by the backward of the autograd nodes recorded inside (found by sequence number)."""
         previous = self.role, self.phase
         self.role = role if role is not None else self.role
         self.phase = phase if phase is not None else self.phase
+        start = torch._C._autograd._get_sequence_nr()
         try:
             yield
         finally:
+            end = torch._C._autograd._get_sequence_nr()
+            if role is not None and end > start:
+                self._role_intervals.append((start, end, role))
             self.role, self.phase = previous
+
+    def _role_now(self) -> str:
+        """The label's role, or in a backward the role whose forward recorded the running node."""
+        node = torch._C._current_autograd_node()
+        if node is None:
+            return self.role
+        seq = node._sequence_nr()
+        if seq >= _ACCUMULATE_GRAD_SEQ:
+            return self._backward_role
+        role = self.role
+        for start, end, interval_role in reversed(self._role_intervals):  # innermost label wins
+            if start <= seq < end:
+                role = interval_role
+                break
+        self._backward_role = role
+        return role
 
     def reset_peaks(self, phase: str = "step") -> None:
         """Forget the peaks (live storages stay counted): measure from here on, in `phase`."""
@@ -237,6 +260,14 @@ class MemoryCounter(TorchDispatchMode):
         self._bump((old_cat, old_role, phase), -nbytes)
         entry[1], entry[2] = category, role or old_role
         self._bump((entry[1], entry[2], phase), nbytes)
+
+    def relabel_category(self, old: str, new: str) -> None:
+        """Move every live storage of category `old` to `new` (e.g. what a warm-up step left)."""
+        for entry in self._live.values():
+            if entry[1] == old:
+                self._bump((old, entry[2], entry[3]), -entry[0])
+                entry[1] = new
+                self._bump((new, entry[2], entry[3]), entry[0])
 
     def category_of(self, tensor: torch.Tensor) -> str | None:
         storage = self._storage(tensor)
@@ -314,12 +345,19 @@ class MemoryCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if self.scalar_answers and func is torch.ops.aten._local_scalar_dense.default:
             return _neutral_scalar(args[0])
-        out = func(*args, **(kwargs or {}))
+        try:
+            out = func(*args, **(kwargs or {}))
+        except ValueError as error:
+            # a fake tensor's impossible view raises ValueError where eager raises RuntimeError
+            # (which code catches to fall back to a copy, e.g. fastrlhf's rows_view)
+            if func.overloadpacket is torch.ops.aten.view:
+                raise RuntimeError(str(error)) from error
+            raise
         for leaf in tree_leaves(out):
             if isinstance(leaf, torch.Tensor):
                 storage = self._storage(leaf)
                 if storage is not None and id(storage) not in self._live:
-                    self._add(storage, id(storage), "temporaries", self.role)
+                    self._add(storage, id(storage), "temporaries", self._role_now())
         return out
 
     # ------------------------------------------------------------------ hooks

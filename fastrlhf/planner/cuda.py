@@ -23,6 +23,7 @@ simulation only, each decision that changes memory:
 from __future__ import annotations
 
 import contextlib
+import importlib
 import math
 
 import torch
@@ -100,14 +101,9 @@ def sdpa_like_cuda(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=F
 _ORIGINAL_SDPA = F.scaled_dot_product_attention
 
 
-class CudaOptimizerDefaults:
-    """Set on an optimizer what CUDA would pick: AdamW's for-each implementation."""
-
-    @staticmethod
-    def apply(optimizer: torch.optim.Optimizer) -> None:
-        optimizer.defaults["foreach"] = True
-        for group in optimizer.param_groups:
-            group["foreach"] = True
+def _foreach_like_cuda(params, differentiable, use_fused=False):
+    """torch.optim's implementation choice for CUDA parameters: for-each unless differentiable."""
+    return False, not differentiable
 
 
 @contextlib.contextmanager
@@ -120,6 +116,8 @@ def cuda_semantics():
         stack.enter_context(_patched(jit.KernelInterface, "__getitem__", lambda self, grid: _no_launch))
         stack.enter_context(_patched(FakeTensor, "is_cuda", property(lambda self: True)))
         stack.enter_context(_patched(F, "scaled_dot_product_attention", sdpa_like_cuda))
+        stack.enter_context(_patched(importlib.import_module("torch.optim.adam"), "_default_to_fused_or_foreach",
+                                     _foreach_like_cuda))
         dispatch = modules.get("fastrlhf._dispatch")
         if dispatch is not None:
             stack.enter_context(_patched(dispatch, "interpreter_enabled", lambda: True))

@@ -67,9 +67,10 @@ def _to_fake(mode: FakeTensorMode, tensor: torch.Tensor) -> torch.Tensor:
     return mode.from_tensor(tensor)
 
 
-def fakeify(modules, mode: FakeTensorMode) -> None:
+def fakeify(modules, mode: FakeTensorMode) -> dict[int, torch.Tensor]:
     """Replace every parameter and buffer of `modules` (and their submodules), in place, by a fake
-    CPU tensor of the same shape, dtype and requires_grad; shared tensors stay shared."""
+    CPU tensor of the same shape, dtype and requires_grad; shared tensors stay shared.
+    Returns {id(old tensor): new tensor}, to update lists that held the old parameters."""
     memo: dict[int, torch.Tensor] = {}
     for root in modules:
         for module in root.modules():
@@ -85,6 +86,7 @@ def fakeify(modules, mode: FakeTensorMode) -> None:
                 if id(buffer) not in memo:
                     memo[id(buffer)] = _to_fake(mode, buffer)
                 module._buffers[name] = memo[id(buffer)]
+    return memo
 
 
 def decoder_layers(model) -> list[nn.Module]:

@@ -304,8 +304,6 @@ def run_step(spec: StepSpec, config, *, n_layers: int | None = None, fake: bool 
         stack.callback(counter.close)
         grad_hooks = counter.watch_gradients(run.params, lambda p: run.owner.get(id(p), "other"))
         stack.callback(lambda: [h.remove() for h in grad_hooks])
-        if target == "cuda" and run.optimizer is not None:
-            cuda.CudaOptimizerDefaults.apply(run.optimizer)
         _warm_optimizer(run, counter)
         static = counter.live_snapshot().by(0)
         counter.reset_peaks()
