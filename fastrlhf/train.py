@@ -68,10 +68,11 @@ def _trainer_classes(name: str):
 
 def commands() -> dict[str, Command]:
     from fastrlhf.pipeline import PipelineOptions
+    from fastrlhf.planner.cli import PlanOptions
 
     data_help = {k: f"\ndata format ({DATA_KINDS[k]}), one record per line of a .jsonl file:\n  {DATA_FORMATS[DATA_KINDS[k]]}"
                  for k in DATA_KINDS}
-    return {
+    stages = {
         "sft": Command("supervised fine-tuning of the policy (LoRA by default)",
                        (ModelOptions, DataOptions, PolicyOutputOptions, _trainer_classes("sft")[1]),
                        epilog=data_help["sft"] + "\nexample:\n  python -m fastrlhf.train sft --data sft.jsonl --output-dir out/sft"),
@@ -93,6 +94,9 @@ def commands() -> dict[str, Command]:
                             "-> evaluation table (the default when no subcommand is given)",
                             (ModelOptions, PipelineOptions)),
     }
+    for name in DATA_KINDS:  # every stage: --plan prints the predicted GPU memory instead of training
+        stages[name].option_classes += (PlanOptions,)
+    return stages
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -105,6 +109,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, options = parse_args(parser, argv, default_command="pipeline")
     subparser_error = _subparser(parser, command).error
     try:
+        plan = next((o for o in options.values() if type(o).__name__ == "PlanOptions"), None)
+        if plan is not None and plan.plan:
+            from fastrlhf.planner.cli import run_plan
+
+            return run_plan(command, options)
         if command == "pipeline":
             from fastrlhf.pipeline import PipelineOptions, run_pipeline
 

@@ -228,7 +228,7 @@ class MemoryCounter(TorchDispatchMode):
         self._backward_role = role
         return role
 
-    def reset_peaks(self, phase: str = "step") -> None:
+    def reset_peaks(self, phase: str = "step setup") -> None:
         """Forget the peaks (live storages stay counted): measure from here on, in `phase`."""
         self.phase = phase
         self.peak = Snapshot()

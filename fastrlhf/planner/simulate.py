@@ -118,16 +118,26 @@ class Prediction:
         name = max(cats, key=cats.get)
         return name, cats[name]
 
+    def _sharded(self, key: tuple[str, str, str]) -> bool:
+        """Whether FSDP shards the bytes of a (category, role, phase created) part: parameters,
+        gradients, optimizer state, and the optimizer step's temporaries (for-each AdamW works on
+        the local shards), except the frozen reference copy of fastrlhf's full fine-tuning, which
+        lives outside the module that --fsdp wraps."""
+        category, role, phase = key
+        if category == "parameters" and role == "reference" and self.spec.setup == "full":
+            return False
+        return category in STATIC_CATEGORIES or (category == "temporaries" and phase == "optimizer step")
+
     def fsdp_peak_bytes(self, gpus: int) -> int:
-        """Peak per GPU with parameters, gradients and optimizer state sharded over `gpus` GPUs
-        (activations and temporaries not), taken over every region (the peak may move)."""
+        """Peak per GPU with FSDP over `gpus` GPUs: the sharded parts (`_sharded`) divided, the
+        activations and other temporaries not; taken over every region (the peak may move).
+        FSDP's own all-gather buffers (about two layers of weights) are not counted."""
         if gpus < 1:
             raise ValueError(f"gpus must be >= 1, got {gpus}")
         best = 0
         for snap in self.regions.values():
-            cats = snap.by(0)
-            static = sum(cats.get(c, 0) for c in STATIC_CATEGORIES)
-            best = max(best, snap.total - static + -(-static // gpus))
+            sharded = sum(v for k, v in snap.parts.items() if self._sharded(k))
+            best = max(best, snap.total - sharded + -(-sharded // gpus))
         return best
 
 

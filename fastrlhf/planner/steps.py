@@ -122,6 +122,7 @@ class StepResult:
     region_peaks: dict[tuple, Snapshot]
     static_bytes: dict[str, int] = field(default_factory=dict)  # category -> bytes before the step
     seconds: float = 0.0
+    profiler_peak: int | None = None  # real runs with profile=True: the same peak from torch.profiler
     notes: list[str] = field(default_factory=list)
 
 
@@ -260,14 +261,18 @@ class _Run:
 
 
 def run_step(spec: StepSpec, config, *, n_layers: int | None = None, fake: bool = True, target: str = "cuda",
-             seed: int = 0) -> StepResult:
+             seed: int = 0, profile: bool = False) -> StepResult:
     """Build the setup of `spec` on `config` (cut to `n_layers` decoder layers), run one step under a
     MemoryCounter and return its peaks.
 
     fake: fake tensors (no memory used, any size) or real random weights on the CPU.
     target: "cuda" simulates an H100/H200 (`fastrlhf.planner.cuda`, 512-byte allocator blocks);
         "cpu" runs the CPU code paths with exact byte counts (what a real CPU run can be compared to).
+    profile: real CPU runs only: also measure the step with torch.profiler's allocator events (an
+        independent count that also sees buffers allocated inside kernels) -> `profiler_peak`.
     """
+    if profile and (fake or target != "cpu"):
+        raise ValueError("profile=True needs a real CPU run (fake=False, target='cpu')")
     from fastrlhf.planner import cuda
     from fastrlhf.planner.configs import with_layers
     from fastrlhf.planner.fake import fakeify, new_fake_mode
@@ -308,12 +313,43 @@ def run_step(spec: StepSpec, config, *, n_layers: int | None = None, fake: bool 
         static = counter.live_snapshot().by(0)
         counter.reset_peaks()
         inputs = _fake_inputs(run.inputs, mode)
-        with counter.saved_tensors_hooks():
+        live_before = counter.total
+        profiler = _allocator_profile() if profile else contextlib.nullcontext()
+        with counter.saved_tensors_hooks(), profiler as prof:
             run.step(counter, inputs)
         result = StepResult(n_layers=config.num_hidden_layers, peak=counter.peak, phase_peaks=counter.phase_peaks,
                             region_peaks=counter.region_peaks, static_bytes=static, notes=run.notes)
+        if profile:
+            result.profiler_peak = live_before + _profiled_peak(prof)
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _allocator_profile():
+    from torch.profiler import ProfilerActivity, profile
+
+    return profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+
+
+def _profiled_peak(prof) -> int:
+    """Peak of (allocated - freed) inside the profiled window, from the CPU allocator's events."""
+    from torch._C._profiler import _EventType
+
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        node = stack.pop()
+        if node.tag == _EventType.Allocation:
+            events.append((node.start_time_ns, node.extra_fields.ptr, node.extra_fields.alloc_size))
+        stack.extend(node.children)
+    live, current, peak = {}, 0, 0
+    for _, ptr, size in sorted(events):
+        if size > 0:
+            live[ptr] = size
+            current += size
+            peak = max(peak, current)
+        elif ptr in live:
+            current -= live.pop(ptr)
+    return peak
 
 
 def _warm_optimizer(run: _Run, counter: MemoryCounter) -> None:
@@ -485,7 +521,8 @@ def _build_fastrlhf(spec: StepSpec, config, *, fake: bool, target: str, seed: in
     def step(counter: MemoryCounter, batch: dict) -> None:
         counter_ref[0] = counter
         try:
-            _fastrlhf_step(spec, trainer, counter, batch)
+            with trainer.backend_scope():  # the trainer's backend for the whole step, rollout scoring included
+                _fastrlhf_step(spec, trainer, counter, batch)
         finally:
             counter_ref[0] = None
 
