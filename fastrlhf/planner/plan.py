@@ -25,12 +25,20 @@ from fastrlhf.planner.steps import StepSpec, describe
 GIB = 2**30
 CONTEXT_RESERVE_GIB = 1.0
 DEFAULT_GPU_GIB = 80.0
-MAX_BATCH = 4096
+MAX_BATCH = 512  # the batch-size search stops here (shown as 512+)
 SEARCH_SIMULATIONS = 1  # extra simulations per checkpointing mode for the largest batch size
 
 
 def gib(n: float) -> str:
     return f"{n / GIB:.1f}"
+
+
+def size(n: float) -> str:
+    """Bytes as GiB (MiB / KiB for small numbers)."""
+    for unit, scale in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= scale or unit == "KiB":
+            return f"{n / scale:.{2 if n < 10 * scale else 1}f} {unit}"
+    return f"{n} B"
 
 
 @dataclass
@@ -190,7 +198,7 @@ def _suggestions(plan: Plan, capacity: float, config, run) -> list[str]:
                 at = f"--batch-size {base.spec.batch_size}"
                 out.append(f"FSDP over {gpus} GPUs (--fsdp, torchrun) fits at {at}"
                            f"{' with activation checkpointing' if mode.checkpointing else ' without checkpointing'}:"
-                           f" {gib(base.fsdp_peak_bytes(gpus))} GiB per GPU")
+                           f" {size(base.fsdp_peak_bytes(gpus))} per GPU")
                 break
         else:
             out.append(f"not even FSDP over 64 GPUs fits at --batch-size {base.spec.batch_size}"
@@ -198,7 +206,7 @@ def _suggestions(plan: Plan, capacity: float, config, run) -> list[str]:
     if plan.spec.setup == "full":
         lora = run(replace(plan.spec, setup="shared-lora", checkpointing=True, batch_size=1))
         verdict = "fits" if _needed(lora) <= capacity else "does not fit either"
-        out.append(f"LoRA roles (without --no-lora) with checkpointing at --batch-size 1: {gib(_needed(lora))} GiB, {verdict}")
+        out.append(f"LoRA roles (without --no-lora) with checkpointing at --batch-size 1: {size(_needed(lora))}, {verdict}")
     return out
 
 
@@ -206,7 +214,9 @@ def _suggestions(plan: Plan, capacity: float, config, run) -> list[str]:
 
 
 def _parameters_text(n: int) -> str:
-    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+    if n >= 1e9:
+        return f"{n / 1e9:.2f}B"
+    return f"{n / 1e6:.0f}M" if n >= 1e6 else f"{n / 1e3:.0f}K"
 
 
 def format_plan(plan: Plan) -> str:
@@ -215,42 +225,39 @@ def format_plan(plan: Plan) -> str:
              "full": "full fine-tuning (--no-lora: reference copy, value head on the policy trunk)",
              "separate": "TRL-style separate full models", "trl-peft": "TRL + peft"}[spec.setup]
     first = plan.modes[0].prediction
+    off, on = plan.modes
     lines = [
         f"fastrlhf memory plan: {spec.stage} on {plan.model} ({_parameters_text(plan.parameters)} parameters, "
         f"{plan.n_layers} layers), {setup}, {spec.dtype}, AdamW",
         f"  step: {describe(spec)}; micro-batch {spec.micro_rows} rows"
         + (f", gradient accumulation {spec.grad_accum_steps}" if spec.grad_accum_steps > 1 else ""),
-        f"  how: the trainer's own step on fake tensors as on an H100/H200 ({first.method}); "
-        f"{plan.seconds:.0f} s",
+        f"  how: the trainer's own step on fake tensors as on an H100/H200 ({first.method}); {plan.seconds:.0f} s",
         "",
-        f"  predicted peak per GPU, GiB        {'no checkpointing':>18s} {'checkpointing':>15s}",
     ]
-    cols = plan.modes
-    lines.append(f"    1 GPU (allocated)                {gib(cols[0].prediction.peak_bytes):>18s} "
-                 f"{gib(cols[1].prediction.peak_bytes):>15s}")
-    lines.append(f"    1 GPU (reserved, lower bound)    {gib(cols[0].prediction.reserved_bytes):>18s} "
-                 f"{gib(cols[1].prediction.reserved_bytes):>15s}")
-    for gpus in cols[0].fsdp:
-        lines.append(f"    FSDP over {gpus} GPUs{'':<{19 - len(str(gpus))}}{gib(cols[0].fsdp[gpus]):>18s} "
-                     f"{gib(cols[1].fsdp[gpus]):>15s}")
-    capacity_text = f"{plan.gpu_memory_gib:g} GiB ({plan.gpu_source})"
-    lines.append(f"    fits one {capacity_text:<24s}{'yes' if cols[0].fits else 'no':>10s} "
-                 f"{'yes' if cols[1].fits else 'no':>15s}")
-    if any(m.max_batch is not None for m in cols):
+    rows = [("predicted peak per GPU", "no checkpointing", "checkpointing"),
+            ("1 GPU, allocated", size(off.prediction.peak_bytes), size(on.prediction.peak_bytes)),
+            ("1 GPU, reserved (lower bound)", size(off.prediction.reserved_bytes), size(on.prediction.reserved_bytes))]
+    rows += [(f"FSDP over {gpus} GPUs", size(off.fsdp[gpus]), size(on.fsdp[gpus])) for gpus in off.fsdp]
+    rows.append((f"fits one {plan.gpu_memory_gib:g} GiB GPU ({plan.gpu_source})",
+                 "yes" if off.fits else "no", "yes" if on.fits else "no"))
+    if any(m.max_batch is not None for m in plan.modes):
         def batch_text(m):
             if m.max_batch is None:
                 return "-"
-            return ("none" if m.max_batch == 0 else str(m.max_batch)) + ("" if m.max_batch_verified else " (est.)")
-        lines.append(f"    largest --batch-size on one GPU {batch_text(cols[0]):>19s} {batch_text(cols[1]):>15s}")
-    for mode in cols:
+            text = {0: "none", MAX_BATCH: f"{MAX_BATCH}+"}.get(m.max_batch, str(m.max_batch))
+            return text + ("" if m.max_batch_verified else " (est.)")
+        rows.append(("largest --batch-size on one GPU", batch_text(off), batch_text(on)))
+    width = max(len(r[0]) for r in rows)
+    lines += [f"  {a:<{width}}  {b:>16}  {c:>14}" for a, b, c in rows]
+    for mode in plan.modes:
         p = mode.prediction
         name, value = p.dominant()
         label = "with checkpointing" if mode.checkpointing else "without checkpointing"
         lines.append("")
-        lines.append(f"  {label}: peak in phase '{p.peak_phase}', dominant term: {name} ({gib(value)} GiB)")
-        lines.append("    by category: " + ", ".join(f"{k} {gib(v)}" for k, v in _sorted(p.by_category())))
-        lines.append("    by role:     " + ", ".join(f"{k} {gib(v)}" for k, v in _sorted(p.by_role())))
-        lines.append("    phase peaks: " + ", ".join(f"{k} {gib(v)}" for k, v in p.phase_peaks_bytes().items()))
+        lines.append(f"  {label}: peak in phase '{p.peak_phase}', dominant term: {name} ({size(value)})")
+        lines.append("    by category: " + ", ".join(f"{k} {size(v)}" for k, v in _sorted(p.by_category())))
+        lines.append("    by role:     " + ", ".join(f"{k} {size(v)}" for k, v in _sorted(p.by_role())))
+        lines.append("    phase peaks: " + ", ".join(f"{k} {size(v)}" for k, v in p.phase_peaks_bytes().items()))
     if plan.suggestions:
         lines.append("")
         lines += [f"  -> {s}" for s in plan.suggestions]
@@ -261,4 +268,6 @@ def format_plan(plan: Plan) -> str:
 
 
 def _sorted(values: dict) -> list:
-    return sorted(((k, v) for k, v in values.items() if v >= GIB / 200), key=lambda kv: -kv[1])
+    """Largest first, leaving out parts under 0.5% of the total."""
+    total = sum(values.values()) or 1
+    return sorted(((k, v) for k, v in values.items() if v >= total / 200), key=lambda kv: -kv[1])
