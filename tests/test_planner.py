@@ -212,3 +212,23 @@ def test_fake_tensors_leave_no_real_memory_behind():
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     assert result.peak.total > 2e9 and after - before < 0.5e9
     assert torch.get_default_dtype() == torch.float32
+
+
+def test_full_fine_tuning_keeps_a_reference_copy_only_where_training_reads_it():
+    """fastrlhf.train: --no-lora SFT and DPO (reference log-probs precomputed from the untrained
+    policy) hold no reference copy; PPO and GRPO with a KL term do. The simulator follows it: the
+    SFT peak without the copy is lower by the model's bf16 weights."""
+    from fastrlhf.train import needs_reference_copy
+    from fastrlhf.trainers import DPOConfig, GRPOConfig, PPOConfig, SFTConfig
+
+    assert not needs_reference_copy("sft", SFTConfig()) and not needs_reference_copy("dpo", DPOConfig())
+    assert needs_reference_copy("ppo", PPOConfig()) and needs_reference_copy("grpo", GRPOConfig())
+    assert not needs_reference_copy("grpo", GRPOConfig(kl_coef=0.0))
+    config, name = load_config("Qwen2.5-0.5B")
+    spec = StepSpec("sft", setup="full", batch_size=1, seq_len=128)
+    with_copy = run_step(StepSpec("sft", setup="full", batch_size=1, seq_len=128, reference_copy=True), config,
+                         n_layers=2)
+    as_trained = run_step(spec, config, n_layers=2)
+    weights = as_trained.static_bytes["parameters"]
+    assert with_copy.static_bytes["parameters"] == 2 * weights
+    assert with_copy.peak.total - as_trained.peak.total == weights

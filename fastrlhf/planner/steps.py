@@ -74,6 +74,8 @@ class StepSpec:
     lora_target_modules: tuple | None = None
     reference_device: str | None = None
     legacy_peft_upcast: bool = False  # LoRA as before 6828f2e: peft's fp32 input upcast, no autocast
+    reference_copy: bool | None = None  # full fine-tuning: keep a frozen reference copy (None: as fastrlhf.train)
+    fused_adamw: bool = False       # AdamW(fused=True) instead of the for-each default
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -149,6 +151,19 @@ def stage_roles(spec: StepSpec) -> tuple[tuple[str, ...], tuple[str, ...]]:
     if spec.stage in ("ppo", "grpo") and spec.reward_model:
         roles = (*roles, "reward")
     return roles, trainable
+
+
+def keeps_reference_copy(spec: StepSpec) -> bool:
+    """Whether the full fine-tuning RoleModel holds a reference copy, as `fastrlhf.train` decides
+    (`needs_reference_copy`) unless the spec says otherwise."""
+    if spec.reference_copy is not None:
+        return spec.reference_copy
+    try:
+        from fastrlhf.train import needs_reference_copy
+    except ImportError:  # an older tree: every stage with a policy kept one
+        return True
+    kl_coef = 0.04 if spec.kl_coef is None else spec.kl_coef
+    return needs_reference_copy(spec.stage, type("Config", (), {"kl_coef": kl_coef})())
 
 
 def role_of_parameters(role_model) -> dict[int, str]:
@@ -486,7 +501,7 @@ def _build_fastrlhf(spec: StepSpec, config, *, fake: bool, target: str, seed: in
         base, roles=roles, trainable_roles=trainable, use_lora=spec.setup == "shared-lora",
         lora_r=spec.lora_r, lora_alpha=spec.lora_alpha,
         lora_target_modules=list(spec.lora_target_modules) if spec.lora_target_modules else None,
-        reference_device=spec.reference_device,
+        reference_device=spec.reference_device, with_reference=keeps_reference_copy(spec),
     )
     notes = []
     modules = [role_model]
@@ -514,6 +529,8 @@ def _build_fastrlhf(spec: StepSpec, config, *, fake: bool, target: str, seed: in
         from fastrlhf.planner.cuda import bf16_autocast
 
         trainer.autocast = bf16_autocast  # the trainers' bf16 autocast on CUDA
+    if spec.fused_adamw:
+        use_fused_adamw(trainer.optimizer)
     vocab = config.vocab_size
     eos = tokenizer.eos_token_id
     inputs = _stage_inputs(spec, vocab, eos, seed)
@@ -528,6 +545,12 @@ def _build_fastrlhf(spec: StepSpec, config, *, fake: bool, target: str, seed: in
 
     return _Run(modules=modules, owner=owner, optimizer=trainer.optimizer, params=list(trainer.params), step=step,
                 inputs=inputs, layers=layer_lists, notes=notes)
+
+
+def use_fused_adamw(optimizer) -> None:
+    """Switch an AdamW to its fused implementation (one kernel, no [all parameters] temporaries)."""
+    for group in [optimizer.defaults, *optimizer.param_groups]:
+        group["fused"], group["foreach"] = True, False
 
 
 def _stage_inputs(spec: StepSpec, vocab: int, eos: int, seed: int) -> dict:
@@ -570,10 +593,13 @@ def _fastrlhf_step(spec: StepSpec, trainer, counter: MemoryCounter, inputs: dict
     if spec.stage in ("sft", "rm", "dpo"):
         micro = _micro_batches(inputs)
         if spec.stage == "dpo" and trainer.precompute:
+            # as DPOTrainer._precompute: without a reference copy the untrained policy is the reference
+            role = "reference" if trainer.model.__dict__.get("_reference_lm") is not None else "policy"
+            trainer.model.eval()
             with counter.label(phase="reference precompute"), torch.no_grad():
                 for batch in micro:
                     with trainer.autocast():
-                        batch["ref_logps"] = trainer.sequence_logps("reference", batch).float()
+                        batch["ref_logps"] = trainer.sequence_logps(role, batch).float()
         _phase_hooks(trainer, counter, "compute_loss")
         trainer.model.train()
         trainer.optimize(micro)

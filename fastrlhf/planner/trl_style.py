@@ -120,6 +120,10 @@ def build(spec: StepSpec, config, *, fake: bool, target: str, seed: int, prepare
         model.train()
     params = [p for model in trained for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6)
+    if spec.fused_adamw:
+        from fastrlhf.planner.steps import use_fused_adamw
+
+        use_fused_adamw(optimizer)
     autocast = contextlib.nullcontext
     if target == "cuda" and dtype != torch.float32:
         from fastrlhf.planner.cuda import bf16_autocast
