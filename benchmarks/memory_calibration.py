@@ -17,7 +17,9 @@ trl-style rows use `fastrlhf.planner.trl_style.selective_log_softmax`, TRL's alg
 
 CPU rows: a real step on the CPU (random weights, fp32, the trainers' CPU code paths) measured by the
 counter on real tensors, against the simulator's prediction of the same step on fake tensors
-(extrapolated over layers for the 30-layer SmolLM2-135M shape).
+(extrapolated over layers for the 30-layer SmolLM2-135M shape). profiler_bytes: the same real step
+measured independently by torch.profiler's CPU allocator events (which also see buffers allocated
+inside kernels), plus what was allocated before the step.
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ E2E_B, E2E_T = 8, 1024
 E2E_ROWS = [(step, kind) for step in ("e2e_ppo_step", "e2e_dpo_step")
             for kind in ("fastrlhf-shared-lora", "separate-models-fused", "trl-style")]
 FIELDS = ("source", "model", "step", "setup", "shape", "code", "measured_bytes", "predicted_bytes", "error",
-          "predicted_reserved_bytes", "method", "seconds")
+          "predicted_reserved_bytes", "profiler_bytes", "method", "seconds")
 
 
 # ---------------------------------------------------------------------------- worker: e2e on fake tensors
@@ -132,6 +134,7 @@ def worker_e2e(legacy_upcast: bool) -> list[dict]:
 def _export_tree(commit: str, into: Path) -> Path:
     """`git archive commit` unpacked into `into`, with this simulator copied in (package + script)
     and the top-level kernels/ placed where the installed package has it (fastrlhf/kernels)."""
+    into.mkdir(parents=True, exist_ok=True)
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", commit], check=True, capture_output=True).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
     shutil.copytree(ROOT / "fastrlhf" / "planner", into / "fastrlhf" / "planner", dirs_exist_ok=True)
@@ -167,7 +170,8 @@ def gpu_rows() -> list[dict]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="fastrlhf-calibration-") as tmp:
         old = _export_tree(MEASURED_COMMIT, Path(tmp) / "old")
-        runs = [("a217878 (measured code)", old, False), ("HEAD (current code)", ROOT, False)]
+        runs = [("a217878 (measured code)", old, False), ("HEAD (current code)", ROOT, False),
+                ("HEAD with peft's fp32 upcast (before 6828f2e)", ROOT, True)]
         for code, tree, legacy in runs:
             for row in _run_worker(tree, legacy):
                 meas = measured.get((row["step"], row["setup"]))
@@ -212,14 +216,14 @@ def cpu_rows() -> list[dict]:
         config = cpu_config(model)
         spec = StepSpec(stage=stage, setup=setup, batch_size=batch, seq_len=seq_len, prompt_len=prompt_len,
                         dtype="fp32")
-        real = run_step(spec, config, fake=False, target="cpu")
+        real = run_step(spec, config, fake=False, target="cpu", profile=True)
         started = time.perf_counter()
         prediction = simulate(spec, config, model_name=model, target="cpu")
         rows.append({
             "source": "CPU real run (same counter, real tensors)", "model": model, "step": stage, "setup": setup,
             "shape": f"B={batch},T={seq_len} fp32", "code": "HEAD", "measured_bytes": real.peak.total,
             "predicted_bytes": prediction.peak_bytes, "error": f"{prediction.peak_bytes / real.peak.total - 1:+.4f}",
-            "predicted_reserved_bytes": "", "method": prediction.method,
+            "predicted_reserved_bytes": "", "profiler_bytes": real.profiler_peak, "method": prediction.method,
             "seconds": round(time.perf_counter() - started, 1),
         })
         print(f"  {model} {stage} {setup}: real {real.peak.total} predicted {prediction.peak_bytes} "
