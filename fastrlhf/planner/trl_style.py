@@ -23,6 +23,8 @@ DPO: chosen and rejected rows in one forward (`concatenated_forward`): full logi
     peft), sigmoid loss, backward, AdamW step.
 Models are loaded in the training dtype (bf16) and trained with AdamW in that dtype, with bf16
 autocast around the forwards (accelerate's mixed precision), as fastrlhf's full fine-tuning is.
+The optimizer is fused AdamW on CUDA, the default of transformers' Trainer (optim="adamw_torch_fused"
+with torch >= 2.8) that TRL's trainers build on; fastrlhf's trainers use torch's default (for-each).
 """
 from __future__ import annotations
 
@@ -120,7 +122,7 @@ def build(spec: StepSpec, config, *, fake: bool, target: str, seed: int, prepare
         model.train()
     params = [p for model in trained for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-6)
-    if spec.fused_adamw:
+    if spec.fused_adamw or target == "cuda":  # TRL's trainers: transformers' default optim, adamw_torch_fused
         from fastrlhf.planner.steps import use_fused_adamw
 
         use_fused_adamw(optimizer)
