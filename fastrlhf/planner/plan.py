@@ -120,6 +120,9 @@ def _search_max_batch(spec: StepSpec, p0: Prediction, capacity: float, simulate_
         nearest = min((p for b, p in known.items() if b != guess), key=lambda p: abs(p.spec.batch_size - guess))
         guess = _linear_max_batch(known[guess], nearest, capacity)
     best_simulated = max((b for b, p in known.items() if _needed(p) <= capacity), default=0)
+    if best_simulated == 0 and guess == 0 and 1 not in known:  # "nothing fits" is said after simulating batch size 1
+        known[1] = simulate_fn(replace(spec, batch_size=1))
+        best_simulated = 1 if _needed(known[1]) <= capacity else 0
     if guess > best_simulated and guess not in known:
         return guess, False, known
     return best_simulated, True, known
