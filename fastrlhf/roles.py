@@ -126,8 +126,10 @@ class RoleModel(nn.Module):
         return getattr(self.causal_lm.get_output_embeddings(), "bias", None)
 
     @property
-    def _reference_lm(self) -> nn.Module | None:
-        """The frozen no-LoRA reference copy (outside the module tree), or None."""
+    def reference_copy(self) -> nn.Module | None:
+        """The frozen full-fine-tuning reference copy, or None (LoRA mode: the reference is the base
+        with the adapters off). It is kept outside the module tree: `.to()`, `.parameters()` and
+        `state_dict()` of the RoleModel neither move, train nor save it."""
         return self._trunks.reference_lm
 
     @property

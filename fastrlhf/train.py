@@ -24,13 +24,14 @@ from fastrlhf.options import (
     RewardOptions,
 )
 from fastrlhf.pipeline import PipelineOptions, run_pipeline
+from fastrlhf.planner.cli import PlanOptions, run_plan
 from fastrlhf.stage import DATA_FORMATS, DATA_KINDS, run_stage, trainer_classes
 
 
 def commands() -> dict[str, Command]:
     data_help = {k: f"\ndata format ({DATA_KINDS[k]}), one record per line of a .jsonl file:\n  {DATA_FORMATS[DATA_KINDS[k]]}"
                  for k in DATA_KINDS}
-    return {
+    stages = {
         "sft": Command("supervised fine-tuning of the policy (LoRA by default)",
                        (ModelOptions, DataOptions, PolicyOutputOptions, trainer_classes("sft")[1]),
                        epilog=data_help["sft"] + "\nexample:\n  python -m fastrlhf.train sft --data sft.jsonl --output-dir out/sft"),
@@ -52,6 +53,9 @@ def commands() -> dict[str, Command]:
                             "-> evaluation table (the default when no subcommand is given)",
                             (ModelOptions, PipelineOptions)),
     }
+    for name in DATA_KINDS:  # every stage: --plan prints the predicted GPU memory instead of training
+        stages[name].option_classes += (PlanOptions,)
+    return stages
 
 def main(argv: Sequence[str] | None = None) -> int:
     cmds = commands()
@@ -63,6 +67,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     command, options = parse_args(parser, argv, default_command="pipeline")
     subparser_error = _subparser(parser, command).error
     try:
+        plan = options.get(PlanOptions)
+        if plan is not None and plan.plan:
+            return run_plan(command, options)
         if command == "pipeline":
             run_pipeline(options[ModelOptions], options[PipelineOptions])
         else:

@@ -324,11 +324,13 @@ def dlogits_view(logits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 def narrow_in_place(logits: torch.Tensor, out: torch.Tensor) -> bool:
     """Whether `out` is `dlogits_view(logits, narrower dtype)`; ValueError for any other overlap of
     out and logits than that or out = logits (the kernels could not write it safely)."""
-    if out.untyped_storage().data_ptr() != logits.untyped_storage().data_ptr():
+    # Storage identity and byte offsets, not data_ptr(): fake tensors (the memory planner) have none.
+    if out.untyped_storage()._cdata != logits.untyped_storage()._cdata:
         return False
-    if out.dtype == logits.dtype and out.data_ptr() == logits.data_ptr() and out.stride() == logits.stride():
+    same_start = out.storage_offset() * out.element_size() == logits.storage_offset() * logits.element_size()
+    if out.dtype == logits.dtype and same_start and out.stride() == logits.stride():
         return False  # logits itself: every element read and written by the same thread
-    if (logits.dim() == 2 and out.data_ptr() == logits.data_ptr() and 2 * out.element_size() == logits.element_size()
+    if (logits.dim() == 2 and same_start and 2 * out.element_size() == logits.element_size()
             and logits.stride() == (logits.shape[1], 1) and out.stride() == (2 * logits.shape[1], 1)):
         return True
     raise ValueError("out may share memory with logits only as logits itself or as dlogits_view(logits, dtype)")

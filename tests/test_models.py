@@ -335,10 +335,10 @@ def test_full_finetuning_mode_reference_is_a_frozen_copy():
     opt.step()
     torch.testing.assert_close(model.token_logprobs("reference", ids, mask), ref_before)
     assert (model.token_logprobs("policy", ids, mask) - ref_before).abs().max() > 1e-3
-    ref_ptrs = {p.data_ptr() for p in model._reference_lm.parameters()}
+    ref_ptrs = {p.data_ptr() for p in model.reference_copy.parameters()}
     assert not ref_ptrs & {p.data_ptr() for p in model.parameters()}
-    assert all(not p.requires_grad for p in model._reference_lm.parameters())
-    assert not any(p is q for p in model.parameters() for q in model._reference_lm.parameters())
+    assert all(not p.requires_grad for p in model.reference_copy.parameters())
+    assert not any(p is q for p in model.parameters() for q in model.reference_copy.parameters())
     with torch.no_grad():
         both = model.token_logprobs_and_values(ids, mask)  # one trunk forward
         torch.testing.assert_close(both[0], model.token_logprobs("policy", ids, mask))

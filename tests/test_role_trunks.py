@@ -51,7 +51,7 @@ def test_full_tree_is_the_heads_then_the_trunks_and_never_the_reference():
     assert set(model.role_state_dict("value")) == {"head.weight", "head.bias"}  # rides on the policy trunk
     assert set(model.role_state_dict("reward")) == {f"trunk.{k}" for k in keys} | {"head.weight", "head.bias"}
 
-    reference = model._reference_lm
+    reference = model.reference_copy
     assert reference is not None and not any(m is reference for m in model.modules())
     model.to(torch.float64)  # .to() of the RoleModel leaves the reference copy where it is
     assert {p.dtype for p in model.parameters()} == {torch.float64}

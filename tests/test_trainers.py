@@ -387,11 +387,11 @@ def test_ppo_full_finetuning_without_lora(tok, tmp_path):
     from fastrlhf.trainers.ppo import PPOConfig, PPOTrainer
 
     model = make_model(tok, roles=("policy", "value"), use_lora=False)
-    reference_before = [p.clone() for p in model._reference_lm.parameters()]
+    reference_before = [p.clone() for p in model.reference_copy.parameters()]
     config = PPOConfig(**pg_options(tmp_path, "full", batch_size=4, max_steps=2, learning_rate=1e-3))
     trainer = PPOTrainer(model, tok, config, PROMPT_RECORDS, reward_fn=frequent_token_reward(tok, model))
     assert len({id(p) for p in trainer.params}) == len(trainer.params)
     trainer.train()
     assert read_metrics(config.output_dir)[-1]["objective/kl"] > 0
-    for before, after in zip(reference_before, model._reference_lm.parameters()):
+    for before, after in zip(reference_before, model.reference_copy.parameters()):
         assert torch.equal(before, after)  # the reference never trains

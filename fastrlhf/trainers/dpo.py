@@ -113,7 +113,7 @@ class DPOTrainer(Trainer):
         # Without a reference copy (RoleModel(..., with_reference=False)) the untrained policy IS the
         # reference: this runs before the first step.
         role = "reference"
-        if not getattr(self.model, "use_lora", True) and getattr(self.model, "_reference_lm", None) is None:
+        if not getattr(self.model, "use_lora", True) and getattr(self.model, "reference_copy", None) is None:
             if self.step > 0:
                 raise RuntimeError("DPO: the model has no reference copy and the policy has already been "
                                    "trained, so reference log-probs cannot be computed any more")
