@@ -122,8 +122,9 @@ def main(argv: list[str] | None = None) -> int:
     if run_e2e:
         from benchmarks import e2e
 
-        e2e_rows = e2e.run(info, quick=args.quick, deadline=deadline, providers=providers)
-        runner.write_rows(path, e2e_rows, fresh=args.fresh and not cases)
+        # Each row is merged into the CSV as soon as it is measured (a killed run keeps the rows it has).
+        e2e.run(info, quick=args.quick, deadline=deadline, providers=providers,
+                on_row=lambda row: runner.write_rows(path, [row]))
     runner.log(f"done in {time.monotonic() - started:.0f} s -> {path}")
     if not args.no_report:
         report.main(["--results-dir", str(results_dir)])

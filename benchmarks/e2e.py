@@ -412,7 +412,8 @@ def _run_one(row, build, make_step, batch, gpu) -> dict:
 
 
 def run(info: DeviceInfo, *, quick: bool, deadline: float | None = None, providers=None,
-        configs=CONFIGS) -> list[dict]:
+        configs=CONFIGS, on_row=None) -> list[dict]:
+    """Every (step, checkpointing, provider) row; `on_row(row)` is called as each one is done."""
     device = info.device
     gpu = device.startswith("cuda")
     name, config = model_config(quick, gpu)
@@ -433,4 +434,6 @@ def run(info: DeviceInfo, *, quick: bool, deadline: float | None = None, provide
             else:
                 rows.append(_run_one(row, lambda: build(kind, config, device, dtype, ckpt=ckpt), make_step,
                                      batch, gpu))
+            if on_row is not None:
+                on_row(rows[-1])
     return rows

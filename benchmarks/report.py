@@ -545,14 +545,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--merge", nargs="+", default=[], metavar="CSV_OR_DIR",
                     help="merge these CSVs (a device run's) into <results-dir> first")
     ap.add_argument("--no-plots", action="store_true")
+    ap.add_argument("--print-only", action="store_true", help="print the summary and targets; write nothing")
     args = ap.parse_args(argv)
+    if args.print_only and (args.update_readme or args.merge):
+        ap.error("--print-only writes nothing: it excludes --update-readme and --merge")
     results_dir = Path(args.results_dir)
     if args.merge:
         merge_runs(args.merge, results_dir)
     data = load(results_dir)
     block = readme_block(data)
     committed = results_dir.resolve() == RESULTS_DIR.resolve()
-    if args.update_readme or not committed:
+    if args.update_readme or not (committed or args.print_only):
         # Another folder is the caller's own output: its tables and plots go there. The committed
         # tables change only on request.
         plots = {} if args.no_plots else plot(data, results_dir)
@@ -565,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"updated the bench section of {readme}", file=sys.stderr)
     else:
         print(block)
-        if committed:
+        if committed and not args.print_only:
             print("(printed only: `--update-readme` regenerates benchmarks/results/README.md, the plots and the "
                   "README's bench section from these CSVs)", file=sys.stderr)
     return 0

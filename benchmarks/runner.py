@@ -95,7 +95,11 @@ def _note(case: Case, provider: Provider) -> str:
 
 
 def run_case(case: Case, info: DeviceInfo, *, quick: bool, providers: Selection = None,
-             modes: Iterable[str] | None = None, memory: bool = True) -> list[dict]:
+             modes: Iterable[str] | None = None, memory: bool = True, deadline: float | None = None,
+             on_rows: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """The rows of one case. Past `deadline` (time.monotonic()) the remaining providers get
+    "skipped: time budget" rows; `on_rows` receives each provider's rows as soon as they exist, so
+    that a run killed in the middle of a long case keeps what it measured."""
     device = info.device
     base = {"kernel": case.kernel, "dtype": case.dtype, "shape": case.shape_str, "device": info.name,
             "date": today(), **{k: info.versions.get(k, "") for k in
@@ -105,7 +109,10 @@ def run_case(case: Case, info: DeviceInfo, *, quick: bool, providers: Selection 
     ref_out = _reference_output(case, inputs, device)
     wanted_modes = [m for m in case.modes if modes is None or m in modes]
     for provider in selected(case, providers):
+        first = len(rows)
         status = provider.status(device)
+        if deadline is not None and time.monotonic() > deadline:
+            status = "skipped: time budget"
         diff = ""
         if not status:
             # One untimed call: compiles/autotunes, checks it runs, and gives the correctness column.
@@ -131,6 +138,8 @@ def run_case(case: Case, info: DeviceInfo, *, quick: bool, providers: Selection 
             _free(device)
         for t in _grad_leaves(inputs):
             t.grad = None
+        if on_rows is not None:
+            on_rows(rows[first:])
     del inputs, ref_out
     _free(device)
     return rows
@@ -189,18 +198,20 @@ def csv_path(info: DeviceInfo, results_dir: Path | None = None) -> Path:
 
 def run_all(cases: list[Case], info: DeviceInfo, path: Path, *, quick: bool, fresh: bool = False,
             deadline: float | None = None, providers: Selection = None, modes=None) -> list[dict]:
-    """Run every case, writing the CSV after each so an interrupted run keeps what it measured."""
+    """Run every case, merging each provider's rows into the CSV as soon as they exist, so an
+    interrupted run keeps what it measured. `fresh`: start from an empty CSV."""
+    if fresh:
+        write_rows(path, [], fresh=True)
     all_rows: list[dict] = []
-    first = True
     for case in cases:
         if deadline is not None and time.monotonic() > deadline:
             rows = [dict(kernel=case.kernel, provider=p.name, mode=m, dtype=case.dtype, shape=case.shape_str,
                          device=info.name, date=today(), status="skipped: time budget")
                     for p in selected(case, providers) for m in case.modes if modes is None or m in modes]
+            write_rows(path, rows)
         else:
             log(f"[{case.kernel}] {case.shape_str} {case.dtype}")
-            rows = run_case(case, info, quick=quick, providers=providers, modes=modes)
-        write_rows(path, rows, fresh=fresh and first)
-        first = False
+            rows = run_case(case, info, quick=quick, providers=providers, modes=modes, deadline=deadline,
+                            on_rows=lambda provider_rows: write_rows(path, provider_rows))
         all_rows += rows
     return all_rows
