@@ -1,5 +1,5 @@
 """End to end: one PPO step and one DPO step (forward + backward + AdamW step) on a Qwen2-0.5B-sized
-model with random weights (GPU) or a tiny one (CPU), three ways:
+model with random weights (GPU) or a tiny one (CPU), four ways:
 
   fastrlhf-shared-lora   one frozen base, LoRA adapters for policy/value(/reward), the reference =
                          adapters off (fastrlhf.roles.RoleModel), fused log-probs from hidden states

@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
-# A GPU session's measurements in priority order, sized for ~7 minutes of one 15-minute device allowance.
+# A GPU session's measurements in priority order, sized for ~7.5 minutes of one 15-minute device allowance.
 # Each phase has its own time cap and writes its file before the next one starts, so a run cut short still
 # returns what it measured:
 #
-#   phase  what                                                                   cap    file (under RUN_DIR)
-#   setup  nvidia-smi, install the carried wheels and fastrlhf, versions          -      gpu_run.log (all output)
-#   a      native tests of every kernel changed since the last GPU run            90 s   a-tests.log
-#   b      e2e PPO + DPO steps (4 providers), with and without checkpointing      150 s  b-e2e/<device>.csv
-#   c      headline rows vs the strongest peers only, fwd+bwd, + the device's     180 s  c-headline/<device>.csv
-#          measured GEMM/copy ceilings
-#   d      every other case and provider, until the overall budget is spent       rest   d-rest/<device>.csv
+#   phase  what                                                              cap    expected  file (under RUN_DIR)
+#   setup  nvidia-smi, install the carried wheels and fastrlhf, versions     -      ~20 s     gpu_run.log (all output)
+#   a      native tests of every kernel changed since the last GPU run       90 s   ~40-60 s  a-tests.log
+#   b      e2e PPO + DPO steps (4 providers), with and without checkpointing 140 s  ~100-140  b-e2e/<device>.csv
+#   c      the device's GEMM/copy ceilings, then the headline rows vs the    210 s  ~150-210  c-headline/<device>.csv
+#          strongest peers only, fwd+bwd (compiles: Liger, torch.compile)
+#   d      every other case and provider, until the overall budget is spent  rest   ~0-90 s   d-rest/<device>.csv
+# (expected = estimates from the 2026-11-26 H200 logs and the CPU dry run, not measurements)
 #
-# The caps share one overall budget (GPU_RUN_SECONDS, default 420 = 7 min): a phase gets min(its cap, what is
+# The caps share one overall budget (GPU_RUN_SECONDS, default 450 = 7.5 min): a phase gets min(its cap, what is
 # left), (d) gets what is left. Inside a benchmark phase python stops starting new cases at the cap minus a grace
 # period ("skipped: time budget" rows) and `timeout` kills it at the cap; the CSV is rewritten after every case.
 # RUN_DIR is $OUT on the device tool (at most 8 files come back: these are 5), else $BENCH_RUN_DIR
@@ -24,7 +25,7 @@
 #   python -m benchmarks.report --merge <files_at>/b-e2e <files_at>/c-headline <files_at>/d-rest --update-readme
 #
 # CPU dry run (small shapes, the same phases and files): BENCH_DEVICE=cpu bash benchmarks/gpu_run.sh
-# Env: PHASES (default abcd), GPU_RUN_SECONDS (420), CAP_A / CAP_B / CAP_C (90 / 150 / 180 s), BENCH_DEVICE (cuda),
+# Env: PHASES (default abcd), GPU_RUN_SECONDS (450), CAP_A / CAP_B / CAP_C (90 / 140 / 210 s), BENCH_DEVICE (cuda),
 #      BENCH_RUN_DIR, PYTHON (python3), BENCH_QUICK (1 on CPU: the --quick shapes), PYTEST_WORKERS (8 on CUDA).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -42,7 +43,7 @@ fi
 RUN_DIR=${OUT:-${BENCH_RUN_DIR:-/tmp/gpu_run}}
 mkdir -p "$RUN_DIR"
 exec > >(tee -a "$RUN_DIR/gpu_run.log") 2>&1
-TOTAL=${GPU_RUN_SECONDS:-420}
+TOTAL=${GPU_RUN_SECONDS:-450}
 PHASES=${PHASES:-abcd}
 T0=$SECONDS
 QUICK=""
@@ -165,9 +166,9 @@ bench() {  # results subfolder, extra arguments
 SLUG=$($PY -c "from benchmarks.device import detect; print(detect('$DEVICE').slug)")
 run_phase a "${CAP_A:-90}" a-tests.log bash -c pytest_phase
 # shellcheck disable=SC2046
-run_phase b "${CAP_B:-150}" "b-e2e/$SLUG.csv" $(bench b-e2e --only e2e)
+run_phase b "${CAP_B:-140}" "b-e2e/$SLUG.csv" $(bench b-e2e --only e2e)
 # shellcheck disable=SC2046
-run_phase c "${CAP_C:-180}" "c-headline/$SLUG.csv" $(bench c-headline --headline)
+run_phase c "${CAP_C:-210}" "c-headline/$SLUG.csv" $(bench c-headline --headline)
 # shellcheck disable=SC2046
 run_phase d "$(left)" "d-rest/$SLUG.csv" $(bench d-rest --skip-headline --exclude e2e)
 

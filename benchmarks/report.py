@@ -196,10 +196,10 @@ def detail_table(rows: list[dict]) -> list[str]:
 
 
 def _provider_note(row: dict) -> str:
-    """The part of a row's note worth a column: a fallback, or what the provider is (e2e static bytes
-    are shown in the peak column)."""
+    """The provider's own part of a row's note ("path: ...", written by benchmarks.runner): which
+    path a peer took, a fallback included. The case's part is the same on every row of the case."""
     note = row.get("note") or ""
-    return "; ".join(p for p in note.split("; ") if not p.startswith(("static_bytes=", "peak = ")))
+    return "; ".join(p[len("path: "):] for p in note.split("; ") if p.startswith("path: "))
 
 
 def static_bytes(row: dict) -> float | None:

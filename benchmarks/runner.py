@@ -90,8 +90,11 @@ def selected(case: Case, providers: Selection) -> list[Provider]:
     return [p for p in case.providers if p.name in names]
 
 
+PATH_NOTE = "path: "  # prefix of a provider's own note in the CSV (the report shows those)
+
+
 def _note(case: Case, provider: Provider) -> str:
-    return "; ".join(n for n in (case.note, provider.note) if n)
+    return "; ".join(n for n in (case.note, provider.note and PATH_NOTE + provider.note) if n)
 
 
 def run_case(case: Case, info: DeviceInfo, *, quick: bool, providers: Selection = None,
