@@ -19,8 +19,12 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 if not __package__:
-    # `python path/to/benchmarks`: the folder runs as a script; make the package importable.
-    sys.path.insert(0, str(REPO))
+    # `python path/to/benchmarks`: the folder runs as a script with itself first on sys.path, where its
+    # modules (device, report, ...) would shadow same-named top-level ones. Put the repository there instead.
+    if sys.path and Path(sys.path[0]).resolve() == Path(__file__).resolve().parent:
+        sys.path[0] = str(REPO)
+    else:
+        sys.path.insert(0, str(REPO))
 
 # The suite times the torch path on CPU; the Triton interpreter (tests' TRITON_INTERPRET=1) is not
 # a performance path. Set before fastrlhf's kernels import.

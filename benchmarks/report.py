@@ -411,7 +411,9 @@ def targets_section(data: dict[str, list[dict]]) -> list[str]:
     """Issue 14's targets against the GPU CSVs: measured ratios where the rows exist, "not measured
     yet" where they do not (nothing is estimated)."""
     gpu = {slug: rows for slug, rows in data.items() if not slug.startswith("cpu")}
-    lines = ["**Targets of issue 14** (GPU rows only; fastrlhf ÷ peer, medians of one run)", "",
+    lines = ["**Targets of issue 14** (GPU rows only; fastrlhf ÷ peer, medians of one run). A verdict is about the "
+             "code as it was on the row's date: rows older than a change to the kernel they time say nothing about "
+             "the change.", "",
              "| target | criterion | measured | verdict |", "|---|---|---|---|"]
     for target in TARGETS:
         found = False
