@@ -267,7 +267,7 @@ def _e2e_rows(tmp_path: Path, *extra: str, providers=E2E_PROVIDERS[1:]) -> list[
     return list(csv.DictReader(open(csv_file)))
 
 
-@pytest.mark.slow  # ~60 s on one CPU thread: twelve e2e steps
+@pytest.mark.slow  # ~100 s on one CPU thread: twelve e2e steps
 def test_e2e_steps_with_and_without_activation_checkpointing(tmp_path):
     rows = _e2e_rows(tmp_path, providers=E2E_PROVIDERS)
     by = {(r["kernel"], r["provider"], r["shape"].endswith(",ckpt")): r for r in rows}
