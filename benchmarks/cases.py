@@ -31,6 +31,13 @@ class Provider:
     status: Callable[[str], str] = lambda device: ""
     differentiable: bool = True
     backend: str = ""  # what actually ran: "triton", "torch", "eager", "inductor", ...
+    # mode -> (amount, unit) when this provider does different work than the case's model (the LM-head
+    # rows count the GEMMs each algorithm executes: a recompute in backward is one more N·V·H GEMM)
+    work: Callable[[str], tuple[float, str]] | None = None
+    # appended to the row's note: what ran when a peer took another path than its best one
+    note: str = ""
+    # one of the strongest peers of its case: `--headline` runs fastrlhf against these only
+    strong: bool = False
 
 
 @dataclass
@@ -157,6 +164,24 @@ def elt(dtype: str) -> int:
     return torch.tensor([], dtype=DTYPES[dtype]).element_size()
 
 
+# GEMM passes over the [rows, V, H] LM head (one pass = 2·rows·V·H FLOPs) that each algorithm
+# executes, as (forward, backward): logits stored for backward (full logits), recomputed in backward
+# (chunked heads that keep no logits: 8·N·V·H fwd+bwd), or all three GEMMs in the forward
+# (gradients in the forward: Liger FLCE, fastrlhf's fused head: 6·N·V·H, backward only scales).
+STORED, RECOMPUTE, IN_FORWARD = (1, 2), (1, 3), (3, 0)
+
+
+def head_work(rows: float, V: int, H: int, passes: tuple[int, int], *, extra_forward: float = 0.0):
+    """mode -> (FLOPs, "TFLOP/s") of an LM head over `rows` tokens; `extra_forward` passes are added
+    to the forward (a no-grad reference forward in the DPO rows)."""
+    mm = 2.0 * rows * V * H
+    fwd, bwd = passes[0] + extra_forward, passes[1]
+
+    def work(mode):
+        return {"forward": fwd * mm, "backward": bwd * mm, "full": (fwd + bwd) * mm}[mode], "TFLOP/s"
+    return work
+
+
 # ----------------------------------------------------------------------------- token log-probs
 
 
@@ -173,34 +198,73 @@ def token_logprobs_case(N, V, H, dtype, device, *, entropy: bool) -> Case:
     def call(fn, x, backend):
         return with_backend(fn, backend, x["hidden"], x["weight"], x["targets"], return_entropy=entropy)
 
+    stored, recompute, in_forward = (head_work(N, V, H, p) for p in (STORED, RECOMPUTE, IN_FORWARD))
+    trl_backend = "triton" if device.startswith("cuda") else "torch"
+    # The weight trains here, so fastrlhf's backward remakes the logits (vocab tiles): 8·N·V·H.
     providers = standard_providers("token_logprobs", call, device)
+    for p in providers:
+        p.work = recompute
+
+    def cute_logps(function, x):
+        nll, ent = peers.liger_scaled_ce_apply(function, x["hidden"], x["weight"], x["targets"], entropy=entropy)
+        return (-nll, ent) if entropy else -nll
+
+    cute = liger_head_provider("liger-cute-head", device, dtype, cute_logps, work=recompute)
     if entropy:
         providers += [
             Provider("torch-full-logits", lambda x: peers.naive_token_logprobs_entropy(x["hidden"], x["weight"],
-                                                                                       x["targets"]), backend="eager"),
+                                                                                       x["targets"]),
+                     backend="eager", work=stored),
             Provider("trl-chunked", lambda x: peers.trl_chunked_logprobs(x["hidden"], x["weight"], x["targets"],
                                                                          return_entropy=True),
-                     peer("trl.kernels"), backend="triton" if device.startswith("cuda") else "torch"),
+                     peer("trl.kernels"), backend=trl_backend, work=recompute, strong=True),
+            cute,
         ]
     else:
         providers += [
             Provider("torch-full-logits", lambda x: peers.naive_token_logprobs(x["hidden"], x["weight"], x["targets"]),
-                     backend="eager"),
+                     backend="eager", work=stored),
             Provider("trl-full-logits", lambda x: peers.trl_full_logits_logprobs(x["hidden"], x["weight"],
                                                                                  x["targets"]),
-                     peer("trl.trainer.utils"), backend="eager"),
+                     peer("trl.trainer.utils"), backend="eager", work=stored, strong=True),
             Provider("trl-chunked", lambda x: peers.trl_chunked_logprobs(x["hidden"], x["weight"], x["targets"]),
-                     peer("trl.kernels"), backend="triton" if device.startswith("cuda") else "torch"),
+                     peer("trl.kernels"), backend=trl_backend, work=recompute, strong=True),
             Provider("liger-flce", lambda x: peers.liger_flce_logprobs(x["hidden"], x["weight"], x["targets"]),
-                     peer("liger_kernel.ops.fused_linear_cross_entropy", needs_cuda=True), backend="triton"),
+                     peer("liger_kernel.ops.fused_linear_cross_entropy", needs_cuda=True), backend="triton",
+                     work=in_forward, strong=True),
+            cute,
         ]
 
-    def work(mode):
-        mm = 2.0 * N * V * H
-        return {"forward": mm, "backward": 2 * mm, "full": 3 * mm}[mode], "TFLOP/s"
-
     kernel = "token_logprobs+entropy" if entropy else "token_logprobs"
-    return Case(kernel, {"N": N, "V": V, "H": H}, dtype, make, providers, work, compare=max_abs_diff)
+    return Case(kernel, {"N": N, "V": V, "H": H}, dtype, make, providers, stored, compare=max_abs_diff,
+                note="achieved = the GEMM FLOPs each provider executes (8·N·V·H fwd+bwd when the logits are "
+                     "remade in backward, 6·N·V·H otherwise)")
+
+
+def _device_key(device: str) -> tuple:
+    dev = torch.device(device)
+    if dev.type == "cuda" and torch.cuda.is_available():
+        return "cuda", tuple(torch.cuda.get_device_capability(dev))
+    return dev.type, None
+
+
+def liger_head_provider(name: str, device: str, dtype: str, fn: Callable[[Any, dict], Any], *,
+                        work: Callable[[str], tuple[float, str]]) -> Provider:
+    """A provider built on Liger's per-token NLL (+ entropy) head, `fn(autograd function, inputs)`:
+    the CuTe DSL kernel on sm_90 when nvidia-cutlass-dsl imports, else the torch loop Liger runs
+    elsewhere (`peers.liger_scaled_ce`); the row's backend and note say which one ran. Either way it
+    keeps no logits and remakes them in backward (8·N·V·H)."""
+    function, backend, note = peers.liger_scaled_ce(*_device_key(device))
+
+    def status(dev: str) -> str:
+        if function is None:
+            return note
+        if backend == "cute-dsl" and dtype != "bf16":
+            return "needs bf16 (Liger's CuTe head)"
+        return ""
+
+    return Provider(name, lambda x: fn(function, x), status, backend=backend, note=note if function else "",
+                    strong=True, work=work)
 
 
 # ----------------------------------------------------------------------------- log-probs from logits
@@ -455,10 +519,9 @@ def reward_loss_case(B, dtype, device) -> Case:
 # ----------------------------------------------------------------------------- DPO from hidden states
 
 
-def dpo_from_hidden_case(pairs, T, V, H, dtype, device) -> Case:
-    """The whole DPO head: policy and reference hidden states [2P, T, H] -> log-probs -> sequence sums
-    -> sigmoid DPO. fastrlhf = token_logprobs (+ no-grad reference) + sequence_logps + dpo_loss;
-    TRL's way = full logits + selective_log_softmax; Liger = chunked fused-linear DPO."""
+def _dpo_hidden_inputs(pairs, T, V, H, dtype):
+    """make(dev) for the DPO head rows: policy and reference hidden states [2P, T, H] (chosen rows
+    first), the LM head [V, H], targets [2P, T] with -100 on the prompt (the first quarter)."""
     dt = DTYPES[dtype]
     rows = 2 * pairs
 
@@ -470,56 +533,266 @@ def dpo_from_hidden_case(pairs, T, V, H, dtype, device) -> Case:
         targets = torch.randint(0, V, (rows, T), generator=g, device=dev)
         targets[:, : T // 4] = -100  # the prompt
         return {"hidden": hidden, "ref_hidden": ref_hidden, "weight": weight, "targets": targets}
+    return make
 
-    def head(logps_fn, x, backend):
-        mask = x["targets"] != -100
-        sequence_logps = _losses("sequence_logps") if backend else _reference("sequence_logps")
-        dpo = _losses("dpo_loss") if backend else _reference("dpo_loss")
-        logps = logps_fn(x["hidden"], x["weight"], x["targets"])
-        with torch.no_grad():
-            ref_logps = logps_fn(x["ref_hidden"], x["weight"].detach(), x["targets"])
-        seq = sequence_logps(logps, mask)
-        ref_seq = sequence_logps(ref_logps, mask)
-        kw = {"backend": backend} if backend else {}
-        return dpo(seq[:pairs], seq[pairs:], ref_seq[:pairs], ref_seq[pairs:], beta=0.1, **kw)
 
-    backend = fastrlhf_backend(device)
+def _dpo_from_logps(logps_fn, x, backend, pairs):
+    """token log-probs (policy with grad, reference without) -> sequence sums -> sigmoid DPO, with
+    fastrlhf's functions (backend set) or their twins (backend None)."""
+    mask = x["targets"] != -100
+    sequence_logps = _losses("sequence_logps") if backend else _reference("sequence_logps")
+    dpo = _losses("dpo_loss") if backend else _reference("dpo_loss")
+    logps = logps_fn(x["hidden"], x["weight"], x["targets"])
+    with torch.no_grad():
+        ref_logps = logps_fn(x["ref_hidden"], x["weight"].detach(), x["targets"])
+    seq = sequence_logps(logps, mask)
+    ref_seq = sequence_logps(ref_logps, mask)
+    kw = {"backend": backend} if backend else {}
+    return dpo(seq[:pairs], seq[pairs:], ref_seq[:pairs], ref_seq[pairs:], beta=0.1, **kw)
 
-    def fast(x):
-        fn = _losses("token_logprobs")
-        return head(lambda h, w, t: fn(h, w, t, backend=backend), x, backend)
 
-    def reference(x):
-        return head(_reference("token_logprobs"), x, None)
+def _dpo_peers(pairs, V, H, n, device) -> list[Provider]:
+    """The DPO-head peers shared by dpo_from_hidden and dpo_loss_from_hidden (n = 2P·T tokens)."""
+    on_cuda = device.startswith("cuda")
 
-    def trl_way(x):
+    def trl_full_logits(x):
         def logps(h, w, t):
             lp = peers.trl_selective_log_softmax(h @ w.T, t.clamp(min=0))
             return lp * (t != -100)
-        return head(logps, x, None)
+        return _dpo_from_logps(logps, x, None, pairs)
 
-    on_cuda = device.startswith("cuda")
+    def trl_fused_head(x):
+        """TRL 1.16 DPOTrainer: add_fused_lm_head log-probs -> sums -> its sigmoid loss."""
+        mask = x["targets"] != -100
+        logps, _ = peers.trl_fused_lm_head(x["hidden"], x["weight"], x["targets"])
+        with torch.no_grad():
+            ref_logps, _ = peers.trl_fused_lm_head(x["ref_hidden"], x["weight"].detach(), x["targets"])
+        seq, ref_seq = (logps * mask).sum(-1), (ref_logps * mask).sum(-1)
+        return peers.trl_dpo_loss(seq[:pairs], seq[pairs:], ref_seq[:pairs], ref_seq[pairs:], beta=0.1)
 
     def liger(x):
         return peers.liger_fused_linear_dpo(x["weight"], x["hidden"], x["targets"], x["ref_hidden"],
                                             x["weight"].detach(), beta=0.1, compiled=on_cuda)
 
-    providers = [
-        Provider("fastrlhf", fast, fastrlhf_status("token_logprobs"), backend=backend),
-        Provider("torch-reference", reference, reference_status("token_logprobs"), backend="eager"),
-        Provider("trl-full-logits", trl_way, peer("trl.trainer.utils"), backend="eager"),
+    return [
+        Provider("trl-full-logits", trl_full_logits, peer("trl.trainer.utils"), backend="eager",
+                 work=head_work(n, V, H, STORED, extra_forward=1), strong=True),
+        Provider("trl-fused-head", trl_fused_head, peer("trl.kernels"), backend="triton" if on_cuda else "torch",
+                 work=head_work(n, V, H, RECOMPUTE, extra_forward=1), strong=True,
+                 note="TRL 1.16 add_fused_lm_head: scores only the completion tokens on CUDA"),
         # On CPU Liger's torch.compile of every chunk would dominate a short run: measured eager there.
         Provider("liger-chunked-dpo", liger, peer("liger_kernel.chunked_loss"),
-                 backend="inductor" if on_cuda else "eager"),
+                 backend="inductor" if on_cuda else "eager", work=head_work(n, V, H, IN_FORWARD, extra_forward=1),
+                 strong=True),
     ]
-    n = rows * T
 
-    def work(mode):
-        mm = 2.0 * n * V * H
-        return {"forward": 2 * mm, "backward": 2 * mm, "full": 4 * mm}[mode], "TFLOP/s"
 
-    return Case("dpo_from_hidden", {"pairs": pairs, "T": T, "V": V, "H": H}, dtype, make, providers, work,
-                compare=max_abs_diff, note="policy fwd+bwd, reference fwd (no grad), sigmoid DPO")
+def dpo_from_hidden_case(pairs, T, V, H, dtype, device) -> Case:
+    """The whole DPO head through the recompute path: policy and reference hidden states [2P, T, H]
+    -> token_logprobs (reference without grad) -> sequence sums -> sigmoid DPO. The fused head is
+    the dpo_loss_from_hidden row; TRL's ways = full logits + selective_log_softmax, or its 1.16
+    fused LM head; Liger = chunked fused-linear DPO."""
+    backend = fastrlhf_backend(device)
+    n = 2 * pairs * T
+
+    def fast(x):
+        fn = _losses("token_logprobs")
+        return _dpo_from_logps(lambda h, w, t: fn(h, w, t, backend=backend), x, backend, pairs)
+
+    def reference(x):
+        return _dpo_from_logps(_reference("token_logprobs"), x, None, pairs)
+
+    recompute = head_work(n, V, H, RECOMPUTE, extra_forward=1)
+    providers = [
+        Provider("fastrlhf", fast, fastrlhf_status("token_logprobs"), backend=backend, work=recompute),
+        Provider("torch-reference", reference, reference_status("token_logprobs"), backend="eager", work=recompute),
+    ] + _dpo_peers(pairs, V, H, n, device)
+    return Case("dpo_from_hidden", {"pairs": pairs, "T": T, "V": V, "H": H}, dtype, _dpo_hidden_inputs(pairs, T, V, H, dtype),
+                providers, recompute, compare=max_abs_diff, note="policy fwd+bwd, reference fwd (no grad), sigmoid DPO")
+
+
+def dpo_loss_from_hidden_case(pairs, T, V, H, dtype, device) -> Case:
+    """The DPO head as the trainers run it with the fused head: the reference's sequence log-probs
+    from `token_logprobs` without grad (2·N·V·H), then `dpo_loss_from_hidden` on the policy's hidden
+    states (gradients in its forward, 6·N·V·H while a pair's 2T rows fit one chunk)."""
+    backend = fastrlhf_backend(device)
+    n = 2 * pairs * T
+
+    def head(fused, logps_fn, sequence_logps, x, **kw):
+        mask = x["targets"] != -100
+        with torch.no_grad():
+            ref = sequence_logps(logps_fn(x["ref_hidden"], x["weight"].detach(), x["targets"], **kw), mask)
+        return fused(x["hidden"], x["weight"], x["targets"], ref[:pairs], ref[pairs:], beta=0.1, **kw)
+
+    def fast(x):
+        return head(_losses("dpo_loss_from_hidden"), _losses("token_logprobs"), _losses("sequence_logps"), x,
+                    backend=backend)
+
+    def reference(x):
+        return head(_reference("dpo_loss_from_hidden"), _reference("token_logprobs"), _reference("sequence_logps"), x)
+
+    fused = head_work(n, V, H, IN_FORWARD, extra_forward=1)
+    providers = [
+        Provider("fastrlhf", fast, fastrlhf_status("dpo_loss_from_hidden"), backend=backend,
+                 work=fused if backend == "triton" else head_work(n, V, H, RECOMPUTE, extra_forward=1)),
+        Provider("torch-reference", reference, reference_status("dpo_loss_from_hidden"), backend="eager",
+                 work=head_work(n, V, H, RECOMPUTE, extra_forward=1)),
+    ] + _dpo_peers(pairs, V, H, n, device)
+    return Case("dpo_loss_from_hidden", {"pairs": pairs, "T": T, "V": V, "H": H}, dtype,
+                _dpo_hidden_inputs(pairs, T, V, H, dtype), providers, fused, compare=max_abs_diff,
+                note="policy fwd+bwd, reference fwd (no grad), sigmoid DPO; achieved = the GEMM FLOPs each "
+                     "provider executes")
+
+
+# ----------------------------------------------------------------------------- the fused RL head
+
+# GRPO as the peers implement it: token-level clip 0.2 / 0.28, k3 KL to the reference (beta 0.04),
+# token-mean over the batch (Liger's and TRL's "bnpo"), no entropy bonus (Liger's GRPO loss has none).
+POLICY_KW = dict(clip_eps=0.2, clip_eps_high=0.28, kl_coef=0.04, kl_estimator="k3", entropy_coef=0.0,
+                 loss_agg="token-mean")
+
+
+def _policy_inputs(B, T, V, H, dtype):
+    """make(dev) for the policy-loss rows: hidden [B, T, H], LM head [V, H], targets [B, T] (-100
+    outside the completion mask), sequence advantages [B] (token-level copy too), and rollout /
+    reference log-probs near the current ones (|log ratio| ~ 0.1, so the clip is active on a few
+    percent of tokens, as in training) computed by a no-grad forward."""
+    dt = DTYPES[dtype]
+
+    def make(dev):
+        g = _generator(dev)
+        hidden = (_randn((B, T, H), g, dev) / H ** 0.25).to(dt).requires_grad_()
+        weight = (_randn((V, H), g, dev) / H ** 0.25).to(dt).requires_grad_()
+        mask = _token_tensors(B, T, "fp32", dev, [])["mask"]
+        targets = torch.randint(0, V, (B, T), generator=g, device=dev).masked_fill(~mask, -100)
+        with torch.no_grad():
+            logps = _losses("token_logprobs")(hidden, weight, targets).float()
+        old_logps = logps + 0.1 * _randn((B, T), g, dev)
+        ref_logps = logps + 0.1 * _randn((B, T), g, dev)
+        advantages = _randn((B,), g, dev)
+        return {"hidden": hidden, "weight": weight, "targets": targets, "mask": mask, "old_logps": old_logps,
+                "ref_logps": ref_logps, "seq_advantages": advantages,
+                "advantages": advantages[:, None].expand(B, T).contiguous()}
+    return make
+
+
+def _valid_tokens(B, T) -> int:
+    """Tokens inside the mask of `_policy_inputs` (the mask comes from a CPU generator: the same on any device)."""
+    return int(_token_tensors(B, T, "fp32", "cpu", [])["mask"].sum())
+
+
+def _policy_loss_after_head(logps, entropy, x):
+    """The PPO/GRPO loss of the peers' pipelines: fastrlhf's PyTorch twin of ppo_loss under
+    torch.compile (clip, KL, token-mean; the entropy as a metric only, as GRPOTrainer logs it)."""
+    return compiled("ppo_loss")(logps, x["old_logps"], x["advantages"], x["mask"], ref_logps=x["ref_logps"],
+                                entropy=None if entropy is None else entropy.detach(), **POLICY_KW)
+
+
+def policy_loss_from_hidden_case(B, T, V, H, dtype, device) -> Case:
+    """GRPO's policy loss from the final hidden states: log-probs (+ entropy) and the clipped,
+    KL-penalised objective. fastrlhf = `policy_loss_from_hidden` (gradients in the forward, 6·N·V·H);
+    TRL 1.16 = its fused LM head (`add_fused_lm_head`, log-probs + entropy, logits remade in backward)
+    + the loss under torch.compile; Liger = `LigerFusedLinearGRPOLoss`, and its per-token NLL +
+    entropy head (CuTe DSL on sm_90, the head verl uses) + the loss under torch.compile."""
+    backend = fastrlhf_backend(device)
+    n = B * T
+
+    def fast(x):
+        return _losses("policy_loss_from_hidden")(x["hidden"], x["weight"], x["targets"], x["old_logps"],
+                                                  x["advantages"], x["mask"], ref_logps=x["ref_logps"],
+                                                  backend=backend, **POLICY_KW)
+
+    def reference(x):
+        return _reference("policy_loss_from_hidden")(x["hidden"], x["weight"], x["targets"], x["old_logps"],
+                                                     x["advantages"], x["mask"], ref_logps=x["ref_logps"], **POLICY_KW)
+
+    def trl(x):
+        logps, entropy = peers.trl_fused_lm_head(x["hidden"], x["weight"], x["targets"], entropy=True)
+        return _policy_loss_after_head(logps, entropy, x)
+
+    def cute(function, x):
+        nll, entropy = peers.liger_scaled_ce_apply(function, x["hidden"].reshape(n, H), x["weight"],
+                                                   x["targets"].reshape(n), entropy=True)
+        return _policy_loss_after_head(-nll.view(B, T), entropy.view(B, T), x)
+
+    on_cuda = device.startswith("cuda")
+
+    def liger_grpo(x):
+        return peers.liger_fused_linear_grpo(x["hidden"], x["weight"], x["targets"].clamp(min=0), x["mask"].long(),
+                                             x["seq_advantages"], x["old_logps"], x["ref_logps"], compiled=on_cuda)
+
+    recompute = head_work(n, V, H, RECOMPUTE)
+    providers = [
+        Provider("fastrlhf", fast, fastrlhf_status("policy_loss_from_hidden"), backend=backend,
+                 work=head_work(n, V, H, IN_FORWARD) if backend == "triton" else recompute),
+        Provider("torch-reference", reference, reference_status("policy_loss_from_hidden"), backend="eager",
+                 work=recompute),
+        Provider("trl-fused-head+compiled-loss", trl, peer("trl.kernels"), backend="triton" if on_cuda else "torch",
+                 work=head_work(_valid_tokens(B, T) if on_cuda else n, V, H, RECOMPUTE), strong=True,
+                 note="TRL 1.16 add_fused_lm_head (scores only the masked-in tokens on CUDA) + ppo_loss twin under "
+                      "torch.compile"),
+        liger_head_provider("liger-cute-head+compiled-loss", device, dtype, cute, work=recompute),
+        Provider("liger-fused-linear-grpo", liger_grpo, peer("liger_kernel.chunked_loss"),
+                 backend="inductor" if on_cuda else "eager", work=recompute, strong=True,
+                 note="LigerFusedLinearGRPOLoss(loss_type='bnpo'), no entropy computed"
+                      + ("" if on_cuda else "; compiled=False on CPU")),
+    ]
+    return Case("policy_loss_from_hidden", {"B": B, "T": T, "V": V, "H": H}, dtype, _policy_inputs(B, T, V, H, dtype),
+                providers, head_work(n, V, H, IN_FORWARD), modes=("full",), compare=max_abs_diff,
+                note="GRPO: clip 0.2/0.28, k3 KL 0.04, token-mean, entropy as a metric; achieved = the GEMM FLOPs "
+                     "each provider executes")
+
+
+def sft_loss_from_hidden_case(B, T, V, H, dtype, device) -> Case:
+    """The SFT loss from hidden states [B, T, H] with the prompt (first quarter) masked out:
+    mean NLL over the completion tokens."""
+    dt = DTYPES[dtype]
+    backend = fastrlhf_backend(device)
+    n = B * T
+
+    def make(dev):
+        g = _generator(dev)
+        hidden = (_randn((B, T, H), g, dev) / H ** 0.25).to(dt).requires_grad_()
+        weight = (_randn((V, H), g, dev) / H ** 0.25).to(dt).requires_grad_()
+        targets = torch.randint(0, V, (B, T), generator=g, device=dev)
+        targets[:, : T // 4] = -100
+        return {"hidden": hidden, "weight": weight, "targets": targets}
+
+    def trl(x):
+        logps, _ = peers.trl_fused_lm_head(x["hidden"], x["weight"], x["targets"])
+        return -logps.sum() / (x["targets"] != -100).sum().clamp(min=1)
+
+    def cute(function, x):
+        nll, _ = peers.liger_scaled_ce_apply(function, x["hidden"].reshape(n, H), x["weight"], x["targets"].reshape(n),
+                                             entropy=False)
+        return nll.sum() / (x["targets"] != -100).sum().clamp(min=1)
+
+    on_cuda = device.startswith("cuda")
+    valid = B * (T - T // 4)
+    recompute = head_work(n, V, H, RECOMPUTE)
+    providers = [
+        Provider("fastrlhf", lambda x: _losses("sft_loss_from_hidden")(x["hidden"], x["weight"], x["targets"],
+                                                                       backend=backend),
+                 fastrlhf_status("sft_loss_from_hidden"), backend=backend,
+                 work=head_work(n, V, H, IN_FORWARD) if backend == "triton" else recompute),
+        Provider("torch-reference", lambda x: _reference("sft_loss_from_hidden")(x["hidden"], x["weight"], x["targets"]),
+                 reference_status("sft_loss_from_hidden"), backend="eager", work=recompute),
+        Provider("hf-full-logits", lambda x: peers.hf_causal_lm_loss(x["hidden"], x["weight"], x["targets"]),
+                 backend="eager", work=head_work(n, V, H, STORED), strong=True,
+                 note="a transformers model's own loss: full logits upcast to fp32 + cross_entropy"),
+        Provider("trl-fused-head", trl, peer("trl.kernels"), backend="triton" if on_cuda else "torch",
+                 work=head_work(valid if on_cuda else n, V, H, RECOMPUTE), strong=True,
+                 note="TRL 1.16 add_fused_lm_head (SFTTrainer); scores only the completion tokens on CUDA"),
+        Provider("liger-flce", lambda x: peers.liger_flce_mean(x["hidden"].reshape(n, H), x["weight"],
+                                                               x["targets"].reshape(n)),
+                 peer("liger_kernel.ops.fused_linear_cross_entropy", needs_cuda=True), backend="triton",
+                 work=head_work(n, V, H, IN_FORWARD), strong=True),
+        liger_head_provider("liger-cute-head", device, dtype, cute, work=recompute),
+    ]
+    return Case("sft_loss_from_hidden", {"B": B, "T": T, "V": V, "H": H}, dtype, make, providers,
+                head_work(n, V, H, IN_FORWARD), modes=("full",), compare=max_abs_diff,
+                note="mean NLL over the completion (prompt = first quarter masked); achieved = the GEMM FLOPs "
+                     "each provider executes")
 
 
 # ----------------------------------------------------------------------------- GRPO from logits
@@ -589,9 +862,9 @@ def grpo_from_logits_case(B, L, V, dtype, device) -> Case:
         Provider("torch-reference", _grpo_reference, reference_status("ppo_loss"), backend="eager"),
         Provider("torch-compile", lambda x: _grpo_compiled()(x), reference_status("ppo_loss"), backend="inductor"),
         Provider("trl-style", trl_style, peer("trl.trainer.utils"),
-                 backend="triton" if device.startswith("cuda") else "eager"),
+                 backend="triton" if device.startswith("cuda") else "eager", strong=True),
         Provider("liger-grpo", liger, peer("liger_kernel.transformers.grpo_loss", needs_cuda=True),
-                 backend="triton"),
+                 backend="triton", strong=True),
     ]
 
     def work(mode):
@@ -604,16 +877,104 @@ def grpo_from_logits_case(B, L, V, dtype, device) -> Case:
 
 # ----------------------------------------------------------------------------- sweeps
 
-KERNELS = ("token_logprobs", "token_logprobs+entropy", "logprobs_from_logits", "logprobs_from_logits+entropy",
-           "kl_penalty", "ppo_loss", "value_loss", "gae", "whiten", "group_advantages", "dpo_loss",
-           "reward_loss", "dpo_from_hidden", "grpo_from_logits")
+KERNELS = ("policy_loss_from_hidden", "token_logprobs", "token_logprobs+entropy", "logprobs_from_logits",
+           "logprobs_from_logits+entropy", "kl_penalty", "ppo_loss", "value_loss", "gae", "whiten",
+           "group_advantages", "dpo_loss", "reward_loss", "dpo_from_hidden", "dpo_loss_from_hidden",
+           "sft_loss_from_hidden", "grpo_from_logits", "ceilings")
+
+# The rows issue 14's targets are about, in the order a short GPU run measures them: the device's
+# own ceilings first (for "% of measured"), then the fused policy head. (kernel, GPU shape, CPU shape).
+HEADLINE = (
+    ("ceilings", None, None),
+    ("policy_loss_from_hidden", (16, 1024, 151936, 4096, "bf16"), (2, 64, 4096, 64, "fp32")),
+    ("token_logprobs", (16384, 151936, 4096, "bf16"), (256, 32000, 64, "fp32")),
+    ("grpo_from_logits", (16, 1024, 151936, "bf16"), (4, 64, 4096, "fp32")),
+    ("dpo_loss_from_hidden", (4, 1024, 151936, 2048, "bf16"), (2, 64, 4096, 64, "fp32")),
+    ("dpo_from_hidden", (4, 1024, 151936, 2048, "bf16"), (2, 64, 4096, 64, "fp32")),
+    ("sft_loss_from_hidden", (16, 1024, 151936, 4096, "bf16"), (2, 64, 4096, 64, "fp32")),
+)
+
+
+def _make_case(kernel: str, args: tuple, device: str) -> Case:
+    if kernel in ("token_logprobs", "token_logprobs+entropy"):
+        return token_logprobs_case(*args, device, entropy=kernel.endswith("entropy"))
+    return {"policy_loss_from_hidden": policy_loss_from_hidden_case, "grpo_from_logits": grpo_from_logits_case,
+            "dpo_loss_from_hidden": dpo_loss_from_hidden_case, "dpo_from_hidden": dpo_from_hidden_case,
+            "sft_loss_from_hidden": sft_loss_from_hidden_case}[kernel](*args, device)
+
+
+def headline(device: str) -> list[Case]:
+    """The headline cases in priority order (GPU: issue 14's target shapes; CPU: small stand-ins)."""
+    gpu = device.startswith("cuda")
+    out = []
+    for kernel, gpu_args, cpu_args in HEADLINE:
+        if kernel == "ceilings":
+            out += ceiling_cases(device)
+        else:
+            out.append(_make_case(kernel, gpu_args if gpu else cpu_args, device))
+    return out
+
+
+def headline_keys(device: str) -> set[tuple]:
+    """(kernel, shape, dtype) of the headline cases, to leave them out of the rest of a sweep."""
+    return {(c.kernel, c.shape_str, c.dtype) for c in headline(device)}
+
+
+# ----------------------------------------------------------------------------- the device's ceilings
+
+
+def ceiling_cases(device: str) -> list[Case]:
+    """What this device reaches on a plain bf16 GEMM (cuBLAS, 8192^3, random data) and a device-to-
+    device copy (bytes read + written): the practical ceilings the "% of peak" columns are read
+    against (METHOD.md: datasheet peaks are leads, measure the ceilings once)."""
+    gpu = device.startswith("cuda")
+    M, dtype = (8192, "bf16") if gpu else (512, "fp32")
+    n_copy = (1 << 30) if gpu else (1 << 24)  # elements of fp32: 4 GiB / 64 MiB
+
+    def make_gemm(dev):
+        g = _generator(dev)
+        return {"a": _randn((M, M), g, dev).to(DTYPES[dtype]), "b": _randn((M, M), g, dev).to(DTYPES[dtype])}
+
+    def make_copy(dev):
+        return {"src": torch.rand(n_copy, generator=_generator(dev), device=dev), "dst": torch.empty(n_copy, device=dev)}
+
+    gemm = Case("ceiling:gemm", {"M": M, "N": M, "K": M}, dtype, make_gemm,
+                [Provider("torch-matmul", lambda x: torch.mm(x["a"], x["b"]), differentiable=False,
+                          backend="cublas" if gpu else "torch")],
+                lambda mode: (2.0 * M ** 3, "TFLOP/s"), modes=("forward",),
+                note="the device's practical matmul ceiling (random data)")
+    copy = Case("ceiling:copy", {"N": n_copy}, "fp32", make_copy,
+                [Provider("torch-copy", lambda x: x["dst"].copy_(x["src"]), differentiable=False, backend="torch")],
+                lambda mode: (8.0 * n_copy, "GB/s"), modes=("forward",),
+                note="the device's practical memory bandwidth: bytes read + written by a device-to-device copy")
+    return [gemm, copy]
+
+
 
 
 def sweep(kernel: str, device: str, quick: bool) -> list[Case]:
     """The cases of one kernel family, most informative first (a time budget cuts from the end)."""
     gpu = device.startswith("cuda")
     C = []
-    if kernel in ("token_logprobs", "token_logprobs+entropy"):
+    if kernel == "ceilings":
+        C = ceiling_cases(device)
+    elif kernel in ("policy_loss_from_hidden", "sft_loss_from_hidden"):
+        if gpu:
+            grid = [(4, 512, 32000, 2048, "bf16")] if quick else [(16, 1024, 151936, 4096, "bf16"),
+                                                                   (4, 1024, 151936, 4096, "bf16"),
+                                                                   (16, 1024, 151936, 2048, "bf16"),
+                                                                   (16, 1024, 128256, 4096, "bf16")]
+        else:
+            grid = [(2, 64, 4096, 64, "fp32")] if quick else [(2, 64, 4096, 64, "fp32"), (4, 128, 16000, 64, "fp32")]
+        C = [_make_case(kernel, args, device) for args in grid]
+    elif kernel == "dpo_loss_from_hidden":
+        if gpu:
+            grid = [(2, 512, 32000, 2048, "bf16")] if quick else [(4, 1024, 151936, 2048, "bf16"),
+                                                                   (8, 2048, 151936, 2048, "bf16")]
+        else:
+            grid = [(2, 64, 4096, 64, "fp32")] if quick else [(2, 128, 16000, 64, "fp32")]
+        C = [dpo_loss_from_hidden_case(p, t, v, h, dt, device) for p, t, v, h, dt in grid]
+    elif kernel in ("token_logprobs", "token_logprobs+entropy"):
         ent = kernel.endswith("entropy")
         if gpu and quick:
             grid = [(4096, 32000, 2048, "bf16")]

@@ -1,8 +1,13 @@
 """End to end: one PPO step and one DPO step (forward + backward + AdamW step) on a Qwen2-0.5B-sized
-model with random weights (GPU) or a tiny one (CPU), three ways:
+model with random weights (GPU) or a tiny one (CPU), four ways:
 
   fastrlhf-shared-lora   one frozen base, LoRA adapters for policy/value(/reward), the reference =
-                         adapters off (fastrlhf.roles.RoleModel), fused log-probs from hidden states.
+                         adapters off (fastrlhf.roles.RoleModel), fused log-probs from hidden states
+                         (`token_logprobs`, logits remade in backward) + ppo_loss / dpo_loss.
+  fastrlhf-shared-lora-fused  the same roles, the final policy (DPO) loss by the fused RL head:
+                         `policy_loss_from_hidden` (`dpo_loss_from_hidden`) on the policy's hidden
+                         states, gradients computed in its forward, as the trainers use it; the
+                         reference log-probs still come from `token_logprobs` without grad.
   separate-models-fused  one full model per role (PPO: policy, reference, value, reward; DPO: policy,
                          reference), full fine-tuning, fused log-probs from hidden states.
   trl-style              the same separate models, but log-probs from the full [B, T, V] logits with TRL's
@@ -32,7 +37,8 @@ from benchmarks import measure, peers
 from benchmarks.device import DeviceInfo, today
 from benchmarks.runner import _error_status, log
 
-PROVIDERS = ("fastrlhf-shared-lora", "separate-models-fused", "trl-style")
+PROVIDERS = ("fastrlhf-shared-lora-fused", "fastrlhf-shared-lora", "separate-models-fused", "trl-style")
+FUSED = "fastrlhf-shared-lora-fused"
 
 
 def model_config(quick: bool, gpu: bool):
@@ -125,7 +131,16 @@ def _checkpoint(model) -> None:
 # ----------------------------------------------------------------------------- PPO
 
 
+def _next_token_targets(ids, am, loss_mask):
+    """Targets [B, T-1] for hidden[:, :-1]: the next token, -100 outside the loss mask (the fused
+    head reads no logits there), and the mask [B, T-1] itself."""
+    mask = loss_mask[:, 1:].bool() & am[:, 1:].bool()
+    return ids[:, 1:].masked_fill(~mask, -100), mask
+
+
 def build_ppo(kind, config, device, dtype, ckpt=False):
+    if kind == FUSED:
+        return _build_ppo_fused(config, device, dtype, ckpt)
     if kind == "fastrlhf-shared-lora":
         from fastrlhf.roles import RoleModel
 
@@ -160,10 +175,56 @@ def build_ppo(kind, config, device, dtype, ckpt=False):
     return forward, params, [policy, reference, value, reward]
 
 
+def _build_ppo_fused(config, device, dtype, ckpt):
+    """Shared-LoRA roles; the step's policy loss is `policy_loss_from_hidden` (see ppo_step_fn)."""
+    from fastrlhf.roles import RoleModel
+
+    rm = RoleModel(_new_model(config, device, dtype), roles=("policy", "value", "reward"),
+                   trainable_roles=("policy", "value"))
+    if ckpt:
+        rm.gradient_checkpointing_enable()
+    return _FusedRoles(rm), rm.trainable_parameters(), [rm]
+
+
+class _FusedRoles:
+    """What the PPO/DPO steps need from a RoleModel whose final loss is the fused head."""
+
+    def __init__(self, roles):
+        self.roles = roles
+
+
+def _ppo_step_fused(roles, opt, ids, am, loss_mask):
+    import fastrlhf
+
+    rm = roles.roles
+    targets, mask = _next_token_targets(ids, am, loss_mask)
+
+    def step():
+        with torch.no_grad():
+            ref = rm.token_logprobs("reference", ids, am)
+            scores = rm.rewards(ids, am)
+        values = rm.values(ids, am)[:, :-1]
+        with torch.no_grad():
+            rewards = torch.zeros_like(values)
+            rewards[:, -1] = scores.to(rewards.dtype)
+            adv, returns = fastrlhf.gae(rewards, values.detach(), mask, gamma=1.0, lam=0.95)
+        hidden = rm.hidden_states("policy", ids, am)
+        # old_logps=None: one on-policy pass (ratio 1), what ppo_step_fn's logps.detach() does.
+        loss, _ = fastrlhf.policy_loss_from_hidden(hidden[:, :-1], rm.lm_head_weight, targets, None, adv, mask,
+                                                   ref_logps=ref, kl_coef=0.05)
+        vloss, _ = fastrlhf.value_loss(values, values.detach(), returns, mask)
+        (loss + 0.1 * vloss).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
 def ppo_step_fn(forward, params, ids, am, loss_mask):
     import fastrlhf
 
     opt = torch.optim.AdamW(params, lr=1e-6)
+    if isinstance(forward, _FusedRoles):
+        return _ppo_step_fused(forward, opt, ids, am, loss_mask)
     mask = loss_mask[:, 1:].bool()
 
     def step():
@@ -185,6 +246,13 @@ def ppo_step_fn(forward, params, ids, am, loss_mask):
 
 
 def build_dpo(kind, config, device, dtype, ckpt=False):
+    if kind == FUSED:
+        from fastrlhf.roles import RoleModel
+
+        rm = RoleModel(_new_model(config, device, dtype), roles=("policy",))
+        if ckpt:
+            rm.gradient_checkpointing_enable()
+        return _FusedRoles(rm), rm.trainable_parameters(), [rm]
     if kind == "fastrlhf-shared-lora":
         from fastrlhf.roles import RoleModel
 
@@ -210,10 +278,31 @@ def build_dpo(kind, config, device, dtype, ckpt=False):
     return forward, list(policy.parameters()), [policy, reference]
 
 
+def _dpo_step_fused(roles, opt, ids, am, loss_mask):
+    import fastrlhf
+
+    rm = roles.roles
+    targets, mask = _next_token_targets(ids, am, loss_mask)
+    pairs = ids.shape[0] // 2
+
+    def step():
+        with torch.no_grad():
+            ref_seq = fastrlhf.sequence_logps(rm.token_logprobs("reference", ids, am), mask)
+        hidden = rm.hidden_states("policy", ids, am)
+        loss, _ = fastrlhf.dpo_loss_from_hidden(hidden[:, :-1], rm.lm_head_weight, targets, ref_seq[:pairs],
+                                                ref_seq[pairs:], beta=0.1)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
 def dpo_step_fn(forward, params, ids, am, loss_mask):
     import fastrlhf
 
     opt = torch.optim.AdamW(params, lr=1e-6)
+    if isinstance(forward, _FusedRoles):
+        return _dpo_step_fused(forward, opt, ids, am, loss_mask)
     mask = loss_mask[:, 1:]
     pairs = ids.shape[0] // 2
 
@@ -262,9 +351,10 @@ def _grad_bytes(params) -> int:
 
 def _row(info, step_name, kind, ckpt, name, B, T, gpu) -> dict:
     backend = ("triton" if gpu else "torch") if kind != "trl-style" else "eager"
+    what = "fused RL head for the final loss; " if kind == FUSED else ""
     return dict(kernel=step_name, provider=kind, mode="full", dtype="bf16" if gpu else "fp32",
                 shape=f"model={name},B={B},T={T}" + (",ckpt" if ckpt else ""), device=info.name, date=today(),
-                backend=backend, note="peak = weights+grads+optimizer+step",
+                backend=backend, note=what + "peak = weights+grads+optimizer+step",
                 **{k: info.versions.get(k, "") for k in ("torch", "triton", "fastrlhf", "liger_kernel", "trl")})
 
 
@@ -298,6 +388,7 @@ def _measure_cpu(build, make_step, batch) -> tuple:
 
 
 def _run_one(row, build, make_step, batch, gpu) -> dict:
+    what = "fused RL head for the final loss; " if row["provider"] == FUSED else ""
     import fastrlhf
 
     log(f"[{row['kernel']}] {row['provider']} {row['shape']}")
@@ -316,11 +407,13 @@ def _run_one(row, build, make_step, batch, gpu) -> dict:
         f"static {static / 2**20:.1f} MiB")
     return dict(row, median_ms=f"{timing.median_ms:.4g}", p20_ms=f"{timing.p20_ms:.4g}",
                 p80_ms=f"{timing.p80_ms:.4g}", peak_bytes=peak, status="ok",
-                note=f"static_bytes={static}; peak = weights+grads+optimizer+step, static = weights+grads+optimizer")
+                note=f"static_bytes={static}; {what}peak = weights+grads+optimizer+step, "
+                     "static = weights+grads+optimizer")
 
 
 def run(info: DeviceInfo, *, quick: bool, deadline: float | None = None, providers=None,
-        configs=CONFIGS) -> list[dict]:
+        configs=CONFIGS, on_row=None) -> list[dict]:
+    """Every (step, checkpointing, provider) row; `on_row(row)` is called as each one is done."""
     device = info.device
     gpu = device.startswith("cuda")
     name, config = model_config(quick, gpu)
@@ -341,4 +434,6 @@ def run(info: DeviceInfo, *, quick: bool, deadline: float | None = None, provide
             else:
                 rows.append(_run_one(row, lambda: build(kind, config, device, dtype, ckpt=ckpt), make_step,
                                      batch, gpu))
+            if on_row is not None:
+                on_row(rows[-1])
     return rows

@@ -7,11 +7,16 @@ arithmetic, same loop structure, same host syncs as the original), not copied.
 Optional peers (`pip install liger-kernel trl`, the `bench` extra):
   * TRL >= 1.x: `trl.trainer.utils.selective_log_softmax` (Triton on CUDA, a per-row loop elsewhere),
     `selective_log_softmax_and_entropy`, and `trl.kernels.ChunkedLogProbFunction` (the chunked
-    hidden -> log-prob head behind `add_fused_lm_head`; cuBLAS tiles + Triton on CUDA, torch tiles on CPU).
+    hidden -> log-prob head behind `add_fused_lm_head`; cuBLAS tiles + Triton on CUDA, torch tiles on
+    CPU). TRL 1.16's trainers (SFT, DPO, GRPO, RLOO) all score through `add_fused_lm_head`:
+    `trl_fused_lm_head` below follows it.
   * Liger-Kernel 0.8.x: `LigerFusedLinearCrossEntropyFunction` (Triton, CUDA only),
     `liger_kernel.ops.grpo_loss.fused_selective_log_softmax` (Triton, CUDA only, no grad),
-    `triton_grpo_loss` (Triton, CUDA only), `LigerFusedLinearDPOLoss` (chunked torch + torch.compile;
-    runs on CPU too).
+    `triton_grpo_loss` (Triton, CUDA only), `LigerFusedLinearDPOLoss` and `LigerFusedLinearGRPOLoss`
+    (chunked torch + torch.compile of the loss math; run on CPU too), and
+    `LigerFusedLinearScaledCrossEntropyFunction`: per-token NLL (+ entropy) from hidden states, a CuTe
+    DSL kernel on sm_90 (needs `nvidia-cutlass-dsl`), Liger's 512-token torch loop elsewhere
+    (`liger_scaled_ce` says which one runs).
 """
 from __future__ import annotations
 
@@ -342,3 +347,89 @@ def liger_fused_linear_dpo(weight, hidden, targets, ref_hidden, ref_weight, *, b
     loss_fn = chunked.LigerFusedLinearDPOLoss(beta=beta, compiled=compiled, use_ref_model=True)
     out = loss_fn(weight, hidden, targets, None, ref_hidden, ref_weight, None)
     return out[0] if isinstance(out, tuple) else out
+
+
+# ----------------------------------------------------------------------------- fused heads (hidden -> loss)
+
+
+def trl_fused_lm_head(hidden, weight, labels, *, entropy: bool = False):
+    """TRL 1.16's fused LM head (trl/trainer/utils.py, `add_fused_lm_head` -> `_fused_forward`), from
+    the backbone's hidden states `[B, T, H]` (already aligned with `labels`, i.e. the `[:, :-1]`
+    shift done) to per-token log-probs `[B, T]` (0 where labels == -100) and, with `entropy`, the
+    entropies. On CUDA it scores only the valid positions (`hidden[mask]`, a gather and a host
+    sync, then `masked_scatter` back); elsewhere every position, as TRL does."""
+    kernels, _ = _import("trl.kernels")
+    mask = labels != -100
+    compact = hidden.device.type == "cuda"
+    outputs = ("log_probs", "entropy") if entropy else ("log_probs",)
+    flat = hidden[mask] if compact else hidden.reshape(-1, hidden.shape[-1])
+    flat_labels = labels[mask] if compact else labels.clamp(min=0).reshape(-1)
+    per_token = kernels.ChunkedLogProbFunction.apply(flat, weight, None, flat_labels, 1.0, TRL_VOCAB_CHUNK, None, 1.0,
+                                                     outputs)
+    if compact:
+        per_token = [None if x is None else x.new_zeros(mask.shape).masked_scatter(mask, x) for x in per_token]
+    else:
+        per_token = [None if x is None else x.view(mask.shape).masked_fill(~mask, 0) for x in per_token]
+    return per_token[0], per_token[1]
+
+
+@functools.lru_cache(maxsize=None)
+def liger_scaled_ce(device_type: str, capability: tuple | None) -> tuple:
+    """(autograd function, backend name, note) of Liger's per-token NLL/entropy head for this device.
+
+    Liger's frontend (`LigerFusedLinearScaledCrossEntropyFunction`) runs the CuTe DSL kernel on sm_90
+    and Liger's own 512-token chunked torch loop (`_FusedLinearPPOFallbackFunction`, adapted from
+    verl) on every other device. On sm_90 without `nvidia-cutlass-dsl` the frontend raises instead
+    of falling back; we then time that torch loop and say so in the row's note."""
+    frontend, err = _import("liger_kernel.ops.fused_linear_scaled_cross_entropy")
+    if frontend is None:
+        return None, "", f"not installed ({err})"
+    fallback = frontend._FusedLinearPPOFallbackFunction
+    if device_type != "cuda" or capability != (9, 0):
+        where = "CPU" if device_type == "cpu" else f"sm_{capability[0]}{capability[1]}" if capability else device_type
+        return fallback, "torch", f"Liger's own path on {where}: 512-token torch chunks (the CuTe head is sm_90 only)"
+    sm90, err = _import("liger_kernel.ops.cutedsl.ops.fused_scaled_cross_entropy_sm90")
+    if sm90 is None:
+        return fallback, "torch-fallback", (f"FELL BACK: the CuTe sm_90 head needs nvidia-cutlass-dsl ({err}); "
+                                            "timed Liger's 512-token torch loop instead")
+    return sm90.LigerFusedScaledCrossEntropySM90Function, "cute-dsl", "Liger CuTe DSL sm_90 head"
+
+
+def liger_scaled_ce_apply(function, hidden, weight, targets, *, entropy: bool):
+    """Per-token (nll, entropy or None) of Liger's scaled-CE head, hidden `[N, H]`, targets `[N]`
+    (-100 = ignored, nll 0 there). The sm_90 function and the fallback take the same leading
+    arguments; only the sm_90 one has `m_tiles_per_cluster` before `return_entropy`."""
+    if function.__name__.endswith("SM90Function"):
+        out = function.apply(hidden, weight, targets, 1.0, -100, 1, entropy)
+    else:
+        out = function.apply(hidden, weight, targets, 1.0, -100, entropy)
+    return (out[0], out[1]) if entropy else (out, None)
+
+
+def liger_fused_linear_grpo(hidden, weight, ids, mask, advantages, old_logps, ref_logps, *, beta=0.04,
+                            eps_low=0.2, eps_high=0.28, compiled=True):
+    """Liger's fused linear GRPO loss (liger_kernel.chunked_loss.LigerFusedLinearGRPOLoss, defaults
+    but loss_type="bnpo" = token-mean over the batch): hidden `[B, T, H]`, sequence advantages `[B]`,
+    per-token old/reference log-probs `[B, T]`. Gradients are computed in its forward (chunk by
+    chunk, `torch.autograd.grad`); its log-probs recompute the logits in that inner backward."""
+    chunked, _ = _import("liger_kernel.chunked_loss")
+    loss_fn = chunked.LigerFusedLinearGRPOLoss(beta=beta, compiled=compiled, use_ref_model=True, epsilon_low=eps_low,
+                                               epsilon_high=eps_high, loss_type="bnpo")
+    loss, _metrics = loss_fn(hidden, weight, ids, mask, advantages, ref_per_token_logps=ref_logps,
+                             old_per_token_logps=old_logps)
+    return loss
+
+
+def liger_flce_mean(hidden, weight, targets):
+    """Liger's fused linear cross entropy, mean over targets != -100 (what its SFT patch computes)."""
+    flce, _ = _import("liger_kernel.ops.fused_linear_cross_entropy")
+    loss, *_ = flce.LigerFusedLinearCrossEntropyFunction.apply(hidden, weight, targets, None, None, -100, 0.0, 0.0,
+                                                               "mean")
+    return loss
+
+
+def hf_causal_lm_loss(hidden, weight, targets):
+    """A Hugging Face causal LM's own loss: full logits, upcast to fp32, cross entropy over the
+    targets != -100 (transformers/loss/loss_utils.py, ForCausalLMLoss, targets already shifted)."""
+    logits = (hidden @ weight.T).float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)

@@ -6,26 +6,22 @@ and empty numbers, so the table shows what was not measured instead of silently 
 """
 from __future__ import annotations
 
-import csv
 import gc
-import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 
 from benchmarks import measure
 from benchmarks.cases import Case, Provider
 from benchmarks.device import DeviceInfo, today
+from benchmarks.results_csv import COLUMNS, KEY, read_rows, write_rows  # noqa: F401  (re-exported)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
-
-COLUMNS = ["kernel", "provider", "mode", "dtype", "shape", "median_ms", "p20_ms", "p80_ms", "peak_bytes",
-           "achieved", "achieved_unit", "pct_of_peak", "max_abs_diff", "backend", "status", "device",
-           "torch", "triton", "fastrlhf", "liger_kernel", "trl", "date", "note"]
-KEY = ("kernel", "provider", "mode", "dtype", "shape")
+# Which providers of a case to run: names, a predicate, or None for all.
+Selection = Iterable[str] | Callable[[Provider], bool] | None
 
 
 def log(msg: str) -> None:
@@ -85,20 +81,41 @@ def _free(device: str) -> None:
         torch.cuda.empty_cache()
 
 
-def run_case(case: Case, info: DeviceInfo, *, quick: bool, providers: Iterable[str] | None = None,
-             modes: Iterable[str] | None = None, memory: bool = True) -> list[dict]:
+def selected(case: Case, providers: Selection) -> list[Provider]:
+    if providers is None:
+        return list(case.providers)
+    if callable(providers):
+        return [p for p in case.providers if providers(p)]
+    names = set(providers)
+    return [p for p in case.providers if p.name in names]
+
+
+PATH_NOTE = "path: "  # prefix of a provider's own note in the CSV (the report shows those)
+
+
+def _note(case: Case, provider: Provider) -> str:
+    return "; ".join(n for n in (case.note, provider.note and PATH_NOTE + provider.note) if n)
+
+
+def run_case(case: Case, info: DeviceInfo, *, quick: bool, providers: Selection = None,
+             modes: Iterable[str] | None = None, memory: bool = True, deadline: float | None = None,
+             on_rows: Callable[[list[dict]], None] | None = None) -> list[dict]:
+    """The rows of one case. Past `deadline` (time.monotonic()) the remaining providers get
+    "skipped: time budget" rows; `on_rows` receives each provider's rows as soon as they exist, so
+    that a run killed in the middle of a long case keeps what it measured."""
     device = info.device
     base = {"kernel": case.kernel, "dtype": case.dtype, "shape": case.shape_str, "device": info.name,
-            "date": today(), "note": case.note, **{k: info.versions.get(k, "") for k in
-                                                   ("torch", "triton", "fastrlhf", "liger_kernel", "trl")}}
+            "date": today(), **{k: info.versions.get(k, "") for k in
+                                ("torch", "triton", "fastrlhf", "liger_kernel", "trl")}}
     rows = []
     inputs = case.make_inputs(device)
     ref_out = _reference_output(case, inputs, device)
     wanted_modes = [m for m in case.modes if modes is None or m in modes]
-    for provider in case.providers:
-        if providers is not None and provider.name not in providers:
-            continue
+    for provider in selected(case, providers):
+        first = len(rows)
         status = provider.status(device)
+        if deadline is not None and time.monotonic() > deadline:
+            status = "skipped: time budget"
         diff = ""
         if not status:
             # One untimed call: compiles/autotunes, checks it runs, and gives the correctness column.
@@ -112,7 +129,8 @@ def run_case(case: Case, info: DeviceInfo, *, quick: bool, providers: Iterable[s
                 status = _error_status(exc)
             _free(device)
         for mode in wanted_modes:
-            row = dict(base, provider=provider.name, mode=mode, backend=provider.backend, max_abs_diff=diff)
+            row = dict(base, provider=provider.name, mode=mode, backend=provider.backend, max_abs_diff=diff,
+                       note=_note(case, provider))
             if status:
                 rows.append(dict(row, status=status))
                 continue
@@ -123,6 +141,8 @@ def run_case(case: Case, info: DeviceInfo, *, quick: bool, providers: Iterable[s
             _free(device)
         for t in _grad_leaves(inputs):
             t.grad = None
+        if on_rows is not None:
+            on_rows(rows[first:])
     del inputs, ref_out
     _free(device)
     return rows
@@ -159,7 +179,7 @@ def _measure(case, provider, inputs, mode, row, info, *, quick, memory) -> dict:
         del fn
     except Exception as exc:
         return dict(row, status=_error_status(exc))
-    amount, unit = case.work(mode)
+    amount, unit = (provider.work or case.work)(mode)
     achieved = amount / (timing.median_ms * 1e-3) / (1e12 if unit == "TFLOP/s" else 1e9)
     peak_hw = info.peak_for(unit, case.dtype)
     pct = ""
@@ -179,48 +199,22 @@ def csv_path(info: DeviceInfo, results_dir: Path | None = None) -> Path:
     return Path(results_dir or RESULTS_DIR) / f"{info.slug}.csv"
 
 
-def read_rows(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def write_rows(path: Path, new_rows: list[dict], *, fresh: bool = False) -> None:
-    """Merge: a new row replaces an old one with the same (kernel, provider, mode, dtype, shape)."""
-    rows = [] if fresh else read_rows(path)
-    index = {tuple(r.get(k, "") for k in KEY): i for i, r in enumerate(rows)}
-    for row in new_rows:
-        key = tuple(row.get(k, "") for k in KEY)
-        if key in index:
-            rows[index[key]] = row
-        else:
-            index[key] = len(rows)
-            rows.append(row)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({c: row.get(c, "") for c in COLUMNS})
-    os.replace(tmp, path)
-
-
 def run_all(cases: list[Case], info: DeviceInfo, path: Path, *, quick: bool, fresh: bool = False,
-            deadline: float | None = None, providers=None, modes=None) -> list[dict]:
-    """Run every case, writing the CSV after each so an interrupted run keeps what it measured."""
+            deadline: float | None = None, providers: Selection = None, modes=None) -> list[dict]:
+    """Run every case, merging each provider's rows into the CSV as soon as they exist, so an
+    interrupted run keeps what it measured. `fresh`: start from an empty CSV."""
+    if fresh:
+        write_rows(path, [], fresh=True)
     all_rows: list[dict] = []
-    first = True
     for case in cases:
         if deadline is not None and time.monotonic() > deadline:
             rows = [dict(kernel=case.kernel, provider=p.name, mode=m, dtype=case.dtype, shape=case.shape_str,
                          device=info.name, date=today(), status="skipped: time budget")
-                    for p in case.providers for m in case.modes]
+                    for p in selected(case, providers) for m in case.modes if modes is None or m in modes]
+            write_rows(path, rows)
         else:
             log(f"[{case.kernel}] {case.shape_str} {case.dtype}")
-            rows = run_case(case, info, quick=quick, providers=providers, modes=modes)
-        write_rows(path, rows, fresh=fresh and first)
-        first = False
+            rows = run_case(case, info, quick=quick, providers=providers, modes=modes, deadline=deadline,
+                            on_rows=lambda provider_rows: write_rows(path, provider_rows))
         all_rows += rows
     return all_rows
