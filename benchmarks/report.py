@@ -25,6 +25,8 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.results_csv import KEY
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 README = Path(__file__).resolve().parent.parent / "README.md"
 START, END = "<!-- bench:start -->", "<!-- bench:end -->"
@@ -45,11 +47,15 @@ def _float(x) -> float | None:
 
 
 def load(results_dir: Path) -> dict[str, list[dict]]:
-    """{csv stem (device slug): rows}"""
+    """{csv stem (device slug): rows} of the benchmark-result CSVs (their header starts with
+    results_csv.KEY columns); other CSVs beside them (the memory planner's tables) are skipped."""
     out = {}
     for path in sorted(Path(results_dir).glob("*.csv")):
         with open(path, newline="") as f:
-            out[path.stem] = list(csv.DictReader(f))
+            reader = csv.DictReader(f)
+            if not set(KEY) <= set(reader.fieldnames or ()):
+                continue
+            out[path.stem] = list(reader)
     return out
 
 
