@@ -81,9 +81,7 @@ def ppo_token_terms(
     kl = tl.zeros_like(pg)
     dkl = tl.zeros_like(pg)
     if HAS_REF:
-        ref_log_ratio, ref_dclamp = clamped_log_ratio(logps - ref, LIMIT)
-        kl, dkl = kl_estimate(ref_log_ratio, ESTIMATOR)
-        dkl = dkl * ref_dclamp
+        kl, dkl = kl_estimate(logps - ref, ESTIMATOR, LIMIT)
         loss_t += kl_coef * kl
         dloss += kl_coef * dkl
     if HAS_ENT:

@@ -47,12 +47,14 @@ def _clamp(x):
 
 
 def _kl_closed(x, estimator):
-    """KL estimate and its derivative w.r.t. the raw log-ratio x (clamp included)."""
-    d, dclamp = _clamp(x)
+    """KL estimate and its derivative w.r.t. the raw log-ratio x. k1 = x and k2 = x²/2 hold no exp
+    and are never clamped (TRL, verl); k3 = e^(-d) + d - 1 takes d = clamp(x, ±20) so that e^(-d)
+    stays finite (verl's low_var_kl clamps the same way), with zero derivative outside."""
     if estimator == "k1":
-        return d, dclamp
+        return x, 1.0
     if estimator == "k2":
-        return d * d / 2, d * dclamp
+        return x * x / 2, x
+    d, dclamp = _clamp(x)
     return math.exp(-d) + d - 1, (1 - math.exp(-d)) * dclamp
 
 
@@ -245,6 +247,33 @@ def test_ppo_extreme_log_ratios_are_clamped():
         # outside the clamp range nothing depends on logps any more
         assert torch.count_nonzero(grads["logps"]) == 0
     np.testing.assert_allclose(metrics["approx_kl"].item(), 0.5 * 20.0**2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_k1_k2_are_not_clamped_k3_keeps_its_exp_guard(backend):
+    """Issue 11, case 1: at d = logps - ref = ±30 k1 is ±30 (not ±20) and k2 is 450 (not 200), with
+    gradients 1 and d, as in TRL and verl; only k3 = e^(-d) + d - 1 keeps d clamped to ±20 (its exp),
+    so its gradient is 0 out there. Checked in kl_penalty and in ppo_loss's KL term (same kernel code
+    as the fused head)."""
+    logps = torch.tensor([[0.0, 0.0, 0.0, 0.0]])
+    ref = torch.tensor([[-30.0, 30.0, -25.0, 5.0]])
+    d = (logps - ref)[0].tolist()
+    for estimator, value, grad in (
+        ("k1", d, [1.0] * 4),
+        ("k2", [x * x / 2 for x in d], d),
+        ("k3", [_kl_closed(x, "k3")[0] for x in d], [0.0, 0.0, 0.0, 1 - math.exp(5.0)]),
+    ):
+        lp = logps.clone().requires_grad_()
+        kl = fastrlhf.kl_penalty(lp, ref, estimator=estimator, backend=backend)
+        (g,) = torch.autograd.grad(kl.sum(), lp)
+        np.testing.assert_allclose(_np(kl)[0], value, rtol=1e-6, err_msg=estimator)
+        np.testing.assert_allclose(_np(g)[0], grad, rtol=1e-6, atol=1e-7, err_msg=estimator)
+        lp = logps.clone().requires_grad_()
+        loss, metrics = fastrlhf.ppo_loss(lp, logps, torch.zeros_like(logps), torch.ones_like(logps),
+                                          ref_logps=ref, kl_coef=1.0, kl_estimator=estimator, backend=backend)
+        (g,) = torch.autograd.grad(loss, lp)
+        np.testing.assert_allclose(metrics["kl"].item(), sum(value) / 4, rtol=1e-6, err_msg=estimator)
+        np.testing.assert_allclose(_np(g)[0], [x / 4 for x in grad], rtol=1e-6, atol=1e-7, err_msg=estimator)
 
 
 def test_ppo_asymmetric_clip():

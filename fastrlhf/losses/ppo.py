@@ -87,9 +87,10 @@ def kl_penalty(
     Args:
         logps: policy log-probs, any shape (typically `[B, T]`).
         ref_logps: reference log-probs, same shape.
-        estimator: with d = clamp(logps - ref_logps, -20, 20): "k1" d, "k2" d²/2,
-            "k3" exp(-d) + d - 1. verl's names "kl", "mse", "low_var_kl" are accepted as aliases.
-            (Unlike verl/OpenRLHF we do not clamp the k3 value itself to ±10.)
+        estimator: with x = logps - ref_logps: "k1" x, "k2" x²/2 (both unclamped, as TRL and
+            verl), "k3" exp(-d) + d - 1 with d = clamp(x, -20, 20) (its exp needs the guard; zero
+            gradient beyond ±20). verl's names "kl", "mse", "low_var_kl" are accepted as aliases.
+            (Unlike verl/OpenRLHF we do not clamp the KL value itself to ±10.)
         backend: "auto" | "triton" | "torch".
 
     Returns:

@@ -44,11 +44,14 @@ def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_agg: str) -> tor
 
 
 def _kl_terms(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) -> torch.Tensor:
-    log_ratio = torch.clamp(logps - ref_logps, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
+    """k1 = x, k2 = x²/2 of x = logps - ref_logps, unclamped (no exp in them); k3 = e^(-d) + d - 1
+    with d = clamp(x, ±20), the one estimator whose exp needs the guard."""
+    log_ratio = logps - ref_logps
     if estimator == "k1":
         return log_ratio
     if estimator == "k2":
         return 0.5 * log_ratio.square()
+    log_ratio = torch.clamp(log_ratio, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     return torch.exp(-log_ratio) + log_ratio - 1.0
 
 
