@@ -60,6 +60,11 @@ def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
 
 
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
 def check_positive(name: str, value: float) -> None:
     if not value > 0:
         raise ValueError(f"{name} must be > 0, got {value!r}")
@@ -288,7 +293,10 @@ def check_unit_interval(name: str, value: float) -> None:
 
 
 
-def check_gae_args(rewards, values, mask, gamma: float, lam: float) -> None:
+def check_gae_args(rewards, values, mask, gamma: float, lam: float, skip_masked: bool = True,
+                   whiten: bool = False) -> None:
+    check_bool("skip_masked", skip_masked)
+    check_bool("whiten", whiten)
     check_floating("rewards", rewards)
     check_floating("values", values)
     check_ndim("rewards", rewards, 2, "[B, T]")

@@ -100,7 +100,9 @@ def _ppo_variants():
 def _advantage_variants():
     for T in (1, 37, 4096):  # BLOCK_T = 1 (T = 1 is also a JIT constant), 64, 1024 (8 warps)
         rewards, values = torch.randn(2, T), torch.randn(2, T, dtype=torch.bfloat16)
-        fastrlhf.gae(rewards, values, torch.ones(2, T, dtype=torch.bool), backend="triton")
+        for skip_masked in (True, False):  # tool-observation holes skipped (two scans) or terminal
+            fastrlhf.gae(rewards, values, torch.ones(2, T, dtype=torch.bool), skip_masked=skip_masked,
+                         backend="triton")
     fastrlhf.gae(torch.randn(2, 512), torch.randn(2, 512), torch.ones(2, 512), backend="triton")
 
 
@@ -185,7 +187,7 @@ EXPECTED = {
         "_value_loss_forward_kernel": {"GRAD": {True, False}},
         "_kl_penalty_forward_kernel": {"ESTIMATOR": {1, 2, 3}, "WRITE_GRAD": {True, False}},
     },
-    "advantages": {"_gae_forward_kernel": {"BLOCK_T": {1, 64, 512, 1024}}},
+    "advantages": {"_gae_forward_kernel": {"BLOCK_T": {1, 64, 512, 1024}, "SKIP_MASKED": {True, False}}},
     "fused_head": {
         "_fused_head_rows_kernel": {name: {True, False} for name in
                                     ("HAS_OLD", "HAS_REF", "DUAL", "ENTROPY_GRAD", "WRITE_GRAD", "HAS_SOFTCAP",
