@@ -18,6 +18,7 @@ import torch
 
 from fastrlhf.contracts import (
     DPO_LOSS_TYPES,
+    GROUP_STD_KINDS,
     IGNORE_INDEX,
     KL_ESTIMATOR_ALIASES,
     LABEL_SMOOTHING_LOSS_TYPES,
@@ -316,7 +317,8 @@ def check_whiten_args(x, mask, eps: float) -> None:
 
 
 
-def check_group_args(scores, group_size: int, eps: float) -> None:
+def check_group_args(scores, group_size: int, eps: float, std: str = "sample") -> None:
+    check_choice("std", std, GROUP_STD_KINDS)
     check_floating("scores", scores)
     check_ndim("scores", scores, 1, "[B]")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:

@@ -22,6 +22,10 @@ LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 # The SFT loss's aggregations of the token NLL (mean over all tokens, or of per-sequence means).
 SFT_LOSS_AGGS = ("token-mean", "seq-mean-token-mean")
 
+# How `group_advantages` measures a group's spread: "sample" divides by n - 1 (TRL, verl, OpenRLHF:
+# torch.std), "population" by n. A group of one sample has advantage 0 under either.
+GROUP_STD_KINDS = ("sample", "population")
+
 # DPO-family loss types. The kernel selects one by its position in this tuple.
 DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "simpo", "orpo", "apo_zero")
 REFERENCE_FREE_LOSS_TYPES = ("simpo", "orpo")

@@ -326,20 +326,47 @@ def test_whiten_gradcheck_and_bad_input():
 
 # ---- group advantages ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("scale", [True, False])
-@pytest.mark.parametrize("B,group_size", [(12, 4), (7, 7), (5, 1)])
-def test_group_advantages_closed_form(B, group_size, scale, device):
-    scores = torch.randn(B) * 2
+def group_closed_form(scores, group_size, scale, std, eps=1e-6):
+    """(s - group mean) / (group std + eps) per group of consecutive scores, in Python floats.
+    std "sample": statistics.stdev (n - 1, TRL / verl / OpenRLHF); "population": pstdev (n).
+    A one-sample group gives 0 (the sample is its own mean) under either std."""
     expected = []
-    for g in range(B // group_size):
+    for g in range(len(scores) // group_size):
         group = [float(s) for s in scores[g * group_size:(g + 1) * group_size]]
         mean = statistics.fmean(group)
-        std = statistics.pstdev(group)  # biased (unbiased=False)
-        expected += [(s - mean) / (std + 1e-6) if scale else s - mean for s in group]
+        if len(group) == 1:
+            spread = 0.0
+        else:
+            spread = statistics.stdev(group) if std == "sample" else statistics.pstdev(group)
+        expected += [(s - mean) / (spread + eps) if scale else s - mean for s in group]
+    return np.array(expected)
+
+
+@pytest.mark.parametrize("std", ["sample", "population"])
+@pytest.mark.parametrize("scale", [True, False])
+@pytest.mark.parametrize("B,group_size", [(12, 4), (7, 7), (5, 1), (32, 2), (32, 16)])
+def test_group_advantages_closed_form(B, group_size, scale, std, device):
+    scores = torch.randn(B) * 2
+    expected = group_closed_form(scores, group_size, scale, std)
     for backend in ("triton", "torch"):
-        out = group_advantages(scores.to(device), group_size, scale=scale, backend=backend)
+        out = group_advantages(scores.to(device), group_size, scale=scale, std=std, backend=backend)
         assert out.shape == (B,) and out.dtype == torch.float32
-        assert_close_np(out, np.array(expected), 1e-5)
+        assert_close_np(out, expected, 1e-5)
+
+
+@pytest.mark.parametrize("group_size", [2, 4, 16])
+def test_group_advantages_default_is_the_peers_sample_std(group_size, device):
+    """Issue 11, case 4: TRL (`std_rewards = rewards.view(-1, G).std(dim=1)`), verl
+    (`torch.std(scores_tensor)`) and OpenRLHF (`rewards.std(-1)`) all divide by the SAMPLE (n - 1)
+    std; the population std (the old default) made advantages sqrt(G / (G - 1)) larger (1.41x at G = 2)."""
+    scores = torch.randn(8 * group_size)
+    default = group_advantages(scores.to(device), group_size)
+    peers = (scores.view(-1, group_size) - scores.view(-1, group_size).mean(1, keepdim=True)) / (
+        scores.view(-1, group_size).std(1, keepdim=True) + 1e-6)
+    assert_close_np(default, peers.reshape(-1).double().numpy(), 1e-5)
+    population = group_advantages(scores.to(device), group_size, std="population")
+    ratio = (default / population)[population.abs() > 1e-3]
+    np.testing.assert_allclose(ratio.cpu().numpy(), math.sqrt((group_size - 1) / group_size), rtol=1e-4)
 
 
 def test_group_advantages_constant_group_and_empty(device):
@@ -360,3 +387,5 @@ def test_group_advantages_bad_input():
         group_advantages(scores.reshape(2, 5), 5)
     with pytest.raises(ValueError, match="scores"):
         group_advantages(torch.arange(10), 5)
+    with pytest.raises(ValueError, match="std"):
+        group_advantages(scores, 5, std="unbiased")

@@ -85,14 +85,21 @@ def group_advantages(
     group_size: int,
     *,
     scale: bool = True,
+    std: str = "sample",
     eps: float = 1e-6,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """GRPO advantages for scores `[B]` grouped in consecutive blocks of `group_size`:
-    (s - group mean) / (group std + eps) with the biased std (unbiased=False), or s - group mean
-    with `scale=False`. Returns `[B]` float32 (float64 for float64 scores), detached.
-    `group_size` must divide B (ValueError otherwise). Same torch ops on every backend.
+    """GRPO advantages (Shao et al. 2024, DeepSeekMath, eq. 4 / sec. 4.1.2) for scores `[B]` grouped
+    in consecutive blocks of `group_size`: (s - group mean) / (group std + eps), or s - group mean
+    with `scale=False` (Dr. GRPO, Liu et al. 2025, "Understanding R1-Zero-Like Training", sec. 3.2).
+
+    std: "sample" (default: divides by n - 1, as TRL, verl and OpenRLHF, i.e. torch.std) or
+    "population" (by n; the default before, giving advantages sqrt(n / (n - 1)) times the peers').
+    A group of ONE sample has advantage 0 under either (it is its own mean; its spread is taken as
+    0, not n - 1 = 0's NaN). verl keeps the raw score there instead (mean 0, std 1); TRL needs n >= 2.
+    Returns `[B]` float32 (float64 for float64 scores), detached. `group_size` must divide B
+    (ValueError otherwise). Same torch ops on every backend.
     """
-    check_group_args(scores, group_size, eps)
+    check_group_args(scores, group_size, eps, std)
     resolve_backend(backend, scores)
-    return twin.group_advantages(scores, group_size, scale=scale, eps=eps)
+    return twin.group_advantages(scores, group_size, scale=scale, std=std, eps=eps)

@@ -154,6 +154,7 @@ def group_advantages(
     group_size: int,
     *,
     scale: bool = True,
+    std: str = "sample",
     eps: float = 1e-6,
 ) -> torch.Tensor:
     """The PyTorch twin of `fastrlhf.group_advantages`: same arguments (minus `backend`), same results and
@@ -163,6 +164,7 @@ def group_advantages(
     if grouped.numel() == 0:
         return grouped.reshape(-1)
     advantages = grouped - grouped.mean(dim=1, keepdim=True)
-    if scale:
-        advantages = advantages / (grouped.std(dim=1, unbiased=False, keepdim=True) + eps)
+    if scale and group_size > 1:  # a one-sample group: advantage 0 already, and n - 1 = 0
+        spread = grouped.std(dim=1, unbiased=std == "sample", keepdim=True)
+        advantages = advantages / (spread + eps)
     return advantages.reshape(-1)
