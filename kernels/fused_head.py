@@ -134,8 +134,8 @@ def _fused_head_rows_kernel(
          kept) = ppo_token_terms(
             logp, log_ratio_raw, adv, ref, entropy, is_log_weight, threshold, w, w_kl, w_ent,
             clip_low, clip_high, dual_clip, kl_coef, entropy_coef, tau_pos, tau_neg, is_log_min, is_log_max,
-            LOSS_TYPE=LOSS_TYPE, IS_MODE=IS_MODE, SELECT_ENT=SELECT_ENT, HAS_REF=HAS_REF, HAS_ENT=True, DUAL=DUAL,
-            ESTIMATOR=ESTIMATOR, LIMIT=LIMIT,
+            LOSS_TYPE=LOSS_TYPE, IS_MODE=IS_MODE, SELECT_ENT=SELECT_ENT, SPLIT_AGG=SPLIT_AGG, HAS_REF=HAS_REF,
+            HAS_ENT=True, DUAL=DUAL, ESTIMATOR=ESTIMATOR, LIMIT=LIMIT,
         )
         if SEQ_RATIO:  # the approx_kl metric stays per token
             token_lr, _ = clamped_log_ratio(token_log_ratio, LIMIT)
@@ -148,9 +148,16 @@ def _fused_head_rows_kernel(
         tl.store(out + _KL, m * kl)
         tl.store(out + _ENTROPY, m * entropy)
         tl.store(out + _DUAL_CLIPPED, tl.where(dual_active, m, 0.0))
-        tl.store(out + _IS_WEIGHT, m * is_w)
-        tl.store(out + _IS_CLIPPED, tl.where(is_touched, m, 0.0))
-        tl.store(out + _ENTROPY_KEPT, m * kept)
+        if IS_MODE != 0:
+            tl.store(out + _IS_WEIGHT, m * is_w)
+            tl.store(out + _IS_CLIPPED, tl.where(is_touched, m, 0.0))
+        else:
+            tl.store(out + _IS_WEIGHT, 0.0)
+            tl.store(out + _IS_CLIPPED, 0.0)
+        if SELECT_ENT:
+            tl.store(out + _ENTROPY_KEPT, m * kept)
+        else:
+            tl.store(out + _ENTROPY_KEPT, 0.0)
     else:  # NLL
         g = -w
         gh = tl.zeros((), tl.float32)

@@ -133,8 +133,8 @@ def rollout_is_weight(log_weight, is_log_min, is_log_max, IS_MODE: tl.constexpr,
 def ppo_token_terms(
     logps, log_ratio_raw, adv, ref, ent, is_log_weight, entropy_threshold, w_pg, w_kl, w_ent,
     clip_low, clip_high, dual_clip, kl_coef, entropy_coef, tau_pos, tau_neg, is_log_min, is_log_max,
-    LOSS_TYPE: tl.constexpr, IS_MODE: tl.constexpr, SELECT_ENT: tl.constexpr, HAS_REF: tl.constexpr,
-    HAS_ENT: tl.constexpr, DUAL: tl.constexpr, ESTIMATOR: tl.constexpr, LIMIT: tl.constexpr,
+    LOSS_TYPE: tl.constexpr, IS_MODE: tl.constexpr, SELECT_ENT: tl.constexpr, SPLIT_AGG: tl.constexpr,
+    HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, DUAL: tl.constexpr, ESTIMATOR: tl.constexpr, LIMIT: tl.constexpr,
 ):
     """The weighted per-token objective on fp32 values of any shape (a block of tokens, or one token):
 
@@ -143,7 +143,7 @@ def ppo_token_terms(
     with pg from `policy_surrogate` and the policy-term multiplier g_t = (rollout IS weight, with
     IS_MODE) * (1 if ent >= entropy_threshold, with SELECT_ENT; NaN entropy counts as kept), both
     constants. `ref` / `ent` / `is_log_weight` / `entropy_threshold` are only read when their
-    constexpr says so.
+    constexpr says so; w_kl / w_ent only with SPLIT_AGG (else w_pg weighs every term).
 
     Returns (loss_t, w_pg * g_t * pg, d loss_t / d logps, d loss_t / d ref, d loss_t / d ent,
     is_clipped, dual_active, 0.5 * clamped log-ratio², ratio, kl, IS weight, IS truncated/masked,
@@ -154,31 +154,40 @@ def ppo_token_terms(
         log_ratio_raw, logps, adv, clip_low, clip_high, dual_clip, tau_pos, tau_neg,
         LOSS_TYPE=LOSS_TYPE, DUAL=DUAL, LIMIT=LIMIT,
     )
-    scale = w_pg
     is_w = tl.zeros_like(pg)
     is_touched = tl.zeros_like(pg) > 0.0
     if IS_MODE != 0:
         is_w, is_touched = rollout_is_weight(is_log_weight, is_log_min, is_log_max, IS_MODE=IS_MODE, LIMIT=LIMIT)
-        scale = scale * is_w
+        pg = pg * is_w
+        dpg = dpg * is_w
     kept = tl.zeros_like(pg)
     if SELECT_ENT:
         kept = tl.where(ent < entropy_threshold, 0.0, 1.0)
-        scale = scale * kept
-    pg_weighted = scale * pg
-    loss_t = pg_weighted
-    grad_logps = scale * dpg
+        pg = pg * kept
+        dpg = dpg * kept
     kl = tl.zeros_like(pg)
-    grad_ref = tl.zeros_like(pg)
+    dkl = tl.zeros_like(pg)
     if HAS_REF:
         kl, dkl = kl_estimate(logps - ref, ESTIMATOR, LIMIT)
-        loss_t += kl_coef * w_kl * kl
-        grad_logps += kl_coef * w_kl * dkl
-        grad_ref = -kl_coef * w_kl * dkl
-    grad_ent = tl.zeros_like(pg)
-    if HAS_ENT:
-        loss_t -= entropy_coef * w_ent * ent
-        grad_ent = -entropy_coef * w_ent + grad_ent
-    return (loss_t, pg_weighted, grad_logps, grad_ref, grad_ent, is_clipped, dual_active,
+    if SPLIT_AGG:  # each term its own aggregation weight
+        loss_t = w_pg * pg
+        grad_logps = w_pg * dpg
+        if HAS_REF:
+            loss_t += kl_coef * w_kl * kl
+            grad_logps += kl_coef * w_kl * dkl
+        if HAS_ENT:
+            loss_t -= entropy_coef * w_ent * ent
+    else:  # one weight: the per-token loss first, then w (as few live values as plain PPO ever had)
+        per_token = pg
+        dper_token = dpg
+        if HAS_REF:
+            per_token += kl_coef * kl
+            dper_token += kl_coef * dkl
+        if HAS_ENT:
+            per_token -= entropy_coef * ent
+        loss_t = w_pg * per_token
+        grad_logps = w_pg * dper_token
+    return (loss_t, w_pg * pg, grad_logps, -kl_coef * w_kl * dkl, -entropy_coef * w_ent, is_clipped, dual_active,
             0.5 * log_ratio * log_ratio, ratio, kl, is_w, is_touched, kept)
 
 
@@ -236,8 +245,8 @@ def _ppo_loss_forward_kernel(
      kept) = ppo_token_terms(
         logps, log_ratio_raw, adv, ref, ent, is_log_weight, threshold, w_pg, w_kl, w_ent,
         clip_low, clip_high, dual_clip, kl_coef, entropy_coef, tau_pos, tau_neg, is_log_min, is_log_max,
-        LOSS_TYPE=LOSS_TYPE, IS_MODE=IS_MODE, SELECT_ENT=SELECT_ENT, HAS_REF=HAS_REF, HAS_ENT=HAS_ENT, DUAL=DUAL,
-        ESTIMATOR=ESTIMATOR, LIMIT=LIMIT,
+        LOSS_TYPE=LOSS_TYPE, IS_MODE=IS_MODE, SELECT_ENT=SELECT_ENT, SPLIT_AGG=SPLIT_AGG, HAS_REF=HAS_REF,
+        HAS_ENT=HAS_ENT, DUAL=DUAL, ESTIMATOR=ESTIMATOR, LIMIT=LIMIT,
     )
     if GRAD_REF:
         tl.store(grad_ref_ptr + offs, grad_ref, mask=valid)
@@ -258,9 +267,17 @@ def _ppo_loss_forward_kernel(
     tl.store(out + _KL, tl.sum(m * kl, axis=0))
     tl.store(out + _ENTROPY, tl.sum(m * ent, axis=0))
     tl.store(out + _DUAL_CLIPPED, tl.sum(tl.where(dual_active, m, 0.0), axis=0))
-    tl.store(out + _IS_WEIGHT, tl.sum(m * is_w, axis=0))
-    tl.store(out + _IS_CLIPPED, tl.sum(tl.where(is_touched, m, 0.0), axis=0))
-    tl.store(out + _ENTROPY_KEPT, tl.sum(m * kept, axis=0))
+    # Statistics of options that are off are stored as constants (m * 0 cannot be folded: m may be inf).
+    if IS_MODE != 0:
+        tl.store(out + _IS_WEIGHT, tl.sum(m * is_w, axis=0))
+        tl.store(out + _IS_CLIPPED, tl.sum(tl.where(is_touched, m, 0.0), axis=0))
+    else:
+        tl.store(out + _IS_WEIGHT, 0.0)
+        tl.store(out + _IS_CLIPPED, 0.0)
+    if SELECT_ENT:
+        tl.store(out + _ENTROPY_KEPT, tl.sum(m * kept, axis=0))
+    else:
+        tl.store(out + _ENTROPY_KEPT, 0.0)
 
 
 @triton.jit
