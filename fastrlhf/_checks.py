@@ -386,6 +386,25 @@ def check_gae_args(rewards, values, mask, gamma: float, lam: float, skip_masked:
 
 
 
+def check_advantage_args(rewards, mask, values, group_size: int, *, needs_values: bool) -> None:
+    """`compute_advantages`'s tensors: [B, T] float rewards, a mask and (gae) values of that shape."""
+    check_floating("rewards", rewards)
+    check_ndim("rewards", rewards, 2, "[B, T]")
+    as_float_mask("mask", mask, rewards)
+    if needs_values and values is None:
+        raise ValueError("the 'gae' advantage estimator needs values ([B, T] value predictions), got values=None")
+    if values is not None:
+        check_floating("values", values)
+        check_same_shape("rewards", rewards, values=values)
+    check_same_device(rewards=rewards, mask=mask, values=values)
+    check_int("group_size", group_size, 1)
+    if rewards.shape[0] % group_size:
+        raise ValueError(
+            f"group_size must divide the batch size B = {rewards.shape[0]} "
+            f"(groups are consecutive blocks of group_size rows), got {group_size}"
+        )
+
+
 def check_whiten_args(x, mask, eps: float) -> None:
     check_floating("x", x)
     as_float_mask("mask", mask, x)

@@ -41,6 +41,15 @@ SFT_LOSS_AGGS = ("token-mean", "seq-mean-token-mean")
 # torch.std), "population" by n. A group of one sample has advantage 0 under either.
 GROUP_STD_KINDS = ("sample", "population")
 
+# Advantage estimators of `fastrlhf.compute_advantages` (verl's names), and other libraries' names
+# for the same ones (OpenRLHF: group_norm, reinforce_baseline; the papers' spellings).
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
+ADVANTAGE_ESTIMATOR_ALIASES = {
+    **{name: name for name in ADVANTAGE_ESTIMATORS},
+    "group_norm": "grpo", "dr-grpo": "dr_grpo", "reinforce++": "reinforce_plus_plus",
+    "reinforce++-baseline": "reinforce_plus_plus_baseline", "reinforce_baseline": "reinforce_plus_plus_baseline",
+}
+
 # DPO-family loss types. The kernel selects one by its position in this tuple.
 DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "simpo", "orpo", "apo_zero")
 REFERENCE_FREE_LOSS_TYPES = ("simpo", "orpo")

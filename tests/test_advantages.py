@@ -389,3 +389,121 @@ def test_group_advantages_bad_input():
         group_advantages(torch.arange(10), 5)
     with pytest.raises(ValueError, match="std"):
         group_advantages(scores, 5, std="unbiased")
+
+
+# ---- the advantage-estimator registry ----------------------------------------------------------
+
+def _verl_outcome_inputs(B=12, T=9, seed=21):
+    """Token rewards (an outcome score at each row's last response token, small process rewards
+    elsewhere), 0 outside the mask; ragged right-padded masks, one hole."""
+    g = torch.Generator().manual_seed(seed)
+    mask = make_mask(B, T, "right_pad", generator=g)
+    mask[0, :3] = True
+    mask[5, 2] = False  # a hole
+    rewards = torch.randn(B, T, generator=g) * 0.1 * mask
+    lengths = mask.sum(1)
+    for b in range(B):
+        if lengths[b] > 0:
+            last = int(mask[b].nonzero().max())
+            rewards[b, last] += float(torch.randn((), generator=g))
+    values = torch.randn(B, T, generator=g)
+    return rewards, mask, values
+
+
+def _groups(scores, size):
+    return [list(range(start, start + size)) for start in range(0, len(scores), size)]
+
+
+def verl_outcome_closed_form(name, rewards, mask, group_size, gamma=1.0, eps=1e-6):
+    """verl core_algos.py outcome estimators as Python loops (float64): grpo (torch.std = n - 1),
+    dr_grpo (norm_adv_by_std_in_grpo=False), rloo, reinforce_plus_plus (running return reset after
+    a masked token, masked_whiten), reinforce_plus_plus_baseline; groups of >= 2 samples."""
+    r = rewards.double().numpy()
+    m = mask.double().numpy()
+    B, T = r.shape
+    scores = r.sum(-1)  # verl: token_level_rewards.sum(dim=-1)
+    if name == "reinforce_plus_plus":
+        returns = np.zeros((B, T))
+        for b in range(B):
+            running = 0.0
+            for t in range(T - 1, -1, -1):
+                running = r[b, t] + gamma * running
+                returns[b, t] = running
+                running = running * m[b, t]
+        return whiten_closed_form(torch.from_numpy(returns), mask, True, 1e-8) * m, returns * m
+    per_row = np.zeros(B)
+    for group in _groups(scores, group_size):
+        s = [scores[i] for i in group]
+        mean, n = statistics.fmean(s), len(s)
+        for i in group:
+            if name == "grpo":
+                per_row[i] = (scores[i] - mean) / (statistics.stdev(s) + eps)
+            elif name in ("dr_grpo", "reinforce_plus_plus_baseline"):
+                per_row[i] = scores[i] - mean
+            elif name == "rloo":
+                per_row[i] = scores[i] * n / (n - 1) - mean * n / (n - 1)
+    advantages = per_row[:, None] * m
+    if name == "reinforce_plus_plus_baseline":
+        advantages = whiten_closed_form(torch.from_numpy(advantages), mask, True, 1e-8) * m
+    return advantages, advantages
+
+
+@pytest.mark.parametrize("group_size", [2, 4, 6])
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline"])
+def test_outcome_estimators_equal_verl(name, group_size, device):
+    import fastrlhf
+
+    rewards, mask, _ = _verl_outcome_inputs()
+    expected_adv, expected_ret = verl_outcome_closed_form(name, rewards, mask, group_size, gamma=0.99)
+    for backend in ("triton", "torch"):
+        adv, ret = fastrlhf.compute_advantages(name, rewards.to(device), mask.to(device), group_size=group_size,
+                                               gamma=0.99, backend=backend)
+        assert adv.shape == ret.shape == rewards.shape and not adv.requires_grad
+        assert_close_np(adv, expected_adv, 1e-5)
+        assert_close_np(ret, expected_ret, 1e-5)
+
+
+def test_gae_estimator_equals_verl_and_aliases(device):
+    import fastrlhf
+
+    rewards, mask, values = _verl_outcome_inputs(seed=22)
+    raw, expected_ret = gae_skip_closed_form(rewards, values, mask, 0.99, 0.9)
+    expected_adv = whiten_closed_form(torch.from_numpy(raw), mask, True, 1e-8)
+    for backend in ("triton", "torch"):
+        adv, ret = fastrlhf.compute_advantages("gae", rewards.to(device), values=values.to(device),
+                                               mask=mask.to(device), gamma=0.99, lam=0.9, backend=backend)
+        assert_close_np(adv, expected_adv, 1e-5)
+        assert_close_np(ret, expected_ret, 1e-5)
+    for alias, name in (("group_norm", "grpo"), ("dr-grpo", "dr_grpo"), ("reinforce++", "reinforce_plus_plus"),
+                        ("reinforce_baseline", "reinforce_plus_plus_baseline")):
+        a = fastrlhf.compute_advantages(alias, rewards, mask, group_size=4)[0]
+        b = fastrlhf.compute_advantages(name, rewards, mask, group_size=4)[0]
+        assert torch.equal(a, b)
+
+
+def test_estimator_registry_is_the_contract_and_one_sample_groups_give_zero():
+    import fastrlhf
+    from fastrlhf.contracts import ADVANTAGE_ESTIMATORS
+    from fastrlhf.losses.advantages import ADVANTAGE_ESTIMATOR_FNS
+
+    assert tuple(ADVANTAGE_ESTIMATOR_FNS) == ADVANTAGE_ESTIMATORS
+    rewards, mask, _ = _verl_outcome_inputs()
+    for name in ("grpo", "dr_grpo", "rloo", "reinforce_plus_plus_baseline"):
+        adv, _ = fastrlhf.compute_advantages(name, rewards, mask, group_size=1)
+        assert torch.equal(adv, torch.zeros_like(adv)), name
+
+
+def test_estimator_bad_input():
+    import fastrlhf
+
+    rewards, mask, values = _verl_outcome_inputs()
+    with pytest.raises(ValueError, match=r"advantage estimator must be one of \(.*'rloo'.*\), got 'ppo'"):
+        fastrlhf.compute_advantages("ppo", rewards, mask)
+    with pytest.raises(ValueError, match="needs values"):
+        fastrlhf.compute_advantages("gae", rewards, mask)
+    with pytest.raises(ValueError, match="group_size"):
+        fastrlhf.compute_advantages("grpo", rewards, mask, group_size=5)
+    with pytest.raises(ValueError, match="values"):
+        fastrlhf.compute_advantages("gae", rewards, mask, values=values[:, :3])
+    with pytest.raises(ValueError, match="rewards"):
+        fastrlhf.compute_advantages("grpo", rewards[0], mask[0])
