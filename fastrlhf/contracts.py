@@ -41,6 +41,10 @@ SFT_LOSS_AGGS = ("token-mean", "seq-mean-token-mean")
 # torch.std), "population" by n. A group of one sample has advantage 0 under either.
 GROUP_STD_KINDS = ("sample", "population")
 
+# What the trainers' --loss-type selects: (ppo_loss's loss_type, its ratio_level).
+TRAINER_LOSS_TYPES = {"ppo": ("ppo", "token"), "gspo": ("ppo", "sequence"), "cispo": ("cispo", "token"),
+                      "sapo": ("sapo", "token")}
+
 # Advantage estimators of `fastrlhf.compute_advantages` (verl's names), and other libraries' names
 # for the same ones (OpenRLHF: group_norm, reinforce_baseline; the papers' spellings).
 ADVANTAGE_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
