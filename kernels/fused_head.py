@@ -77,7 +77,8 @@ ROW_STATS = {"nll": ("loss",), "ppo": PPO_STATS}
 @triton.jit
 def _fused_head_rows_kernel(
     logits_ptr, dlogits_ptr, targets_ptr, mask_ptr, row_scale_ptr, kl_row_scale_ptr, ent_row_scale_ptr,
-    old_ptr, adv_ptr, ref_ptr, rollout_ptr, seq_log_ratio_ptr, seq_is_ptr, threshold_ptr, stats_ptr,
+    old_ptr, adv_ptr, ref_ptr, rollout_ptr, seq_log_ratio_ptr, seq_is_ptr, threshold_ptr, selection_entropy_ptr,
+    stats_ptr,
     V, row0, T, stride_logits, stride_dlogits, inv_temperature, softcap, inv_softcap,
     clip_low, clip_high, dual_clip, kl_coef, entropy_coef, tau_pos, tau_neg, is_log_min, is_log_max,
     IGNORE: tl.constexpr, LOSS: tl.constexpr, LOSS_TYPE: tl.constexpr, SEQ_RATIO: tl.constexpr,
@@ -128,11 +129,13 @@ def _fused_head_rows_kernel(
             else:
                 is_log_weight = old - tl.where(counted, tl.load(rollout_ptr + row).to(tl.float32), 0.0)
         threshold = 0.0
-        if SELECT_ENT:
+        selection_entropy = entropy
+        if SELECT_ENT:  # judged on the pre-sweep's entropies, the numbers the threshold came from
             threshold = tl.load(threshold_ptr)
+            selection_entropy = tl.load(selection_entropy_ptr + row)
         (loss_t, pg, g, _g_ref, gh, is_clipped, dual_active, half_sq, ratio, kl, is_w, is_touched,
          kept) = ppo_token_terms(
-            logp, log_ratio_raw, adv, ref, entropy, is_log_weight, threshold, w, w_kl, w_ent,
+            logp, log_ratio_raw, adv, ref, entropy, selection_entropy, is_log_weight, threshold, w, w_kl, w_ent,
             clip_low, clip_high, dual_clip, kl_coef, entropy_coef, tau_pos, tau_neg, is_log_min, is_log_max,
             LOSS_TYPE=LOSS_TYPE, IS_MODE=IS_MODE, SELECT_ENT=SELECT_ENT, SPLIT_AGG=SPLIT_AGG, HAS_REF=HAS_REF,
             HAS_ENT=True, DUAL=DUAL, ESTIMATOR=ESTIMATOR, LIMIT=LIMIT,
@@ -198,7 +201,8 @@ def fused_head_rows(
     loss: "nll" or "ppo"; ppo: dict(old_logps or None (on-policy: the current log-probs), advantages
     ([B * T], or [B] with advantages_per_row=True), ref_logps, rollout_logps or None ([B * T] contiguous), kl_row_scale /
     ent_row_scale (fp32 [B]) or None, seq_log_ratio / seq_is_log_weight (fp32 [B]) or None,
-    entropy_threshold (fp32 0-d) or None, loss_type, clip_low, clip_high, dual_clip or None, kl_coef,
+    entropy_threshold (fp32 0-d) and selection_entropy (fp32 [B * T], the entropies it was taken
+    from) or None, loss_type, clip_low, clip_high, dual_clip or None, kl_coef,
     entropy_coef, sapo_tau_pos, sapo_tau_neg, is_correction or None, is_log_bounds, estimator).
     entropy_grad: the loss depends on the entropy (PPO with entropy_coef != 0).
 
@@ -225,12 +229,13 @@ def fused_head_rows(
     is_log_min, is_log_max = (float(b) for b in opts.get("is_log_bounds", (float("-inf"), float("inf"))))
     advantages = opts.get("advantages", mask)
     optional = [opts.get(name) for name in ("old_logps", "ref_logps", "rollout_logps", "seq_log_ratio",
-                                            "seq_is_log_weight", "entropy_threshold")]
-    old, ref, rollout, seq_log_ratio, seq_is, threshold = (t if t is not None else mask for t in optional)
+                                            "seq_is_log_weight", "entropy_threshold", "selection_entropy")]
+    old, ref, rollout, seq_log_ratio, seq_is, threshold, selection_entropy = (
+        t if t is not None else mask for t in optional)
     block = _block_v(V, logits.device, None)
     _fused_head_rows_kernel[(C,)](
         logits, dlogits if dlogits is not None else logits, targets, mask, row_scale, kl_scale, ent_scale,
-        old, advantages, ref, rollout, seq_log_ratio, seq_is, threshold, stats,
+        old, advantages, ref, rollout, seq_log_ratio, seq_is, threshold, selection_entropy, stats,
         V, row0, seq_len, logits.stride(0), dlogits.stride(0) if dlogits is not None else 0,
         1.0 / temperature, *_softcap_args(softcap),
         float(opts.get("clip_low", 0.0)), float(opts.get("clip_high", 0.0)), float(opts.get("dual_clip") or 0.0),

@@ -131,7 +131,7 @@ def rollout_is_weight(log_weight, is_log_min, is_log_max, IS_MODE: tl.constexpr,
 
 @triton.jit
 def ppo_token_terms(
-    logps, log_ratio_raw, adv, ref, ent, is_log_weight, entropy_threshold, w_pg, w_kl, w_ent,
+    logps, log_ratio_raw, adv, ref, ent, selection_entropy, is_log_weight, entropy_threshold, w_pg, w_kl, w_ent,
     clip_low, clip_high, dual_clip, kl_coef, entropy_coef, tau_pos, tau_neg, is_log_min, is_log_max,
     LOSS_TYPE: tl.constexpr, IS_MODE: tl.constexpr, SELECT_ENT: tl.constexpr, SPLIT_AGG: tl.constexpr,
     HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, DUAL: tl.constexpr, ESTIMATOR: tl.constexpr, LIMIT: tl.constexpr,
@@ -141,8 +141,9 @@ def ppo_token_terms(
         loss_t = w_pg * g_t * pg + kl_coef * w_kl * KL(logps, ref) - entropy_coef * w_ent * ent
 
     with pg from `policy_surrogate` and the policy-term multiplier g_t = (rollout IS weight, with
-    IS_MODE) * (1 if ent >= entropy_threshold, with SELECT_ENT; NaN entropy counts as kept), both
-    constants. `ref` / `ent` / `is_log_weight` / `entropy_threshold` are only read when their
+    IS_MODE) * (1 if selection_entropy >= entropy_threshold, with SELECT_ENT; NaN counts as kept),
+    both constants. selection_entropy is `ent` itself, or (fused head) the entropy the threshold was
+    taken from, so that a token exactly at the threshold is judged on the same number. `ref` / `ent` / `is_log_weight` / `entropy_threshold` are only read when their
     constexpr says so; w_kl / w_ent only with SPLIT_AGG (else w_pg weighs every term).
 
     Returns (loss_t, w_pg * g_t * pg, d loss_t / d logps, d loss_t / d ref, d loss_t / d ent,
@@ -162,7 +163,7 @@ def ppo_token_terms(
         dpg = dpg * is_w
     kept = tl.zeros_like(pg)
     if SELECT_ENT:
-        kept = tl.where(ent < entropy_threshold, 0.0, 1.0)
+        kept = tl.where(selection_entropy < entropy_threshold, 0.0, 1.0)
         pg = pg * kept
         dpg = dpg * kept
     kl = tl.zeros_like(pg)
@@ -243,7 +244,7 @@ def _ppo_loss_forward_kernel(
         threshold = tl.load(threshold_ptr)
     (loss_t, pg, grad_logps, grad_ref, grad_ent, is_clipped, dual_active, half_sq, ratio, kl, is_w, is_touched,
      kept) = ppo_token_terms(
-        logps, log_ratio_raw, adv, ref, ent, is_log_weight, threshold, w_pg, w_kl, w_ent,
+        logps, log_ratio_raw, adv, ref, ent, ent, is_log_weight, threshold, w_pg, w_kl, w_ent,
         clip_low, clip_high, dual_clip, kl_coef, entropy_coef, tau_pos, tau_neg, is_log_min, is_log_max,
         LOSS_TYPE=LOSS_TYPE, IS_MODE=IS_MODE, SELECT_ENT=SELECT_ENT, SPLIT_AGG=SPLIT_AGG, HAS_REF=HAS_REF,
         HAS_ENT=HAS_ENT, DUAL=DUAL, ESTIMATOR=ESTIMATOR, LIMIT=LIMIT,

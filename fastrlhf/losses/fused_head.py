@@ -402,6 +402,7 @@ def policy_loss_from_hidden(
         ref_logps=flat(ref_logps), rollout_logps=flat(rollout_logps), kl_row_scale=kl_row_scale,
         ent_row_scale=ent_row_scale, seq_log_ratio=constants.get("seq_log_ratio"),
         seq_is_log_weight=constants.get("seq_is_log_weight"), entropy_threshold=constants.get("entropy_threshold"),
+        selection_entropy=None if current_entropy is None else current_entropy.float().reshape(-1).contiguous(),
         loss_type=loss_type, clip_low=1.0 - clip_eps, clip_high=1.0 + args.clip_eps_high, dual_clip=dual_clip,
         kl_coef=kl_coef, entropy_coef=entropy_coef, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
         is_correction=args.is_correction, is_log_bounds=twin_ppo.is_log_bounds(is_clip_min, is_clip_max),

@@ -66,8 +66,8 @@ def aggregation_row_scale(
         torch.as_tensor(total_sequences).to(mask)
     if loss_agg == "seq-mean-token-mean":
         return 1.0 / (tokens_per_seq.clamp(min=1) * sequences)
-    length = T if norm_length is None else norm_length
-    return (1.0 / (sequences * max(length, 1))).expand(B)
+    length = max(T, 1) if norm_length is None else norm_length
+    return (1.0 / (sequences * length)).expand(B)
 
 
 def aggregate(per_token: torch.Tensor, mask: torch.Tensor, loss_agg: str, **totals) -> torch.Tensor:
