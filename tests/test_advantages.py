@@ -484,7 +484,7 @@ def test_gae_estimator_equals_verl_and_aliases(device):
 def test_estimator_registry_is_the_contract_and_one_sample_groups_give_zero():
     import fastrlhf
     from fastrlhf.contracts import ADVANTAGE_ESTIMATORS
-    from fastrlhf.losses.advantages import ADVANTAGE_ESTIMATOR_FNS
+    from fastrlhf.estimators import ADVANTAGE_ESTIMATOR_FNS
 
     assert tuple(ADVANTAGE_ESTIMATOR_FNS) == ADVANTAGE_ESTIMATORS
     rewards, mask, _ = _verl_outcome_inputs()
