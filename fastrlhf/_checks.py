@@ -323,7 +323,9 @@ def check_ppo_args(
                 "(vLLM, SGLang) reported for the sampled tokens; got rollout_logps=None"
             )
     elif rollout_logps is not None:
-        raise ValueError("rollout_logps is only used by an is_correction (e.g. 'token_truncate'); got is_correction=None")
+        raise ValueError(
+            "rollout_logps is only used by an is_correction (e.g. 'token_truncate'); got is_correction=None"
+        )
     if is_clip_min is not None:
         check_number("is_clip_min", is_clip_min, low=0)
     if is_clip_max is not None:

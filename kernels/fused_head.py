@@ -199,8 +199,8 @@ def fused_head_rows(
     targets, mask (fp32): `[B * T]` contiguous, for the whole batch; row_scale: fp32 `[B]`;
     stats: fp32 `[B * T, len(ROW_STATS[loss])]`, this chunk's rows are written. seq_len: T.
     loss: "nll" or "ppo"; ppo: dict(old_logps or None (on-policy: the current log-probs), advantages
-    ([B * T], or [B] with advantages_per_row=True), ref_logps, rollout_logps or None ([B * T] contiguous), kl_row_scale /
-    ent_row_scale (fp32 [B]) or None, seq_log_ratio / seq_is_log_weight (fp32 [B]) or None,
+    ([B * T], or [B] with advantages_per_row=True), ref_logps, rollout_logps or None ([B * T]
+    contiguous), kl_row_scale / ent_row_scale (fp32 [B]) or None, seq_log_ratio / seq_is_log_weight (fp32 [B]) or None,
     entropy_threshold (fp32 0-d) and selection_entropy (fp32 [B * T], the entropies it was taken
     from) or None, loss_type, clip_low, clip_high, dual_clip or None, kl_coef,
     entropy_coef, sapo_tau_pos, sapo_tau_neg, is_correction or None, is_log_bounds, estimator).

@@ -143,8 +143,8 @@ def ppo_token_terms(
     with pg from `policy_surrogate` and the policy-term multiplier g_t = (rollout IS weight, with
     IS_MODE) * (1 if selection_entropy >= entropy_threshold, with SELECT_ENT; NaN counts as kept),
     both constants. selection_entropy is `ent` itself, or (fused head) the entropy the threshold was
-    taken from, so that a token exactly at the threshold is judged on the same number. `ref` / `ent` / `is_log_weight` / `entropy_threshold` are only read when their
-    constexpr says so; w_kl / w_ent only with SPLIT_AGG (else w_pg weighs every term).
+    taken from, so that a token exactly at the threshold is judged on the same number. `ref` / `ent` /
+    `is_log_weight` / `entropy_threshold` are only read when their constexpr says so; w_kl / w_ent only with SPLIT_AGG (else w_pg weighs every term).
 
     Returns (loss_t, w_pg * g_t * pg, d loss_t / d logps, d loss_t / d ref, d loss_t / d ent,
     is_clipped, dual_active, 0.5 * clamped log-ratio², ratio, kl, IS weight, IS truncated/masked,

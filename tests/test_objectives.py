@@ -502,3 +502,11 @@ def test_plain_ppo_launches_one_kernel_and_no_extra_work(monkeypatch):
     assert {k: constexprs[k] for k in ("LOSS_TYPE", "SEQ_RATIO", "ADV_PER_ROW", "IS_MODE", "SELECT_ENT",
                                        "SPLIT_AGG")} == dict(LOSS_TYPE=0, SEQ_RATIO=False, ADV_PER_ROW=False,
                                                              IS_MODE=0, SELECT_ENT=False, SPLIT_AGG=False)
+
+
+def test_every_twin_export_exists():
+    """fastrlhf.twins re-exports every fastrlhf.losses name: each must exist in its twin module."""
+    from fastrlhf import twins
+
+    for name in twins.__all__:
+        assert callable(getattr(twins, name)), name
