@@ -215,15 +215,20 @@ def test_policy_bf16(case, device):
         check_result(result, expected, torch.bfloat16, f"bf16 {case} {backend}")
 
 
-@pytest.mark.parametrize("options", [{}, dict(ratio_level="sequence", top_entropy_quantile=0.5)])
+@pytest.mark.parametrize("options", [{}, dict(ratio_level="sequence", top_entropy_quantile=0.5),
+                                     dict(is_correction="sequence_truncate", is_clip_min=0.5, is_clip_max=1.5),
+                                     dict(is_correction="token_mask", is_clip_min=0.8, is_clip_max=1.2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_policy_on_policy_without_old_logps(dtype, options, device):
     """old_logps=None: the current log-probs as constants (GRPO's single pass): ratio 1, no clipping,
     d loss / d logp = -A w; the same as passing those log-probs. GSPO's sequence ratio is 1 too (no
-    pre-sweep for it), the entropy selection still needs one."""
+    pre-sweep for it); the entropy selection and a sequence-level IS weight still need one."""
     x = policy_inputs(3, 5, 1000, dtype, device, bias=True)
+    rollout = x["old"] + 0.3 * torch.randn_like(x["old"])
     x["old"] = None
     kwargs = dict(ref_logps=x["ref"], kl_coef=0.1, entropy_coef=0.01, dual_clip=2.0, chunk_size=4, **options)
+    if "is_correction" in options:
+        kwargs["rollout_logps"] = rollout
     expected = policy_closed_form(x, **{k: v for k, v in kwargs.items() if k != "chunk_size"})
     assert expected[1]["ratio_mean"] == pytest.approx(1.0) and expected[1]["clipfrac"] == 0
     for backend in ("triton", "torch"):

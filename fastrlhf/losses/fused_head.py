@@ -309,9 +309,10 @@ def policy_loss_from_hidden(
     return_entropy=True)` followed by `ppo_loss(logps, old_logps, advantages, mask, ..., entropy=ent,
     ...)`, in value, metrics and the gradients w.r.t. hidden, weight and bias, without `[B, T, V]`
     logits and without making the logits twice (6·N·V·H FLOPs fwd+bwd; see the module docstring).
-    Two options need a statistic of EVERY token's current log-prob or entropy before any token's
+    Some options need a statistic of EVERY token's current log-prob or entropy before any token's
     gradient is known: ratio_level="sequence" (GSPO: each sequence's mean log-ratio; not needed
-    on-policy, old_logps=None, where it is 0) and top_entropy_quantile < 1 (the batch's entropy
+    on-policy, old_logps=None, where it is 0), a sequence_* IS correction on-policy (the sequence's
+    sum of current minus rollout log-probs) and top_entropy_quantile < 1 (the batch's entropy
     quantile). They run one forward-only sweep first (`token_logprobs`, 2·N·V·H FLOPs): 8·N·V·H in all.
 
     Args:
@@ -379,14 +380,17 @@ def policy_loss_from_hidden(
 
     mask_f = args.mask
     sequence_ratio = ratio_level == "sequence" and old_logps is not None
+    # On-policy (old_logps=None) a sequence-level IS weight needs the current log-probs as pi_old.
+    sequence_is = args.is_correction is not None and args.is_correction.startswith("sequence") and old_logps is None
     current_logps = current_entropy = None
-    if sequence_ratio or top_entropy_quantile < 1.0:  # the forward-only pre-sweep (see the docstring)
+    if sequence_ratio or sequence_is or top_entropy_quantile < 1.0:  # the forward-only pre-sweep (docstring)
         with torch.no_grad():
             current_logps, current_entropy = token_logprobs(
                 hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap, return_entropy=True,
                 chunk_size=chunk_size, backend="triton")
     constants = policy_constants(
-        mask_f, logps=current_logps if sequence_ratio else None, old_logps=old_logps, entropy=current_entropy,
+        mask_f, logps=current_logps if sequence_ratio else None,
+        old_logps=current_logps if old_logps is None else old_logps, entropy=current_entropy,
         rollout_logps=rollout_logps, has_ref=ref_logps is not None, has_entropy=entropy_coef != 0,
         ratio_level=ratio_level,
         is_correction=args.is_correction, top_entropy_quantile=top_entropy_quantile, loss_agg=loss_agg,
