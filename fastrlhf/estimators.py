@@ -81,7 +81,7 @@ def dr_grpo_estimator(rewards, mask, *, values, group_size, gamma, lam, eps, whi
 
 @register_advantage_estimator("rloo")
 def rloo_estimator(rewards, mask, *, values, group_size, gamma, lam, eps, whiten_fn, backend):
-    """RLOO (Ahmadian et al. 2024, eq. 8): s_i minus the mean of the OTHER samples of its group,
+    """RLOO (Ahmadian et al. 2024, "Back to Basics: Revisiting REINFORCE Style Optimization", sec. 3.2): s_i minus the mean of the OTHER samples of its group,
     = G / (G - 1) (s_i - group mean) (verl's compute_rloo_outcome_advantage, OpenRLHF rloo). A
     one-sample group gives 0 (verl keeps the raw score there)."""
     scores = _scores(rewards, mask)
@@ -93,7 +93,7 @@ def rloo_estimator(rewards, mask, *, values, group_size, gamma, lam, eps, whiten
 
 @register_advantage_estimator("reinforce_plus_plus")
 def reinforce_plus_plus_estimator(rewards, mask, *, values, group_size, gamma, lam, eps, whiten_fn, backend):
-    """REINFORCE++ (Hu 2025, eq. 6-7): discounted return-to-go G_t = r_t + gamma m_{t+1} G_{t+1} (a
+    """REINFORCE++ (Hu 2025, "REINFORCE++", sec. 3): discounted return-to-go G_t = r_t + gamma m_{t+1} G_{t+1} (a
     masked token ends the sum), whitened over the batch; returns = G (verl's
     compute_reinforce_plus_plus_outcome_advantage). Runs on the GAE scan (values 0, lambda 1)."""
     _, returns = gae(rewards, torch.zeros_like(rewards), mask, gamma=gamma, lam=1.0, skip_masked=False,

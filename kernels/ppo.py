@@ -74,7 +74,7 @@ def policy_surrogate(
 ):
     """Per-token policy term pg and d pg / d logps, for the log importance ratio `log_ratio_raw`
     (token: logps - old; GSPO: the sequence's mean log-ratio, whose token-level derivative is the
-    ratio itself, the "GSPO-token" form s_t = sg[s] * pi_t / sg[pi_t] of the paper, eq. 13-14).
+    ratio itself, the "GSPO-token" form s_t = sg[s] * pi_t / sg[pi_t] of the paper, sec. 4.3).
     r = exp(clamp(log_ratio_raw, ±LIMIT)) (zero derivative outside the clamp).
 
       ppo    pg = max(-A r, -A clip(r, low, high)); with DUAL and A < 0: min(pg, -A c)

@@ -90,7 +90,7 @@ def group_advantages(
     eps: float = 1e-6,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """GRPO advantages (Shao et al. 2024, DeepSeekMath, eq. 4 / sec. 4.1.2) for scores `[B]` grouped
+    """GRPO advantages (Shao et al. 2024, DeepSeekMath, sec. 4.1.2) for scores `[B]` grouped
     in consecutive blocks of `group_size`: (s - group mean) / (group std + eps), or s - group mean
     with `scale=False` (Dr. GRPO, Liu et al. 2025, "Understanding R1-Zero-Like Training", sec. 3.2).
 

@@ -223,11 +223,13 @@ def ppo_loss(
 
     g = (rollout IS weight)̄ · [entropy ranks in the top quantile]̄ (1 without those options).
 
-    Sources: PPO: Schulman et al. 2017, eq. 7; clip-higher: DAPO (Yu et al. 2025, eq. 10); dual
-    clip: Ye et al. 2020, eq. 5. GSPO: Zheng et al. 2025 ("Group Sequence Policy Optimization"),
-    eq. 7 and its GSPO-token form eq. 13 (identical to GSPO for per-sequence advantages); equals
+    Sources (equation numbers where we could check them offline, else the section): PPO: Schulman
+    et al. 2017, eq. 7 (L^CLIP); clip-higher: DAPO (Yu et al. 2025, sec. 3.1); dual clip: Ye et al.
+    2020 ("Mastering Complex Control in MOBA Games", sec. 3). GSPO: Zheng et al. 2025 ("Group
+    Sequence Policy Optimization"), the GSPO objective (sec. 4.1) and its GSPO-token form
+    (sec. 4.3; identical to GSPO for per-sequence advantages); equals
     verl's policy_loss "gspo" and TRL's importance_sampling_level="sequence". CISPO: MiniMax-M1
-    (2025), eq. 4, two-sided clip as verl's "cispo" (TRL's cispo clips above only, at
+    (2025, sec. 3.1), two-sided clip as verl's "cispo" (TRL's cispo clips above only, at
     epsilon_high = E: clip_eps=1.0, clip_eps_high=E - 1 here). SAPO: Gao et al. 2025 ("Soft
     Adaptive Policy Optimization"), the gate f(r) = (4 / tau) sigmoid(tau (r - 1)), as TRL's and
     verl's "sapo" (defaults tau_pos 1.0, tau_neg 1.05 are TRL's). TIS / MIS: Yao et al. 2025 ("Your

@@ -213,7 +213,7 @@ def ppo_loss(
 
     token_log_ratio = torch.clamp(logps - old_logps, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     if ratio_level == "sequence":
-        # GSPO-token (Zheng et al. 2025, eq. 13): value s_b, d s / d logps_t = s_b
+        # GSPO-token (Zheng et al. 2025, sec. 4.3): value s_b, d s / d logps_t = s_b
         raw = logps - logps.detach() + sequence_log_ratio(logps, old_logps, m).to(dtype)[:, None]
         log_ratio = torch.clamp(raw, -LOG_RATIO_LIMIT, LOG_RATIO_LIMIT)
     else:
