@@ -356,31 +356,51 @@ PPO_KW = dict(clip_eps=0.2, clip_eps_high=0.28, dual_clip=3.0, kl_coef=0.05, kl_
               entropy_coef=0.01, loss_agg="token-mean")
 
 
-def ppo_case(B, T, dtype, device) -> Case:
+# The objectives benchmarked next to plain PPO (same inputs, one option more): GSPO's sequence ratio
+# (a [B] reduction before the kernel, one [B] load per token), TIS (one more [B, T] input).
+PPO_OBJECTIVES = {
+    "ppo": {},
+    "gspo": dict(ratio_level="sequence", loss_agg="seq-mean-token-mean"),
+    "tis": dict(is_correction="token_truncate", is_clip_max=2.0),
+}
+
+
+def ppo_case(B, T, dtype, device, objective: str = "ppo") -> Case:
+    options = PPO_OBJECTIVES[objective]
+    tis = "is_correction" in options
+
     def make(dev):
-        x = _token_tensors(B, T, dtype, dev, ["logps", "old_logps", "advantages", "ref_logps", "entropy"],
-                           grad=("logps", "entropy"))
-        return x
+        names = ["logps", "old_logps", "advantages", "ref_logps", "entropy"] + (["rollout_logps"] if tis else [])
+        return _token_tensors(B, T, dtype, dev, names, grad=("logps", "entropy"))
 
     def call(fn, x, backend):
+        kwargs = dict(PPO_KW, **options)
+        if tis:
+            kwargs["rollout_logps"] = x["rollout_logps"]
         return with_backend(fn, backend, x["logps"], x["old_logps"], x["advantages"], x["mask"],
-                            ref_logps=x["ref_logps"], entropy=x["entropy"], **PPO_KW)
+                            ref_logps=x["ref_logps"], entropy=x["entropy"], **kwargs)
 
     def verl(x):
         return peers.verl_ppo_objective(x["logps"], x["old_logps"], x["advantages"], x["mask"].float(),
                                         x["ref_logps"], x["entropy"], cliprange=0.2, cliprange_high=0.28,
                                         clip_ratio_c=3.0, kl_coef=0.05, entropy_coef=0.01)
 
-    providers = standard_providers("ppo_loss", call, device) + [Provider("verl", verl, backend="eager")]
+    providers = standard_providers("ppo_loss", call, device)
+    if objective == "ppo":
+        providers.append(Provider("verl", verl, backend="eager"))
     e = elt(dtype)
     n = B * T
+    extra = n * e if tis else 0  # the rollout log-probs
 
     def work(mode):
-        # read logps, old, adv, ref, entropy, mask; write dlogps, dentropy
-        return {"forward": 6 * n * e, "backward": 8 * n * e, "full": 8 * n * e}[mode], "GB/s"
+        # read logps, old, adv, ref, entropy, mask (+ rollout); write dlogps, dentropy
+        return {"forward": 6 * n * e + extra, "backward": 8 * n * e + extra, "full": 8 * n * e + extra}[mode], "GB/s"
 
-    return Case("ppo_loss", {"B": B, "T": T}, dtype, make, providers, work, compare=max_abs_diff,
-                note="policy clip (0.2/0.28) + dual clip 3 + k3 KL 0.05 + entropy 0.01, token-mean")
+    name = "ppo_loss" if objective == "ppo" else f"ppo_loss({objective})"
+    note = "policy clip (0.2/0.28) + dual clip 3 + k3 KL 0.05 + entropy 0.01, token-mean"
+    if options:
+        note += "; " + ", ".join(f"{k}={v}" for k, v in options.items())
+    return Case(name, {"B": B, "T": T}, dtype, make, providers, work, compare=max_abs_diff, note=note)
 
 
 def value_loss_case(B, T, dtype, device) -> Case:
@@ -1018,6 +1038,8 @@ def sweep(kernel: str, device: str, quick: bool) -> list[Case]:
         else:
             grid = [(8, 512, "fp32")] if quick else [(8, 512, "fp32"), (32, 1024, "fp32"), (64, 2048, "fp32")]
         C = [make(b, t, dt, device) for b, t, dt in grid]
+        if kernel == "ppo_loss":  # GSPO and TIS next to plain PPO at the first shape
+            C[1:1] = [ppo_case(*grid[0], device, objective=o) for o in PPO_OBJECTIVES if o != "ppo"]
     elif kernel == "group_advantages":
         Bs = ((4096,) if quick else (1024, 16384, 262144)) if gpu else ((512,) if quick else (512, 8192))
         C = [group_advantages_case(b, 16, "fp32", device) for b in Bs]

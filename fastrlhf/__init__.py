@@ -22,6 +22,7 @@ _EXPORTS = {
     "gae": "fastrlhf.losses.advantages",
     "whiten": "fastrlhf.losses.advantages",
     "group_advantages": "fastrlhf.losses.advantages",
+    "compute_advantages": "fastrlhf.estimators",
     # the fused RL head: hidden states -> (loss, metrics), gradients computed in the forward pass
     "policy_loss_from_hidden": "fastrlhf.losses.fused_head",
     "dpo_loss_from_hidden": "fastrlhf.losses.fused_head",

@@ -10,6 +10,7 @@ cost a host-device sync), except the token-id range of CPU targets.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from typing import Any, Sequence
@@ -18,10 +19,14 @@ import torch
 
 from fastrlhf.contracts import (
     DPO_LOSS_TYPES,
+    GROUP_STD_KINDS,
     IGNORE_INDEX,
+    IS_CORRECTION_ALIASES,
     KL_ESTIMATOR_ALIASES,
     LABEL_SMOOTHING_LOSS_TYPES,
     LOSS_AGGS,
+    POLICY_LOSS_TYPES,
+    RATIO_LEVELS,
     REFERENCE_FREE_LOSS_TYPES,
 )
 
@@ -58,6 +63,11 @@ def check_ndim(name: str, tensor: torch.Tensor, ndim: int, layout: str) -> None:
 def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
+
+
+def check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 def check_positive(name: str, value: float) -> None:
@@ -234,28 +244,97 @@ def check_kl_args(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) 
 
 
 
+@dataclasses.dataclass(frozen=True)
+class PolicyArgs:
+    """What `check_ppo_args` resolved: canonical names, defaults filled in, the fp32 mask."""
+
+    kl_estimator: str
+    clip_eps_high: float
+    is_correction: str | None
+    mask: torch.Tensor
+
+
+def check_totals(total_tokens, total_sequences, norm_length, device: torch.device) -> None:
+    """The aggregation denominators of the whole batch (`fastrlhf.twins.ppo.aggregation_row_scale`):
+    None, a number > 0 or (counts) a 0-d / one-element tensor on `device` (its value is not checked:
+    that would need a host sync)."""
+    for name, value in (("total_tokens", total_tokens), ("total_sequences", total_sequences)):
+        if value is None:
+            continue
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+                raise ValueError(f"{name} must be a number > 0 or a one-element real tensor, got a tensor of shape "
+                                 f"{tuple(value.shape)} and dtype {value.dtype}")
+            if value.device != device:
+                raise ValueError(f"{name} must be on the inputs' device {device}, got {value.device}")
+        else:
+            check_number(name, value, low=0, low_open=True)
+    if norm_length is not None:
+        check_number("norm_length", norm_length, low=0, low_open=True)
+
+
 def check_ppo_args(
-    logps, old_logps, advantages, mask, *, clip_eps, clip_eps_high, dual_clip, ref_logps, kl_coef,
-    kl_estimator, entropy, entropy_coef, loss_agg,
-) -> tuple[str, float, torch.Tensor]:
-    """Validate `ppo_loss` arguments. Returns (canonical estimator, clip_eps_high, fp32 mask)."""
+    logps, old_logps, advantages, mask, *, loss_type="ppo", ratio_level="token", clip_eps, clip_eps_high,
+    dual_clip, sapo_tau_pos=1.0, sapo_tau_neg=1.05, rollout_logps=None, is_correction=None, is_clip_min=None,
+    is_clip_max=None, top_entropy_quantile=1.0, ref_logps, kl_coef, kl_estimator, entropy, entropy_coef, loss_agg,
+    kl_agg=None, entropy_agg=None, total_tokens=None, total_sequences=None, norm_length=None,
+) -> PolicyArgs:
+    """Validate `ppo_loss` arguments (and the policy part of `policy_loss_from_hidden`)."""
+    check_choice("loss_type", loss_type, POLICY_LOSS_TYPES)
+    check_choice("ratio_level", ratio_level, RATIO_LEVELS)
     for name, tensor in (("logps", logps), ("old_logps", old_logps), ("advantages", advantages)):
         check_floating(name, tensor)
+    if ratio_level == "sequence" and logps.dim() != 2:
+        raise ValueError(
+            "ratio_level='sequence' (GSPO) takes each sequence's mean log-ratio, so it needs [B, T] inputs "
+            f"with one sequence per row; got logps of shape {tuple(logps.shape)}"
+        )
     check_ndim("logps", logps, 2, "[B, T]")
-    for name, tensor in (("ref_logps", ref_logps), ("entropy", entropy)):
+    for name, tensor in (("ref_logps", ref_logps), ("entropy", entropy), ("rollout_logps", rollout_logps)):
         if tensor is not None:
             check_floating(name, tensor)
-    check_same_shape("logps", logps, old_logps=old_logps, advantages=advantages, ref_logps=ref_logps,
-                     entropy=entropy)
+    check_same_shape("logps", logps, old_logps=old_logps, ref_logps=ref_logps, entropy=entropy,
+                     rollout_logps=rollout_logps)
+    if advantages.shape != logps.shape and advantages.shape != logps.shape[:1]:
+        raise ValueError(
+            f"advantages must be [B, T] = {tuple(logps.shape)} (per token) or [B] = {tuple(logps.shape[:1])} "
+            f"(per sequence), got {tuple(advantages.shape)}"
+        )
     mask_f = as_float_mask("mask", mask, logps)
     check_same_device(logps=logps, old_logps=old_logps, advantages=advantages, mask=mask,
-                      ref_logps=ref_logps, entropy=entropy)
+                      ref_logps=ref_logps, entropy=entropy, rollout_logps=rollout_logps)
     check_positive("clip_eps", clip_eps)
     if clip_eps_high is None:
         clip_eps_high = clip_eps
     check_positive("clip_eps_high", clip_eps_high)
-    if dual_clip is not None and not dual_clip > 1:
-        raise ValueError(f"dual_clip must be > 1 (or None to disable it), got {dual_clip!r}")
+    if dual_clip is not None:
+        if not dual_clip > 1:
+            raise ValueError(f"dual_clip must be > 1 (or None to disable it), got {dual_clip!r}")
+        if loss_type != "ppo":
+            raise ValueError(f"dual_clip applies to loss_type='ppo' only, got loss_type={loss_type!r}")
+    check_number("sapo_tau_pos", sapo_tau_pos, low=0, low_open=True)
+    check_number("sapo_tau_neg", sapo_tau_neg, low=0, low_open=True)
+    if is_correction is not None:
+        check_choice("is_correction", is_correction, tuple(IS_CORRECTION_ALIASES))
+        is_correction = IS_CORRECTION_ALIASES[is_correction]
+        if rollout_logps is None:
+            raise ValueError(
+                f"is_correction={is_correction!r} needs rollout_logps: the [B, T] log-probs the rollout engine "
+                "(vLLM, SGLang) reported for the sampled tokens; got rollout_logps=None"
+            )
+    elif rollout_logps is not None:
+        raise ValueError(
+            "rollout_logps is only used by an is_correction (e.g. 'token_truncate'); got is_correction=None"
+        )
+    if is_clip_min is not None:
+        check_number("is_clip_min", is_clip_min, low=0)
+    if is_clip_max is not None:
+        check_number("is_clip_max", is_clip_max, low=0, low_open=True)
+    if is_clip_min is not None and is_clip_max is not None and not is_clip_min < is_clip_max:
+        raise ValueError(f"is_clip_min must be < is_clip_max, got {is_clip_min!r} and {is_clip_max!r}")
+    check_number("top_entropy_quantile", top_entropy_quantile, low=0, high=1)
+    if top_entropy_quantile < 1 and entropy is None:
+        raise ValueError("top_entropy_quantile < 1 selects tokens by entropy and needs entropy ([B, T]), got None")
     check_non_negative("kl_coef", kl_coef)
     check_non_negative("entropy_coef", entropy_coef)
     if kl_coef > 0 and ref_logps is None:
@@ -263,11 +342,16 @@ def check_ppo_args(
     if entropy_coef > 0 and entropy is None:
         raise ValueError("entropy_coef > 0 needs entropy ([B, T] per-token entropy), got entropy=None")
     check_choice("loss_agg", loss_agg, LOSS_AGGS)
-    return canonical_kl_estimator("kl_estimator", kl_estimator), clip_eps_high, mask_f
+    for name, value in (("kl_agg", kl_agg), ("entropy_agg", entropy_agg)):
+        if value is not None:
+            check_choice(name, value, LOSS_AGGS)
+    check_totals(total_tokens, total_sequences, norm_length, logps.device)
+    return PolicyArgs(canonical_kl_estimator("kl_estimator", kl_estimator), clip_eps_high, is_correction, mask_f)
 
 
 
-def check_value_args(values, old_values, returns, mask, *, clip_eps, loss_agg) -> torch.Tensor:
+def check_value_args(values, old_values, returns, mask, *, clip_eps, loss_agg, total_tokens=None,
+                     total_sequences=None, norm_length=None) -> torch.Tensor:
     """Validate `value_loss` arguments. Returns the fp32 mask."""
     for name, tensor in (("values", values), ("old_values", old_values), ("returns", returns)):
         check_floating(name, tensor)
@@ -277,6 +361,7 @@ def check_value_args(values, old_values, returns, mask, *, clip_eps, loss_agg) -
     check_same_device(values=values, old_values=old_values, returns=returns, mask=mask)
     check_positive("clip_eps", clip_eps)
     check_choice("loss_agg", loss_agg, LOSS_AGGS)
+    check_totals(total_tokens, total_sequences, norm_length, values.device)
     return mask_f
 
 
@@ -288,7 +373,10 @@ def check_unit_interval(name: str, value: float) -> None:
 
 
 
-def check_gae_args(rewards, values, mask, gamma: float, lam: float) -> None:
+def check_gae_args(rewards, values, mask, gamma: float, lam: float, skip_masked: bool = True,
+                   whiten: bool = False) -> None:
+    check_bool("skip_masked", skip_masked)
+    check_bool("whiten", whiten)
     check_floating("rewards", rewards)
     check_floating("values", values)
     check_ndim("rewards", rewards, 2, "[B, T]")
@@ -300,6 +388,25 @@ def check_gae_args(rewards, values, mask, gamma: float, lam: float) -> None:
 
 
 
+def check_advantage_args(rewards, mask, values, group_size: int, *, needs_values: bool) -> None:
+    """`compute_advantages`'s tensors: [B, T] float rewards, a mask and (gae) values of that shape."""
+    check_floating("rewards", rewards)
+    check_ndim("rewards", rewards, 2, "[B, T]")
+    as_float_mask("mask", mask, rewards)
+    if needs_values and values is None:
+        raise ValueError("the 'gae' advantage estimator needs values ([B, T] value predictions), got values=None")
+    if values is not None:
+        check_floating("values", values)
+        check_same_shape("rewards", rewards, values=values)
+    check_same_device(rewards=rewards, mask=mask, values=values)
+    check_int("group_size", group_size, 1)
+    if rewards.shape[0] % group_size:
+        raise ValueError(
+            f"group_size must divide the batch size B = {rewards.shape[0]} "
+            f"(groups are consecutive blocks of group_size rows), got {group_size}"
+        )
+
+
 def check_whiten_args(x, mask, eps: float) -> None:
     check_floating("x", x)
     as_float_mask("mask", mask, x)
@@ -308,7 +415,8 @@ def check_whiten_args(x, mask, eps: float) -> None:
 
 
 
-def check_group_args(scores, group_size: int, eps: float) -> None:
+def check_group_args(scores, group_size: int, eps: float, std: str = "sample") -> None:
+    check_choice("std", std, GROUP_STD_KINDS)
     check_floating("scores", scores)
     check_ndim("scores", scores, 1, "[B]")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:

@@ -17,10 +17,42 @@ LOG_RATIO_LIMIT = 20.0
 KL_ESTIMATOR_ALIASES = {"k1": "k1", "kl": "k1", "k2": "k2", "mse": "k2", "k3": "k3", "low_var_kl": "k3"}
 KL_ESTIMATORS = ("k1", "k2", "k3")
 
-# How a [B, T] per-token loss becomes a scalar (verl's names; see `fastrlhf.twins.ppo.aggregate`).
+# How a [B, T] per-token loss becomes a scalar (verl's names; see `fastrlhf.twins.ppo.aggregation_row_scale`).
+# Fully masked rows never count as sequences (verl's agg_loss, OpenRLHF's aggregate_loss).
 LOSS_AGGS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+
+# Policy objectives of `ppo_loss` / `policy_loss_from_hidden`; the kernels select one by its position.
+#   ppo    clipped surrogate (Schulman et al. 2017), asymmetric clip, dual clip
+#   cispo  clipped importance-sampling weight, stop-gradient, times log pi (MiniMax-M1, 2025)
+#   sapo   soft sigmoid gate instead of the clip (Qwen, "Soft Adaptive Policy Optimization", 2025)
+POLICY_LOSS_TYPES = ("ppo", "cispo", "sapo")
+# Where the importance ratio lives: per token, or one per sequence (GSPO, Zheng et al. 2025).
+RATIO_LEVELS = ("token", "sequence")
+# Corrections for the rollout engine / trainer mismatch (TRL's vllm_importance_sampling_mode names):
+# weight w = pi_old / pi_rollout per token or per sequence (product over its tokens), then
+# "truncate" clips w to [is_clip_min, is_clip_max] (TIS), "mask" zeroes it outside (MIS / IcePop).
+IS_CORRECTIONS = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+# Other libraries' names for the same corrections (OpenRLHF: tis, icepop).
+IS_CORRECTION_ALIASES = {**{name: name for name in IS_CORRECTIONS}, "tis": "token_truncate", "icepop": "token_mask"}
 # The SFT loss's aggregations of the token NLL (mean over all tokens, or of per-sequence means).
 SFT_LOSS_AGGS = ("token-mean", "seq-mean-token-mean")
+
+# How `group_advantages` measures a group's spread: "sample" divides by n - 1 (TRL, verl, OpenRLHF:
+# torch.std), "population" by n. A group of one sample has advantage 0 under either.
+GROUP_STD_KINDS = ("sample", "population")
+
+# What the trainers' --loss-type selects: (ppo_loss's loss_type, its ratio_level).
+TRAINER_LOSS_TYPES = {"ppo": ("ppo", "token"), "gspo": ("ppo", "sequence"), "cispo": ("cispo", "token"),
+                      "sapo": ("sapo", "token")}
+
+# Advantage estimators of `fastrlhf.compute_advantages` (verl's names), and other libraries' names
+# for the same ones (OpenRLHF: group_norm, reinforce_baseline; the papers' spellings).
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_plus_plus", "reinforce_plus_plus_baseline")
+ADVANTAGE_ESTIMATOR_ALIASES = {
+    **{name: name for name in ADVANTAGE_ESTIMATORS},
+    "group_norm": "grpo", "dr-grpo": "dr_grpo", "reinforce++": "reinforce_plus_plus",
+    "reinforce++-baseline": "reinforce_plus_plus_baseline", "reinforce_baseline": "reinforce_plus_plus_baseline",
+}
 
 # DPO-family loss types. The kernel selects one by its position in this tuple.
 DPO_LOSS_TYPES = ("sigmoid", "robust", "hinge", "ipo", "simpo", "orpo", "apo_zero")
@@ -48,6 +80,9 @@ PPO_STATS = (
     "kl",            # sum m * kl           (0 without ref_logps)
     "entropy",       # sum m * entropy      (0 without entropy)
     "dual_clipped",  # sum m * [dual clip active]  (0 without dual_clip)
+    "is_weight",     # sum m * rollout IS weight   (0 without is_correction)
+    "is_clipped",    # sum m * [IS weight truncated or masked]
+    "entropy_kept",  # sum m * [token among the top entropy quantile]  (0 without top_entropy_quantile)
 )
 # `value_loss`: sums over all tokens.
 VALUE_STATS = ("loss", "clipped", "values")

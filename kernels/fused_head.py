@@ -49,19 +49,24 @@ from fastrlhf.kernels.logprobs import (
     dlogits_view,  # noqa: F401  (re-exported: where the row kernel's d logits go)
     narrow_in_place,
 )
+from fastrlhf.kernels.kl import clamped_log_ratio
 from fastrlhf.kernels.ppo import (
     _APPROX_KL,
     _CLIPPED,
     _DUAL_CLIPPED,
     _ENTROPY,
+    _ENTROPY_KEPT,
+    _IS_CLIPPED,
+    _IS_WEIGHT,
     _KL,
     _LOSS,
     _PG_LOSS,
     _RATIO,
+    is_mode_code,
     ppo_token_terms,
 )
 
-from fastrlhf.contracts import IGNORE_INDEX, LOG_RATIO_LIMIT, PPO_STATS
+from fastrlhf.contracts import IGNORE_INDEX, LOG_RATIO_LIMIT, POLICY_LOSS_TYPES, PPO_STATS
 
 # Per-token losses by constexpr id (globals read inside @triton.jit must be tl.constexpr).
 _NLL, _PPO = tl.constexpr(0), tl.constexpr(1)
@@ -71,15 +76,20 @@ ROW_STATS = {"nll": ("loss",), "ppo": PPO_STATS}
 
 @triton.jit
 def _fused_head_rows_kernel(
-    logits_ptr, dlogits_ptr, targets_ptr, mask_ptr, row_scale_ptr, old_ptr, adv_ptr, ref_ptr, stats_ptr,
+    logits_ptr, dlogits_ptr, targets_ptr, mask_ptr, row_scale_ptr, kl_row_scale_ptr, ent_row_scale_ptr,
+    old_ptr, adv_ptr, ref_ptr, rollout_ptr, seq_log_ratio_ptr, seq_is_ptr, threshold_ptr, selection_entropy_ptr,
+    stats_ptr,
     V, row0, T, stride_logits, stride_dlogits, inv_temperature, softcap, inv_softcap,
-    clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
-    IGNORE: tl.constexpr, LOSS: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, DUAL: tl.constexpr,
+    clip_low, clip_high, dual_clip, kl_coef, entropy_coef, tau_pos, tau_neg, is_log_min, is_log_max,
+    IGNORE: tl.constexpr, LOSS: tl.constexpr, LOSS_TYPE: tl.constexpr, SEQ_RATIO: tl.constexpr,
+    ADV_PER_ROW: tl.constexpr, IS_MODE: tl.constexpr, IS_PER_ROW: tl.constexpr, SELECT_ENT: tl.constexpr,
+    SPLIT_AGG: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, DUAL: tl.constexpr,
     ESTIMATOR: tl.constexpr, LIMIT: tl.constexpr, ENTROPY_GRAD: tl.constexpr, WRITE_GRAD: tl.constexpr,
     HAS_SOFTCAP: tl.constexpr, NARROW_IN_PLACE: tl.constexpr, NUM_STATS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)  # int64 before any stride multiply
     row = row0 + pid  # index of this token in the flattened [B, T] batch
+    seq = row // T
     target = tl.load(targets_ptr + row).to(tl.int64)
     m = tl.load(mask_ptr + row)
     counted = m != 0.0
@@ -90,30 +100,67 @@ def _fused_head_rows_kernel(
         row_ptr, target, skip, V, inv_temperature, softcap, inv_softcap,
         COMPUTE_ENTROPY=LOSS == _PPO, HAS_SOFTCAP=HAS_SOFTCAP, BLOCK_V=BLOCK_V,
     )
-    w = m * tl.load(row_scale_ptr + row // T)
+    w = m * tl.load(row_scale_ptr + seq)
     out = stats_ptr + row * NUM_STATS
     if LOSS == _PPO:
+        w_kl = w
+        w_ent = w
+        if SPLIT_AGG:
+            w_kl = m * tl.load(kl_row_scale_ptr + seq)
+            w_ent = m * tl.load(ent_row_scale_ptr + seq)
         old = logp  # on-policy (no old_logps): the current log-prob itself, a constant (ratio 1)
         if HAS_OLD:
             old = tl.where(counted, tl.load(old_ptr + row).to(tl.float32), 0.0)  # padding garbage stays inert
-        adv = tl.where(counted, tl.load(adv_ptr + row).to(tl.float32), 0.0)
+        if ADV_PER_ROW:
+            adv = tl.where(counted, tl.load(adv_ptr + seq).to(tl.float32), 0.0)
+        else:
+            adv = tl.where(counted, tl.load(adv_ptr + row).to(tl.float32), 0.0)
         ref = logp
         if HAS_REF:
             ref = tl.where(counted, tl.load(ref_ptr + row).to(tl.float32), 0.0)
-        loss_t, pg, dloss, _dkl, is_clipped, dual_active, log_ratio, ratio, kl = ppo_token_terms(
-            logp, old, adv, ref, entropy, clip_low, clip_high, dual_clip, kl_coef, entropy_coef,
-            HAS_REF=HAS_REF, HAS_ENT=True, DUAL=DUAL, ESTIMATOR=ESTIMATOR, LIMIT=LIMIT,
+        token_log_ratio = logp - old
+        log_ratio_raw = token_log_ratio
+        if SEQ_RATIO:
+            log_ratio_raw = tl.where(counted, tl.load(seq_log_ratio_ptr + seq), 0.0)
+        is_log_weight = tl.zeros((), tl.float32)
+        if IS_MODE != 0:
+            if IS_PER_ROW:
+                is_log_weight = tl.where(counted, tl.load(seq_is_ptr + seq), 0.0)
+            else:
+                is_log_weight = old - tl.where(counted, tl.load(rollout_ptr + row).to(tl.float32), 0.0)
+        threshold = 0.0
+        selection_entropy = entropy
+        if SELECT_ENT:  # judged on the pre-sweep's entropies, the numbers the threshold came from
+            threshold = tl.load(threshold_ptr)
+            selection_entropy = tl.load(selection_entropy_ptr + row)
+        (loss_t, pg, g, _g_ref, gh, is_clipped, dual_active, half_sq, ratio, kl, is_w, is_touched,
+         kept) = ppo_token_terms(
+            logp, log_ratio_raw, adv, ref, entropy, selection_entropy, is_log_weight, threshold, w, w_kl, w_ent,
+            clip_low, clip_high, dual_clip, kl_coef, entropy_coef, tau_pos, tau_neg, is_log_min, is_log_max,
+            LOSS_TYPE=LOSS_TYPE, IS_MODE=IS_MODE, SELECT_ENT=SELECT_ENT, SPLIT_AGG=SPLIT_AGG, HAS_REF=HAS_REF,
+            HAS_ENT=True, DUAL=DUAL, ESTIMATOR=ESTIMATOR, LIMIT=LIMIT,
         )
-        g = w * dloss
-        gh = -w * entropy_coef
-        tl.store(out + _LOSS, w * loss_t)
-        tl.store(out + _PG_LOSS, w * pg)
+        if SEQ_RATIO:  # the approx_kl metric stays per token
+            token_lr, _ = clamped_log_ratio(token_log_ratio, LIMIT)
+            half_sq = 0.5 * token_lr * token_lr
+        tl.store(out + _LOSS, loss_t)
+        tl.store(out + _PG_LOSS, pg)
         tl.store(out + _CLIPPED, tl.where(is_clipped, m, 0.0))
-        tl.store(out + _APPROX_KL, m * 0.5 * log_ratio * log_ratio)
+        tl.store(out + _APPROX_KL, m * half_sq)
         tl.store(out + _RATIO, m * ratio)
         tl.store(out + _KL, m * kl)
         tl.store(out + _ENTROPY, m * entropy)
         tl.store(out + _DUAL_CLIPPED, tl.where(dual_active, m, 0.0))
+        if IS_MODE != 0:
+            tl.store(out + _IS_WEIGHT, m * is_w)
+            tl.store(out + _IS_CLIPPED, tl.where(is_touched, m, 0.0))
+        else:
+            tl.store(out + _IS_WEIGHT, 0.0)
+            tl.store(out + _IS_CLIPPED, 0.0)
+        if SELECT_ENT:
+            tl.store(out + _ENTROPY_KEPT, m * kept)
+        else:
+            tl.store(out + _ENTROPY_KEPT, 0.0)
     else:  # NLL
         g = -w
         gh = tl.zeros((), tl.float32)
@@ -151,14 +198,18 @@ def fused_head_rows(
     d loss / d logits (weight dtype; may be `dlogits_view(logits, ...)`), or None for forward only.
     targets, mask (fp32): `[B * T]` contiguous, for the whole batch; row_scale: fp32 `[B]`;
     stats: fp32 `[B * T, len(ROW_STATS[loss])]`, this chunk's rows are written. seq_len: T.
-    loss: "nll" or "ppo"; ppo: dict(old_logps or None (on-policy: the current log-probs), advantages,
-    ref_logps or None ([B * T] contiguous), clip_low, clip_high, dual_clip or None, kl_coef,
-    entropy_coef, estimator).
+    loss: "nll" or "ppo"; ppo: dict(old_logps or None (on-policy: the current log-probs), advantages
+    ([B * T], or [B] with advantages_per_row=True), ref_logps, rollout_logps or None ([B * T]
+    contiguous), kl_row_scale / ent_row_scale (fp32 [B]) or None, seq_log_ratio / seq_is_log_weight (fp32 [B]) or None,
+    entropy_threshold (fp32 0-d) and selection_entropy (fp32 [B * T], the entropies it was taken
+    from) or None, loss_type, clip_low, clip_high, dual_clip or None, kl_coef,
+    entropy_coef, sapo_tau_pos, sapo_tau_neg, is_correction or None, is_log_bounds, estimator).
     entropy_grad: the loss depends on the entropy (PPO with entropy_coef != 0).
 
     One program per row, BLOCK_V = 4096 columns per step with 8 warps on a GPU. Bytes (rows that
     count): pass 1 reads 4·C·V; with dlogits, pass 2 reads 4·C·V more and writes C·V·itemsize;
     ~20 FLOPs per logit. C = 2048, V = 151936, bf16 d logits: 3.1 GB, 0.65 ms at 4.8 TB/s.
+    The objective options add a few scalar loads per row, nothing per logit.
     """
     C, V = logits.shape
     if C == 0:
@@ -170,16 +221,33 @@ def fused_head_rows(
     is_ppo = loss == "ppo"
     opts = ppo if is_ppo else {}
     row_scale = row_scale.contiguous()  # aggregation_row_scale may return an expanded (stride 0) view
-    ref, old = opts.get("ref_logps"), opts.get("old_logps")
+    kl_scale, ent_scale = opts.get("kl_row_scale"), opts.get("ent_row_scale")
+    split_agg = kl_scale is not None or ent_scale is not None
+    kl_scale = row_scale if kl_scale is None else kl_scale.contiguous()
+    ent_scale = row_scale if ent_scale is None else ent_scale.contiguous()
+    is_correction = opts.get("is_correction")
+    is_log_min, is_log_max = (float(b) for b in opts.get("is_log_bounds", (float("-inf"), float("inf"))))
+    advantages = opts.get("advantages", mask)
+    optional = [opts.get(name) for name in ("old_logps", "ref_logps", "rollout_logps", "seq_log_ratio",
+                                            "seq_is_log_weight", "entropy_threshold", "selection_entropy")]
+    old, ref, rollout, seq_log_ratio, seq_is, threshold, selection_entropy = (
+        t if t is not None else mask for t in optional)
     block = _block_v(V, logits.device, None)
     _fused_head_rows_kernel[(C,)](
-        logits, dlogits if dlogits is not None else logits, targets, mask, row_scale,
-        old if old is not None else mask, opts.get("advantages", mask), ref if ref is not None else mask, stats,
+        logits, dlogits if dlogits is not None else logits, targets, mask, row_scale, kl_scale, ent_scale,
+        old, advantages, ref, rollout, seq_log_ratio, seq_is, threshold, selection_entropy, stats,
         V, row0, seq_len, logits.stride(0), dlogits.stride(0) if dlogits is not None else 0,
         1.0 / temperature, *_softcap_args(softcap),
         float(opts.get("clip_low", 0.0)), float(opts.get("clip_high", 0.0)), float(opts.get("dual_clip") or 0.0),
         float(opts.get("kl_coef", 0.0)), float(opts.get("entropy_coef", 0.0)),
-        IGNORE=IGNORE_INDEX, LOSS=1 if is_ppo else 0, HAS_OLD=old is not None, HAS_REF=ref is not None,
+        float(opts.get("sapo_tau_pos", 1.0)), float(opts.get("sapo_tau_neg", 1.0)), is_log_min, is_log_max,
+        IGNORE=IGNORE_INDEX, LOSS=1 if is_ppo else 0,
+        LOSS_TYPE=POLICY_LOSS_TYPES.index(opts.get("loss_type", "ppo")),
+        SEQ_RATIO=opts.get("seq_log_ratio") is not None, ADV_PER_ROW=bool(opts.get("advantages_per_row")),
+        IS_MODE=is_mode_code(is_correction),
+        IS_PER_ROW=is_correction is not None and is_correction.startswith("sequence"),
+        SELECT_ENT=opts.get("entropy_threshold") is not None, SPLIT_AGG=split_agg,
+        HAS_OLD=opts.get("old_logps") is not None, HAS_REF=opts.get("ref_logps") is not None,
         DUAL=opts.get("dual_clip") is not None, ESTIMATOR=ESTIMATOR_CODES[opts.get("estimator", "k3")],
         LIMIT=LOG_RATIO_LIMIT, ENTROPY_GRAD=entropy_grad, WRITE_GRAD=dlogits is not None,
         HAS_SOFTCAP=bool(softcap), NARROW_IN_PLACE=dlogits is not None and narrow_in_place(logits, dlogits),

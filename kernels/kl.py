@@ -4,10 +4,14 @@
 (`kernels/ppo.py`) inlines too, so the KL math exists once. `kl_penalty_forward` is the stand-alone
 launcher behind `fastrlhf.kl_penalty`.
 
-With d = clamp(logps - ref_logps, -20, 20) (Schulman, "Approximating KL divergence"):
-    k1 = d                 dk1/dd = 1
-    k2 = d^2 / 2           dk2/dd = d
-    k3 = exp(-d) + d - 1   dk3/dd = 1 - exp(-d)
+With x = logps - ref_logps (Schulman, "Approximating KL divergence", 2020):
+    k1 = x                 dk1/dx = 1
+    k2 = x^2 / 2           dk2/dx = x
+    k3 = exp(-d) + d - 1   dk3/dx = (1 - exp(-d)) * [|x| <= 20],   d = clamp(x, -20, 20)
+k1 and k2 hold no exp and are never clamped (as TRL, verl and OpenRLHF before its ±10 value clamp):
+clamping them zeroed the KL gradient exactly where the policy had drifted most. Only k3 clamps, so
+that exp(-d) <= e^20 stays finite in fp32 (verl's low_var_kl clamps the same way; it and OpenRLHF
+also clamp the k3 VALUE to ±10, which we do not).
 """
 from __future__ import annotations
 
@@ -37,18 +41,20 @@ def clamped_log_ratio(raw, LIMIT: tl.constexpr):
 
 
 @triton.jit
-def kl_estimate(d, ESTIMATOR: tl.constexpr):
-    """Return (KL estimate, its derivative w.r.t. d) for an already clamped log-ratio d (fp32)."""
+def kl_estimate(x, ESTIMATOR: tl.constexpr, LIMIT: tl.constexpr):
+    """Return (KL estimate, its derivative w.r.t. x) for the raw fp32 log-ratio x = logps - ref.
+    Only k3 clamps x (to ±LIMIT, for its exp; zero derivative outside)."""
     if ESTIMATOR == 1:
-        kl = d
-        dkl = tl.full(d.shape, 1.0, tl.float32)
+        kl = x
+        dkl = tl.full(x.shape, 1.0, tl.float32)
     elif ESTIMATOR == 2:
-        kl = 0.5 * d * d
-        dkl = d
+        kl = 0.5 * x * x
+        dkl = x
     else:
+        d, dclamp = clamped_log_ratio(x, LIMIT)
         e = tl.exp(-d)
         kl = e + d - 1.0
-        dkl = 1.0 - e
+        dkl = (1.0 - e) * dclamp
     return kl, dkl
 
 
@@ -61,11 +67,10 @@ def _kl_penalty_forward_kernel(
     valid = offs < n
     logps = tl.load(logps_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    d, dclamp = clamped_log_ratio(logps - ref, LIMIT)
-    kl, dkl = kl_estimate(d, ESTIMATOR)
+    kl, dkl = kl_estimate(logps - ref, ESTIMATOR, LIMIT)
     tl.store(kl_ptr + offs, kl.to(kl_ptr.dtype.element_ty), mask=valid)
     if WRITE_GRAD:
-        tl.store(grad_ptr + offs, dkl * dclamp, mask=valid)
+        tl.store(grad_ptr + offs, dkl, mask=valid)
 
 
 def kl_penalty_forward(

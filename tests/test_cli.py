@@ -167,6 +167,35 @@ def test_bad_options_fail_before_loading_anything(argv, message, capsys):
     assert message in err
 
 
+def test_objective_options(capsys):
+    """Issue 11: the objectives are selectable from the command line, bad names listed."""
+    from fastrlhf.trainers import GRPOConfig, PPOConfig
+
+    _, options = parse(["grpo", "--loss-type", "gspo", "--advantage-estimator", "rloo", "--is-correction",
+                        "token_truncate", "--is-clip-max", "3", "--top-entropy-quantile", "0.2"])
+    cfg = options[GRPOConfig]
+    assert (cfg.loss_type, cfg.advantage_estimator, cfg.is_correction, cfg.is_clip_max,
+            cfg.top_entropy_quantile) == ("gspo", "rloo", "token_truncate", 3.0, 0.2)
+    _, options = parse(["ppo", "--loss-type", "cispo", "--is-correction", "sequence_mask"])
+    assert options[PPOConfig].loss_type == "cispo" and options[PPOConfig].is_correction == "sequence_mask"
+    for argv, message in ((["grpo", "--loss-type", "grpo"], "--loss-type: loss_type must be one of ('ppo', 'gspo'"),
+                          (["grpo", "--advantage-estimator", "gae"], "--advantage-estimator: advantage_estimator must"),
+                          (["ppo", "--is-correction", "tis2"], "--is-correction: is_correction must be one of"),
+                          (["grpo", "--loss-type", "sapo", "--dual-clip", "3"], "dual_clip applies to loss_type ppo")):
+        status, err = run_main(argv, capsys)
+        assert status == 2 and message in err, err
+
+
+def test_grpo_runs_with_the_new_objectives_from_the_cli(workdir, capsys):
+    status, err = run_main(["grpo", "--data", workdir / "prompts.jsonl", "--reward-fn", f"{workdir / 'reward.py'}:reward",
+                            "--group-size", 2, "--max-new-tokens", 4, "--no-save-merged", "--loss-type", "gspo",
+                            "--advantage-estimator", "rloo", "--is-correction", "sequence_truncate",
+                            "--top-entropy-quantile", "0.5", *common(workdir, "grpo-objectives")], capsys)
+    assert status == 0, err
+    metrics = json.loads((workdir / "grpo-objectives" / "summary.json").read_text())["metrics"]
+    assert "is_weight_mean" in metrics and "entropy_kept_frac" in metrics
+
+
 def test_data_and_reward_errors(workdir, capsys):
     status, err = run_main(["sft", "--data", workdir / "empty.jsonl"], capsys)
     assert status == 2 and "--data:" in err and "empty" in err

@@ -115,7 +115,7 @@ def policy_inputs(B, T, V, dtype, device, *, bias=False, shift=False, spread=0.6
                 ref=ref)
 
 
-def policy_closed_form(x, *, temperature=1.0, softcap=None, ref_logps=None, **ppo):
+def policy_closed_form(x, *, temperature=1.0, softcap=None, ref_logps=None, rollout_logps=None, **ppo):
     """float64 (loss, metrics, [dH, dW, db]) of the policy loss, from the formulas."""
     aliases = {"kl": "k1", "mse": "k2", "low_var_kl": "k3"}  # verl's names (ppo_closed_form knows k1-k3)
     if "kl_estimator" in ppo:
@@ -127,7 +127,7 @@ def policy_closed_form(x, *, temperature=1.0, softcap=None, ref_logps=None, **pp
     logps, entropy, _ = closed_form(logits, flat, temperature, zeros, zeros, softcap)
     old = logps.reshape(targets.shape) if x["old"] is None else x["old"]  # None: on-policy
     loss, metrics, grads = ppo_closed_form(
-        logps.reshape(targets.shape), old, x["adv"], x["mask"], ref=ref_logps,
+        logps.reshape(targets.shape), old, x["adv"], x["mask"], ref=ref_logps, rollout=rollout_logps,
         entropy=entropy.reshape(targets.shape), **ppo)
     g = torch.as_tensor(grads["logps"], device=flat.device).reshape(-1)
     gh = torch.as_tensor(grads["entropy"], device=flat.device).reshape(-1)
@@ -164,18 +164,39 @@ POLICY_CASES = {
     "seq-mean-token-sum-norm": dict(loss_agg="seq-mean-token-sum-norm", dual_clip=3.0),
     "temperature": dict(temperature=0.7, entropy_coef=0.01),
     "softcap": dict(softcap=2.0, kl_coef=0.1, entropy_coef=0.01),
+    # the objectives of issue 11 (tests/test_objectives.py covers them on ppo_loss)
+    "gspo": dict(ratio_level="sequence", loss_agg="seq-mean-token-mean", kl_coef=0.05),
+    "cispo": dict(loss_type="cispo", clip_eps_high=0.28, entropy_coef=0.01),
+    "sapo": dict(loss_type="sapo", sapo_tau_neg=2.0, kl_coef=0.1, kl_estimator="k1"),
+    "tis": dict(is_correction="token_truncate", is_clip_max=1.3),
+    "seq-mask": dict(is_correction="sequence_mask", is_clip_min=0.3, is_clip_max=3.0, dual_clip=2.0),
+    "entropy-top": dict(top_entropy_quantile=0.3, entropy_coef=0.01),
+    "seq-adv": dict(seq_adv=True, clip_eps_high=0.3),
+    "own-aggs-totals": dict(loss_agg="seq-mean-token-sum-norm", kl_agg="token-mean", entropy_agg="seq-mean-token-mean",
+                            kl_coef=0.1, entropy_coef=0.02, total_sequences=5.0, norm_length=9.0, total_tokens=20.0),
 }
+
+
+def policy_case(case, x, **extra):
+    """(kwargs, the inputs) of a POLICY_CASES entry: the reference / rollout log-probs and [B]
+    advantages it needs put in place."""
+    kwargs = dict(POLICY_CASES[case], **extra)
+    x = dict(x)
+    if kwargs.pop("seq_adv", False):
+        x["adv"] = torch.randn(x["adv"].shape[0], device=x["adv"].device)
+    if "kl_coef" in kwargs:
+        kwargs["ref_logps"] = x["ref"]
+    if "is_correction" in kwargs:
+        kwargs["rollout_logps"] = x["old"] + 0.4 * torch.randn_like(x["old"])
+    return kwargs, x
 
 
 @pytest.mark.parametrize("V,bias,shift", [(131, False, True), (1000, True, False)])
 @pytest.mark.parametrize("case", sorted(POLICY_CASES))
 def test_policy_matches_twin_closed_form_and_recompute_path(case, V, bias, shift, device):
     """fp32; chunk_size 5 over sequences of 7 tokens puts chunk boundaries inside sequences."""
-    kwargs = dict(POLICY_CASES[case], chunk_size=5)
     B, T = 3, 7
-    x = policy_inputs(B, T, V, torch.float32, device, bias=bias, shift=shift)
-    if "kl_coef" in kwargs:
-        kwargs["ref_logps"] = x["ref"]
+    kwargs, x = policy_case(case, policy_inputs(B, T, V, torch.float32, device, bias=bias, shift=shift), chunk_size=5)
     closed_kwargs = {k: v for k, v in kwargs.items() if k not in ("chunk_size",)}
     expected = policy_closed_form(x, **closed_kwargs)
     for backend in ("triton", "torch"):
@@ -183,10 +204,9 @@ def test_policy_matches_twin_closed_form_and_recompute_path(case, V, bias, shift
     check_result(run_policy_recompute(x, **kwargs), expected, torch.float32, f"{case} token_logprobs+ppo_loss")
 
 
-@pytest.mark.parametrize("case", ["kl-k3-entropy", "softcap"])
+@pytest.mark.parametrize("case", ["kl-k3-entropy", "softcap", "gspo", "tis"])
 def test_policy_bf16(case, device):
-    kwargs = dict(POLICY_CASES[case], chunk_size=6)
-    x = policy_inputs(3, 5, 1000, torch.bfloat16, device, bias=True)
+    kwargs, x = policy_case(case, policy_inputs(3, 5, 1000, torch.bfloat16, device, bias=True), chunk_size=6)
     kwargs["ref_logps"] = x["ref"]
     expected = policy_closed_form(x, **{k: v for k, v in kwargs.items() if k != "chunk_size"})
     for backend in ("triton", "torch"):
@@ -195,13 +215,20 @@ def test_policy_bf16(case, device):
         check_result(result, expected, torch.bfloat16, f"bf16 {case} {backend}")
 
 
+@pytest.mark.parametrize("options", [{}, dict(ratio_level="sequence", top_entropy_quantile=0.5),
+                                     dict(is_correction="sequence_truncate", is_clip_min=0.5, is_clip_max=1.5),
+                                     dict(is_correction="token_mask", is_clip_min=0.8, is_clip_max=1.2)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_policy_on_policy_without_old_logps(dtype, device):
+def test_policy_on_policy_without_old_logps(dtype, options, device):
     """old_logps=None: the current log-probs as constants (GRPO's single pass): ratio 1, no clipping,
-    d loss / d logp = -A w; the same as passing those log-probs."""
+    d loss / d logp = -A w; the same as passing those log-probs. GSPO's sequence ratio is 1 too (no
+    pre-sweep for it); the entropy selection and a sequence-level IS weight still need one."""
     x = policy_inputs(3, 5, 1000, dtype, device, bias=True)
+    rollout = x["old"] + 0.3 * torch.randn_like(x["old"])
     x["old"] = None
-    kwargs = dict(ref_logps=x["ref"], kl_coef=0.1, entropy_coef=0.01, dual_clip=2.0, chunk_size=4)
+    kwargs = dict(ref_logps=x["ref"], kl_coef=0.1, entropy_coef=0.01, dual_clip=2.0, chunk_size=4, **options)
+    if "is_correction" in options:
+        kwargs["rollout_logps"] = rollout
     expected = policy_closed_form(x, **{k: v for k, v in kwargs.items() if k != "chunk_size"})
     assert expected[1]["ratio_mean"] == pytest.approx(1.0) and expected[1]["clipfrac"] == 0
     for backend in ("triton", "torch"):
@@ -587,6 +614,11 @@ def _bad_calls(device):
         "policy dual_clip": (lambda: policy(h, w, t, z, z, m, dual_clip=1.0), "dual_clip"),
         "policy estimator": (lambda: policy(h, w, t, z, z, m, kl_estimator="k4"), "kl_estimator"),
         "policy loss_agg": (lambda: policy(h, w, t, z, z, m, loss_agg="sum"), "loss_agg"),
+        "policy loss_type": (lambda: policy(h, w, t, z, z, m, loss_type="gpg"), "loss_type"),
+        "policy IS without rollout": (lambda: policy(h, w, t, z, z, m, is_correction="tis"), "needs rollout_logps"),
+        "policy rollout shape": (lambda: policy(h, w, t, z, z, m, is_correction="tis", rollout_logps=z[:1]),
+                                 "rollout_logps"),
+        "policy [B] advantages": (lambda: policy(h, w, t, z, z[:, 0][:1], m), "advantages"),
         "policy temperature": (lambda: policy(h, w, t, z, z, m, temperature=0.0), "temperature"),
         "policy softcap": (lambda: policy(h, w, t, z, z, m, softcap=-1.0), "softcap"),
         "policy chunk_size": (lambda: policy(h, w, t, z, z, m, chunk_size=0), "chunk_size"),

@@ -95,12 +95,32 @@ def _ppo_variants():
             fastrlhf.kl_penalty(logps, ref, estimator="k3", backend="triton")
     small = torch.randn(4, 64, requires_grad=True)
     fastrlhf.ppo_loss(small, small.detach(), small.detach(), torch.ones(4, 64), backend="triton")[0].backward()
+    # The objectives of issue 11, each on top of the full variant (fp32; bf16 only changes the loads).
+    logps, entropy = tensors(torch.float32, True)
+    old, adv = tensors(torch.float32, False)
+    ref, rollout = torch.randn(B, T), torch.randn(B, T)
+    full = dict(ref_logps=ref, kl_coef=0.1, entropy=entropy, entropy_coef=0.01)
+    objectives = [
+        dict(loss_type="cispo"), dict(loss_type="sapo"), dict(ratio_level="sequence"),
+        dict(is_correction="token_truncate", rollout_logps=rollout), dict(is_correction="token_mask", rollout_logps=rollout),
+        dict(is_correction="sequence_truncate", rollout_logps=rollout),
+        dict(is_correction="sequence_mask", rollout_logps=rollout),
+        dict(top_entropy_quantile=0.2), dict(kl_agg="token-mean", loss_agg="seq-mean-token-mean"),
+        dict(ratio_level="sequence", is_correction="sequence_truncate", rollout_logps=rollout, top_entropy_quantile=0.2,
+             kl_agg="token-mean", loss_agg="seq-mean-token-mean", dual_clip=3.0),
+    ]
+    for kwargs in objectives:
+        fastrlhf.ppo_loss(logps, old, adv, mask, **{**full, **kwargs}, backend="triton")[0].backward()
+    fastrlhf.ppo_loss(logps, old, adv[:, 0], mask, backend="triton")[0].backward()  # [B] advantages
+    fastrlhf.ppo_loss(logps, old, adv[:, 0], mask, **full, loss_type="cispo", backend="triton")[0].backward()
 
 
 def _advantage_variants():
     for T in (1, 37, 4096):  # BLOCK_T = 1 (T = 1 is also a JIT constant), 64, 1024 (8 warps)
         rewards, values = torch.randn(2, T), torch.randn(2, T, dtype=torch.bfloat16)
-        fastrlhf.gae(rewards, values, torch.ones(2, T, dtype=torch.bool), backend="triton")
+        for skip_masked in (True, False):  # tool-observation holes skipped (two scans) or terminal
+            fastrlhf.gae(rewards, values, torch.ones(2, T, dtype=torch.bool), skip_masked=skip_masked,
+                         backend="triton")
     fastrlhf.gae(torch.randn(2, 512), torch.randn(2, 512), torch.ones(2, 512), backend="triton")
 
 
@@ -134,6 +154,20 @@ def _fused_head_variants():
                                                        backend="triton")
             loss.backward()
         fastrlhf.policy_loss_from_hidden(full[:, :-1], weight, targets, None, adv, mask,  # on-policy
+                                         backend="triton")[0].backward()
+        # The objectives of issue 11 on the full variant (KL k3, entropy, softcap).
+        objectives = [
+            dict(loss_type="cispo"), dict(loss_type="sapo"), dict(ratio_level="sequence"),
+            dict(is_correction="token_truncate", rollout_logps=old), dict(is_correction="sequence_mask", rollout_logps=old),
+            dict(top_entropy_quantile=0.2), dict(kl_agg="token-mean", loss_agg="seq-mean-token-mean"),
+            dict(ratio_level="sequence", is_correction="token_mask", rollout_logps=old, top_entropy_quantile=0.2,
+                 entropy_agg="token-mean", loss_agg="seq-mean-token-mean", dual_clip=3.0),
+        ]
+        for kwargs in objectives if dtype == torch.float32 else objectives[-1:]:
+            base = {k: v for k, v in calls[3].items() if k != "dual_clip"}
+            fastrlhf.policy_loss_from_hidden(full[:, :-1], weight, targets, old, adv, mask, **{**base, **kwargs},
+                                             backend="triton")[0].backward()
+        fastrlhf.policy_loss_from_hidden(full[:, :-1], weight, targets, old, adv[:, 0], mask,  # [B] advantages
                                          backend="triton")[0].backward()
         with torch.no_grad():  # forward only: no d logits written
             fastrlhf.policy_loss_from_hidden(full[:, :-1], weight, targets, old, adv, mask, ref_logps=ref,
@@ -180,17 +214,20 @@ EXPECTED = {
     },
     "ppo": {
         "_ppo_loss_forward_kernel": {name: {True, False} for name in
-                                  ("HAS_REF", "HAS_ENT", "DUAL", "GRAD_LOGPS", "GRAD_REF", "GRAD_ENT")}
-        | {"ESTIMATOR": {1, 2, 3}, "BLOCK": {256, 1024}},
+                                  ("HAS_REF", "HAS_ENT", "DUAL", "GRAD_LOGPS", "GRAD_REF", "GRAD_ENT", "SEQ_RATIO",
+                                   "ADV_PER_ROW", "IS_PER_ROW", "SELECT_ENT", "SPLIT_AGG")}
+        | {"ESTIMATOR": {1, 2, 3}, "BLOCK": {256, 1024}, "LOSS_TYPE": {0, 1, 2}, "IS_MODE": {0, 1, 2}},
         "_value_loss_forward_kernel": {"GRAD": {True, False}},
         "_kl_penalty_forward_kernel": {"ESTIMATOR": {1, 2, 3}, "WRITE_GRAD": {True, False}},
     },
-    "advantages": {"_gae_forward_kernel": {"BLOCK_T": {1, 64, 512, 1024}}},
+    "advantages": {"_gae_forward_kernel": {"BLOCK_T": {1, 64, 512, 1024}, "SKIP_MASKED": {True, False}}},
     "fused_head": {
         "_fused_head_rows_kernel": {name: {True, False} for name in
                                     ("HAS_OLD", "HAS_REF", "DUAL", "ENTROPY_GRAD", "WRITE_GRAD", "HAS_SOFTCAP",
-                                     "NARROW_IN_PLACE")}
-        | {"LOSS": {0, 1}, "ESTIMATOR": {1, 2, 3}, "BLOCK_V": {256, 4096}},
+                                     "NARROW_IN_PLACE", "SEQ_RATIO", "ADV_PER_ROW", "IS_PER_ROW", "SELECT_ENT",
+                                     "SPLIT_AGG")}
+        | {"LOSS": {0, 1}, "ESTIMATOR": {1, 2, 3}, "BLOCK_V": {256, 4096}, "LOSS_TYPE": {0, 1, 2},
+           "IS_MODE": {0, 1, 2}},
         "_logprobs_forward_kernel": {"COMPUTE_ENTROPY": {False}},
         "_logprobs_backward_kernel": {"HAS_GRAD_LOGPS": {True}, "HAS_GRAD_ENTROPY": {False},
                                       "NARROW_IN_PLACE": {True, False}},

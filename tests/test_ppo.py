@@ -47,30 +47,37 @@ def _clamp(x):
 
 
 def _kl_closed(x, estimator):
-    """KL estimate and its derivative w.r.t. the raw log-ratio x (clamp included)."""
-    d, dclamp = _clamp(x)
+    """KL estimate and its derivative w.r.t. the raw log-ratio x. k1 = x and k2 = x²/2 hold no exp
+    and are never clamped (TRL, verl); k3 = e^(-d) + d - 1 takes d = clamp(x, ±20) so that e^(-d)
+    stays finite (verl's low_var_kl clamps the same way), with zero derivative outside."""
     if estimator == "k1":
-        return d, dclamp
+        return x, 1.0
     if estimator == "k2":
-        return d * d / 2, d * dclamp
+        return x * x / 2, x
+    d, dclamp = _clamp(x)
     return math.exp(-d) + d - 1, (1 - math.exp(-d)) * dclamp
 
 
-def _agg_weights(mask, loss_agg):
-    """w[b, t] with loss = Σ w·l, straight from the loss_agg definitions."""
+def _agg_weights(mask, loss_agg, total_tokens=None, total_sequences=None, norm_length=None):
+    """w[b, t] with loss = Σ w·l, straight from the loss_agg definitions: N tokens, S sequences
+    with a counted token (fully masked rows are not sequences, verl / OpenRLHF), L = T, unless the
+    whole batch's totals are given."""
     B, T = mask.shape
     w = np.zeros((B, T))
     counts = mask.sum(1)
+    tokens = mask.sum() if total_tokens is None else float(total_tokens)
+    sequences = (counts > 0).sum() if total_sequences is None else float(total_sequences)
+    length = T if norm_length is None else norm_length
     for b in range(B):
         for t in range(T):
             if mask[b, t] == 0:
                 continue
             if loss_agg == "token-mean":
-                w[b, t] = mask[b, t] / mask.sum()
+                w[b, t] = mask[b, t] / tokens
             elif loss_agg == "seq-mean-token-mean":
-                w[b, t] = mask[b, t] / counts[b] / (counts > 0).sum()
+                w[b, t] = mask[b, t] / counts[b] / sequences
             else:
-                w[b, t] = mask[b, t] / (B * T)
+                w[b, t] = mask[b, t] / (sequences * length)
     return w
 
 
@@ -78,51 +85,106 @@ def _masked_mean(x, mask):
     return float((x * mask).sum() / mask.sum()) if mask.sum() > 0 else 0.0
 
 
-def ppo_closed_form(logps, old, adv, mask, *, clip_eps=0.2, clip_eps_high=None, dual_clip=None, ref=None,
-                    kl_coef=0.0, kl_estimator="k3", entropy=None, entropy_coef=0.0, loss_agg="token-mean"):
-    """Returns (loss, metrics, {"logps": grad, "entropy": grad, "ref_logps": grad}) as float64 numpy."""
-    lp, old, adv, m, ref, ent = (_np(t) for t in (logps, old, adv, mask.float(), ref, entropy))
-    hi = clip_eps if clip_eps_high is None else clip_eps_high
+def _is_weight_closed(log_w, mode, clip_min, clip_max):
+    """(weight, touched) of a rollout IS log-weight: clamp to ±20 (verl's safety bound), then
+    truncate into [clip_min, clip_max] or zero outside it; compared in log space."""
+    lw, _ = _clamp(log_w)
+    lo = -math.inf if not clip_min else math.log(clip_min)
+    hi = math.inf if clip_max is None else math.log(clip_max)
+    outside = lw < lo or lw > hi
+    if mode.endswith("truncate"):
+        return math.exp(min(max(lw, lo), hi)), outside
+    return (0.0 if outside else math.exp(lw)), outside
+
+
+IS_NAMES = {"tis": "token_truncate", "icepop": "token_mask"}
+
+
+def ppo_closed_form(logps, old, adv, mask, *, loss_type="ppo", ratio_level="token", clip_eps=0.2,
+                    clip_eps_high=None, dual_clip=None, sapo_tau_pos=1.0, sapo_tau_neg=1.05, rollout=None,
+                    is_correction=None, is_clip_min=None, is_clip_max=2.0, top_entropy_quantile=1.0, ref=None,
+                    kl_coef=0.0, kl_estimator="k3", entropy=None, entropy_coef=0.0, loss_agg="token-mean",
+                    kl_agg=None, entropy_agg=None, total_tokens=None, total_sequences=None, norm_length=None):
+    """Returns (loss, metrics, {"logps": grad, "entropy": grad, "ref_logps": grad}) as float64 numpy,
+    token by token from the formulas in ppo_loss's docstring (gradients derived by hand)."""
+    lp, old, adv, m, ref, ent, roll = (_np(t) for t in (logps, old, adv, mask.float(), ref, entropy, rollout))
     B, T = lp.shape
-    per, pg_t, g_lp, g_ref, g_ent = (np.zeros((B, T)) for _ in range(5))
-    clipped, dual_on, half_sq, ratio_t, kl_t = (np.zeros((B, T)) for _ in range(5))
+    if adv.ndim == 1:
+        adv = np.repeat(adv[:, None], T, axis=1)
+    lo, hi = 1 - clip_eps, 1 + (clip_eps if clip_eps_high is None else clip_eps_high)
+    is_mode = IS_NAMES.get(is_correction, is_correction)
+    threshold = None
+    if top_entropy_quantile < 1:
+        counted = ent[m != 0]
+        threshold = np.quantile(counted, 1 - top_entropy_quantile) if counted.size else 0.0
+    pg_t, g_pg, kl_t, g_kl = (np.zeros((B, T)) for _ in range(4))
+    clipped, dual_on, half_sq, ratio_t, is_w, is_touched, kept = (np.zeros((B, T)) for _ in range(7))
     for b in range(B):
+        n_b = m[b].sum()
+        seq_lr = sum(lp[b, t] - old[b, t] for t in range(T) if m[b, t]) / max(n_b, 1)
+        seq_is = sum(old[b, t] - roll[b, t] for t in range(T) if m[b, t]) if roll is not None else 0.0
         for t in range(T):
             if m[b, t] == 0:
                 continue
-            d, dclamp = _clamp(lp[b, t] - old[b, t])
+            d_tok, _ = _clamp(lp[b, t] - old[b, t])
+            d, dclamp = _clamp(seq_lr if ratio_level == "sequence" else lp[b, t] - old[b, t])
             a, r = adv[b, t], math.exp(d)
-            surr, surr_clip = -a * r, -a * min(max(r, 1 - clip_eps), 1 + hi)
-            pg, dpg = (surr_clip, 0.0) if surr_clip > surr else (surr, -a * r * dclamp)
-            clipped[b, t] = surr_clip > surr
-            if dual_clip is not None and a < 0 and pg > -a * dual_clip:
-                pg, dpg, dual_on[b, t] = -a * dual_clip, 0.0, 1.0
-            pg_t[b, t], per[b, t], g_lp[b, t] = pg, pg, dpg
-            half_sq[b, t], ratio_t[b, t] = 0.5 * d * d, r
+            if loss_type == "ppo":
+                surr, surr_clip = -a * r, -a * min(max(r, lo), hi)
+                pg, dpg = (surr_clip, 0.0) if surr_clip > surr else (surr, -a * r * dclamp)
+                clipped[b, t] = surr_clip > surr
+                if dual_clip is not None and a < 0 and pg > -a * dual_clip:
+                    pg, dpg, dual_on[b, t] = -a * dual_clip, 0.0, 1.0
+            elif loss_type == "cispo":
+                weight = min(max(r, lo), hi)
+                pg, dpg = -weight * a * lp[b, t], -weight * a
+                clipped[b, t] = r < lo or r > hi
+            else:  # sapo
+                tau = sapo_tau_pos if a > 0 else sapo_tau_neg
+                gate = 1 / (1 + math.exp(-tau * (r - 1)))
+                pg, dpg = -(4 / tau) * gate * a, -4 * a * gate * (1 - gate) * r * dclamp
+            mult = 1.0
+            if is_mode is not None:
+                log_w = seq_is if is_mode.startswith("sequence") else old[b, t] - roll[b, t]
+                is_w[b, t], is_touched[b, t] = _is_weight_closed(log_w, is_mode, is_clip_min, is_clip_max)
+                mult *= is_w[b, t]
+            if threshold is not None:
+                kept[b, t] = ent[b, t] >= threshold
+                mult *= kept[b, t]
+            pg_t[b, t], g_pg[b, t] = mult * pg, mult * dpg
+            half_sq[b, t], ratio_t[b, t] = 0.5 * d_tok * d_tok, r
             if ref is not None:
-                kl, dkl = _kl_closed(lp[b, t] - ref[b, t], kl_estimator)
-                kl_t[b, t] = kl
-                per[b, t] += kl_coef * kl
-                g_lp[b, t] += kl_coef * dkl
-                g_ref[b, t] = -kl_coef * dkl
-            if ent is not None:
-                per[b, t] -= entropy_coef * ent[b, t]
-                g_ent[b, t] = -entropy_coef
-    w = _agg_weights(m, loss_agg)
+                kl_t[b, t], g_kl[b, t] = _kl_closed(lp[b, t] - ref[b, t], kl_estimator)
+    totals = dict(total_tokens=total_tokens, total_sequences=total_sequences, norm_length=norm_length)
+    w = _agg_weights(m, loss_agg, **totals)
+    w_kl = _agg_weights(m, kl_agg or loss_agg, **totals)
+    w_ent = _agg_weights(m, entropy_agg or loss_agg, **totals)
+    loss = float((w * pg_t).sum())
+    g_lp = w * g_pg
     metrics = {
-        "pg_loss": float((w * pg_t).sum()),
+        "pg_loss": loss,
         "clipfrac": _masked_mean(clipped, m),
         "approx_kl": _masked_mean(half_sq, m),
         "ratio_mean": _masked_mean(ratio_t, m),
     }
     if dual_clip is not None:
         metrics["dual_clipfrac"] = _masked_mean(dual_on, m)
+    if is_mode is not None:
+        metrics["is_weight_mean"] = _masked_mean(is_w, m)
+        metrics["is_clipfrac"] = _masked_mean(is_touched, m)
+    if threshold is not None:
+        metrics["entropy_kept_frac"] = _masked_mean(kept, m)
+    g_ref, g_ent = np.zeros((B, T)), np.zeros((B, T))
     if ref is not None:
+        loss += kl_coef * float((w_kl * kl_t).sum())
+        g_lp = g_lp + kl_coef * w_kl * g_kl
+        g_ref = -kl_coef * w_kl * g_kl
         metrics["kl"] = _masked_mean(kl_t, m)
     if ent is not None:
+        loss -= entropy_coef * float((w_ent * ent * (m != 0)).sum())
+        g_ent = -entropy_coef * w_ent
         metrics["entropy"] = _masked_mean(ent, m)
-    grads = {"logps": w * g_lp, "entropy": w * g_ent, "ref_logps": w * g_ref}
-    return float((w * per).sum()), metrics, grads
+    return loss, metrics, {"logps": g_lp, "entropy": g_ent, "ref_logps": g_ref}
 
 
 def value_closed_form(values, old, returns, mask, *, clip_eps=0.2, loss_agg="token-mean"):
@@ -245,6 +307,33 @@ def test_ppo_extreme_log_ratios_are_clamped():
         # outside the clamp range nothing depends on logps any more
         assert torch.count_nonzero(grads["logps"]) == 0
     np.testing.assert_allclose(metrics["approx_kl"].item(), 0.5 * 20.0**2, rtol=1e-6)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch"])
+def test_k1_k2_are_not_clamped_k3_keeps_its_exp_guard(backend):
+    """Issue 11, case 1: at d = logps - ref = ±30 k1 is ±30 (not ±20) and k2 is 450 (not 200), with
+    gradients 1 and d, as in TRL and verl; only k3 = e^(-d) + d - 1 keeps d clamped to ±20 (its exp),
+    so its gradient is 0 out there. Checked in kl_penalty and in ppo_loss's KL term (same kernel code
+    as the fused head)."""
+    logps = torch.tensor([[0.0, 0.0, 0.0, 0.0]])
+    ref = torch.tensor([[-30.0, 30.0, -25.0, 5.0]])
+    d = (logps - ref)[0].tolist()
+    for estimator, value, grad in (
+        ("k1", d, [1.0] * 4),
+        ("k2", [x * x / 2 for x in d], d),
+        ("k3", [_kl_closed(x, "k3")[0] for x in d], [0.0, 0.0, 0.0, 1 - math.exp(5.0)]),
+    ):
+        lp = logps.clone().requires_grad_()
+        kl = fastrlhf.kl_penalty(lp, ref, estimator=estimator, backend=backend)
+        (g,) = torch.autograd.grad(kl.sum(), lp)
+        np.testing.assert_allclose(_np(kl)[0], value, rtol=1e-6, err_msg=estimator)
+        np.testing.assert_allclose(_np(g)[0], grad, rtol=1e-6, atol=1e-7, err_msg=estimator)
+        lp = logps.clone().requires_grad_()
+        loss, metrics = fastrlhf.ppo_loss(lp, logps, torch.zeros_like(logps), torch.ones_like(logps),
+                                          ref_logps=ref, kl_coef=1.0, kl_estimator=estimator, backend=backend)
+        (g,) = torch.autograd.grad(loss, lp)
+        np.testing.assert_allclose(metrics["kl"].item(), sum(value) / 4, rtol=1e-6, err_msg=estimator)
+        np.testing.assert_allclose(_np(g)[0], [x / 4 for x in grad], rtol=1e-6, atol=1e-7, err_msg=estimator)
 
 
 def test_ppo_asymmetric_clip():

@@ -391,6 +391,11 @@ def test_sequence_logps(device):
         sequence_logps(x, torch.ones(3, 4))
     with pytest.raises(ValueError, match="logps"):
         sequence_logps(x[0], m[0])
+    # backend= is accepted everywhere (issue 11): the same masked reduction on both
+    for backend in ("torch", "triton"):
+        torch.testing.assert_close(sequence_logps(padded, mask, backend=backend), total)
+    with pytest.raises(ValueError, match="backend"):
+        sequence_logps(x, m, backend="cuda")
 
 
 # ---- the contract's loss types are the ones this file tests, and each has its own kernel variant ----

@@ -1,4 +1,5 @@
 """Advantages for PPO and GRPO: GAE (one parallel scan, Triton), masked whitening, group advantages.
+(The named estimators built from them are in `fastrlhf.estimators`.)
 
 `gae` runs the Triton scan in `fastrlhf.kernels.gae` on CUDA (or under TRITON_INTERPRET=1), else
 its PyTorch twin in `fastrlhf.twins.advantages`. All outputs are detached targets.
@@ -25,25 +26,40 @@ def gae(
     *,
     gamma: float = 1.0,
     lam: float = 0.95,
+    skip_masked: bool = True,
+    whiten: bool = False,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised advantage estimation over `[B, T]` in one kernel launch.
+    """Generalised advantage estimation (Schulman et al. 2016, "High-Dimensional Continuous Control
+    Using Generalized Advantage Estimation", eq. 16) over `[B, T]` in one kernel launch.
 
     rewards, values: `[B, T]` float (any float dtype, fp32 accumulation);
-    mask: `[B, T]` bool/int/float, 1 = response token.
-        delta_t = r_t + gamma * V_{t+1} * m_{t+1} - V_t
-        A_t     = delta_t + gamma * lam * m_{t+1} * A_{t+1}      (V_T = A_T = 0 past the end)
-    A token followed by a masked one is treated as terminal.
+    mask: `[B, T]` bool/int/float, nonzero = a token the policy generated.
+    skip_masked=True (default, verl's `compute_gae_advantage_return`): masked tokens INSIDE a row
+    (tool observations between the turns of a multi-turn response) are skipped: for a counted
+    token t, with n(t) the next counted token (none past the end: V = A = 0 there),
+        delta_t = r_t + gamma * V_{n(t)} - V_t,    A_t = delta_t + gamma * lam * A_{n(t)},
+    i.e. value and advantage carry across the hole, and rewards at masked tokens are ignored.
+    skip_masked=False: every masked token ends the episode before it (packed episodes):
+        delta_t = r_t + gamma * V_{t+1} * m_{t+1} - V_t,   A_t = delta_t + gamma * lam * m_{t+1} * A_{t+1}.
+    Without holes (a prompt before, padding after the response) both give the same result, also the
+    same as TRL's and OpenRLHF's loops. (OpenRLHF treats a hole as zero-value, zero-reward steps that
+    are discounted; neither option reproduces that.)
+    whiten=True: the advantages are whitened over the mask (`whiten`, TRL's/verl's `masked_whiten`,
+    unbiased variance), returns stay (A + V) of the raw advantages: exactly verl's GAE output.
     Returns `(advantages, returns)`: `[B, T]` float32 (float64 only for float64 inputs on the torch
-    backend), 0 where mask is 0, returns = (A + V) * m. Outputs are detached targets: no gradient
-    flows to rewards or values.
+    backend), 0 where mask is 0. Outputs are detached targets: no gradient flows to rewards or values.
     """
-    check_gae_args(rewards, values, mask, gamma, lam)
+    check_gae_args(rewards, values, mask, gamma, lam, skip_masked, whiten)
     if resolve_backend(backend, rewards, values, mask) == "torch":
-        return twin.gae(rewards, values, mask, gamma=gamma, lam=lam)
+        return twin.gae(rewards, values, mask, gamma=gamma, lam=lam, skip_masked=skip_masked, whiten=whiten)
     from fastrlhf.kernels.gae import gae_forward
 
-    return gae_forward(rewards.detach(), values.detach(), mask.detach(), gamma=gamma, lam=lam)
+    advantages, returns = gae_forward(rewards.detach(), values.detach(), mask.detach(), gamma=gamma, lam=lam,
+                                      skip_masked=skip_masked)
+    if whiten:
+        advantages = twin.whiten(advantages, mask)
+    return advantages, returns
 
 
 def whiten(
@@ -70,14 +86,21 @@ def group_advantages(
     group_size: int,
     *,
     scale: bool = True,
+    std: str = "sample",
     eps: float = 1e-6,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """GRPO advantages for scores `[B]` grouped in consecutive blocks of `group_size`:
-    (s - group mean) / (group std + eps) with the biased std (unbiased=False), or s - group mean
-    with `scale=False`. Returns `[B]` float32 (float64 for float64 scores), detached.
-    `group_size` must divide B (ValueError otherwise). Same torch ops on every backend.
+    """GRPO advantages (Shao et al. 2024, DeepSeekMath, sec. 4.1.2) for scores `[B]` grouped
+    in consecutive blocks of `group_size`: (s - group mean) / (group std + eps), or s - group mean
+    with `scale=False` (Dr. GRPO, Liu et al. 2025, "Understanding R1-Zero-Like Training", sec. 3.2).
+
+    std: "sample" (default: divides by n - 1, as TRL, verl and OpenRLHF, i.e. torch.std) or
+    "population" (by n; the default before, giving advantages sqrt(n / (n - 1)) times the peers').
+    A group of ONE sample has advantage 0 under either (it is its own mean; its spread is taken as
+    0, not n - 1 = 0's NaN). verl keeps the raw score there instead (mean 0, std 1); TRL needs n >= 2.
+    Returns `[B]` float32 (float64 for float64 scores), detached. `group_size` must divide B
+    (ValueError otherwise). Same torch ops on every backend.
     """
-    check_group_args(scores, group_size, eps)
+    check_group_args(scores, group_size, eps, std)
     resolve_backend(backend, scores)
-    return twin.group_advantages(scores, group_size, scale=scale, eps=eps)
+    return twin.group_advantages(scores, group_size, scale=scale, std=std, eps=eps)

@@ -92,14 +92,14 @@ from fastrlhf._dispatch import resolve_backend
 from fastrlhf.contracts import (
     IGNORE_INDEX,
     LENGTH_AVERAGED_LOSS_TYPES,
-    PPO_STATS,
     SFT_LOSS_AGGS,
 )
 from fastrlhf.losses._autograd import first_order_only
 from fastrlhf.losses.logprobs import _chunk_logits, _rows, _spans, token_logprobs
-from fastrlhf.losses.ppo import aggregation_row_scale
+from fastrlhf.losses.ppo import aggregation_row_scale, policy_constants, ppo_metrics
 from fastrlhf.losses.preference import dpo_loss, sequence_logps
 from fastrlhf.twins import fused_head as twin
+from fastrlhf.twins import ppo as twin_ppo
 from fastrlhf.twins.logprobs import CHUNK_BYTES_CPU, no_autocast
 
 __all__ = ["policy_loss_from_hidden", "dpo_loss_from_hidden", "sft_loss_from_hidden"]
@@ -275,25 +275,45 @@ def policy_loss_from_hidden(
     mask: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
+    loss_type: str = "ppo",
+    ratio_level: str = "token",
     clip_eps: float = 0.2,
     clip_eps_high: float | None = None,
     dual_clip: float | None = None,
+    sapo_tau_pos: float = 1.0,
+    sapo_tau_neg: float = 1.05,
+    rollout_logps: torch.Tensor | None = None,
+    is_correction: str | None = None,
+    is_clip_min: float | None = None,
+    is_clip_max: float | None = 2.0,
+    top_entropy_quantile: float = 1.0,
     ref_logps: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     kl_estimator: str = "k3",
     entropy_coef: float = 0.0,
     loss_agg: str = "token-mean",
+    kl_agg: str | None = None,
+    entropy_agg: str | None = None,
+    total_tokens: float | torch.Tensor | None = None,
+    total_sequences: float | torch.Tensor | None = None,
+    norm_length: float | None = None,
     temperature: float = 1.0,
     softcap: float | None = None,
     chunk_size: int | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO/GRPO policy loss straight from the final hidden states, gradients computed in the forward.
+    """PPO-family policy loss (PPO, GRPO, GSPO, CISPO, SAPO, with TIS/MIS and high-entropy token
+    selection) straight from the final hidden states, gradients computed in the forward.
 
     Equals `logps, ent = token_logprobs(hidden, weight, targets, bias=, temperature=, softcap=,
     return_entropy=True)` followed by `ppo_loss(logps, old_logps, advantages, mask, ..., entropy=ent,
     ...)`, in value, metrics and the gradients w.r.t. hidden, weight and bias, without `[B, T, V]`
     logits and without making the logits twice (6·N·V·H FLOPs fwd+bwd; see the module docstring).
+    Some options need a statistic of EVERY token's current log-prob or entropy before any token's
+    gradient is known: ratio_level="sequence" (GSPO: each sequence's mean log-ratio; not needed
+    on-policy, old_logps=None, where it is 0), a sequence_* IS correction on-policy (the sequence's
+    sum of current minus rollout log-probs) and top_entropy_quantile < 1 (the batch's entropy
+    quantile). They run one forward-only sweep first (`token_logprobs`, 2·N·V·H FLOPs): 8·N·V·H in all.
 
     Args:
         hidden: `[B, T, H]` final hidden states (fp32/bf16/fp16), strided views such as `h[:, :-1]`
@@ -301,14 +321,17 @@ def policy_loss_from_hidden(
         weight: `[V, H]` LM head weight, hidden's dtype. bias: optional `[V]`.
         targets: `[B, T]` token ids; -100 = ignored (logp 0, entropy 0, no gradient: such a token
             still counts in the loss if `mask` says so, with logp 0, exactly as in the composition).
-        old_logps, advantages: `[B, T]` rollout log-probs and token-level advantages. CONSTANTS: no
-            gradient flows to them (detached), as in every PPO implementation. old_logps=None: a
-            single on-policy pass (as GRPOTrainer's `logps.detach()`): the current log-probs, as
-            constants (ratio 1), without a separate forward to compute them.
+        old_logps: `[B, T]` log-probs of the sampling policy; advantages: `[B, T]` per token or `[B]`
+            per sequence. CONSTANTS: no gradient flows to them (detached), as in every PPO
+            implementation. old_logps=None: a single on-policy pass (as GRPOTrainer's
+            `logps.detach()`): the current log-probs, as constants (ratio 1), without a separate
+            forward to compute them.
         mask: `[B, T]` bool/int/float, tokens that count.
-        clip_eps, clip_eps_high, dual_clip, kl_coef, kl_estimator, entropy_coef, loss_agg: as in
-            `ppo_loss`. The entropy of each token's softmax is computed in the same pass (the
-            `entropy` metric is always reported); entropy_coef > 0 adds its gradient.
+        loss_type, ratio_level, clip_eps, clip_eps_high, dual_clip, sapo_tau_pos, sapo_tau_neg,
+            rollout_logps, is_correction, is_clip_min, is_clip_max, top_entropy_quantile, kl_coef,
+            kl_estimator, entropy_coef, loss_agg, kl_agg, entropy_agg, total_tokens, total_sequences,
+            norm_length: as in `ppo_loss`. The entropy of each token's softmax is computed in the
+            same pass (the `entropy` metric is always reported); entropy_coef > 0 adds its gradient.
         ref_logps: `[B, T]` reference log-probs, needed when kl_coef > 0. A CONSTANT here (no
             gradient), unlike `ppo_loss` where it may require grad.
         temperature, softcap: as in `token_logprobs`.
@@ -317,38 +340,78 @@ def policy_loss_from_hidden(
 
     Returns:
         `(loss, metrics)` as `ppo_loss`: fp32 scalar loss; detached `pg_loss`, `clipfrac`,
-        `approx_kl`, `ratio_mean`, `entropy`, plus `kl` (with ref_logps) and `dual_clipfrac` (with
-        dual_clip). The loss must be the final node: differentiating through its gradient raises.
+        `approx_kl`, `ratio_mean`, `entropy`, plus `kl` (with ref_logps), `dual_clipfrac` (with
+        dual_clip), `is_weight_mean` / `is_clipfrac` (with is_correction), `entropy_kept_frac` (with
+        top_entropy_quantile < 1). The loss must be the final node: differentiating through its
+        gradient raises.
     """
     check_hidden_args(hidden, weight, targets, bias, temperature, chunk_size, softcap)
     check_ndim("hidden", hidden, 3, "[B, T, H]")
-    for name, tensor in (("old_logps", old_logps), ("advantages", advantages), ("ref_logps", ref_logps)):
+    for name, tensor in (("old_logps", old_logps), ("ref_logps", ref_logps), ("rollout_logps", rollout_logps)):
         _check_token_tensor(name, tensor, targets)
-    # advantages stand in for the [B, T] log-probs (shapes already checked against targets); the
-    # entropy is always computed here
-    estimator, clip_eps_high, mask_f = check_ppo_args(
-        advantages, advantages if old_logps is None else old_logps, advantages, mask, clip_eps=clip_eps,
-        clip_eps_high=clip_eps_high, dual_clip=dual_clip, ref_logps=ref_logps, kl_coef=kl_coef,
-        kl_estimator=kl_estimator, entropy=advantages, entropy_coef=entropy_coef, loss_agg=loss_agg,
+    # A [B, T] float placeholder stands in for the log-probs and entropies this function computes
+    # itself (shapes already checked against targets).
+    placeholder = torch.empty((), device=hidden.device).expand(targets.shape)
+    args = check_ppo_args(
+        placeholder, placeholder if old_logps is None else old_logps, advantages, mask, loss_type=loss_type,
+        ratio_level=ratio_level, clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip,
+        sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, rollout_logps=rollout_logps,
+        is_correction=is_correction, is_clip_min=is_clip_min, is_clip_max=is_clip_max,
+        top_entropy_quantile=top_entropy_quantile, ref_logps=ref_logps, kl_coef=kl_coef, kl_estimator=kl_estimator,
+        entropy=placeholder, entropy_coef=entropy_coef, loss_agg=loss_agg, kl_agg=kl_agg, entropy_agg=entropy_agg,
+        total_tokens=total_tokens, total_sequences=total_sequences, norm_length=norm_length,
     )
     check_same_device(hidden=hidden, old_logps=old_logps, advantages=advantages, mask=mask)
     softcap = check_softcap(softcap)
-    if resolve_backend(backend, hidden, weight, targets, bias, old_logps, advantages, ref_logps) == "torch":
-        return twin.policy_loss_from_hidden(
-            hidden, weight, targets, old_logps, advantages, mask, bias=bias, clip_eps=clip_eps,
-            clip_eps_high=clip_eps_high, dual_clip=dual_clip, ref_logps=ref_logps, kl_coef=kl_coef,
-            kl_estimator=estimator, entropy_coef=entropy_coef, loss_agg=loss_agg, temperature=temperature,
-            softcap=softcap, chunk_size=chunk_size,
-        )
+    totals = dict(total_tokens=total_tokens, total_sequences=total_sequences, norm_length=norm_length)
+    objective = dict(
+        loss_type=loss_type, ratio_level=ratio_level, clip_eps=clip_eps, clip_eps_high=args.clip_eps_high,
+        dual_clip=dual_clip, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, rollout_logps=rollout_logps,
+        is_correction=args.is_correction, is_clip_min=is_clip_min, is_clip_max=is_clip_max,
+        top_entropy_quantile=top_entropy_quantile, ref_logps=ref_logps, kl_coef=kl_coef,
+        kl_estimator=args.kl_estimator, entropy_coef=entropy_coef, loss_agg=loss_agg, kl_agg=kl_agg,
+        entropy_agg=entropy_agg, **totals,
+    )
+    if resolve_backend(backend, hidden, weight, targets, bias, old_logps, advantages, ref_logps,
+                       rollout_logps) == "torch":
+        return twin.policy_loss_from_hidden(hidden, weight, targets, old_logps, advantages, mask, bias=bias,
+                                            temperature=temperature, softcap=softcap, chunk_size=chunk_size,
+                                            **objective)
+
+    mask_f = args.mask
+    sequence_ratio = ratio_level == "sequence" and old_logps is not None
+    # On-policy (old_logps=None) a sequence-level IS weight needs the current log-probs as pi_old.
+    sequence_is = args.is_correction is not None and args.is_correction.startswith("sequence") and old_logps is None
+    current_logps = current_entropy = None
+    if sequence_ratio or sequence_is or top_entropy_quantile < 1.0:  # the forward-only pre-sweep (docstring)
+        with torch.no_grad():
+            current_logps, current_entropy = token_logprobs(
+                hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap, return_entropy=True,
+                chunk_size=chunk_size, backend="triton")
+    constants = policy_constants(
+        mask_f, logps=current_logps if sequence_ratio else None,
+        old_logps=current_logps if old_logps is None else old_logps, entropy=current_entropy,
+        rollout_logps=rollout_logps, has_ref=ref_logps is not None, has_entropy=entropy_coef != 0,
+        ratio_level=ratio_level,
+        is_correction=args.is_correction, top_entropy_quantile=top_entropy_quantile, loss_agg=loss_agg,
+        kl_agg=kl_agg, entropy_agg=entropy_agg, totals=totals,
+    )
+    row_scale, kl_row_scale, ent_row_scale = constants["row_scales"]
+
+    def flat(tensor):
+        return None if tensor is None else tensor.detach().reshape(-1).contiguous()
 
     ppo = dict(
-        old_logps=None if old_logps is None else old_logps.detach().reshape(-1).contiguous(),
-        advantages=advantages.detach().reshape(-1).contiguous(),
-        ref_logps=None if ref_logps is None else ref_logps.detach().reshape(-1).contiguous(),
-        clip_low=1.0 - clip_eps, clip_high=1.0 + clip_eps_high, dual_clip=dual_clip, kl_coef=kl_coef,
-        entropy_coef=entropy_coef, estimator=estimator,
+        old_logps=flat(old_logps), advantages=flat(advantages), advantages_per_row=advantages.dim() == 1,
+        ref_logps=flat(ref_logps), rollout_logps=flat(rollout_logps), kl_row_scale=kl_row_scale,
+        ent_row_scale=ent_row_scale, seq_log_ratio=constants.get("seq_log_ratio"),
+        seq_is_log_weight=constants.get("seq_is_log_weight"), entropy_threshold=constants.get("entropy_threshold"),
+        selection_entropy=None if current_entropy is None else current_entropy.float().reshape(-1).contiguous(),
+        loss_type=loss_type, clip_low=1.0 - clip_eps, clip_high=1.0 + args.clip_eps_high, dual_clip=dual_clip,
+        kl_coef=kl_coef, entropy_coef=entropy_coef, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
+        is_correction=args.is_correction, is_log_bounds=twin_ppo.is_log_bounds(is_clip_min, is_clip_max),
+        estimator=args.kl_estimator,
     )
-    row_scale = aggregation_row_scale(mask_f, loss_agg)
 
     def compute(hidden_rows, weight_, bias_, need):
         return _row_local_loss(
@@ -360,17 +423,9 @@ def policy_loss_from_hidden(
     from fastrlhf.kernels.logprobs import rows_view
 
     loss, stats = _apply(compute, rows_view(hidden), weight, bias)
-    stats = dict(zip(PPO_STATS, stats.unbind()))
-    counted = mask_f.sum().clamp(min=1)
-    metrics = {"clipfrac": stats["clipped"] / counted}
-    if dual_clip is not None:
-        metrics["dual_clipfrac"] = stats["dual_clipped"] / counted
-    if ref_logps is not None:
-        metrics["kl"] = stats["kl"] / counted
-    metrics["entropy"] = stats["entropy"] / counted
-    metrics["pg_loss"] = stats["pg_loss"]
-    metrics["approx_kl"] = stats["approx_kl"] / counted
-    metrics["ratio_mean"] = stats["ratio"] / counted
+    metrics = ppo_metrics(stats, mask_f.sum().clamp(min=1), dual_clip=dual_clip, has_ref=ref_logps is not None,
+                          has_entropy=True, is_correction=args.is_correction,
+                          top_entropy_quantile=top_entropy_quantile)
     return loss, metrics
 
 

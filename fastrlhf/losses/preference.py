@@ -169,10 +169,13 @@ def reward_loss(
     return loss, _named(stats, REWARD_STATS, set(REWARD_STATS))
 
 
-def sequence_logps(logps: torch.Tensor, mask: torch.Tensor, *, average: bool = False) -> torch.Tensor:
+def sequence_logps(logps: torch.Tensor, mask: torch.Tensor, *, average: bool = False,
+                   backend: str = "auto") -> torch.Tensor:
     """Per-sequence log-prob `[B]` from token log-probs `logps` `[B, T]` and `mask` `[B, T]`:
     the masked sum, or with `average=True` the masked mean (0 for an empty row).
     Differentiable in logps; values outside the mask are ignored (even -inf or NaN padding).
-    float32 (float64 for float64 logps). Plain torch ops on every backend (one masked reduction)."""
+    float32 (float64 for float64 logps). Plain torch ops on every backend (one masked reduction);
+    `backend` is accepted (and checked) like everywhere else."""
     check_sequence_logps_args(logps, mask)
+    resolve_backend(backend, logps, mask)
     return twin.sequence_logps(logps, mask, average=average)

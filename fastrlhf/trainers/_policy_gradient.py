@@ -13,10 +13,10 @@ import torch
 
 import fastrlhf
 from fastrlhf._checks import check_choice, check_int, check_number
-from fastrlhf.contracts import KL_ESTIMATORS, LOSS_AGGS
+from fastrlhf.contracts import IS_CORRECTIONS, KL_ESTIMATORS, LOSS_AGGS, TRAINER_LOSS_TYPES
 from fastrlhf.options import option_help
 from fastrlhf.trainers.base import Trainer, TrainerConfig
-from fastrlhf.trainers.rollout import HFGenerateEngine, build_rollout_batch
+from fastrlhf.trainers.rollout import HFGenerateEngineWithLogprobs, build_rollout_batch
 
 
 @dataclass
@@ -39,6 +39,16 @@ class PolicyGradientConfig(TrainerConfig):
     kl_estimator: str = field(default="k1", metadata=option_help("KL estimator: k1 (log-ratio), k2, k3 (Schulman)"))
     missing_eos_penalty: float = field(default=0.0, metadata=option_help(
         "subtracted from the score of completions that hit max_new_tokens without EOS"))
+    loss_type: str = field(default="ppo", metadata=option_help(
+        f"policy objective: {', '.join(TRAINER_LOSS_TYPES)} (gspo = sequence-level ratio)"))
+    sapo_tau_pos: float = field(default=1.0, metadata=option_help("sapo: gate temperature for positive advantages"))
+    sapo_tau_neg: float = field(default=1.05, metadata=option_help("sapo: gate temperature for other advantages"))
+    is_correction: str = field(default="none", metadata=option_help(
+        f"rollout/trainer mismatch correction with the engine's log-probs: none, {', '.join(IS_CORRECTIONS)}"))
+    is_clip_min: float = field(default=0.0, metadata=option_help("IS weight lower bound (0 = none)"))
+    is_clip_max: float = field(default=2.0, metadata=option_help("IS weight upper bound"))
+    top_entropy_quantile: float = field(default=1.0, metadata=option_help(
+        "train the policy term on the top fraction of tokens by entropy only; 1.0 = all tokens"))
 
     def validate(self) -> None:
         super().validate()
@@ -58,6 +68,15 @@ class PolicyGradientConfig(TrainerConfig):
         check_number("kl_coef", self.kl_coef, low=0)
         check_choice("kl_estimator", self.kl_estimator, KL_ESTIMATORS)
         check_number("missing_eos_penalty", self.missing_eos_penalty, low=0)
+        check_choice("loss_type", self.loss_type, tuple(TRAINER_LOSS_TYPES))
+        check_number("sapo_tau_pos", self.sapo_tau_pos, low=0, low_open=True)
+        check_number("sapo_tau_neg", self.sapo_tau_neg, low=0, low_open=True)
+        check_choice("is_correction", self.is_correction, ("none", *IS_CORRECTIONS))
+        check_number("is_clip_min", self.is_clip_min, low=0)
+        check_number("is_clip_max", self.is_clip_max, low=self.is_clip_min, low_open=True)
+        check_number("top_entropy_quantile", self.top_entropy_quantile, low=0, high=1)
+        if self.dual_clip and self.loss_type != "ppo":
+            raise ValueError(f"dual_clip applies to loss_type ppo only, got loss_type={self.loss_type!r}")
 
 
 class PolicyGradientTrainer(Trainer):
@@ -76,10 +95,15 @@ class PolicyGradientTrainer(Trainer):
     def __init__(self, *args, rollout_engine=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         cfg = self.config
-        self.engine = rollout_engine or HFGenerateEngine(
+        self.engine = rollout_engine or HFGenerateEngineWithLogprobs(
             self.model, eos_token_id=self.eos_token_ids(), pad_token_id=self.pad_token_id,
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
         )
+        if cfg.is_correction != "none" and not hasattr(self.engine, "generate_with_logprobs"):
+            raise ValueError(
+                f"is_correction={cfg.is_correction!r} needs a rollout engine that reports the sampled tokens' "
+                f"log-probs (generate_with_logprobs); {type(self.engine).__name__} does not"
+            )
 
     # ------------------------------------------------------------------ config / data
     def _check_roles(self) -> None:
@@ -88,6 +112,7 @@ class PolicyGradientTrainer(Trainer):
             raise ValueError(f"{type(self).__name__} needs a reward: pass reward_fn=... or a RoleModel with the 'reward' role")
         if self.reward_fn is not None and not callable(self.reward_fn):
             raise ValueError(f"reward_fn must be callable, got {type(self.reward_fn).__name__}")
+
 
     def eos_token_ids(self) -> list[int]:
         ids = set()
@@ -130,8 +155,16 @@ class PolicyGradientTrainer(Trainer):
         plus "completion_ids" and "examples" (python lists)."""
         examples = [ex for ex in prompts for _ in range(repeat)]
         prompt_ids = [ex["input_ids"] for ex in examples]
-        completions = self.engine.generate(prompt_ids)
+        if self.config.is_correction != "none":
+            completions, sampled_logps = self.engine.generate_with_logprobs(prompt_ids)
+        else:
+            completions, sampled_logps = self.engine.generate(prompt_ids), None
         batch = build_rollout_batch(prompt_ids, completions, pad_token_id=self.pad_token_id, device=self.device)
+        if sampled_logps is not None:  # "rollout_logps" [B, T-1], aligned with response_mask
+            rollout_logps = torch.zeros_like(batch["response_mask"])
+            for i, (prompt, logps) in enumerate(zip(prompt_ids, sampled_logps)):
+                rollout_logps[i, len(prompt) - 1 : len(prompt) - 1 + len(logps)] = torch.as_tensor(logps)
+            batch["rollout_logps"] = rollout_logps
         eos = set(self.eos_token_ids())
         batch["has_eos"] = torch.tensor([bool(c) and c[-1] in eos for c in completions], device=self.device)
         batch["completion_ids"] = completions
@@ -231,9 +264,15 @@ class PolicyGradientTrainer(Trainer):
         old_logps = micro["old_logps"] if "old_logps" in micro else logps.detach()  # single on-policy pass
         kl_coef = self.kl_coef_in_loss()
         ref_logps = micro.get("ref_logps") if kl_coef > 0 else None
+        loss_type, ratio_level = TRAINER_LOSS_TYPES[cfg.loss_type]
+        is_correction = None if cfg.is_correction == "none" else cfg.is_correction
         loss, metrics = fastrlhf.ppo_loss(
-            logps, old_logps, micro["advantages"], micro["mask"],
+            logps, old_logps, micro["advantages"], micro["mask"], loss_type=loss_type, ratio_level=ratio_level,
             clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high or None, dual_clip=cfg.dual_clip or None,
+            sapo_tau_pos=cfg.sapo_tau_pos, sapo_tau_neg=cfg.sapo_tau_neg,
+            rollout_logps=micro["rollout_logps"] if is_correction else None, is_correction=is_correction,
+            is_clip_min=cfg.is_clip_min or None, is_clip_max=cfg.is_clip_max,
+            top_entropy_quantile=cfg.top_entropy_quantile,
             ref_logps=ref_logps, kl_coef=kl_coef, kl_estimator=cfg.kl_estimator,
             entropy=entropy if cfg.entropy_coef > 0 else entropy.detach(), entropy_coef=cfg.entropy_coef,
             loss_agg=cfg.loss_agg,

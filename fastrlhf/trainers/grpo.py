@@ -9,12 +9,18 @@ from dataclasses import dataclass, field
 import torch
 
 import fastrlhf
-from fastrlhf._checks import check_int
+from fastrlhf._checks import check_choice, check_int
+from fastrlhf.contracts import ADVANTAGE_ESTIMATOR_ALIASES
+from fastrlhf.distributed import whiten_global
 from fastrlhf.options import option_help
 from fastrlhf.trainers._policy_gradient import (
     PolicyGradientConfig,
     PolicyGradientTrainer,
 )
+
+
+# Every estimator but GAE (GRPO trains no value model), with its aliases.
+OUTCOME_ESTIMATORS = tuple(name for name, canonical in ADVANTAGE_ESTIMATOR_ALIASES.items() if canonical != "gae")
 
 
 @dataclass
@@ -23,10 +29,13 @@ class GRPOConfig(PolicyGradientConfig):
     scale_rewards: bool = field(default=True, metadata=option_help("divide group-centred rewards by the group std"))
     kl_coef: float = field(default=0.04, metadata=option_help("weight of the k3 KL to the reference in the loss; 0 = no reference pass"))
     kl_estimator: str = field(default="k3", metadata=option_help("KL estimator in the loss: k1, k2, k3"))
+    advantage_estimator: str = field(default="grpo", metadata=option_help(
+        f"advantages from the group's scores: {', '.join(OUTCOME_ESTIMATORS)}"))
 
     def validate(self) -> None:
         super().validate()
         check_int("group_size", self.group_size, 2)
+        check_choice("advantage_estimator", self.advantage_estimator, OUTCOME_ESTIMATORS)
 
 
 class GRPOTrainer(PolicyGradientTrainer):
@@ -51,16 +60,25 @@ class GRPOTrainer(PolicyGradientTrainer):
         batch = self.rollout(prompts, repeat=cfg.group_size)
         mask = batch["response_mask"]
         scores = self.score(batch)
-        advantages = fastrlhf.group_advantages(scores, cfg.group_size, scale=cfg.scale_rewards)
+        estimator = cfg.advantage_estimator
+        if ADVANTAGE_ESTIMATOR_ALIASES[estimator] == "grpo" and not cfg.scale_rewards:
+            estimator = "dr_grpo"
+        has_response = (batch["response_length"] > 0).float()
+        rewards = torch.zeros_like(mask).scatter(1, batch["last_index"][:, None], (scores * has_response)[:, None])
+        advantages, _ = fastrlhf.compute_advantages(
+            estimator, rewards, mask, group_size=cfg.group_size,
+            whiten_fn=lambda x, m: whiten_global(x, m, self.ctx) * m)
         experience = {
             "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "mask": mask,
-            "advantages": advantages.float()[:, None] * mask,
+            "advantages": advantages.float() * mask,
         }
+        if "rollout_logps" in batch:  # the engine's log-probs, for the IS correction
+            experience["rollout_logps"] = batch["rollout_logps"]
         if cfg.ppo_epochs * cfg.num_minibatches > 1:  # off-policy after the first step: need the rollout logps
             experience["old_logps"] = self.logps("policy", batch).float() * mask
         if cfg.kl_coef > 0:
             experience["ref_logps"] = self.logps("reference", batch).float() * mask
-        group_std = scores.reshape(-1, cfg.group_size).std(dim=1, unbiased=False)
+        group_std = scores.reshape(-1, cfg.group_size).std(dim=1)  # the sample std, as the advantages use
         metrics = {
             "reward": scores.mean(),
             "reward_std": group_std.mean(),

@@ -98,6 +98,8 @@ class PPOTrainer(PolicyGradientTrainer):
             "old_logps": old_logps, "ref_logps": ref_logps, "advantages": advantages,
             "values": values, "returns": returns,
         }
+        if "rollout_logps" in batch:  # the engine's log-probs, for the IS correction
+            experience["rollout_logps"] = batch["rollout_logps"]
         seq_kl = (kl * mask).sum(-1)
         metrics = {
             "objective/scores": scores.mean(),

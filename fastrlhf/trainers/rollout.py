@@ -114,6 +114,33 @@ class HFGenerateEngine:
         return out
 
 
+class HFGenerateEngineWithLogprobs(HFGenerateEngine):
+    """`HFGenerateEngine` that also reports the log-prob the sampler gave each generated token, as
+    vLLM / SGLang engines do: what the rollout IS corrections (`ppo_loss(is_correction=...)`) compare
+    with the trainer's own log-probs. From `generate`'s processed scores, i.e. the distribution it
+    actually sampled from (after temperature, top-k, top-p). Costs the [B, new, V] scores in memory."""
+
+    @torch.no_grad()
+    def generate_with_logprobs(self, prompt_ids: Sequence[Sequence[int]]) -> tuple[list[list[int]], list[list[float]]]:
+        """(completions as `generate` returns them, per completion token its sampling log-prob)."""
+        size = self.batch_size or max(len(prompt_ids), 1)
+        kwargs = dict(self.generation_kwargs(), output_scores=True, return_dict_in_generate=True)
+        completions: list[list[int]] = []
+        logprobs: list[list[float]] = []
+        for start in range(0, len(prompt_ids), size):
+            chunk = prompt_ids[start : start + size]
+            input_ids, attention_mask = left_pad(chunk, self.pad_token_id, device=self._device())
+            out = self.model.generate(input_ids, attention_mask, **kwargs)
+            new_tokens = out.sequences[:, input_ids.shape[1] :]
+            scores = torch.stack(out.scores, dim=1).float()  # [B, new, V]
+            token_logps = torch.log_softmax(scores, dim=-1).gather(-1, new_tokens[..., None]).squeeze(-1)
+            for row, row_logps in zip(new_tokens.tolist(), token_logps.tolist()):
+                completion = cut_at_eos(row, self.eos_token_ids)
+                completions.append(completion)
+                logprobs.append(row_logps[: len(completion)])
+        return completions, logprobs
+
+
 def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int, *, device=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded `input_ids` and `attention_mask` `[B, T]` (the layout `generate` expects)."""
     width = max((len(r) for r in rows), default=0)

@@ -21,6 +21,8 @@ def gae(
     *,
     gamma: float = 1.0,
     lam: float = 0.95,
+    skip_masked: bool = True,
+    whiten: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The PyTorch twin of `fastrlhf.gae`: same arguments (minus `backend`), same results and
     metrics (see its docstring), computed op by op; float64 inputs stay float64 (gradcheck).
@@ -32,10 +34,20 @@ def gae(
     # Tokens outside the mask count as 0, so NaN/inf padding cannot leak through 0 * NaN products.
     r = torch.where(m != 0, rewards.to(dtype), 0.0)
     v = torch.where(m != 0, values.to(dtype), 0.0)
-    next_value, next_mask = shift_left(v), shift_left(m)
-    delta = r + gamma * next_value * next_mask - v
-    advantages = affine_suffix_scan(delta, gamma * lam * next_mask) * m
-    return advantages, (advantages + v) * m
+    if skip_masked:
+        counted = (m != 0).to(dtype)
+        # N_t = value of the first counted token at or after t (0 if none), then shifted to "after t".
+        next_value = shift_left(affine_suffix_scan(counted * v, 1.0 - counted))
+        delta = counted * (r + gamma * next_value - v)
+        advantages = affine_suffix_scan(delta, counted * (gamma * lam) + (1.0 - counted)) * m
+    else:
+        next_value, next_mask = shift_left(v), shift_left(m)
+        delta = r + gamma * next_value * next_mask - v
+        advantages = affine_suffix_scan(delta, gamma * lam * next_mask) * m
+    returns = (advantages + v) * m
+    if whiten:
+        advantages = whiten_with_reduce(advantages, mask)
+    return advantages, returns
 
 
 def shift_left(x: torch.Tensor) -> torch.Tensor:
@@ -142,6 +154,7 @@ def group_advantages(
     group_size: int,
     *,
     scale: bool = True,
+    std: str = "sample",
     eps: float = 1e-6,
 ) -> torch.Tensor:
     """The PyTorch twin of `fastrlhf.group_advantages`: same arguments (minus `backend`), same results and
@@ -151,6 +164,7 @@ def group_advantages(
     if grouped.numel() == 0:
         return grouped.reshape(-1)
     advantages = grouped - grouped.mean(dim=1, keepdim=True)
-    if scale:
-        advantages = advantages / (grouped.std(dim=1, unbiased=False, keepdim=True) + eps)
+    if scale and group_size > 1:  # a one-sample group: advantage 0 already, and n - 1 = 0
+        spread = grouped.std(dim=1, unbiased=std == "sample", keepdim=True)
+        advantages = advantages / (spread + eps)
     return advantages.reshape(-1)

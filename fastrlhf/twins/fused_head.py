@@ -33,29 +33,22 @@ def policy_loss_from_hidden(
     mask: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
-    clip_eps: float = 0.2,
-    clip_eps_high: float | None = None,
-    dual_clip: float | None = None,
-    ref_logps: torch.Tensor | None = None,
-    kl_coef: float = 0.0,
-    kl_estimator: str = "k3",
-    entropy_coef: float = 0.0,
-    loss_agg: str = "token-mean",
     temperature: float = 1.0,
     softcap: float | None = None,
     chunk_size: int | None = None,
+    ref_logps: torch.Tensor | None = None,
+    rollout_logps: torch.Tensor | None = None,
+    **objective,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """PPO/GRPO policy loss from hidden `[B, T, H]`, weight `[V, H]`, targets `[B, T]`: the log-probs
+    """PPO-family policy loss from hidden `[B, T, H]`, weight `[V, H]`, targets `[B, T]`: the log-probs
     and entropies of `token_logprobs` fed to `ppo_loss` (see `fastrlhf.losses.fused_head`).
-    old_logps=None: on-policy, the current log-probs detached (GRPOTrainer's single-pass case)."""
+    old_logps=None: on-policy, the current log-probs detached (GRPOTrainer's single-pass case).
+    `objective`: ppo_loss's options (loss_type, clip_eps, ..., norm_length)."""
     logps, entropy = token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
                                     return_entropy=True, chunk_size=chunk_size)
     old_logps = logps.detach() if old_logps is None else old_logps.detach()
-    return ppo_loss(
-        logps, old_logps, advantages.detach(), mask, clip_eps=clip_eps, clip_eps_high=clip_eps_high,
-        dual_clip=dual_clip, ref_logps=_detached(ref_logps), kl_coef=kl_coef, kl_estimator=kl_estimator,
-        entropy=entropy, entropy_coef=entropy_coef, loss_agg=loss_agg,
-    )
+    return ppo_loss(logps, old_logps, advantages.detach(), mask, ref_logps=_detached(ref_logps),
+                    rollout_logps=_detached(rollout_logps), entropy=entropy, **objective)
 
 
 def dpo_loss_from_hidden(
