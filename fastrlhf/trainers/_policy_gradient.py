@@ -14,6 +14,7 @@ import torch
 import fastrlhf
 from fastrlhf._checks import check_choice, check_int, check_number
 from fastrlhf.contracts import KL_ESTIMATORS, LOSS_AGGS
+from fastrlhf.data import eos_token_ids
 from fastrlhf.options import option_help
 from fastrlhf.trainers.base import Trainer, TrainerConfig
 from fastrlhf.trainers.rollout import HFGenerateEngine, build_rollout_batch
@@ -76,8 +77,10 @@ class PolicyGradientTrainer(Trainer):
     def __init__(self, *args, rollout_engine=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         cfg = self.config
+        generation_config = getattr(getattr(self.model, "causal_lm", None), "generation_config", None)
+        self.eos_ids = eos_token_ids(self.tokenizer, generation_config)
         self.engine = rollout_engine or HFGenerateEngine(
-            self.model, eos_token_id=self.eos_token_ids(), pad_token_id=self.pad_token_id,
+            self.model, eos_token_id=self.eos_ids, pad_token_id=self.pad_token_id,
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
         )
 
@@ -88,19 +91,6 @@ class PolicyGradientTrainer(Trainer):
             raise ValueError(f"{type(self).__name__} needs a reward: pass reward_fn=... or a RoleModel with the 'reward' role")
         if self.reward_fn is not None and not callable(self.reward_fn):
             raise ValueError(f"reward_fn must be callable, got {type(self.reward_fn).__name__}")
-
-    def eos_token_ids(self) -> list[int]:
-        ids = set()
-        for value in (getattr(self.tokenizer, "eos_token_id", None),
-                      getattr(getattr(self.model, "causal_lm", None), "generation_config", None) and
-                      self.model.causal_lm.generation_config.eos_token_id):
-            if isinstance(value, int):
-                ids.add(value)
-            elif isinstance(value, (list, tuple)):
-                ids.update(int(v) for v in value)
-        if not ids:
-            raise ValueError("the tokenizer has no eos_token: generation could never stop at EOS")
-        return sorted(ids)
 
     def prepare(self, records):
         from fastrlhf.data import tokenize_prompts
@@ -132,7 +122,7 @@ class PolicyGradientTrainer(Trainer):
         prompt_ids = [ex["input_ids"] for ex in examples]
         completions = self.engine.generate(prompt_ids)
         batch = build_rollout_batch(prompt_ids, completions, pad_token_id=self.pad_token_id, device=self.device)
-        eos = set(self.eos_token_ids())
+        eos = set(self.eos_ids)
         batch["has_eos"] = torch.tensor([bool(c) and c[-1] in eos for c in completions], device=self.device)
         batch["completion_ids"] = completions
         batch["examples"] = examples

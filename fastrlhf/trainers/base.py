@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import resource
 import sys
 import time
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ import torch
 
 from fastrlhf._checks import check_choice, check_int, check_number
 from fastrlhf._dispatch import BACKENDS, use_backend
+from fastrlhf.memory import memory_summary, peak_memory_bytes, peak_memory_kind
 from fastrlhf.options import option_help
 
 logger = logging.getLogger("fastrlhf.trainers")
@@ -738,7 +738,7 @@ class Trainer:
             "metrics": dict(self.last_metrics),
             "eval": dict(self.last_eval),
             "peak_memory_bytes": peak_memory_bytes(self.device),
-            "peak_memory_kind": "cuda_max_allocated" if self.device.type == "cuda" else "process_max_rss",
+            "peak_memory_kind": peak_memory_kind(self.device),
             "memory_report": self.model.memory_report(self.optimizer),
         }
 
@@ -751,30 +751,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def peak_memory_bytes(device: torch.device) -> int:
-    """Peak CUDA memory allocated (since the trainer started) or, on CPU, the process's RSS high-water mark."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device))
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024)  # Linux reports KiB, macOS bytes
-
-
-def memory_summary(report: dict) -> str:
-    """One line for the log: bytes per role of a RoleModel.memory_report()."""
-
-    def mib(n) -> str:
-        return f"{(n or 0) / 2**20:.1f} MiB"
-
-    parts = []
-    for role, entry in report.items():
-        if isinstance(entry, dict):
-            total = sum(v for k, v in entry.items() if k.endswith("_bytes") and k != "trainable_bytes" and isinstance(v, (int, float)))
-            parts.append(f"{role} {mib(total)}")
-    if "total_bytes" in report:
-        parts.append(f"total {mib(report['total_bytes'])}")
-    return "memory (params + optimizer): " + ", ".join(parts)
 
 
 @dataclass
