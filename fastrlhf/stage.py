@@ -76,7 +76,7 @@ def _run_stage(command: str, options: dict[type, Any], ctx) -> dict:
 
     model, tokenizer = load_model(model_opts, verbose=ctx.is_main)
     # the new LoRA adapters and heads must start identical on every rank (only gradients are averaged)
-    from fastrlhf.trainers.base import seed_everything
+    from fastrlhf.checkpoint import seed_everything
 
     seed_everything(config.seed)
     roles, trainable = {"sft": (("policy",), None), "rm": (("reward",), None), "dpo": (("policy",), None),

@@ -16,7 +16,8 @@ from fastrlhf._checks import check_choice, check_int, check_number
 from fastrlhf.contracts import KL_ESTIMATORS, LOSS_AGGS
 from fastrlhf.data import eos_token_ids
 from fastrlhf.options import option_help
-from fastrlhf.trainers.base import Trainer, TrainerConfig
+from fastrlhf.trainers.base import Trainer
+from fastrlhf.trainers.config import TrainerConfig
 from fastrlhf.trainers.rollout import HFGenerateEngine, build_rollout_batch
 
 
@@ -254,7 +255,7 @@ class PolicyGradientTrainer(Trainer):
             sums["kl"] = sums["kl"] + kl.sum()
             sums["mean_length"] = sums["mean_length"] + batch["response_length"].sum()
             count += mask.shape[0]
-        return self._to_floats({k: torch.as_tensor(v, device=self.device) / max(count, 1) for k, v in sums.items()},
+        return self.metrics_log.to_floats({k: torch.as_tensor(v, device=self.device) / max(count, 1) for k, v in sums.items()},
                                prefix="eval/")
 
 

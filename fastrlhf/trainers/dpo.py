@@ -20,7 +20,8 @@ from fastrlhf.contracts import (
     REFERENCE_FREE_LOSS_TYPES,
 )
 from fastrlhf.options import option_help
-from fastrlhf.trainers.base import SupervisedConfig, Trainer
+from fastrlhf.trainers.base import Trainer
+from fastrlhf.trainers.config import SupervisedConfig
 
 # Losses defined on length-normalised sequence log-probs (IPO as in TRL, SimPO and ORPO as in their papers).
 AVERAGED_LOSS_TYPES = ("ipo", "simpo", "orpo")

@@ -122,7 +122,7 @@ class PPOTrainer(PolicyGradientTrainer):
 
     def after_update(self, experience, metrics) -> None:
         if self.config.adaptive_kl:
-            kl = self._to_floats({"kl": metrics["objective/kl"]})["kl"]  # mean over ranks
+            kl = self.metrics_log.to_floats({"kl": metrics["objective/kl"]})["kl"]  # mean over ranks
             self.kl_ctl.update(kl, n_steps=experience["input_ids"].shape[0] * self.ctx.world_size)
 
     def extra_state(self) -> dict:

@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 import fastrlhf
 from fastrlhf._checks import check_choice
 from fastrlhf.options import option_help
-from fastrlhf.trainers.base import SupervisedConfig, Trainer
+from fastrlhf.trainers.base import Trainer
+from fastrlhf.trainers.config import SupervisedConfig
 
 SFT_LOSS_AGGS = ("token-mean", "seq-mean-token-mean")
 
