@@ -156,9 +156,9 @@ def load_model(model_opts: ModelOptions, *, verbose: bool = True):
         print(f"loading {what} ...", flush=True)
     try:
         model, tokenizer = load_causal_lm(
-            model_opts.model or None, gguf_file=model_opts.gguf_file or None,
+            model_opts.model, gguf_file=model_opts.gguf_file,
             dtype=None if model_opts.dtype == "auto" else model_opts.dtype,
-            attn_implementation=model_opts.attn_implementation or None,
+            attn_implementation=model_opts.attn_implementation,
         )
     except (OSError, ValueError) as error:  # not installed / not found / not a model: say so, no traceback
         raise CliError(f"--model: {error}") from None
@@ -176,7 +176,7 @@ def build_role_model(model, model_opts: ModelOptions, roles, *, trainable_roles=
     return RoleModel(
         model, roles=roles, trainable_roles=trainable_roles, use_lora=model_opts.lora,
         lora_r=model_opts.lora_r, lora_alpha=model_opts.lora_alpha, lora_dropout=model_opts.lora_dropout,
-        lora_target_modules=targets or None, reference_device=model_opts.reference_device or None,
+        lora_target_modules=targets or None, reference_device=model_opts.reference_device,
         with_reference=with_reference,
     )
 

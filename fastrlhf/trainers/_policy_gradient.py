@@ -15,7 +15,7 @@ import fastrlhf
 from fastrlhf._checks import check_choice, check_int, check_number
 from fastrlhf.contracts import KL_ESTIMATORS, LOSS_AGGS
 from fastrlhf.data import eos_token_ids
-from fastrlhf.options import option_help
+from fastrlhf.options import option_help, unset_as_none
 from fastrlhf.trainers.base import Trainer
 from fastrlhf.trainers.config import TrainerConfig
 from fastrlhf.trainers.rollout import HFGenerateEngine, build_rollout_batch
@@ -33,8 +33,10 @@ class PolicyGradientConfig(TrainerConfig):
     ppo_epochs: int = field(default=1, metadata=option_help("passes over each batch of experience"))
     num_minibatches: int = field(default=1, metadata=option_help("optimizer steps per pass over the experience"))
     clip_eps: float = field(default=0.2, metadata=option_help("PPO ratio clip range: [1 - clip_eps, 1 + clip_eps_high]"))
-    clip_eps_high: float = field(default=0.0, metadata=option_help("upper clip range (DAPO clip-higher); 0 = same as clip_eps"))
-    dual_clip: float = field(default=0.0, metadata=option_help("dual-clip constant c > 1 for negative advantages; 0 = off"))
+    clip_eps_high: float | None = field(default=None, metadata=option_help(
+        "upper clip range (DAPO clip-higher); none = same as clip_eps (0, which older versions wrote, is read as none)"))
+    dual_clip: float | None = field(default=None, metadata=option_help(
+        "dual-clip constant c > 1 for negative advantages; none = off (0, which older versions wrote, is read as none)"))
     entropy_coef: float = field(default=0.0, metadata=option_help("entropy bonus weight"))
     loss_agg: str = field(default="token-mean", metadata=option_help(f"policy loss aggregation: {', '.join(LOSS_AGGS)}"))
     kl_coef: float = field(default=0.05, metadata=option_help("KL-to-reference coefficient (initial value when adaptive)"))
@@ -52,8 +54,11 @@ class PolicyGradientConfig(TrainerConfig):
         check_int("ppo_epochs", self.ppo_epochs, 1)
         check_int("num_minibatches", self.num_minibatches, 1)
         check_number("clip_eps", self.clip_eps, low=0, low_open=True)
-        check_number("clip_eps_high", self.clip_eps_high, low=0)
-        if self.dual_clip != 0:
+        self.clip_eps_high = unset_as_none(self.clip_eps_high)
+        if self.clip_eps_high is not None:
+            check_number("clip_eps_high", self.clip_eps_high, low=0, low_open=True)
+        self.dual_clip = unset_as_none(self.dual_clip)
+        if self.dual_clip is not None:
             check_number("dual_clip", self.dual_clip, low=1, low_open=True)
         check_number("entropy_coef", self.entropy_coef, low=0)
         check_choice("loss_agg", self.loss_agg, LOSS_AGGS)
@@ -224,7 +229,7 @@ class PolicyGradientTrainer(Trainer):
         ref_logps = micro.get("ref_logps") if kl_coef > 0 else None
         loss, metrics = fastrlhf.ppo_loss(
             logps, old_logps, micro["advantages"], micro["mask"],
-            clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high or None, dual_clip=cfg.dual_clip or None,
+            clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, dual_clip=cfg.dual_clip,
             ref_logps=ref_logps, kl_coef=kl_coef, kl_estimator=cfg.kl_estimator,
             entropy=entropy if cfg.entropy_coef > 0 else entropy.detach(), entropy_coef=cfg.entropy_coef,
             loss_agg=cfg.loss_agg,

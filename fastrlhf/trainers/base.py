@@ -301,7 +301,7 @@ class Trainer:
                  **self.extra_state(), "partial_step": partial_step}
         path = save_trainer_checkpoint(self.ctx, self.model, self.trained_roles, self.optimizer, self.scheduler,
                                        output_dir=self.config.output_dir, step=self.step, trainer_state=state,
-                                       rng_states=rng_states, keep_last=self.config.save_total_limit or None)
+                                       rng_states=rng_states, keep_last=self.config.save_total_limit)
         self._saved_step = self.step
         return path
 

@@ -3,7 +3,8 @@ sequences (`SupervisedConfig`). Each field's `help` is what `python -m fastrlhf.
 shows; `fastrlhf.cli` builds the command line from these dataclasses.
 
 Values are checked once, when the config is built (`__post_init__` -> `validate`), with errors that
-name the option; the CLI reports them as `--option: ...`.
+name the option; the CLI reports them as `--option: ...`. An option that can be off is typed
+`X | None` and is None when off.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 
 from fastrlhf._checks import check_choice, check_int, check_number
 from fastrlhf._dispatch import BACKENDS
-from fastrlhf.options import option_help
+from fastrlhf.options import option_help, unset_as_none
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
 BF16_MODES = ("auto", "true", "false")
@@ -40,14 +41,16 @@ class TrainerConfig:
     logging_steps: int = field(default=1, metadata=option_help("write averaged metrics every N steps"))
     eval_steps: int = field(default=0, metadata=option_help("evaluate every N steps when eval data is given; 0 = only at the end"))
     save_steps: int = field(default=0, metadata=option_help("save a resumable checkpoint every N steps; 0 = none during training"))
-    save_total_limit: int = field(default=0, metadata=option_help("keep only the newest N checkpoints; 0 = keep all"))
+    save_total_limit: int | None = field(default=None, metadata=option_help(
+        "keep only the newest N checkpoints; none = keep all (0, which older versions wrote, is read as none)"))
     save_final: bool = field(default=True, metadata=option_help("save the trained roles (adapters + heads) to output_dir at the end"))
     bf16: str = field(default="auto", metadata=option_help("bf16 autocast: auto (on when CUDA supports it), true, false; never on CPU"))
     backend: str = field(default="auto", metadata=option_help("loss/kernel backend: auto (Triton on CUDA), triton, torch"))
     progress: bool = field(default=True, metadata=option_help("show a tqdm progress bar with live metrics"))
     max_consecutive_nonfinite: int = field(default=5, metadata=option_help(
         "skip steps with NaN/inf loss or gradients; stop after this many in a row (0 = never stop)"))
-    resume: str = field(default="", metadata=option_help("resume from a checkpoint directory, or 'auto' for the latest in output_dir"))
+    resume: str | None = field(default=None, metadata=option_help(
+        "resume from a checkpoint directory, or 'auto' for the latest in output_dir; none = start fresh"))
     fsdp: bool = field(default=False, metadata=option_help("shard the model with FSDP2 under torchrun (default: DDP-style gradient averaging)"))
 
     def __post_init__(self) -> None:
@@ -57,8 +60,8 @@ class TrainerConfig:
         """ValueError naming the first bad option. Subclasses extend it (call super().validate()).
 
         Also brings accepted spellings to their one meaning, so nothing downstream re-interprets
-        them: bf16 True/False/"TRUE" -> "true"/"false". Safe to call again (the trainer does, since a
-        config is a mutable dataclass)."""
+        them: bf16 True/False/"TRUE" -> "true"/"false", resume "" -> None, save_total_limit 0 -> None.
+        Safe to call again (the trainer does, since a config is a mutable dataclass)."""
         if not isinstance(self.output_dir, (str, os.PathLike)) or not str(self.output_dir):
             raise ValueError(f"output_dir must be a non-empty path, got {self.output_dir!r}")
         check_number("learning_rate", self.learning_rate, low=0, low_open=True)
@@ -75,7 +78,9 @@ class TrainerConfig:
         check_int("logging_steps", self.logging_steps, 1)
         check_int("eval_steps", self.eval_steps, 0)
         check_int("save_steps", self.save_steps, 0)
-        check_int("save_total_limit", self.save_total_limit, 0)
+        self.save_total_limit = unset_as_none(self.save_total_limit)
+        if self.save_total_limit is not None:
+            check_int("save_total_limit", self.save_total_limit, 1)
         if isinstance(self.bf16, bool):  # accept bf16=True/False from Python callers
             self.bf16 = "true" if self.bf16 else "false"
         if isinstance(self.bf16, str):
@@ -83,10 +88,9 @@ class TrainerConfig:
         check_choice("bf16", self.bf16, BF16_MODES)
         check_choice("backend", self.backend, BACKENDS)
         check_int("max_consecutive_nonfinite", self.max_consecutive_nonfinite, 0)
-        if self.resume is None:
-            self.resume = ""
-        if not isinstance(self.resume, (str, os.PathLike)):
-            raise ValueError(f"resume must be a checkpoint path, 'auto' or '', got {self.resume!r}")
+        self.resume = unset_as_none(self.resume)
+        if self.resume is not None and not isinstance(self.resume, (str, os.PathLike)):
+            raise ValueError(f"resume must be a checkpoint path, 'auto' or None, got {self.resume!r}")
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
