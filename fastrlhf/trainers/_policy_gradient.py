@@ -18,6 +18,7 @@ from fastrlhf.data import eos_token_ids
 from fastrlhf.options import option_help, unset_as_none
 from fastrlhf.trainers.base import Trainer
 from fastrlhf.trainers.config import TrainerConfig
+from fastrlhf.trainers.kl_control import FixedKLController
 from fastrlhf.trainers.rollout import HFGenerateEngine, build_rollout_batch
 
 
@@ -89,6 +90,11 @@ class PolicyGradientTrainer(Trainer):
             self.model, eos_token_id=self.eos_ids, pad_token_id=self.pad_token_id,
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
         )
+        # The KL coefficient has one holder: fixed at kl_coef here, PPO's adaptive controller when
+        # asked. Reward shaping, loss and the logged kl_coef read kl_ctl.value, which only moves
+        # between iterations (after_update), so it is the same number for a whole iteration.
+        self.kl_ctl = FixedKLController(cfg.kl_coef)
+        self.kl_in_loss = True  # PPO with kl_in_reward: False, the KL shapes the rewards instead
 
     # ------------------------------------------------------------------ config / data
     def _check_roles(self) -> None:
@@ -211,9 +217,11 @@ class PolicyGradientTrainer(Trainer):
             return micro["mask"].sum().float()
         return torch.tensor(float(micro["mask"].shape[0]), device=self.device)
 
-    def kl_coef_in_loss(self) -> float:
-        """KL weight inside the policy loss (GRPO: kl_coef; PPO: only with kl_in_reward=False)."""
-        return self.config.kl_coef
+    @property
+    def loss_kl_coef(self) -> float:
+        """Weight of the KL-to-reference term in the policy loss: the current coefficient when the
+        KL goes into the loss (GRPO; PPO with kl_in_reward=False), else 0."""
+        return self.kl_ctl.value if self.kl_in_loss else 0.0
 
     def policy_forward(self, micro: dict[str, torch.Tensor]):
         """(logps, entropy [B, T-1], extras) of the policy on a micro-batch; PPO adds the values."""
@@ -225,7 +233,7 @@ class PolicyGradientTrainer(Trainer):
         cfg = self.config
         logps, entropy, extras = self.policy_forward(micro)
         old_logps = micro["old_logps"] if "old_logps" in micro else logps.detach()  # single on-policy pass
-        kl_coef = self.kl_coef_in_loss()
+        kl_coef = self.loss_kl_coef
         ref_logps = micro.get("ref_logps") if kl_coef > 0 else None
         loss, metrics = fastrlhf.ppo_loss(
             logps, old_logps, micro["advantages"], micro["mask"],
