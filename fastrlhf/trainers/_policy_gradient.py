@@ -268,8 +268,8 @@ class PolicyGradientTrainer(Trainer):
             sums["kl"] = sums["kl"] + kl.sum()
             sums["mean_length"] = sums["mean_length"] + batch["response_length"].sum()
             count += mask.shape[0]
-        return self.metrics_log.to_floats({k: torch.as_tensor(v, device=self.device) / max(count, 1) for k, v in sums.items()},
-                               prefix="eval/")
+        means = {k: torch.as_tensor(v, device=self.device) / max(count, 1) for k, v in sums.items()}
+        return self.metrics_log.to_floats(means, prefix="eval/")
 
 
 def select_rows(experience: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:
