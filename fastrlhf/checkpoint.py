@@ -53,6 +53,13 @@ def capture_rng_state() -> dict[str, Any]:
     return state
 
 
+def seed_everything(seed: int) -> None:
+    """Seed python `random`, numpy and torch (every device) with `seed`."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def restore_rng_state(state: Mapping[str, Any]) -> None:
     """Inverse of `capture_rng_state`."""
     random.setstate(state["python"])

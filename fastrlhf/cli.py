@@ -2,6 +2,8 @@
 
 Every field of every dataclass of a subcommand becomes `--field-name` (underscores -> dashes), with
 its type, its default and its `metadata["help"]` in `--help`; booleans get `--name / --no-name`.
+Fields typed `int | None`, `float | None` or `str | None` are None when off: `none` or `null` on the
+command line, `null` (or `none`) in YAML, and `--help` shows such a default as `none`.
 Precedence: the dataclass defaults < the `--config file.yaml` values < the command line.
 Unknown options, badly typed values and values the dataclass validation rejects end the program
 with a message that names the option (argparse exit status 2), before any model is loaded.
@@ -15,6 +17,7 @@ import argparse
 import dataclasses
 import difflib
 import os
+import types
 import typing
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -32,6 +35,11 @@ class Command:
 
 class CliError(ValueError):
     """A bad option value found after parsing (reported like an argparse error)."""
+
+
+# what an option typed `X | None` reads as None, on the command line and in YAML (any case)
+NONE_WORDS = ("none", "null")
+_VALUE_TYPES = (int, float, str)
 
 
 def option_name(field_name: str) -> str:
@@ -59,17 +67,38 @@ def _fields(option_classes: Sequence[type]) -> list[tuple[type, dataclasses.Fiel
     return out
 
 
-def _converter(kind: type, name: str):
+def option_kind(annotation: Any, name: str) -> tuple[type, bool]:
+    """(value type, whether None is allowed) of an option field annotated bool, int, float, str, or
+    int / float / str `| None`."""
+    optional = False
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        args = typing.get_args(annotation)
+        values = [a for a in args if a is not type(None)]
+        if len(args) == 2 and len(values) == 1 and values[0] in _VALUE_TYPES:
+            annotation, optional = values[0], True
+    if annotation is bool or annotation in _VALUE_TYPES:
+        return annotation, optional
+    raise TypeError(f"option {name!r}: unsupported type {annotation!r} "
+                    "(use bool, int, float, str, or int / float / str | None)")
+
+
+def _means_none(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() in NONE_WORDS)
+
+
+def _converter(kind: type, optional: bool):
     """str -> value for int/float/str options (argparse names the option on failure)."""
-    if kind in (int, float, str):
-        def convert(text: str):
-            return kind(text)
-        convert.__name__ = kind.__name__  # argparse: "invalid int value: 'x'"
-        return convert
-    raise TypeError(f"option {name!r}: unsupported type {kind!r} (use bool, int, float or str)")
+    def convert(text: str):
+        if optional and _means_none(text):
+            return None
+        return kind(text)
+    convert.__name__ = kind.__name__  # argparse: "invalid int value: 'x'"
+    return convert
 
 
 def _format_default(value: Any) -> str:
+    if value is None:
+        return "none"
     if isinstance(value, bool):
         return "true" if value else "false"
     if value == "":
@@ -81,7 +110,8 @@ def add_options(parser: argparse.ArgumentParser, option_classes: Sequence[type])
     """One argparse group per dataclass. Defaults are SUPPRESSed, so the parsed namespace holds only
     what the user typed (that is what lets the YAML values sit between defaults and the command line)."""
     groups: dict[type, Any] = {}
-    for cls, f, kind in _fields(option_classes):
+    for cls, f, annotation in _fields(option_classes):
+        kind, optional = option_kind(annotation, f.name)
         if cls not in groups:
             doc = (cls.__doc__ or "").strip()
             if doc.startswith(cls.__name__ + "("):  # the signature dataclass writes when there is no docstring
@@ -94,8 +124,8 @@ def add_options(parser: argparse.ArgumentParser, option_classes: Sequence[type])
             groups[cls].add_argument(option_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
                                      default=argparse.SUPPRESS, help=text)
         else:
-            metavar = {int: "INT", float: "FLOAT", str: "STR"}[kind]
-            groups[cls].add_argument(option_name(f.name), dest=f.name, type=_converter(kind, f.name),
+            metavar = {int: "INT", float: "FLOAT", str: "STR"}[kind] + ("|none" if optional else "")
+            groups[cls].add_argument(option_name(f.name), dest=f.name, type=_converter(kind, optional),
                                      default=argparse.SUPPRESS, metavar=metavar, help=text)
 
 
@@ -117,9 +147,12 @@ def build_parser(commands: dict[str, Command], *, prog: str = "python -m fastrlh
     return parser
 
 
-def _yaml_value(kind: type, value: Any, key: str, source: str) -> Any:
+def _yaml_value(annotation: Any, value: Any, key: str, source: str) -> Any:
     """Check / convert one YAML value to the option's type (YAML reads 1e-4 as a string)."""
     where = f"{source}: option {key!r}"
+    kind, optional = option_kind(annotation, key)
+    if optional and _means_none(value):
+        return None
     if kind is bool:
         if isinstance(value, bool):
             return value

@@ -236,6 +236,22 @@ def tokenize_prompts(
     return examples
 
 
+def eos_token_ids(tokenizer, generation_config=None) -> list[int]:
+    """Sorted token ids that end a generation: the tokenizer's `eos_token_id` and the model's
+    `generation_config.eos_token_id` (an id or a list: chat models often stop on the end of the turn
+    as well as on the end of the text). ValueError when there is none: sampling could never stop
+    at EOS, and the completions could not be told apart from those cut at max_new_tokens."""
+    ids: set[int] = set()
+    for value in (getattr(tokenizer, "eos_token_id", None), getattr(generation_config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    if not ids:
+        raise ValueError("the tokenizer has no eos_token: generation could never stop at EOS")
+    return sorted(ids)
+
+
 class _Truncation:
     """Cuts examples at max_length and counts it, to warn once per dataset."""
 

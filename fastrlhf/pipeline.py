@@ -19,8 +19,6 @@ import json
 import os
 import platform
 import random
-import resource
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -29,6 +27,7 @@ import torch
 
 from fastrlhf import demo
 from fastrlhf._checks import check_int, check_number
+from fastrlhf.memory import peak_memory, reset_peak_memory
 from fastrlhf.options import ModelOptions, option_help
 from fastrlhf.stage import build_role_model, load_model
 
@@ -92,32 +91,6 @@ class PipelineOptions:
 # ---------------------------------------------------------------------------- measuring stages
 
 
-def _reset_peak_memory(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:  # Linux: "5" resets the process's peak RSS (VmHWM), so each stage gets its own peak
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-
-def _peak_memory(device: torch.device) -> tuple[int, str]:
-    """(bytes, what was measured) since the last reset."""
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device)), "CUDA max allocated"
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024, "process peak RSS"
-    except OSError:
-        pass
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(rss if sys.platform == "darwin" else rss * 1024), "process peak RSS (since start)"
-
-
 class Stages:
     """Times each stage and records its peak memory; prints a header per stage."""
 
@@ -126,11 +99,11 @@ class Stages:
 
     def run(self, name: str, fn, *args, **kwargs):
         print(f"\n== [{len(self.rows) + 1}/{self.total}] {name} ==", flush=True)
-        _reset_peak_memory(self.device)
+        reset_peak_memory(self.device)
         started = time.perf_counter()
         result = fn(*args, **kwargs)
         seconds = time.perf_counter() - started
-        peak, kind = _peak_memory(self.device)
+        peak, kind = peak_memory(self.device)
         self.rows.append({"stage": name, "seconds": round(seconds, 1), "peak_memory_bytes": peak, "peak_memory_kind": kind})
         print(f"-- {name}: {seconds:.1f}s, peak memory {peak / 2**20:.0f} MiB ({kind})", flush=True)
         return result
@@ -158,26 +131,16 @@ class PlainGenerator:
         return self.causal_lm.generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 
-def eos_token_ids(tokenizer, causal_lm) -> list[int]:
-    ids = set()
-    for value in (tokenizer.eos_token_id, getattr(causal_lm.generation_config, "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return sorted(ids)
-
-
 def sample_completions(generator, tokenizer, causal_lm, prompt_records: list[dict], opts: PipelineOptions, *,
                        repeat: int = 1, seed: int, chunk: int = 32) -> tuple[list[dict], list[list[int]]]:
     """Sample `repeat` answers per prompt -> (prompt examples, one per answer; completion token ids).
     A fixed seed gives every policy the same sampling noise (common random numbers: a fairer comparison)."""
-    from fastrlhf.data import tokenize_prompts
+    from fastrlhf.data import eos_token_ids, tokenize_prompts
     from fastrlhf.trainers.rollout import HFGenerateEngine
 
     examples = tokenize_prompts(prompt_records, tokenizer, max_prompt_length=256)
     examples = [ex for ex in examples for _ in range(repeat)]
-    engine = HFGenerateEngine(generator, eos_token_id=eos_token_ids(tokenizer, causal_lm),
+    engine = HFGenerateEngine(generator, eos_token_id=eos_token_ids(tokenizer, causal_lm.generation_config),
                               pad_token_id=tokenizer.pad_token_id, max_new_tokens=opts.max_new_tokens,
                               temperature=opts.temperature, batch_size=chunk)
     with torch.random.fork_rng():

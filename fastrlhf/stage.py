@@ -76,7 +76,7 @@ def _run_stage(command: str, options: dict[type, Any], ctx) -> dict:
 
     model, tokenizer = load_model(model_opts, verbose=ctx.is_main)
     # the new LoRA adapters and heads must start identical on every rank (only gradients are averaged)
-    from fastrlhf.trainers.base import seed_everything
+    from fastrlhf.checkpoint import seed_everything
 
     seed_everything(config.seed)
     roles, trainable = {"sft": (("policy",), None), "rm": (("reward",), None), "dpo": (("policy",), None),
@@ -166,9 +166,9 @@ def load_model(model_opts: ModelOptions, *, verbose: bool = True):
         print(f"loading {what} ...", flush=True)
     try:
         model, tokenizer = load_causal_lm(
-            model_opts.model or None, gguf_file=model_opts.gguf_file or None,
+            model_opts.model, gguf_file=model_opts.gguf_file,
             dtype=None if model_opts.dtype == "auto" else model_opts.dtype,
-            attn_implementation=model_opts.attn_implementation or None,
+            attn_implementation=model_opts.attn_implementation,
         )
     except (OSError, ValueError) as error:  # not installed / not found / not a model: say so, no traceback
         raise CliError(f"--model: {error}") from None
@@ -186,7 +186,7 @@ def build_role_model(model, model_opts: ModelOptions, roles, *, trainable_roles=
     return RoleModel(
         model, roles=roles, trainable_roles=trainable_roles, use_lora=model_opts.lora,
         lora_r=model_opts.lora_r, lora_alpha=model_opts.lora_alpha, lora_dropout=model_opts.lora_dropout,
-        lora_target_modules=targets or None, reference_device=model_opts.reference_device or None,
+        lora_target_modules=targets or None, reference_device=model_opts.reference_device,
         with_reference=with_reference,
     )
 

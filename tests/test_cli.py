@@ -82,7 +82,12 @@ def test_help_lists_every_option_with_default(name, capsys):
         help_text = "".join(f.metadata["help"].split())
         assert help_text and help_text in text, option
         default = f.default
-        shown = {True: "true", False: "false", "": '""'}.get(default, str(default)) if isinstance(default, (bool, str)) else str(default)
+        if default is None:
+            shown = "none"
+        elif isinstance(default, (bool, str)):
+            shown = {True: "true", False: "false", "": '""'}.get(default, str(default))
+        else:
+            shown = str(default)
         assert f"{help_text}(default:{shown})" in text, option
 
 
@@ -136,12 +141,96 @@ def test_yaml_config_merged_under_command_line(tmp_path):
     assert options[RewardOptions].reward_fn == "m:f"
 
 
+# Options typed `X | None` (None = off / unset), and the values older versions wrote for "unset".
+NONE_OPTIONS = {  # option -> (class, a value that is not None, as typed and as parsed)
+    "clip_eps_high": ("PPOConfig", "0.28", 0.28),
+    "dual_clip": ("PPOConfig", "3", 3.0),
+    "save_total_limit": ("PPOConfig", "2", 2),
+    "resume": ("PPOConfig", "auto", "auto"),
+    "gguf_file": (ModelOptions, "m.gguf", "m.gguf"),
+    "attn_implementation": (ModelOptions, "eager", "eager"),
+    "reference_device": (ModelOptions, "cpu", "cpu"),
+    "eval_data": (DataOptions, "e.jsonl", "e.jsonl"),
+    "reward_fn": (RewardOptions, "m:f", "m:f"),
+}
+
+
+def _option_class(cls):
+    from fastrlhf import trainers
+
+    return getattr(trainers, cls) if isinstance(cls, str) else cls
+
+
+@pytest.mark.parametrize("none_word", ["none", "null", "None", "NULL"])
+def test_optional_options_take_none_on_the_command_line(none_word):
+    _, defaults = parse(["ppo"])
+    argv, none_argv = ["ppo"], ["ppo"]
+    for name, (cls, text, _) in NONE_OPTIONS.items():
+        assert getattr(defaults[_option_class(cls)], name) is None, name  # the default is off
+        argv += [option_name(name), text]
+        none_argv += [option_name(name), none_word]
+    _, options = parse(argv)
+    _, none_options = parse(none_argv)
+    for name, (cls, _, value) in NONE_OPTIONS.items():
+        parsed = getattr(options[_option_class(cls)], name)
+        assert parsed == value and type(parsed) is type(value), name
+        assert getattr(none_options[_option_class(cls)], name) is None, name
+
+
+def test_optional_options_take_null_in_yaml(tmp_path):
+    config = tmp_path / "ppo.yaml"
+    config.write_text("clip_eps_high: null\ndual-clip: ~\nsave_total_limit: none\nresume: null\n"
+                      "gguf_file: NULL\nreward_fn: m:f\n")
+    _, options = parse(["ppo", "--config", str(config), "--reference-device", "none"])
+    from fastrlhf.trainers import PPOConfig
+
+    cfg = options[PPOConfig]
+    assert cfg.clip_eps_high is None and cfg.dual_clip is None and cfg.save_total_limit is None and cfg.resume is None
+    assert options[ModelOptions].gguf_file is None and options[ModelOptions].reference_device is None
+
+    config.write_text("clip_eps_high: 0.28\ndual_clip: 3\nsave_total_limit: 2\nresume: auto\n")
+    _, options = parse(["ppo", "--config", str(config), "--dual-clip", "none"])  # the command line wins
+    cfg = options[PPOConfig]
+    assert cfg.clip_eps_high == 0.28 and cfg.save_total_limit == 2 and cfg.resume == "auto"
+    assert cfg.dual_clip is None
+
+
+def test_unset_values_of_older_versions_read_as_none(tmp_path):
+    """0 for the clip options and save_total_limit, "" for strings: what older configs (and the
+    trainer_config.json of older runs) say for "unset"; they keep their meaning."""
+    config = tmp_path / "old.yaml"
+    config.write_text('clip_eps_high: 0\ndual_clip: 0.0\nsave_total_limit: 0\nresume: ""\n'
+                      'gguf_file: ""\nattn_implementation: ""\nreference_device: ""\neval_data: ""\nreward_model: ""\n')
+    _, options = parse(["ppo", "--config", str(config), "--reward-fn", ""])
+    from fastrlhf.trainers import PPOConfig
+
+    cfg = options[PPOConfig]
+    assert (cfg.clip_eps_high, cfg.dual_clip, cfg.save_total_limit, cfg.resume) == (None, None, None, None)
+    model = options[ModelOptions]
+    assert (model.gguf_file, model.attn_implementation, model.reference_device) == (None, None, None)
+    assert options[DataOptions].eval_data is None
+    assert options[RewardOptions].reward_model is None and options[RewardOptions].reward_fn is None
+
+
+def test_trainer_config_json_of_a_run_is_a_valid_config_file(tmp_path):
+    from fastrlhf.trainers import PPOConfig
+
+    written = PPOConfig(output_dir=str(tmp_path / "run"), clip_eps_high=0.3, kl_coef=0.1)
+    config = tmp_path / "trainer_config.json"
+    config.write_text(json.dumps(written.to_dict(), indent=2))  # what Trainer.train() writes
+    _, options = parse(["ppo", "--config", str(config)])
+    assert options[PPOConfig] == written and options[PPOConfig].dual_clip is None
+
+
 @pytest.mark.parametrize("yaml_text, message", [
     ("learning_rat: 0.1\n", "unknown option 'learning_rat' (did you mean --learning-rate?)"),
     ("batch_size: many\n", "option 'batch_size': expected int, got 'many'"),
     ("adaptive_kl: maybe\n", "option 'adaptive_kl': expected true or false"),
     ("batch_size: 0\n", "--batch-size: batch_size must be an integer >= 1, got 0"),
     ("- a\n- b\n", "expected a mapping"),
+    ("batch_size: null\n", "option 'batch_size': expected int, got None"),  # None only where the type allows it
+    ("dual_clip: many\n", "option 'dual_clip': expected float, got 'many'"),
+    ("clip_eps_high: -1\n", "--clip-eps-high: clip_eps_high must be a finite number > 0, got -1"),
 ])
 def test_yaml_errors_name_the_option(tmp_path, capsys, yaml_text, message):
     config = tmp_path / "bad.yaml"
@@ -160,6 +249,11 @@ def test_yaml_errors_name_the_option(tmp_path, capsys, yaml_text, message):
     (["sft"], "--data is required for sft"),
     (["sft", "--data", "missing.jsonl"], "--data: dataset file 'missing.jsonl' does not exist"),
     (["sft", "--config", "missing.yaml"], "--config: file 'missing.yaml' does not exist"),
+    (["ppo", "--clip-eps-high", "x"], "argument --clip-eps-high: invalid float value: 'x'"),
+    (["ppo", "--clip-eps-high", "-0.1"], "--clip-eps-high: clip_eps_high must be a finite number > 0, got -0.1"),
+    (["ppo", "--dual-clip", "0.5"], "--dual-clip: dual_clip must be a finite number > 1, got 0.5"),
+    (["ppo", "--save-total-limit", "-1"], "--save-total-limit: save_total_limit must be an integer >= 1, got -1"),
+    (["ppo", "--batch-size", "none"], "argument --batch-size: invalid int value: 'none'"),  # not an X | None option
 ])
 def test_bad_options_fail_before_loading_anything(argv, message, capsys):
     status, err = run_main(argv, capsys)

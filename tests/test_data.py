@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fastrlhf.data import (
+    eos_token_ids,
     collate_preferences,
     collate_prompts,
     collate_sft,
@@ -186,6 +187,17 @@ def test_prompts_keep_fields_and_the_generation_prompt_when_truncated(tok):
 
 
 # --------------------------------------------------------------------------- collators
+
+
+def test_eos_ids_join_the_tokenizer_and_the_generation_config():
+    from types import SimpleNamespace
+
+    tokenizer = SimpleNamespace(eos_token_id=2)
+    assert eos_token_ids(tokenizer) == [2]
+    assert eos_token_ids(tokenizer, SimpleNamespace(eos_token_id=[7, 2])) == [2, 7]  # a list, one id twice
+    assert eos_token_ids(SimpleNamespace(eos_token_id=None), SimpleNamespace(eos_token_id=5)) == [5]
+    with pytest.raises(ValueError, match="no eos_token"):
+        eos_token_ids(SimpleNamespace(eos_token_id=None), SimpleNamespace(eos_token_id=None))
 
 
 def test_collators_pad_on_the_right_side(tok):

@@ -388,6 +388,52 @@ def test_ppo_with_reward_role_kl_in_loss_and_exact_resume(tok, tmp_path):
         assert a["loss"] == b["loss"] and a["objective/scores"] == b["objective/scores"]
 
 
+def record_ppo_loss_calls(monkeypatch) -> list[dict]:
+    """The keyword arguments of every fastrlhf.ppo_loss call (the real loss still runs)."""
+    calls, real = [], fastrlhf.ppo_loss
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fastrlhf, "ppo_loss", recording)
+    return calls
+
+
+@pytest.mark.parametrize("clip_eps_high, dual_clip", [(None, None), (0.28, 3.0)])
+def test_clip_options_reach_the_policy_loss_as_they_are(tok, tmp_path, monkeypatch, clip_eps_high, dual_clip):
+    """None in the config is None in the loss (its own default: clip_eps_high = clip_eps, no dual clip)."""
+    from fastrlhf.trainers.grpo import GRPOConfig, GRPOTrainer
+
+    calls = record_ppo_loss_calls(monkeypatch)
+    model = make_model(tok)
+    config = GRPOConfig(**pg_options(tmp_path, "grpo", batch_size=2, group_size=2, max_steps=1, max_new_tokens=4,
+                                     clip_eps_high=clip_eps_high, dual_clip=dual_clip))
+    GRPOTrainer(model, tok, config, PROMPT_RECORDS, reward_fn=lambda p, c, r: [float(len(x)) for x in c]).train()
+    assert calls and all(c["clip_eps_high"] == clip_eps_high and c["dual_clip"] == dual_clip for c in calls)
+    assert ("dual_clipfrac" in read_metrics(config.output_dir)[0]) == (dual_clip is not None)
+
+
+@pytest.mark.parametrize("kl_in_reward", [True, False])
+def test_ppo_kl_coefficient_of_the_loss_is_the_controllers(tok, tmp_path, monkeypatch, kl_in_reward):
+    """One holder of the KL coefficient: with kl_in_reward the loss gets no KL term; without, each
+    iteration's loss weight is the (adaptive) coefficient that iteration logs as kl_coef."""
+    from fastrlhf.trainers.ppo import PPOConfig, PPOTrainer
+
+    calls = record_ppo_loss_calls(monkeypatch)
+    model = make_model(tok, roles=("policy", "value"))
+    config = PPOConfig(**pg_options(tmp_path, "ppo", batch_size=2, max_steps=3, max_new_tokens=4, ppo_epochs=1,
+                                    kl_in_reward=kl_in_reward, adaptive_kl=True, kl_target=0.01, kl_horizon=10.0))
+    PPOTrainer(model, tok, config, PROMPT_RECORDS, reward_fn=lambda p, c, r: [float(len(x)) for x in c]).train()
+    logged = [r["kl_coef"] for r in read_metrics(config.output_dir)]
+    assert len(calls) == len(logged) == 3 and len(set(logged)) == 3  # one update per iteration; beta moved
+    for call, beta in zip(calls, logged):
+        if kl_in_reward:
+            assert call["kl_coef"] == 0.0 and call["ref_logps"] is None
+        else:
+            assert call["kl_coef"] == pytest.approx(beta, rel=1e-6) and call["ref_logps"] is not None
+
+
 def test_ppo_shares_one_base_across_four_roles(tok, tmp_path):
     """Policy, reference, value and reward all run on ONE copy of the base weights; params + optimizer
     state of the 4-role PPO model stay below 1.5x of the policy alone (4 separate models: ~4x)."""

@@ -9,7 +9,7 @@ from fastrlhf._lazy import lazy_exports
 
 _EXPORTS = {
     "Trainer": "fastrlhf.trainers.base",
-    "TrainerConfig": "fastrlhf.trainers.base",
+    "TrainerConfig": "fastrlhf.trainers.config",
     "SFTTrainer": "fastrlhf.trainers.sft",
     "SFTConfig": "fastrlhf.trainers.sft",
     "RewardTrainer": "fastrlhf.trainers.rm",

@@ -14,8 +14,11 @@ import torch
 import fastrlhf
 from fastrlhf._checks import check_choice, check_int, check_number
 from fastrlhf.contracts import IS_CORRECTIONS, KL_ESTIMATORS, LOSS_AGGS, TRAINER_LOSS_TYPES
-from fastrlhf.options import option_help
-from fastrlhf.trainers.base import Trainer, TrainerConfig
+from fastrlhf.data import eos_token_ids
+from fastrlhf.options import option_help, unset_as_none
+from fastrlhf.trainers.base import Trainer
+from fastrlhf.trainers.config import TrainerConfig
+from fastrlhf.trainers.kl_control import FixedKLController
 from fastrlhf.trainers.rollout import HFGenerateEngineWithLogprobs, build_rollout_batch
 
 
@@ -31,8 +34,10 @@ class PolicyGradientConfig(TrainerConfig):
     ppo_epochs: int = field(default=1, metadata=option_help("passes over each batch of experience"))
     num_minibatches: int = field(default=1, metadata=option_help("optimizer steps per pass over the experience"))
     clip_eps: float = field(default=0.2, metadata=option_help("PPO ratio clip range: [1 - clip_eps, 1 + clip_eps_high]"))
-    clip_eps_high: float = field(default=0.0, metadata=option_help("upper clip range (DAPO clip-higher); 0 = same as clip_eps"))
-    dual_clip: float = field(default=0.0, metadata=option_help("dual-clip constant c > 1 for negative advantages; 0 = off"))
+    clip_eps_high: float | None = field(default=None, metadata=option_help(
+        "upper clip range (DAPO clip-higher); none = same as clip_eps (0, which older versions wrote, is read as none)"))
+    dual_clip: float | None = field(default=None, metadata=option_help(
+        "dual-clip constant c > 1 for negative advantages; none = off (0, which older versions wrote, is read as none)"))
     entropy_coef: float = field(default=0.0, metadata=option_help("entropy bonus weight"))
     loss_agg: str = field(default="token-mean", metadata=option_help(f"policy loss aggregation: {', '.join(LOSS_AGGS)}"))
     kl_coef: float = field(default=0.05, metadata=option_help("KL-to-reference coefficient (initial value when adaptive)"))
@@ -43,9 +48,9 @@ class PolicyGradientConfig(TrainerConfig):
         f"policy objective: {', '.join(TRAINER_LOSS_TYPES)} (gspo = sequence-level ratio)"))
     sapo_tau_pos: float = field(default=1.0, metadata=option_help("sapo: gate temperature for positive advantages"))
     sapo_tau_neg: float = field(default=1.05, metadata=option_help("sapo: gate temperature for other advantages"))
-    is_correction: str = field(default="none", metadata=option_help(
-        f"rollout/trainer mismatch correction with the engine's log-probs: none, {', '.join(IS_CORRECTIONS)}"))
-    is_clip_min: float = field(default=0.0, metadata=option_help("IS weight lower bound (0 = none)"))
+    is_correction: str | None = field(default=None, metadata=option_help(
+        f"rollout/trainer mismatch correction with the engine's log-probs: {', '.join(IS_CORRECTIONS)}; none = off"))
+    is_clip_min: float | None = field(default=None, metadata=option_help("IS weight lower bound; none = no lower bound"))
     is_clip_max: float = field(default=2.0, metadata=option_help("IS weight upper bound"))
     top_entropy_quantile: float = field(default=1.0, metadata=option_help(
         "train the policy term on the top fraction of tokens by entropy only; 1.0 = all tokens"))
@@ -60,8 +65,11 @@ class PolicyGradientConfig(TrainerConfig):
         check_int("ppo_epochs", self.ppo_epochs, 1)
         check_int("num_minibatches", self.num_minibatches, 1)
         check_number("clip_eps", self.clip_eps, low=0, low_open=True)
-        check_number("clip_eps_high", self.clip_eps_high, low=0)
-        if self.dual_clip != 0:
+        self.clip_eps_high = unset_as_none(self.clip_eps_high)
+        if self.clip_eps_high is not None:
+            check_number("clip_eps_high", self.clip_eps_high, low=0, low_open=True)
+        self.dual_clip = unset_as_none(self.dual_clip)
+        if self.dual_clip is not None:
             check_number("dual_clip", self.dual_clip, low=1, low_open=True)
         check_number("entropy_coef", self.entropy_coef, low=0)
         check_choice("loss_agg", self.loss_agg, LOSS_AGGS)
@@ -71,9 +79,13 @@ class PolicyGradientConfig(TrainerConfig):
         check_choice("loss_type", self.loss_type, tuple(TRAINER_LOSS_TYPES))
         check_number("sapo_tau_pos", self.sapo_tau_pos, low=0, low_open=True)
         check_number("sapo_tau_neg", self.sapo_tau_neg, low=0, low_open=True)
-        check_choice("is_correction", self.is_correction, ("none", *IS_CORRECTIONS))
-        check_number("is_clip_min", self.is_clip_min, low=0)
-        check_number("is_clip_max", self.is_clip_max, low=self.is_clip_min, low_open=True)
+        self.is_correction = unset_as_none(self.is_correction)
+        if self.is_correction is not None:
+            check_choice("is_correction", self.is_correction, IS_CORRECTIONS)
+        self.is_clip_min = unset_as_none(self.is_clip_min)
+        if self.is_clip_min is not None:
+            check_number("is_clip_min", self.is_clip_min, low=0)
+        check_number("is_clip_max", self.is_clip_max, low=self.is_clip_min or 0, low_open=True)
         check_number("top_entropy_quantile", self.top_entropy_quantile, low=0, high=1)
         if self.dual_clip and self.loss_type != "ppo":
             raise ValueError(f"dual_clip applies to loss_type ppo only, got loss_type={self.loss_type!r}")
@@ -95,15 +107,22 @@ class PolicyGradientTrainer(Trainer):
     def __init__(self, *args, rollout_engine=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         cfg = self.config
+        generation_config = getattr(getattr(self.model, "causal_lm", None), "generation_config", None)
+        self.eos_ids = eos_token_ids(self.tokenizer, generation_config)
         self.engine = rollout_engine or HFGenerateEngineWithLogprobs(
-            self.model, eos_token_id=self.eos_token_ids(), pad_token_id=self.pad_token_id,
+            self.model, eos_token_id=self.eos_ids, pad_token_id=self.pad_token_id,
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
         )
-        if cfg.is_correction != "none" and not hasattr(self.engine, "generate_with_logprobs"):
+        if cfg.is_correction is not None and not hasattr(self.engine, "generate_with_logprobs"):
             raise ValueError(
                 f"is_correction={cfg.is_correction!r} needs a rollout engine that reports the sampled tokens' "
                 f"log-probs (generate_with_logprobs); {type(self.engine).__name__} does not"
             )
+        # The KL coefficient has one holder: fixed at kl_coef here, PPO's adaptive controller when
+        # asked. Reward shaping, loss and the logged kl_coef read kl_ctl.value, which only moves
+        # between iterations (after_update), so it is the same number for a whole iteration.
+        self.kl_ctl = FixedKLController(cfg.kl_coef)
+        self.kl_in_loss = True  # PPO with kl_in_reward: False, the KL shapes the rewards instead
 
     # ------------------------------------------------------------------ config / data
     def _check_roles(self) -> None:
@@ -112,20 +131,6 @@ class PolicyGradientTrainer(Trainer):
             raise ValueError(f"{type(self).__name__} needs a reward: pass reward_fn=... or a RoleModel with the 'reward' role")
         if self.reward_fn is not None and not callable(self.reward_fn):
             raise ValueError(f"reward_fn must be callable, got {type(self.reward_fn).__name__}")
-
-
-    def eos_token_ids(self) -> list[int]:
-        ids = set()
-        for value in (getattr(self.tokenizer, "eos_token_id", None),
-                      getattr(getattr(self.model, "causal_lm", None), "generation_config", None) and
-                      self.model.causal_lm.generation_config.eos_token_id):
-            if isinstance(value, int):
-                ids.add(value)
-            elif isinstance(value, (list, tuple)):
-                ids.update(int(v) for v in value)
-        if not ids:
-            raise ValueError("the tokenizer has no eos_token: generation could never stop at EOS")
-        return sorted(ids)
 
     def prepare(self, records):
         from fastrlhf.data import tokenize_prompts
@@ -155,7 +160,7 @@ class PolicyGradientTrainer(Trainer):
         plus "completion_ids" and "examples" (python lists)."""
         examples = [ex for ex in prompts for _ in range(repeat)]
         prompt_ids = [ex["input_ids"] for ex in examples]
-        if self.config.is_correction != "none":
+        if self.config.is_correction is not None:
             completions, sampled_logps = self.engine.generate_with_logprobs(prompt_ids)
         else:
             completions, sampled_logps = self.engine.generate(prompt_ids), None
@@ -165,7 +170,7 @@ class PolicyGradientTrainer(Trainer):
             for i, (prompt, logps) in enumerate(zip(prompt_ids, sampled_logps)):
                 rollout_logps[i, len(prompt) - 1 : len(prompt) - 1 + len(logps)] = torch.as_tensor(logps)
             batch["rollout_logps"] = rollout_logps
-        eos = set(self.eos_token_ids())
+        eos = set(self.eos_ids)
         batch["has_eos"] = torch.tensor([bool(c) and c[-1] in eos for c in completions], device=self.device)
         batch["completion_ids"] = completions
         batch["examples"] = examples
@@ -248,9 +253,11 @@ class PolicyGradientTrainer(Trainer):
             return micro["mask"].sum().float()
         return torch.tensor(float(micro["mask"].shape[0]), device=self.device)
 
-    def kl_coef_in_loss(self) -> float:
-        """KL weight inside the policy loss (GRPO: kl_coef; PPO: only with kl_in_reward=False)."""
-        return self.config.kl_coef
+    @property
+    def loss_kl_coef(self) -> float:
+        """Weight of the KL-to-reference term in the policy loss: the current coefficient when the
+        KL goes into the loss (GRPO; PPO with kl_in_reward=False), else 0."""
+        return self.kl_ctl.value if self.kl_in_loss else 0.0
 
     def policy_forward(self, micro: dict[str, torch.Tensor]):
         """(logps, entropy [B, T-1], extras) of the policy on a micro-batch; PPO adds the values."""
@@ -262,16 +269,15 @@ class PolicyGradientTrainer(Trainer):
         cfg = self.config
         logps, entropy, extras = self.policy_forward(micro)
         old_logps = micro["old_logps"] if "old_logps" in micro else logps.detach()  # single on-policy pass
-        kl_coef = self.kl_coef_in_loss()
+        kl_coef = self.loss_kl_coef
         ref_logps = micro.get("ref_logps") if kl_coef > 0 else None
         loss_type, ratio_level = TRAINER_LOSS_TYPES[cfg.loss_type]
-        is_correction = None if cfg.is_correction == "none" else cfg.is_correction
         loss, metrics = fastrlhf.ppo_loss(
             logps, old_logps, micro["advantages"], micro["mask"], loss_type=loss_type, ratio_level=ratio_level,
-            clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high or None, dual_clip=cfg.dual_clip or None,
+            clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, dual_clip=cfg.dual_clip,
             sapo_tau_pos=cfg.sapo_tau_pos, sapo_tau_neg=cfg.sapo_tau_neg,
-            rollout_logps=micro["rollout_logps"] if is_correction else None, is_correction=is_correction,
-            is_clip_min=cfg.is_clip_min or None, is_clip_max=cfg.is_clip_max,
+            rollout_logps=micro["rollout_logps"] if cfg.is_correction else None, is_correction=cfg.is_correction,
+            is_clip_min=cfg.is_clip_min, is_clip_max=cfg.is_clip_max,
             top_entropy_quantile=cfg.top_entropy_quantile,
             ref_logps=ref_logps, kl_coef=kl_coef, kl_estimator=cfg.kl_estimator,
             entropy=entropy if cfg.entropy_coef > 0 else entropy.detach(), entropy_coef=cfg.entropy_coef,
@@ -303,8 +309,8 @@ class PolicyGradientTrainer(Trainer):
             sums["kl"] = sums["kl"] + kl.sum()
             sums["mean_length"] = sums["mean_length"] + batch["response_length"].sum()
             count += mask.shape[0]
-        return self._to_floats({k: torch.as_tensor(v, device=self.device) / max(count, 1) for k, v in sums.items()},
-                               prefix="eval/")
+        means = {k: torch.as_tensor(v, device=self.device) / max(count, 1) for k, v in sums.items()}
+        return self.metrics_log.to_floats(means, prefix="eval/")
 
 
 def select_rows(experience: dict[str, torch.Tensor], rows: torch.Tensor) -> dict[str, torch.Tensor]:

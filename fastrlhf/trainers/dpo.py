@@ -21,7 +21,8 @@ from fastrlhf.contracts import (
     REFERENCE_FREE_LOSS_TYPES,
 )
 from fastrlhf.options import option_help
-from fastrlhf.trainers.base import SupervisedConfig, Trainer
+from fastrlhf.trainers.base import Trainer
+from fastrlhf.trainers.config import SupervisedConfig
 
 
 @dataclass

@@ -76,7 +76,7 @@ class GRPOTrainer(PolicyGradientTrainer):
             experience["rollout_logps"] = batch["rollout_logps"]
         if cfg.ppo_epochs * cfg.num_minibatches > 1:  # off-policy after the first step: need the rollout logps
             experience["old_logps"] = self.logps("policy", batch).float() * mask
-        if cfg.kl_coef > 0:
+        if self.loss_kl_coef > 0:
             experience["ref_logps"] = self.logps("reference", batch).float() * mask
         group_std = scores.reshape(-1, cfg.group_size).std(dim=1)  # the sample std, as the advantages use
         metrics = {

@@ -65,10 +65,7 @@ class PPOTrainer(PolicyGradientTrainer):
         super().__init__(*args, **kwargs)
         cfg = self.config
         self.kl_ctl = make_kl_controller(cfg.kl_coef, adaptive=cfg.adaptive_kl, target=cfg.kl_target, horizon=cfg.kl_horizon)
-        self._beta = self.kl_ctl.value  # the coefficient of the current iteration
-
-    def kl_coef_in_loss(self) -> float:
-        return 0.0 if self.config.kl_in_reward else self._beta
+        self.kl_in_loss = not cfg.kl_in_reward
 
     @torch.no_grad()
     def make_experience(self, prompts):
@@ -83,9 +80,9 @@ class PPOTrainer(PolicyGradientTrainer):
         ref_logps = self.logps("reference", batch).float() * mask
         scores = self.score(batch)
 
-        self._beta = self.kl_ctl.value
+        beta = self.kl_ctl.value
         kl = fastrlhf.kl_penalty(old_logps, ref_logps, estimator=cfg.kl_estimator) * mask
-        non_score = -self._beta * kl if cfg.kl_in_reward else torch.zeros_like(kl)
+        non_score = -beta * kl if cfg.kl_in_reward else torch.zeros_like(kl)
         has_response = (batch["response_length"] > 0).float()
         rewards = non_score.scatter_add(1, batch["last_index"][:, None], (scores * has_response)[:, None])
         if cfg.whiten_rewards:
@@ -106,7 +103,7 @@ class PPOTrainer(PolicyGradientTrainer):
             "objective/kl": seq_kl.mean(),
             "objective/non_score_reward": sequence_mean(non_score, mask),
             "objective/rlhf_reward": scores.mean() + sequence_mean(non_score, mask),
-            "kl_coef": torch.tensor(self._beta),
+            "kl_coef": torch.tensor(beta),
             **self.rollout_metrics(batch, scores),
         }
         return experience, metrics
@@ -124,7 +121,7 @@ class PPOTrainer(PolicyGradientTrainer):
 
     def after_update(self, experience, metrics) -> None:
         if self.config.adaptive_kl:
-            kl = self._to_floats({"kl": metrics["objective/kl"]})["kl"]  # mean over ranks
+            kl = self.metrics_log.to_floats({"kl": metrics["objective/kl"]})["kl"]  # mean over ranks
             self.kl_ctl.update(kl, n_steps=experience["input_ids"].shape[0] * self.ctx.world_size)
 
     def extra_state(self) -> dict:

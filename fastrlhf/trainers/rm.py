@@ -12,7 +12,8 @@ import torch
 import fastrlhf
 from fastrlhf._checks import check_number
 from fastrlhf.options import option_help
-from fastrlhf.trainers.base import SupervisedConfig, Trainer
+from fastrlhf.trainers.base import Trainer
+from fastrlhf.trainers.config import SupervisedConfig
 
 
 @dataclass

@@ -11,7 +11,8 @@ import fastrlhf
 from fastrlhf._checks import check_choice
 from fastrlhf.contracts import SFT_LOSS_AGGS
 from fastrlhf.options import option_help
-from fastrlhf.trainers.base import SupervisedConfig, Trainer
+from fastrlhf.trainers.base import Trainer
+from fastrlhf.trainers.config import SupervisedConfig
 
 
 @dataclass

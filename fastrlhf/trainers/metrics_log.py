@@ -1,0 +1,121 @@
+"""What a run reports while it trains: `OUTPUT_DIR/metrics.jsonl` (one JSON line per logged window
+of steps and per evaluation), the same scalars to TensorBoard when it is installed, a tqdm bar with
+live metrics, and log lines. Rank 0 writes; every rank averages.
+
+Step metrics stay tensors on the device and are summed into a window; `to_floats` is the one place
+where they reach the host (a mean over ranks, then `float`), once per logged window and per
+evaluation, so the training step itself never waits for the device.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+logger = logging.getLogger("fastrlhf.trainers")
+
+
+class MetricsLog:
+    def __init__(self, ctx, output_dir: str, *, progress: bool, progress_keys: Sequence[str]) -> None:
+        self.ctx = ctx
+        self.output_dir = Path(output_dir)
+        self.progress = progress
+        self.progress_keys = tuple(progress_keys)
+        self._window: dict[str, torch.Tensor] = {}
+        self._window_steps = 0
+        self._file = None
+        self._tb = None
+        self._bar = None
+
+    def to_floats(self, metrics: dict[str, torch.Tensor], prefix: str = "") -> dict[str, float]:
+        """Mean over ranks of each scalar, as Python floats keyed `prefix + name`: the host sync.
+        A collective: every rank calls it with the same keys."""
+        reduced = self.ctx.reduce_metrics(metrics)
+        return {prefix + k: float(v) for k, v in reduced.items()}
+
+    def say(self, message: str) -> None:
+        """A log line (and a line above the progress bar on rank 0)."""
+        logger.info(message)
+        if self.ctx.is_main and self.progress:
+            from tqdm.auto import tqdm
+
+            tqdm.write(message)
+
+    # ------------------------------------------------------------------ files and bar
+    def open(self, *, step: int, resumed: bool) -> None:
+        """Open metrics.jsonl for appending (after a resume: without the lines logged after the
+        checkpoint's `step`, so the file reads like one run; otherwise emptied) and TensorBoard."""
+        if not self.ctx.is_main:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        path = self.output_dir / "metrics.jsonl"
+        if resumed and path.exists():
+            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+            path.write_text("".join(ln + "\n" for ln in kept))
+        elif not resumed and path.exists():
+            path.unlink()
+        self._file = open(path, "a")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
+        except Exception:  # tensorboard not installed: JSONL only
+            self._tb = None
+
+    def start_bar(self, *, total: int, initial: int, desc: str) -> None:
+        from tqdm.auto import tqdm
+
+        self._bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
+                         disable=not (self.progress and self.ctx.is_main), file=sys.stderr)
+
+    def step_done(self) -> None:
+        self._bar.update(1)
+
+    def close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def close(self) -> None:
+        self.close_bar()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+    def write(self, record: dict[str, Any]) -> None:
+        """One JSON line (rank 0); its numbers also go to TensorBoard at `record["step"]`."""
+        if not self.ctx.is_main:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self._tb.add_scalar(key, value, record["step"])
+
+    # ------------------------------------------------------------------ the window of step metrics
+    def accumulate(self, metrics: dict[str, torch.Tensor]) -> None:
+        for key, value in metrics.items():
+            value = torch.as_tensor(value, dtype=torch.float32).to(self.ctx.device)
+            self._window[key] = self._window.get(key, 0.0) + value
+        self._window_steps += 1
+
+    def log_window(self, *, step: int, epoch: float, elapsed_s: float) -> dict[str, Any] | None:
+        """Write the mean of the steps accumulated since the last call; returns the record written
+        ({"step", "epoch", metrics..., "elapsed_s"}), None when the window is empty."""
+        if not self._window_steps:
+            return None
+        floats = self.to_floats({k: v / self._window_steps for k, v in self._window.items()})
+        self._window, self._window_steps = {}, 0
+        record = {"step": step, "epoch": round(epoch, 4), **floats, "elapsed_s": round(elapsed_s, 3)}
+        self.write(record)
+        if self._bar is not None:
+            self._bar.set_postfix({k: f"{floats[k]:.4g}" for k in self.progress_keys if k in floats}, refresh=False)
+        return record
