@@ -1,0 +1,265 @@
+"""Host overhead of the small losses: what one call costs the CPU before any kernel runs.
+
+`python -m benchmarks.host_overhead [--reps N] [--csv PATH]`
+
+At B x T = 64k tokens a small loss moves ~1 MB, a few microseconds of GPU time, so its speed is
+decided on the host: argument checks, autograd bookkeeping, the torch ops around the kernel (each
+one a CUDA launch) and the Triton launches themselves. This measures that cost on any machine,
+GPU or not:
+
+* every Triton kernel of `fastrlhf.kernels` is replaced by a no-op that only counts its launches
+  (as `tests/gpu_compile.py` records them), and the public function runs with `backend="triton"`
+  on small CPU tensors (TRITON_INTERPRET=1 lets the dispatcher pick the Triton path on CPU);
+* `forward_us` / `full_us`: median wall time of the forward call / forward + backward, over many
+  repetitions, one torch thread. The tensors are tiny (256 tokens, 64 pairs) so that the torch
+  ops cost their dispatch overhead, not arithmetic: their CPU kernels do no real work at that size,
+  and on a GPU the host cost of a torch op does not depend on its size either;
+* `torch_ops_fwd` / `torch_ops_bwd`: ATen ops that launch work (views, allocations and metadata
+  ops excluded), counted with a TorchDispatchMode; on a GPU each is one more kernel launch;
+* `triton_launches_fwd` / `triton_launches_bwd`: kernel launches of the call.
+
+What it does NOT include: the Triton launcher's own host cost per launch (binding the arguments,
+finding the compiled kernel, cuLaunchKernel), which needs a GPU driver to run; add it per counted
+launch (tens of microseconds with Triton 3.x's Python launcher, less once the kernel handle is
+cached). And it says nothing about GPU time.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules import: the Triton path on CPU tensors
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+KERNEL_MODULES = ("fastrlhf.kernels.kl", "fastrlhf.kernels.ppo", "fastrlhf.kernels.preference",
+                  "fastrlhf.kernels.advantages", "fastrlhf.kernels.gae", "fastrlhf.kernels.logprobs",
+                  "fastrlhf.kernels.fused_head", "fastrlhf.kernels.policy_logits")
+
+# ATen ops that launch no kernel on a GPU: views, metadata, allocation without fill.
+_FREE_OPS = {
+    "view", "_unsafe_view", "reshape", "expand", "select", "slice", "unbind", "alias", "detach", "t",
+    "transpose", "permute", "as_strided", "squeeze", "unsqueeze", "empty", "empty_strided",
+    "empty_like", "new_empty", "new_empty_strided", "lift_fresh", "split", "chunk", "_reshape_alias",
+    "is_same_size", "_to_copy_noop", "sym_size", "sym_stride", "sym_numel", "split_with_sizes",
+}
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name not in _FREE_OPS:
+            self.ops.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+class _NoLaunch:
+    """Stands in for a @triton.jit kernel: `kernel[grid](...)` does nothing but count."""
+
+    def __init__(self, counter: list):
+        self.counter = counter
+
+    def __getitem__(self, grid):
+        return self._launch
+
+    def _launch(self, *args, **kwargs):
+        self.counter[0] += 1
+
+
+def _no_launches(counter: list) -> list:
+    replaced = []
+    for name in KERNEL_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError:
+            continue
+        for attr, obj in list(vars(module).items()):
+            if attr.endswith("_kernel") and hasattr(obj, "fn"):
+                replaced.append((module, attr, obj))
+                setattr(module, attr, _NoLaunch(counter))
+    return replaced
+
+
+def _cases() -> dict[str, Callable[[], tuple[Callable, Callable | None]]]:
+    """name -> make(): (forward() -> loss-or-output, backward(output) or None). Inputs built once."""
+    import fastrlhf
+
+    g = torch.Generator().manual_seed(0)
+    B, T, P = 4, 64, 64
+
+    def bt(grad=False, dtype=torch.float32):
+        return (-torch.rand(B, T, generator=g)).to(dtype).requires_grad_(grad)
+
+    mask = torch.rand(B, T, generator=g) > 0.2
+
+    def backward_of(out):
+        loss = out[0] if isinstance(out, tuple) else out
+        if loss.dim():
+            loss = loss.sum()
+        loss.backward()
+
+    def ppo(**options):
+        def make():
+            logps, old, adv = bt(True), bt(), bt()
+            extra = {}
+            if options.pop("with_ref_entropy", False):
+                extra = dict(ref_logps=bt(), kl_coef=0.05, entropy=torch.rand(B, T, generator=g).requires_grad_(), entropy_coef=0.01)
+            kw = dict(options, **extra)
+            return (lambda: fastrlhf.ppo_loss(logps, old, adv, mask, backend="triton", **kw)), backward_of
+        return make
+
+    def value():
+        v, ov, r = bt(True), bt(), bt()
+        return (lambda: fastrlhf.value_loss(v, ov, r, mask, clip_eps=0.2, backend="triton")), backward_of
+
+    def kl():
+        a, b = bt(True), bt()
+        return (lambda: fastrlhf.kl_penalty(a, b, estimator="k3", backend="triton")), backward_of
+
+    def whiten():
+        x = bt(True)
+        return (lambda: fastrlhf.whiten(x, mask, backend="triton")), backward_of
+
+    def group():
+        s = torch.randn(P * 16, generator=g)
+        return (lambda: fastrlhf.group_advantages(s, 16, backend="triton")), None
+
+    def dpo():
+        c, r, rc, rr = (-torch.rand(P, generator=g) * 50 for _ in range(4))
+        c.requires_grad_(), r.requires_grad_()
+        return (lambda: fastrlhf.dpo_loss(c, r, rc, rr, beta=0.1, backend="triton")), backward_of
+
+    def reward():
+        c, r = torch.randn(P, generator=g, requires_grad=True), torch.randn(P, generator=g, requires_grad=True)
+        return (lambda: fastrlhf.reward_loss(c, r, margin=0.5, center_coef=0.01, backend="triton")), backward_of
+
+    cases = {
+        "kl_penalty(k3)": kl,
+        "ppo_loss": ppo(),
+        "ppo_loss(+kl+entropy)": ppo(with_ref_entropy=True, clip_eps_high=0.28, dual_clip=3.0),
+        "ppo_loss(gspo)": ppo(ratio_level="sequence", loss_agg="seq-mean-token-mean"),
+        "value_loss": value,
+        "whiten": whiten,
+        "group_advantages": group,
+        "dpo_loss(sigmoid)": dpo,
+        "reward_loss": reward,
+    }
+    if hasattr(fastrlhf, "policy_loss_from_logits"):
+        def from_logits():
+            V = 32
+            logits = torch.randn(B, T + 1, V, generator=g, requires_grad=True)
+            targets = torch.randint(0, V, (B, T), generator=g)
+            old, ref, adv = bt(), bt(), torch.randn(B, generator=g)
+            return (lambda: fastrlhf.policy_loss_from_logits(
+                logits, targets, old, adv, mask, ref_logps=ref, kl_coef=0.04, clip_eps_high=0.28,
+                backend="triton")), backward_of
+        cases["policy_loss_from_logits"] = from_logits
+    return cases
+
+
+def _median_us(fn: Callable[[], object], reps: int, rounds: int = 3) -> float:
+    """The smallest of `rounds` medians of `reps` timed calls (after 50 untimed ones): the shared
+    machine's noise only ever adds time."""
+    for _ in range(50):
+        fn()
+    medians = []
+    for _ in range(rounds):
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        medians.append(statistics.median(times))
+    return min(medians) * 1e6
+
+
+def measure(reps: int = 300, only: tuple[str, ...] = (), label: str = "") -> list[dict]:
+    torch.set_num_threads(1)
+    counter = [0]
+    replaced = _no_launches(counter)
+    rows = []
+    try:
+        for name, make in _cases().items():
+            if only and name not in only:
+                continue
+            forward, backward = make()
+            counter[0] = 0
+            with _CountOps() as ops:
+                out = forward()
+            fwd_ops, fwd_launches = len(ops.ops), counter[0]
+            bwd_ops = bwd_launches = 0
+            if backward is not None:
+                counter[0] = 0
+                with _CountOps() as ops:
+                    backward(out)
+                bwd_ops, bwd_launches = len(ops.ops), counter[0]
+            row = {"code": label, "function": name, "forward_us": round(_median_us(forward, reps), 1),
+                   "full_us": round(_median_us((lambda: backward(forward())) if backward else forward, reps), 1),
+                   "torch_ops_fwd": fwd_ops, "torch_ops_bwd": bwd_ops,
+                   "triton_launches_fwd": fwd_launches, "triton_launches_bwd": bwd_launches}
+            rows.append(row)
+    finally:
+        for module, attr, obj in replaced:
+            setattr(module, attr, obj)
+    return rows
+
+
+COLUMNS = ["code", "function", "forward_us", "full_us", "torch_ops_fwd", "torch_ops_bwd", "triton_launches_fwd",
+           "triton_launches_bwd"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.host_overhead", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--reps", type=int, default=300)
+    ap.add_argument("--only", default="", help="comma-separated function names")
+    ap.add_argument("--csv", default=None, help="also merge the rows into this CSV (keyed by code, function)")
+    ap.add_argument("--label", default=None, help="the `code` column (default: the git commit)")
+    args = ap.parse_args(argv)
+    label = args.label or _git_commit()
+    rows = measure(args.reps, tuple(s for s in args.only.split(",") if s), label)
+    print("| " + " | ".join(COLUMNS) + " |")
+    print("|" + "---|" * len(COLUMNS))
+    for row in rows:
+        print("| " + " | ".join(str(row[c]) for c in COLUMNS) + " |")
+    if args.csv:
+        path = Path(args.csv)
+        old = list(csv.DictReader(open(path, newline=""))) if path.exists() else []
+        keys = {(r["code"], r["function"]) for r in rows}
+        merged = [r for r in old if (r["code"], r["function"]) not in keys] + rows
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(merged)
+    return 0
+
+
+def _git_commit() -> str:
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fastrlhf", "kernels"], capture_output=True,
+                               text=True, cwd=Path(__file__).resolve().parent).stdout.strip()
+        return out + ("+changes" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
