@@ -42,7 +42,7 @@ os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules import: the Tr
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-KERNEL_MODULES = ("fastrlhf.kernels.kl", "fastrlhf.kernels.ppo", "fastrlhf.kernels.preference",
+KERNEL_MODULES = ("fastrlhf.kernels.kl", "fastrlhf.kernels.ppo", "fastrlhf.kernels.aggregate", "fastrlhf.kernels.preference",
                   "fastrlhf.kernels.advantages", "fastrlhf.kernels.gae", "fastrlhf.kernels.logprobs",
                   "fastrlhf.kernels.fused_head", "fastrlhf.kernels.policy_logits")
 
@@ -51,7 +51,7 @@ _FREE_OPS = {
     "view", "_unsafe_view", "reshape", "expand", "select", "slice", "unbind", "alias", "detach", "t",
     "transpose", "permute", "as_strided", "squeeze", "unsqueeze", "empty", "empty_strided",
     "empty_like", "new_empty", "new_empty_strided", "lift_fresh", "split", "chunk", "_reshape_alias",
-    "is_same_size", "_to_copy_noop", "sym_size", "sym_stride", "sym_numel", "split_with_sizes",
+    "is_same_size", "_to_copy_noop", "sym_size", "sym_stride", "sym_numel", "split_with_sizes", "promote_types",
 }
 
 
@@ -106,11 +106,17 @@ def _cases() -> dict[str, Callable[[], tuple[Callable, Callable | None]]]:
 
     mask = torch.rand(B, T, generator=g) > 0.2
 
+    upstream = {}
+
     def backward_of(out):
+        # The upstream gradient is made once per shape, as a training step gets it from the ops
+        # after the loss: the engine's own ones_like for loss.backward() is not the loss's cost.
+        # autograd.grad, not .backward(): no accumulation into .grad from the previous repetition.
         loss = out[0] if isinstance(out, tuple) else out
-        if loss.dim():
-            loss = loss.sum()
-        loss.backward()
+        if loss.shape not in upstream:
+            upstream[loss.shape] = torch.ones_like(loss)
+        leaves = [t for t in _graph_leaves(loss)]
+        torch.autograd.grad(loss, leaves, grad_outputs=upstream[loss.shape])
 
     def ppo(**options):
         def make():
@@ -171,6 +177,20 @@ def _cases() -> dict[str, Callable[[], tuple[Callable, Callable | None]]]:
     return cases
 
 
+def _graph_leaves(output: torch.Tensor) -> list[torch.Tensor]:
+    """The leaf tensors requiring grad that `output` was computed from."""
+    leaves, seen, stack = [], set(), [output.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            leaves.append(node.variable)
+        stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return leaves
+
+
 def _median_us(fn: Callable[[], object], reps: int, rounds: int = 3) -> float:
     """The smallest of `rounds` medians of `reps` timed calls (after 50 untimed ones): the shared
     machine's noise only ever adds time."""
@@ -197,6 +217,9 @@ def measure(reps: int = 300, only: tuple[str, ...] = (), label: str = "") -> lis
             if only and name not in only:
                 continue
             forward, backward = make()
+            out = forward()  # warm: checks cached, upstream gradients made
+            if backward is not None:
+                backward(out)
             counter[0] = 0
             with _CountOps() as ops:
                 out = forward()

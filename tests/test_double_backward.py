@@ -68,10 +68,6 @@ def test_triton_backend_refuses_to_differentiate_its_gradient(name, device):
     loss = fn(*leaves, backend="triton")
     grads = torch.autograd.grad(loss, leaves, create_graph=True, allow_unused=True)
     penalty = sum((grad ** 2).sum() for grad in grads if grad is not None)
-    if name == "whiten":  # plain torch ops on every backend: differentiable to any order
-        penalty.backward()
-        assert all(torch.isfinite(x.grad).all() for x in leaves)
-        return
     shown = "<policy|dpo|sft>_loss_from_hidden" if name.endswith("_from_hidden") else name
     with pytest.raises(RuntimeError, match=f"fastrlhf.{re.escape(shown)} on the Triton backend has no second derivative"):
         penalty.backward()

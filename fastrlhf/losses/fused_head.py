@@ -378,7 +378,7 @@ def policy_loss_from_hidden(
                                             temperature=temperature, softcap=softcap, chunk_size=chunk_size,
                                             **objective)
 
-    mask_f = args.mask
+    mask_f = mask.to(torch.float32)
     sequence_ratio = ratio_level == "sequence" and old_logps is not None
     # On-policy (old_logps=None) a sequence-level IS weight needs the current log-probs as pi_old.
     sequence_is = args.is_correction is not None and args.is_correction.startswith("sequence") and old_logps is None
