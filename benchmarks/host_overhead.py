@@ -55,7 +55,9 @@ _FREE_OPS = {
 }
 
 
-class _CountOps(TorchDispatchMode):
+class LaunchingOps(TorchDispatchMode):
+    """Records the names of the ATen ops run inside it that launch work on a GPU (`.ops`)."""
+
     def __init__(self):
         super().__init__()
         self.ops: list[str] = []
@@ -221,13 +223,13 @@ def measure(reps: int = 300, only: tuple[str, ...] = (), label: str = "") -> lis
             if backward is not None:
                 backward(out)
             counter[0] = 0
-            with _CountOps() as ops:
+            with LaunchingOps() as ops:
                 out = forward()
             fwd_ops, fwd_launches = len(ops.ops), counter[0]
             bwd_ops = bwd_launches = 0
             if backward is not None:
                 counter[0] = 0
-                with _CountOps() as ops:
+                with LaunchingOps() as ops:
                     backward(out)
                 bwd_ops, bwd_launches = len(ops.ops), counter[0]
             row = {"code": label, "function": name, "forward_us": round(_median_us(forward, reps), 1),

@@ -181,8 +181,9 @@ class Finalize:
         )
         self.constexprs = dict(NP=num_partials, N_AGG=n_agg, AGG0=codes[0], AGG1=codes[1], AGG2=codes[2],
                                TOKENS=self.tokens_mode, SEQUENCES=self.sequences_mode,
-                               BLOCK_R=64 if batch <= 64 else 256, BLOCK_K=next_power_of_2(num_partials),
-                               num_warps=4)
+                               # [BLOCK_R, 16] fp32 tiles at 8 per thread: no more than ~100 registers
+                               BLOCK_R=64 if batch <= 64 else 128, BLOCK_K=next_power_of_2(num_partials),
+                               num_warps=4 if batch <= 64 else 8)
 
     def __call__(self, partials: torch.Tensor, total_tokens=None, total_sequences=None,
                  scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
