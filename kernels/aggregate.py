@@ -103,12 +103,11 @@ def _aggregate_finalize_kernel(
     partials_ptr, scales_ptr, loss_ptr, out_ptr, tokens_ptr, sequences_ptr,
     B, C, length, tokens_value, sequences_value, coef0, coef1, coef2,
     NP: tl.constexpr, N_AGG: tl.constexpr, AGG0: tl.constexpr, AGG1: tl.constexpr, AGG2: tl.constexpr,
-    TOKENS: tl.constexpr, SEQUENCES: tl.constexpr, READ_SCALES: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    TOKENS: tl.constexpr, SEQUENCES: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """partials: fp32 [B, C, NP] with column 0 = n and columns 1..N_AGG = the aggregated sums.
     Writes loss (0-d), out [NP] = (sum_b s_0(b) A_0(b), then column k's total / max(N, 1) for
-    k >= 1), and scales [N_AGG, B] = s_i(b) (READ_SCALES: reads them from there instead)."""
+    k >= 1), and scales [N_AGG, B] = s_i(b), the weights the backward kernels apply."""
     kcols = tl.arange(0, BLOCK_K)
     lanes = tl.arange(0, BLOCK_R)
     counted = tl.zeros((), tl.float32)
@@ -132,27 +131,18 @@ def _aggregate_finalize_kernel(
         row_ok = rows < B
         acc = _row_partials(partials_ptr, rows, kcols, row_ok, C, NP)
         n_b = _column(acc, kcols, 0)
-        if READ_SCALES:
-            s0 = tl.load(scales_ptr + rows, mask=row_ok, other=0.0)
-        else:
-            s0 = row_scale(n_b, tokens, sequences, length, AGG0)
-            tl.store(scales_ptr + rows, s0, mask=row_ok)
+        s0 = row_scale(n_b, tokens, sequences, length, AGG0)
+        tl.store(scales_ptr + rows, s0, mask=row_ok)
         term0 = tl.sum(tl.where(row_ok, s0 * _column(acc, kcols, 1), 0.0), axis=0)
         first += term0
         loss += coef0 * term0
         if N_AGG > 1:
-            if READ_SCALES:
-                s1 = tl.load(scales_ptr + B + rows, mask=row_ok, other=0.0)
-            else:
-                s1 = row_scale(n_b, tokens, sequences, length, AGG1)
-                tl.store(scales_ptr + B + rows, s1, mask=row_ok)
+            s1 = row_scale(n_b, tokens, sequences, length, AGG1)
+            tl.store(scales_ptr + B + rows, s1, mask=row_ok)
             loss += coef1 * tl.sum(tl.where(row_ok, s1 * _column(acc, kcols, 2), 0.0), axis=0)
         if N_AGG > 2:
-            if READ_SCALES:
-                s2 = tl.load(scales_ptr + 2 * B + rows, mask=row_ok, other=0.0)
-            else:
-                s2 = row_scale(n_b, tokens, sequences, length, AGG2)
-                tl.store(scales_ptr + 2 * B + rows, s2, mask=row_ok)
+            s2 = row_scale(n_b, tokens, sequences, length, AGG2)
+            tl.store(scales_ptr + 2 * B + rows, s2, mask=row_ok)
             loss += coef2 * tl.sum(tl.where(row_ok, s2 * _column(acc, kcols, 3), 0.0), axis=0)
     tl.store(loss_ptr, loss)
     metrics = tl.where(kcols == 0, first, totals / tl.maximum(counted, 1.0))
@@ -185,21 +175,18 @@ class Finalize:
                                BLOCK_R=64 if batch <= 64 else 128, BLOCK_K=next_power_of_2(num_partials),
                                num_warps=4 if batch <= 64 else 8)
 
-    def __call__(self, partials: torch.Tensor, total_tokens=None, total_sequences=None,
-                 scales: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __call__(self, partials: torch.Tensor, total_tokens=None,
+                 total_sequences=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Returns `(loss, out, scales)`: fp32 0-d loss; fp32 [NP] = (sum_b s_0(b) A_0(b), column
-        totals / max(N, 1)); fp32 [len(aggs), B] aggregation weights. `scales` given: used instead
-        of computed (a caller that needed them before its loss kernel, `policy_loss_from_logits`)."""
+        totals / max(N, 1)); fp32 [len(aggs), B] aggregation weights."""
         device = partials.device
         loss = torch.empty((), dtype=torch.float32, device=device)
         out = torch.empty(self.shape[2], dtype=torch.float32, device=device)
-        read_scales = scales is not None
-        if scales is None:
-            scales = torch.empty((self.n_agg, self.shape[0]), dtype=torch.float32, device=device)
+        scales = torch.empty((self.n_agg, self.shape[0]), dtype=torch.float32, device=device)
         _aggregate_finalize_kernel[(1,)](
             partials, scales, loss, out,
             total_tokens if self.tokens_mode == TOTAL_TENSOR else loss,
             total_sequences if self.sequences_mode == TOTAL_TENSOR else loss,
-            *self.scalars, READ_SCALES=read_scales, **self.constexprs,
+            *self.scalars, **self.constexprs,
         )
         return loss, out, scales

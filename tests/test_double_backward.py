@@ -43,6 +43,9 @@ def _cases(dtype, device):
         "policy_loss_from_hidden": (lambda h, w, backend: fastrlhf.policy_loss_from_hidden(
             h, w, targets, old, adv, mask, ref_logps=ref, kl_coef=0.1, entropy_coef=0.01, backend=backend)[0],
             (rand(B, T, H), rand(V, H))),
+        "policy_loss_from_logits": (lambda x, backend: fastrlhf.policy_loss_from_logits(
+            x, targets, old, adv, mask, ref_logps=ref, kl_coef=0.1, entropy_coef=0.01, backend=backend)[0],
+            (rand(B, T + 1, V),)),
         "dpo_loss_from_hidden": (lambda h, w, backend: fastrlhf.dpo_loss_from_hidden(
             h, w, targets, rc[:1], rr[:1], beta=0.5, backend=backend)[0], (rand(B, T, H), rand(V, H))),
         "sft_loss_from_hidden": (lambda h, w, backend: fastrlhf.sft_loss_from_hidden(h, w, targets, backend=backend)[0],

@@ -224,6 +224,24 @@ def _fused_head_variants():
     hidden = torch.randn(3, 16, requires_grad=True)
     weight = torch.randn(131, 16, requires_grad=True)
     fastrlhf.sft_loss_from_hidden(hidden, weight, torch.randint(0, 131, (3,)), backend="triton")[0].backward()
+    # policy_loss_from_logits: the model's bf16 / fp32 logits, next-token [B, T + 1, V] and aligned
+    # [B, T, V] rows, the gradient into a new buffer or in place (REVERSE_GRAD), forward only, and
+    # grad_output != 1 (the scale kernel's multiply).
+    for dtype in (torch.float32, torch.bfloat16):
+        for shift in (1, 0):
+            full = torch.randn(B, T + 1, H, dtype=dtype, requires_grad=True)
+            weight = torch.randn(V, H, dtype=dtype, requires_grad=True)
+            targets = torch.randint(0, V, (B, T))
+            old, adv, ref = (torch.randn(B, T) for _ in range(3))
+            for inplace in (False, True):
+                logits = full[:, : T + shift] @ weight.t()
+                loss, _ = fastrlhf.policy_loss_from_logits(logits, targets, old, adv[:, 0], torch.ones(B, T),
+                                                           ref_logps=ref, kl_coef=0.04, inplace=inplace,
+                                                           backend="triton")
+                (2.0 * loss).backward()
+            with torch.no_grad():
+                fastrlhf.policy_loss_from_logits(logits, targets, None, adv, torch.ones(B, T), entropy_coef=0.01,
+                                                 backend="triton")
 
 
 VARIANT_SOURCES = {
@@ -262,7 +280,7 @@ EXPECTED = {
                                   "SELECT_ENT")}
         | {"LOSS_TYPE": {0, 1, 2}, "IS_MODE": {0, 1, 2}, "ROWS": {1, 32}},
         "_aggregate_finalize_kernel": {"N_AGG": {1, 3}, "AGG0": {0, 1, 2}, "AGG1": {0, 1, 2}, "TOKENS": {0, 1, 2},
-                                       "SEQUENCES": {0, 1, 2}, "READ_SCALES": {False}, "BLOCK_R": {64, 128}},
+                                       "SEQUENCES": {0, 1, 2}, "BLOCK_R": {64, 128}},
         "_value_forward_kernel": {"ROWS": {1, 32}},
         "_value_backward_kernel": {"ROWS": {1, 32}},
         "_kl_penalty_forward_kernel": {"ESTIMATOR": {1, 2, 3}},
@@ -281,12 +299,13 @@ EXPECTED = {
         "_fused_head_rows_kernel": {name: {True, False} for name in
                                     ("HAS_OLD", "HAS_REF", "DUAL", "ENTROPY_GRAD", "WRITE_GRAD", "HAS_SOFTCAP",
                                      "NARROW_IN_PLACE", "SEQ_RATIO", "ADV_PER_ROW", "IS_PER_ROW", "SELECT_ENT",
-                                     "SPLIT_AGG")}
+                                     "SPLIT_AGG", "NEXT_TOKEN", "REVERSE_GRAD")}
         | {"LOSS": {0, 1}, "ESTIMATOR": {1, 2, 3}, "BLOCK_V": {256, 4096}, "LOSS_TYPE": {0, 1, 2},
            "IS_MODE": {0, 1, 2}},
         "_logprobs_forward_kernel": {"COMPUTE_ENTROPY": {False}},
         "_logprobs_backward_kernel": {"HAS_GRAD_LOGPS": {True}, "HAS_GRAD_ENTROPY": {False},
                                       "NARROW_IN_PLACE": {True, False}},
+        "_scale_unless_one_kernel": {"BLOCK": {4096}},
     },
     "preference": {
         "_dpo_loss_forward_kernel": {"LOSS_TYPE": set(range(len(DPO_LOSS_TYPES))), "HAS_REF": {True, False}, "BLOCK_B": {16, 1024}},
