@@ -8,9 +8,10 @@ value checks for their options.
 Tensor checks look at shapes, dtypes and Python scalars only, never at tensor values (which would
 cost a host-device sync), except the token-id range of CPU targets.
 
-The checks of the small losses run once per signature (`once_per_signature`): a training loop calls
-them every step with the same shapes and options, and on a GPU their ~10 us of Python would be
-most of such a loss's time.
+What a call needs that follows from its shapes and options alone is made once per signature
+(`once_per_signature`): `check_ppo_args` (~10 us of Python, which a training loop would pay every
+step with the same shapes and options) and the losses' kernel plans. The other checks cost about
+what looking a signature up costs (2-6 us), so they simply run.
 """
 from __future__ import annotations
 
@@ -281,7 +282,6 @@ def canonical_kl_estimator(name: str, estimator: str) -> str:
 
 
 
-@once_per_signature
 def check_kl_args(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) -> str:
     check_floating("logps", logps)
     check_floating("ref_logps", ref_logps)
@@ -397,7 +397,6 @@ def check_ppo_args(
 
 
 
-@once_per_signature
 def check_value_args(values, old_values, returns, mask, *, clip_eps, loss_agg, total_tokens=None,
                      total_sequences=None, norm_length=None) -> None:
     """Validate `value_loss` arguments."""
@@ -420,7 +419,6 @@ def check_unit_interval(name: str, value: float) -> None:
 
 
 
-@once_per_signature
 def check_gae_args(rewards, values, mask, gamma: float, lam: float, skip_masked: bool = True,
                    whiten: bool = False) -> None:
     check_bool("skip_masked", skip_masked)
@@ -455,7 +453,6 @@ def check_advantage_args(rewards, mask, values, group_size: int, *, needs_values
         )
 
 
-@once_per_signature
 def check_whiten_args(x, mask, eps: float) -> None:
     check_floating("x", x)
     check_mask("mask", mask, x)
@@ -464,7 +461,6 @@ def check_whiten_args(x, mask, eps: float) -> None:
 
 
 
-@once_per_signature
 def check_group_args(scores, group_size: int, eps: float, std: str = "sample") -> None:
     check_choice("std", std, GROUP_STD_KINDS)
     check_floating("scores", scores)
@@ -481,7 +477,6 @@ def check_group_args(scores, group_size: int, eps: float, std: str = "sample") -
 
 # --------------------------------------------------------------------------- preference losses
 
-@once_per_signature
 def check_dpo_args(
     chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps,
     beta: float, loss_type: str, label_smoothing: float, gamma: float,
@@ -518,7 +513,6 @@ def check_dpo_args(
 
 
 
-@once_per_signature
 def check_reward_args(chosen_rewards, rejected_rewards, margin, center_coef: float) -> None:
     check_floating("chosen_rewards", chosen_rewards)
     check_ndim("chosen_rewards", chosen_rewards, 1, "[B]")
