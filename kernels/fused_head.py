@@ -1,7 +1,10 @@
 """Row kernel of the fused RL head: per-token loss and d loss / d logits from one chunk of logits.
 
 `fastrlhf.losses.fused_head` makes a chunk of fp32 logits `[C, V]` with cuBLAS and calls this
-kernel once per chunk; one program per row:
+kernel once per chunk; `policy_loss_from_logits` calls it once over the model's own logits
+(`[B, T + 1, V]` rows, NEXT_TOKEN: the last position of each sequence only gets a zero gradient
+row; REVERSE_GRAD: pass 2 walks the row back to front, starting on the blocks pass 1 read last,
+which are the likeliest still in L2). One program per row:
 
     pass 1  one streaming read of the row: online (max, sum-exp, sum-exp·shifted) -> lse, logp,
             entropy (`logprobs._row_logprob`, the same code as `token_logprobs`' forward)

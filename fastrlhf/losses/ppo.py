@@ -1,6 +1,6 @@
 """Public PPO-family losses: `kl_penalty`, `ppo_loss`, `value_loss`.
 
-Each validates its arguments (`fastrlhf._checks`, once per signature), then runs either the
+Each validates its arguments (`fastrlhf._checks`), then runs either the
 Triton kernels (wrapped in an autograd.Function here) or the PyTorch twin in
 `fastrlhf.twins.ppo`, as `backend` / `fastrlhf._dispatch.resolve_backend` decide.
 Both backends compute in fp32 (fp64 for fp64 inputs on the torch path), return an fp32 loss and give
@@ -118,8 +118,9 @@ class _PolicyPlan:
 
 def _policy_metric_columns(*, dual_clip, has_ref: bool, has_entropy: bool, is_correction,
                            top_entropy_quantile: float) -> tuple[tuple[str, int], ...]:
-    """(metric, column of `contracts.PPO_PARTIALS` in the finalize's output), in the twin's order;
-    column "pg" stands for the aggregated policy term (the finalize's output 0)."""
+    """(metric, position in the finalize's output), in the twin's order. The finalize writes the
+    aggregated policy term at 0 (pg_loss) and at k >= 1 the mean over counted tokens of the sum in
+    column k of `contracts.PPO_PARTIALS`."""
     names = [("clipfrac", "clipped")]
     if dual_clip is not None:
         names.append(("dual_clipfrac", "dual_clipped"))
@@ -127,13 +128,13 @@ def _policy_metric_columns(*, dual_clip, has_ref: bool, has_entropy: bool, is_co
         names += [("is_weight_mean", "is_weight"), ("is_clipfrac", "is_clipped")]
     if top_entropy_quantile < 1.0:
         names.append(("entropy_kept_frac", "entropy_kept"))
-    names.append(("pg_loss", "n"))  # output 0: sum_b s_b (sum_t m pg)
+    names.append(("pg_loss", None))
     if has_ref:
         names.append(("kl", "kl"))
     if has_entropy:
         names.append(("entropy", "entropy"))
     names += [("approx_kl", "approx_kl"), ("ratio_mean", "ratio")]
-    return tuple((metric, PPO_PARTIALS.index(column)) for metric, column in names)
+    return tuple((metric, 0 if column is None else PPO_PARTIALS.index(column)) for metric, column in names)
 
 
 def _plain_totals(total_tokens, total_sequences) -> dict:
