@@ -820,17 +820,15 @@ def sft_loss_from_hidden_case(B, T, V, H, dtype, device) -> Case:
 GRPO_KW = dict(clip_eps=0.2, clip_eps_high=0.28, kl_coef=0.04, kl_estimator="k3", loss_agg="token-mean")
 
 
-def _grpo_head(logprobs_fn, ppo_fn, x, backend):
+def _grpo_head(policy_loss_from_logits, x, backend):
     kw = {"backend": backend} if backend else {}
-    # The model's [B, L+1, V] logits as they are (next-token layout), as Liger's GRPO loss takes them:
-    # slicing [:, :-1] first would add a logits-sized slice_backward.
-    logps = logprobs_fn(x["padded"], x["ids"], **kw)
-    adv = x["advantages"][:, None].expand_as(logps).contiguous()
-    return ppo_fn(logps, x["old_logps"], adv, x["mask"].bool(), ref_logps=x["ref_logps"], **GRPO_KW, **kw)
+    # The model's [B, L+1, V] logits as they are (next-token layout), as Liger's GRPO loss takes them.
+    return policy_loss_from_logits(x["padded"], x["ids"], x["old_logps"], x["advantages"], x["mask"],
+                                   ref_logps=x["ref_logps"], **GRPO_KW, **kw)
 
 
 def _grpo_reference(x):
-    return _grpo_head(_reference("logprobs_from_logits"), _reference("ppo_loss"), x, None)
+    return _grpo_head(_reference("policy_loss_from_logits"), x, None)
 
 
 @functools.lru_cache(maxsize=None)
@@ -842,7 +840,9 @@ def _grpo_compiled():
 def grpo_from_logits_case(B, L, V, dtype, device) -> Case:
     """GRPO's per-token objective from the logits: log-softmax + gather, token-level clipped ratio
     with sequence advantages, k3 KL to the reference (beta 0.04), token-mean ("bnpo").
-    Liger fuses exactly this in `triton_grpo_loss`; TRL's GRPOTrainer does it op by op."""
+    Liger fuses exactly this in `triton_grpo_loss`; TRL's GRPOTrainer does it op by op; fastrlhf's
+    `policy_loss_from_logits` writes the logits' gradient in the forward (its reference row is the
+    twin: `logprobs_from_logits` + `ppo_loss`)."""
     dt = DTYPES[dtype]
 
     def make(dev):
@@ -858,7 +858,7 @@ def grpo_from_logits_case(B, L, V, dtype, device) -> Case:
     backend = fastrlhf_backend(device)
 
     def fast(x):
-        return _grpo_head(_losses("logprobs_from_logits"), _losses("ppo_loss"), x, backend)
+        return _grpo_head(_losses("policy_loss_from_logits"), x, backend)
 
     def trl_style(x):
         """TRL GRPOTrainer (trl/trainer/grpo_trainer.py, _compute_loss, loss_type="bnpo", token-level IS)."""
@@ -878,9 +878,10 @@ def grpo_from_logits_case(B, L, V, dtype, device) -> Case:
         return loss
 
     providers = [
-        Provider("fastrlhf", fast, fastrlhf_status("ppo_loss"), backend=backend),
-        Provider("torch-reference", _grpo_reference, reference_status("ppo_loss"), backend="eager"),
-        Provider("torch-compile", lambda x: _grpo_compiled()(x), reference_status("ppo_loss"), backend="inductor"),
+        Provider("fastrlhf", fast, fastrlhf_status("policy_loss_from_logits"), backend=backend),
+        Provider("torch-reference", _grpo_reference, reference_status("policy_loss_from_logits"), backend="eager"),
+        Provider("torch-compile", lambda x: _grpo_compiled()(x), reference_status("policy_loss_from_logits"),
+                 backend="inductor"),
         Provider("trl-style", trl_style, peer("trl.trainer.utils"),
                  backend="triton" if device.startswith("cuda") else "eager", strong=True),
         Provider("liger-grpo", liger, peer("liger_kernel.transformers.grpo_loss", needs_cuda=True),
@@ -888,6 +889,8 @@ def grpo_from_logits_case(B, L, V, dtype, device) -> Case:
     ]
 
     def work(mode):
+        # The logits read twice and their gradient written once (fastrlhf in its forward, Liger's
+        # forward + backward): the bytes of the whole step, the same for every provider.
         logits_bytes = B * (L + 1) * V * elt(dtype)
         return {"forward": logits_bytes, "backward": 2 * logits_bytes, "full": 3 * logits_bytes}[mode], "GB/s"
 

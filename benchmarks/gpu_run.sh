@@ -5,7 +5,8 @@
 #
 #   phase  what                                                              cap    expected  file (under RUN_DIR)
 #   setup  nvidia-smi, install the carried wheels and fastrlhf, versions     -      ~20 s     gpu_run.log (all output)
-#   a      native tests of every kernel changed since the last GPU run       90 s   ~40-60 s  a-tests.log
+#   a      native tests of every kernel changed since the last GPU run,      120 s  ~60-90 s  a-tests.log,
+#          then the small losses' host and GPU time per call (real launches)                  a-host-overhead.csv
 #   b      e2e PPO + DPO steps (4 providers), with and without checkpointing 140 s  ~100-140  b-e2e/<device>.csv
 #   c      the device's GEMM/copy ceilings, then the headline rows vs the    210 s  ~150-210  c-headline/<device>.csv
 #          strongest peers only, fwd+bwd (compiles: Liger, torch.compile)
@@ -15,7 +16,7 @@
 # The caps share one overall budget (GPU_RUN_SECONDS, default 450 = 7.5 min): a phase gets min(its cap, what is
 # left), (d) gets what is left. Inside a benchmark phase python stops starting new cases at the cap minus a grace
 # period ("skipped: time budget" rows) and `timeout` kills it at the cap; the CSV is rewritten after every case.
-# RUN_DIR is $OUT on the device tool (at most 8 files come back: these are 5), else $BENCH_RUN_DIR
+# RUN_DIR is $OUT on the device tool (at most 8 files come back: these are 6), else $BENCH_RUN_DIR
 # (default /tmp/gpu_run). Nothing in the checkout is written.
 #
 # Device tool, after `bash benchmarks/fetch_wheels.sh` here (add --cutedsl for Liger's CuTe head, see there):
@@ -25,7 +26,7 @@
 #   python -m benchmarks.report --merge <files_at>/b-e2e <files_at>/c-headline <files_at>/d-rest --update-readme
 #
 # CPU dry run (small shapes, the same phases and files): BENCH_DEVICE=cpu bash benchmarks/gpu_run.sh
-# Env: PHASES (default abcd), GPU_RUN_SECONDS (450), CAP_A / CAP_B / CAP_C (90 / 140 / 210 s), BENCH_DEVICE (cuda),
+# Env: PHASES (default abcd), GPU_RUN_SECONDS (450), CAP_A / CAP_B / CAP_C (120 / 140 / 210 s), BENCH_DEVICE (cuda),
 #      BENCH_RUN_DIR, PYTHON (python3), BENCH_QUICK (1 on CPU: the --quick shapes), PYTEST_WORKERS (8 on CUDA).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -146,17 +147,22 @@ run_phase() {
 }
 
 KERNEL_TESTS="tests/test_fused_head.py tests/test_logprobs.py tests/test_ppo.py tests/test_preference.py
-  tests/test_advantages.py tests/test_double_backward.py"
+  tests/test_advantages.py tests/test_double_backward.py tests/test_small_kernels.py tests/test_policy_logits.py"
 XDIST=""
 if [ "$DEVICE" != "cpu" ] && $PY -c "import xdist" 2>/dev/null; then XDIST="-n ${PYTEST_WORKERS:-8}"; fi
 pytest_phase() {
   # no -x: one failure must not hide the others. Its output goes to a-tests.log and gpu_run.log.
   # shellcheck disable=SC2086
   $PY -m pytest $KERNEL_TESTS -q -p no:cacheprovider $XDIST --maxfail=40 -rfE 2>&1 | tee "$RUN_DIR/a-tests.log"
-  return "${PIPESTATUS[0]}"
+  local rc=${PIPESTATUS[0]}
+  # The small losses at B x T = 64 x 1024: host time per call with real launches, GPU time per call.
+  local device=cuda
+  [ "$DEVICE" = "cpu" ] && device=cpu
+  $PY -m benchmarks.host_overhead --device "$device" --reps 200 --csv "$RUN_DIR/a-host-overhead.csv" || rc=1
+  return "$rc"
 }
 export -f pytest_phase 2>/dev/null
-export PY KERNEL_TESTS XDIST RUN_DIR
+export PY KERNEL_TESTS XDIST RUN_DIR DEVICE
 
 bench() {  # results subfolder, extra arguments
   local dir=$1; shift
@@ -164,7 +170,7 @@ bench() {  # results subfolder, extra arguments
 }
 
 SLUG=$($PY -c "from benchmarks.device import detect; print(detect('$DEVICE').slug)")
-run_phase a "${CAP_A:-90}" a-tests.log bash -c pytest_phase
+run_phase a "${CAP_A:-120}" a-tests.log bash -c pytest_phase
 # shellcheck disable=SC2046
 run_phase b "${CAP_B:-140}" "b-e2e/$SLUG.csv" $(bench b-e2e --only e2e)
 # shellcheck disable=SC2046

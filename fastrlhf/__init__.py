@@ -27,6 +27,8 @@ _EXPORTS = {
     "policy_loss_from_hidden": "fastrlhf.losses.fused_head",
     "dpo_loss_from_hidden": "fastrlhf.losses.fused_head",
     "sft_loss_from_hidden": "fastrlhf.losses.fused_head",
+    # ... and from logits the model made (GRPO from logits: one read of the logits, the gradient written once)
+    "policy_loss_from_logits": "fastrlhf.losses.fused_head",
     # preference losses
     "dpo_loss": "fastrlhf.losses.preference",
     "reward_loss": "fastrlhf.losses.preference",

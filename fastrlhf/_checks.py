@@ -7,13 +7,19 @@ value checks for their options.
 
 Tensor checks look at shapes, dtypes and Python scalars only, never at tensor values (which would
 cost a host-device sync), except the token-id range of CPU targets.
+
+What a call needs that follows from its shapes and options alone is made once per signature
+(`once_per_signature`): `check_ppo_args` (~10 us of Python, which a training loop would pay every
+step with the same shapes and options) and the losses' kernel plans. The other checks cost about
+what looking a signature up costs (2-6 us), so they simply run.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -87,15 +93,56 @@ def check_same_device(**tensors: torch.Tensor | None) -> None:
         raise ValueError(f"all tensors must be on one device, got {listed}")
 
 
-def as_float_mask(name: str, mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Accept a bool / integer / float mask shaped like `like`; return it as float32 (1 = counts)."""
+def check_mask(name: str, mask: torch.Tensor, like: torch.Tensor) -> None:
+    """A bool / integer / float mask shaped like `like` (1 = counts; a float mask weighs its tokens)."""
     if not isinstance(mask, torch.Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(mask).__name__}")
     if mask.shape != like.shape:
         raise ValueError(f"{name} must have shape {tuple(like.shape)}, got {tuple(mask.shape)}")
     if mask.is_complex():
         raise ValueError(f"{name} must be bool, integer or float, got {mask.dtype}")
-    return mask.to(torch.float32)
+
+
+# --------------------------------------------------------------------------- checks run once per signature
+
+# Signatures kept per function; the cache is emptied when full (a loop over many shapes only re-checks).
+SIGNATURES_KEPT = 256
+
+
+def _signature(args: tuple, kwargs: dict) -> tuple:
+    """What a check may look at: each tensor's shape, dtype and device (never its values), every
+    other argument's value, and all the arguments' types (which keep True, 1 and 1.0 apart)."""
+    values = (*args, *kwargs.values())
+    return (tuple(kwargs), tuple([(v.shape, v.dtype, v.device) if isinstance(v, torch.Tensor) else v for v in values]),
+            tuple(map(type, values)))
+
+
+def once_per_signature(function: Callable) -> Callable:
+    """Run `function(*args, **kwargs)` once per signature (`_signature`): later calls whose tensors
+    have the same shapes, dtypes and devices and whose other arguments are equal values of the same
+    types return the first call's result. For checks, and for what a call needs that follows from
+    its options and shapes alone (kernel constexprs, metric names): nothing that depends on tensor
+    values or identities. A failing call caches nothing (a bad argument raises every time); an
+    argument that cannot be hashed (a list given for a name, say) runs the function every time."""
+    seen: dict = {}
+
+    @functools.wraps(function)
+    def wrapper(*args, **kwargs):
+        try:
+            key = _signature(args, kwargs)
+            return seen[key]
+        except KeyError:
+            pass
+        except TypeError:  # an unhashable argument
+            return function(*args, **kwargs)
+        result = function(*args, **kwargs)
+        if len(seen) >= SIGNATURES_KEPT:
+            seen.clear()
+        seen[key] = result
+        return result
+
+    wrapper.cache_clear = seen.clear
+    return wrapper
 
 
 # --------------------------------------------------------------------------- option values
@@ -246,12 +293,11 @@ def check_kl_args(logps: torch.Tensor, ref_logps: torch.Tensor, estimator: str) 
 
 @dataclasses.dataclass(frozen=True)
 class PolicyArgs:
-    """What `check_ppo_args` resolved: canonical names, defaults filled in, the fp32 mask."""
+    """What `check_ppo_args` resolved: canonical names, defaults filled in."""
 
     kl_estimator: str
     clip_eps_high: float
     is_correction: str | None
-    mask: torch.Tensor
 
 
 def check_totals(total_tokens, total_sequences, norm_length, device: torch.device) -> None:
@@ -273,6 +319,7 @@ def check_totals(total_tokens, total_sequences, norm_length, device: torch.devic
         check_number("norm_length", norm_length, low=0, low_open=True)
 
 
+@once_per_signature
 def check_ppo_args(
     logps, old_logps, advantages, mask, *, loss_type="ppo", ratio_level="token", clip_eps, clip_eps_high,
     dual_clip, sapo_tau_pos=1.0, sapo_tau_neg=1.05, rollout_logps=None, is_correction=None, is_clip_min=None,
@@ -300,7 +347,7 @@ def check_ppo_args(
             f"advantages must be [B, T] = {tuple(logps.shape)} (per token) or [B] = {tuple(logps.shape[:1])} "
             f"(per sequence), got {tuple(advantages.shape)}"
         )
-    mask_f = as_float_mask("mask", mask, logps)
+    check_mask("mask", mask, logps)
     check_same_device(logps=logps, old_logps=old_logps, advantages=advantages, mask=mask,
                       ref_logps=ref_logps, entropy=entropy, rollout_logps=rollout_logps)
     check_positive("clip_eps", clip_eps)
@@ -346,23 +393,22 @@ def check_ppo_args(
         if value is not None:
             check_choice(name, value, LOSS_AGGS)
     check_totals(total_tokens, total_sequences, norm_length, logps.device)
-    return PolicyArgs(canonical_kl_estimator("kl_estimator", kl_estimator), clip_eps_high, is_correction, mask_f)
+    return PolicyArgs(canonical_kl_estimator("kl_estimator", kl_estimator), clip_eps_high, is_correction)
 
 
 
 def check_value_args(values, old_values, returns, mask, *, clip_eps, loss_agg, total_tokens=None,
-                     total_sequences=None, norm_length=None) -> torch.Tensor:
-    """Validate `value_loss` arguments. Returns the fp32 mask."""
+                     total_sequences=None, norm_length=None) -> None:
+    """Validate `value_loss` arguments."""
     for name, tensor in (("values", values), ("old_values", old_values), ("returns", returns)):
         check_floating(name, tensor)
     check_ndim("values", values, 2, "[B, T]")
     check_same_shape("values", values, old_values=old_values, returns=returns)
-    mask_f = as_float_mask("mask", mask, values)
+    check_mask("mask", mask, values)
     check_same_device(values=values, old_values=old_values, returns=returns, mask=mask)
     check_positive("clip_eps", clip_eps)
     check_choice("loss_agg", loss_agg, LOSS_AGGS)
     check_totals(total_tokens, total_sequences, norm_length, values.device)
-    return mask_f
 
 
 # --------------------------------------------------------------------------- advantages
@@ -381,7 +427,7 @@ def check_gae_args(rewards, values, mask, gamma: float, lam: float, skip_masked:
     check_floating("values", values)
     check_ndim("rewards", rewards, 2, "[B, T]")
     check_same_shape("rewards", rewards, values=values, mask=mask)
-    as_float_mask("mask", mask, rewards)  # validates the mask dtype
+    check_mask("mask", mask, rewards)
     check_same_device(rewards=rewards, values=values, mask=mask)
     check_unit_interval("gamma", gamma)
     check_unit_interval("lam", lam)
@@ -392,7 +438,7 @@ def check_advantage_args(rewards, mask, values, group_size: int, *, needs_values
     """`compute_advantages`'s tensors: [B, T] float rewards, a mask and (gae) values of that shape."""
     check_floating("rewards", rewards)
     check_ndim("rewards", rewards, 2, "[B, T]")
-    as_float_mask("mask", mask, rewards)
+    check_mask("mask", mask, rewards)
     if needs_values and values is None:
         raise ValueError("the 'gae' advantage estimator needs values ([B, T] value predictions), got values=None")
     if values is not None:
@@ -409,7 +455,7 @@ def check_advantage_args(rewards, mask, values, group_size: int, *, needs_values
 
 def check_whiten_args(x, mask, eps: float) -> None:
     check_floating("x", x)
-    as_float_mask("mask", mask, x)
+    check_mask("mask", mask, x)
     check_same_device(x=x, mask=mask)
     check_non_negative("eps", eps)
 
@@ -487,4 +533,4 @@ def check_sequence_logps_args(logps, mask) -> None:
     check_floating("logps", logps)
     check_ndim("logps", logps, 2, "[B, T]")
     check_same_device(logps=logps, mask=mask)
-    as_float_mask("mask", mask, logps)  # validates the mask's type and shape
+    check_mask("mask", mask, logps)

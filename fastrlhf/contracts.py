@@ -84,8 +84,15 @@ PPO_STATS = (
     "is_clipped",    # sum m * [IS weight truncated or masked]
     "entropy_kept",  # sum m * [token among the top entropy quantile]  (0 without top_entropy_quantile)
 )
-# `value_loss`: sums over all tokens.
-VALUE_STATS = ("loss", "clipped", "values")
+# `ppo_loss` / `value_loss`: per (row, token chunk) UNWEIGHTED sums, aggregated into the loss and
+# divided into the metrics by one finalize kernel (`fastrlhf.kernels.aggregate`). Column 0 is the
+# mask sum n; the next columns are the terms each aggregation weighs (policy, KL, entropy / the
+# value loss), then the metric numerators. Every sum is over m * (value), m the mask.
+PPO_PARTIALS = (
+    "n", "pg", "kl", "entropy",        # aggregated: loss = agg(pg) + kl_coef agg_kl(kl) - entropy_coef agg_ent(entropy)
+    "clipped", "approx_kl", "ratio", "dual_clipped", "is_weight", "is_clipped", "entropy_kept",
+)
+VALUE_PARTIALS = ("n", "loss", "clipped", "values")
 # `dpo_loss`: means over the batch, published under these names (TRL's).
 DPO_STATS = (
     "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",

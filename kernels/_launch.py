@@ -8,7 +8,6 @@ that to record, on a machine without a GPU, exactly the kernel variants a GPU wo
 from __future__ import annotations
 
 import torch
-import triton
 
 GPU_SIZES_EVERYWHERE = False
 
@@ -21,6 +20,17 @@ _MAX_ELEMENTWISE_BLOCK = 1024
 # Elementwise kernels index with int32 (pid * BLOCK + arange): cheaper than int64, and a [B, T]
 # tensor of 2**31 tokens (8 GiB per fp32 input) is far beyond any RL batch.
 MAX_INT32_ELEMENTS = 2**31 - 1
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for ints. Plain Python: in recent Triton `triton.cdiv` is a constexpr function
+    whose host-side call costs microseconds, which the small losses' launchers cannot afford."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1); plain Python, see `cdiv`."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
 def gpu_sizes(device: torch.device) -> bool:
@@ -36,7 +46,7 @@ def elementwise_block(n: int, device: torch.device) -> int:
     """
     if not gpu_sizes(device):
         return _MAX_ELEMENTWISE_BLOCK
-    per_program = triton.next_power_of_2(max(triton.cdiv(n, _TARGET_PROGRAMS), 1))
+    per_program = next_power_of_2(max(cdiv(n, _TARGET_PROGRAMS), 1))
     return min(max(per_program, _MIN_ELEMENTWISE_BLOCK), _MAX_ELEMENTWISE_BLOCK)
 
 

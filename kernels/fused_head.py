@@ -1,7 +1,10 @@
 """Row kernel of the fused RL head: per-token loss and d loss / d logits from one chunk of logits.
 
 `fastrlhf.losses.fused_head` makes a chunk of fp32 logits `[C, V]` with cuBLAS and calls this
-kernel once per chunk; one program per row:
+kernel once per chunk; `policy_loss_from_logits` calls it once over the model's own logits
+(`[B, T + 1, V]` rows, NEXT_TOKEN: the last position of each sequence only gets a zero gradient
+row; REVERSE_GRAD: pass 2 walks the row back to front, starting on the blocks pass 1 read last,
+which are the likeliest still in L2). One program per row:
 
     pass 1  one streaming read of the row: online (max, sum-exp, sum-exp·shifted) -> lse, logp,
             entropy (`logprobs._row_logprob`, the same code as `token_logprobs`' forward)
@@ -40,10 +43,12 @@ import torch
 import triton
 import triton.language as tl
 from fastrlhf.kernels.kl import ESTIMATOR_CODES
+from fastrlhf.kernels._launch import gpu_sizes
 from fastrlhf.kernels.logprobs import (
     _block_v,
     _num_warps,
     _row_logprob,
+    _row_offset,
     _softcap_args,
     _write_row_dlogits,
     dlogits_view,  # noqa: F401  (re-exported: where the row kernel's d logits go)
@@ -79,23 +84,37 @@ def _fused_head_rows_kernel(
     logits_ptr, dlogits_ptr, targets_ptr, mask_ptr, row_scale_ptr, kl_row_scale_ptr, ent_row_scale_ptr,
     old_ptr, adv_ptr, ref_ptr, rollout_ptr, seq_log_ratio_ptr, seq_is_ptr, threshold_ptr, selection_entropy_ptr,
     stats_ptr,
-    V, row0, T, stride_logits, stride_dlogits, inv_temperature, softcap, inv_softcap,
+    V, row0, T, rows_per_group, stride_group, stride_row, d_stride_group, d_stride_row,
+    inv_temperature, softcap, inv_softcap,
     clip_low, clip_high, dual_clip, kl_coef, entropy_coef, tau_pos, tau_neg, is_log_min, is_log_max,
     IGNORE: tl.constexpr, LOSS: tl.constexpr, LOSS_TYPE: tl.constexpr, SEQ_RATIO: tl.constexpr,
     ADV_PER_ROW: tl.constexpr, IS_MODE: tl.constexpr, IS_PER_ROW: tl.constexpr, SELECT_ENT: tl.constexpr,
     SPLIT_AGG: tl.constexpr, HAS_OLD: tl.constexpr, HAS_REF: tl.constexpr, DUAL: tl.constexpr,
     ESTIMATOR: tl.constexpr, LIMIT: tl.constexpr, ENTROPY_GRAD: tl.constexpr, WRITE_GRAD: tl.constexpr,
-    HAS_SOFTCAP: tl.constexpr, NARROW_IN_PLACE: tl.constexpr, NUM_STATS: tl.constexpr, BLOCK_V: tl.constexpr,
+    HAS_SOFTCAP: tl.constexpr, NARROW_IN_PLACE: tl.constexpr, NEXT_TOKEN: tl.constexpr, REVERSE_GRAD: tl.constexpr,
+    NUM_STATS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)  # int64 before any stride multiply
+    row_ptr = logits_ptr + _row_offset(pid, rows_per_group, stride_group, stride_row)
+    d_row_ptr = dlogits_ptr + _row_offset(pid, rows_per_group, d_stride_group, d_stride_row)
     row = row0 + pid  # index of this token in the flattened [B, T] batch
+    if NEXT_TOKEN:
+        # Logits rows are [B, T + 1]: position T of each sequence scores no token, its gradient is 0.
+        position = pid % rows_per_group
+        if position == rows_per_group - 1:
+            if WRITE_GRAD:
+                _write_row_dlogits(
+                    row_ptr, d_row_ptr, V, 0, True, 0.0, 0.0, 0.0, 0.0, inv_temperature, softcap, inv_softcap,
+                    HAS_GRAD_ENTROPY=False, HAS_SOFTCAP=False, NARROW_IN_PLACE=False, BLOCK_V=BLOCK_V, REVERSE=False,
+                )
+            return
+        row = row0 + (pid // rows_per_group) * (rows_per_group - 1) + position
     seq = row // T
     target = tl.load(targets_ptr + row).to(tl.int64)
     m = tl.load(mask_ptr + row)
     counted = m != 0.0
     # Nothing depends on the logits of a token outside the mask or with an ignored target.
     skip = (target == IGNORE) | (m == 0.0)
-    row_ptr = logits_ptr + pid * stride_logits
     logp, lse, entropy = _row_logprob(
         row_ptr, target, skip, V, inv_temperature, softcap, inv_softcap,
         COMPUTE_ENTROPY=LOSS == _PPO, HAS_SOFTCAP=HAS_SOFTCAP, BLOCK_V=BLOCK_V,
@@ -169,10 +188,10 @@ def _fused_head_rows_kernel(
         # A NaN g is not 0: NaN inside the mask reaches the gradient too.
         zero = skip | ((g == 0.0) & (gh == 0.0))
         _write_row_dlogits(
-            row_ptr, dlogits_ptr + pid * stride_dlogits, V, target, zero, lse, entropy, g, gh,
+            row_ptr, d_row_ptr, V, target, zero, lse, entropy, g, gh,
             inv_temperature, softcap, inv_softcap,
             HAS_GRAD_ENTROPY=ENTROPY_GRAD, HAS_SOFTCAP=HAS_SOFTCAP, NARROW_IN_PLACE=NARROW_IN_PLACE,
-            BLOCK_V=BLOCK_V,
+            BLOCK_V=BLOCK_V, REVERSE=REVERSE_GRAD,
         )
 
 
@@ -191,11 +210,18 @@ def fused_head_rows(
     softcap: float | None,
     ppo: dict | None = None,
     entropy_grad: bool = False,
+    next_token: bool = False,
+    reverse_grad: bool = False,
 ) -> None:
     """Run the row kernel over one chunk: rows [row0, row0 + C) of the flattened `[B, T]` batch.
 
-    logits: fp32 `[C, V]` with unit column stride (any row stride). dlogits: `[C, V]` where to write
-    d loss / d logits (weight dtype; may be `dlogits_view(logits, ...)`), or None for forward only.
+    logits: fp32 `[C, V]` with unit column stride (any row stride), or (`policy_loss_from_logits`)
+    the model's logits of any float dtype as `[G, R, V]` rows (unit stride over V, any strides over
+    G and R; `logprobs.rows_view`). next_token: they are `[B, T + 1, V]` and position T of each
+    sequence scores nothing (its d logits row is written as zeros, nothing else). dlogits: logits'
+    shape, where to write d loss / d logits (weight dtype; may be `dlogits_view(logits, ...)`, or
+    the logits themselves), or None for forward only. reverse_grad: the second pass over each row
+    runs back to front (its first blocks are then the ones the first pass read last: L2 hits).
     targets, mask (fp32): `[B * T]` contiguous, for the whole batch; row_scale: fp32 `[B]`;
     stats: fp32 `[B * T, len(ROW_STATS[loss])]`, this chunk's rows are written. seq_len: T.
     loss: "nll" or "ppo"; ppo: dict(old_logps or None (on-policy: the current log-probs), advantages
@@ -211,11 +237,15 @@ def fused_head_rows(
     ~20 FLOPs per logit. C = 2048, V = 151936, bf16 d logits: 3.1 GB, 0.65 ms at 4.8 TB/s.
     The objective options add a few scalar loads per row, nothing per logit.
     """
-    C, V = logits.shape
+    V = logits.shape[-1]
+    C = logits.shape[:-1].numel()
     if C == 0:
         return
-    if logits.stride(1) != 1 or (dlogits is not None and (dlogits.shape != logits.shape or dlogits.stride(1) != 1)):
-        raise ValueError("logits and dlogits must be [C, V] with unit stride over V")
+    if logits.dim() not in (2, 3) or logits.stride(-1) != 1 or (
+            dlogits is not None and (dlogits.shape != logits.shape or dlogits.stride(-1) != 1)):
+        raise ValueError("logits and dlogits must be [C, V] or [G, R, V] with unit stride over V")
+    if next_token and logits.dim() != 3:
+        raise ValueError("next_token needs [B, T + 1, V] logits")
     if not (targets.is_contiguous() and mask.is_contiguous() and stats.is_contiguous()):
         raise ValueError("targets, mask and stats must be contiguous")
     is_ppo = loss == "ppo"
@@ -232,11 +262,14 @@ def fused_head_rows(
                                             "seq_is_log_weight", "entropy_threshold", "selection_entropy")]
     old, ref, rollout, seq_log_ratio, seq_is, threshold, selection_entropy = (
         t if t is not None else mask for t in optional)
+    narrow = dlogits is not None and narrow_in_place(logits, dlogits)
+    if reverse_grad and narrow:
+        raise ValueError("reverse_grad cannot write a half-width gradient over the logits (NARROW_IN_PLACE)")
     block = _block_v(V, logits.device, None)
     _fused_head_rows_kernel[(C,)](
         logits, dlogits if dlogits is not None else logits, targets, mask, row_scale, kl_scale, ent_scale,
         old, advantages, ref, rollout, seq_log_ratio, seq_is, threshold, selection_entropy, stats,
-        V, row0, seq_len, logits.stride(0), dlogits.stride(0) if dlogits is not None else 0,
+        V, row0, seq_len, *_layout(logits), *_layout(dlogits if dlogits is not None else logits)[1:],
         1.0 / temperature, *_softcap_args(softcap),
         float(opts.get("clip_low", 0.0)), float(opts.get("clip_high", 0.0)), float(opts.get("dual_clip") or 0.0),
         float(opts.get("kl_coef", 0.0)), float(opts.get("entropy_coef", 0.0)),
@@ -250,6 +283,45 @@ def fused_head_rows(
         HAS_OLD=opts.get("old_logps") is not None, HAS_REF=opts.get("ref_logps") is not None,
         DUAL=opts.get("dual_clip") is not None, ESTIMATOR=ESTIMATOR_CODES[opts.get("estimator", "k3")],
         LIMIT=LOG_RATIO_LIMIT, ENTROPY_GRAD=entropy_grad, WRITE_GRAD=dlogits is not None,
-        HAS_SOFTCAP=bool(softcap), NARROW_IN_PLACE=dlogits is not None and narrow_in_place(logits, dlogits),
-        NUM_STATS=len(ROW_STATS[loss]), BLOCK_V=block, num_warps=_num_warps(block),
+        HAS_SOFTCAP=bool(softcap), NARROW_IN_PLACE=narrow, NEXT_TOKEN=bool(next_token),
+        REVERSE_GRAD=bool(reverse_grad) and dlogits is not None, NUM_STATS=len(ROW_STATS[loss]), BLOCK_V=block,
+        num_warps=_num_warps(block),
     )
+
+
+def _layout(rows: torch.Tensor) -> tuple[int, int, int]:
+    """(rows per group, group stride, row stride) of [C, V] (one row per group) or [G, R, V] rows."""
+    if rows.dim() == 2:
+        return 1, rows.stride(0), 0
+    return rows.shape[1], rows.stride(0), rows.stride(1)
+
+
+@triton.jit
+def _scale_unless_one_kernel(x_ptr, scale_ptr, n, per_program, BLOCK: tl.constexpr):
+    scale = tl.load(scale_ptr).to(tl.float32)
+    if scale != 1.0:  # the usual d loss / d loss of loss.backward(): nothing to do, no byte moved
+        lanes = tl.arange(0, BLOCK)
+        first = tl.program_id(0).to(tl.int64) * per_program
+        for i in range(0, per_program):
+            offs = (first + i) * BLOCK + lanes
+            valid = offs < n
+            x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+            tl.store(x_ptr + offs, (x * scale).to(x_ptr.dtype.element_ty), mask=valid)
+
+
+def scale_unless_one(x: torch.Tensor, scale: torch.Tensor) -> None:
+    """x *= scale (0-d tensor) in place, contiguous x of any float dtype, decided on the device: when
+    scale is 1 (loss.backward() straight on the loss) every program returns after one load, so
+    handing a gradient computed in the forward over costs one launch, not a pass over it (2·numel·e
+    bytes otherwise: 10 GB for bf16 [16, 1025, 151936] logits). A fixed number of programs (4 per SM
+    of an H100) walk the tensor, whatever its size."""
+    if not x.is_contiguous():
+        raise ValueError("scale_unless_one needs a contiguous tensor")
+    n = x.numel()
+    if n == 0:
+        return
+    block = 4096
+    blocks = -(-n // block)
+    programs = min(blocks, 4 * 132 if gpu_sizes(x.device) else 4)
+    per_program = -(-blocks // programs)
+    _scale_unless_one_kernel[(-(-blocks // per_program),)](x, scale, n, per_program, BLOCK=block, num_warps=8)

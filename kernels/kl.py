@@ -1,8 +1,10 @@
 """KL estimators between a policy and a reference, per token, as Triton code.
 
 `clamped_log_ratio` and `kl_estimate` are `@triton.jit` helpers that the fused PPO kernel
-(`kernels/ppo.py`) inlines too, so the KL math exists once. `kl_penalty_forward` is the stand-alone
-launcher behind `fastrlhf.kl_penalty`.
+(`kernels/ppo.py`) inlines too, so the KL math exists once. `kl_penalty_forward` and
+`kl_penalty_backward` are the stand-alone launchers behind `fastrlhf.kl_penalty`: one kernel each;
+the backward recomputes d KL / d x from the inputs (reading 2 inputs costs what reading a saved
+fp32 derivative and casting would, and nothing per token lives between the passes).
 
 With x = logps - ref_logps (Schulman, "Approximating KL divergence", 2020):
     k1 = x                 dk1/dx = 1
@@ -18,7 +20,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fastrlhf.kernels._launch import check_int32_indexable, elementwise_block
+from fastrlhf.kernels._launch import cdiv, check_int32_indexable, elementwise_block
 
 from fastrlhf.contracts import KL_ESTIMATORS, LOG_RATIO_LIMIT
 
@@ -59,40 +61,70 @@ def kl_estimate(x, ESTIMATOR: tl.constexpr, LIMIT: tl.constexpr):
 
 
 @triton.jit
-def _kl_penalty_forward_kernel(
-    logps_ptr, ref_ptr, kl_ptr, grad_ptr, n,
-    ESTIMATOR: tl.constexpr, LIMIT: tl.constexpr, WRITE_GRAD: tl.constexpr, BLOCK: tl.constexpr,
+def _kl_penalty_forward_kernel(logps_ptr, ref_ptr, kl_ptr, n, ESTIMATOR: tl.constexpr, LIMIT: tl.constexpr,
+                               BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    valid = offs < n
+    logps = tl.load(logps_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    kl, _dkl = kl_estimate(logps - ref, ESTIMATOR, LIMIT)
+    tl.store(kl_ptr + offs, kl.to(kl_ptr.dtype.element_ty), mask=valid)
+
+
+@triton.jit
+def _kl_penalty_backward_kernel(
+    logps_ptr, ref_ptr, grad_kl_ptr, grad_logps_ptr, grad_ref_ptr, n,
+    ESTIMATOR: tl.constexpr, LIMIT: tl.constexpr, GRAD_IS_SCALAR: tl.constexpr, GRAD_LOGPS: tl.constexpr,
+    GRAD_REF: tl.constexpr, BLOCK: tl.constexpr,
 ):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     valid = offs < n
     logps = tl.load(logps_ptr + offs, mask=valid, other=0.0).to(tl.float32)
     ref = tl.load(ref_ptr + offs, mask=valid, other=0.0).to(tl.float32)
-    kl, dkl = kl_estimate(logps - ref, ESTIMATOR, LIMIT)
-    tl.store(kl_ptr + offs, kl.to(kl_ptr.dtype.element_ty), mask=valid)
-    if WRITE_GRAD:
-        tl.store(grad_ptr + offs, dkl, mask=valid)
+    if GRAD_IS_SCALAR:  # d loss / d kl broadcast from one value (kl.sum(), kl.mean())
+        g = tl.load(grad_kl_ptr).to(tl.float32)
+    else:
+        g = tl.load(grad_kl_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    _kl, dkl = kl_estimate(logps - ref, ESTIMATOR, LIMIT)
+    grad = g * dkl
+    if GRAD_LOGPS:
+        tl.store(grad_logps_ptr + offs, grad.to(grad_logps_ptr.dtype.element_ty), mask=valid)
+    if GRAD_REF:
+        tl.store(grad_ref_ptr + offs, (-grad).to(grad_ref_ptr.dtype.element_ty), mask=valid)
 
 
-def kl_penalty_forward(
-    logps: torch.Tensor, ref_logps: torch.Tensor, *, estimator: str, out_dtype: torch.dtype, need_grad: bool
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token KL of same-shaped `logps` and `ref_logps` (any shape).
-
-    Returns `(kl, dkl)`: `kl` in `out_dtype` and, when `need_grad`, `dkl` = d KL / d logps in fp32
-    (= -d KL / d ref_logps), so the backward pass is one multiply instead of a second kernel.
-    """
-    logps = logps.contiguous()
-    ref_logps = ref_logps.contiguous()
+def kl_penalty_forward(logps: torch.Tensor, ref_logps: torch.Tensor, *, estimator: str,
+                       out_dtype: torch.dtype) -> torch.Tensor:
+    """Per-token KL of same-shaped contiguous `logps` and `ref_logps` (any shape), in `out_dtype`.
+    Per element: reads two inputs, writes the KL; ~5 FLOPs (k3: one exp)."""
     n = logps.numel()
     kl = torch.empty(logps.shape, dtype=out_dtype, device=logps.device)
-    dkl = torch.empty(logps.shape, dtype=torch.float32, device=logps.device) if need_grad else None
-    if n == 0:
-        return kl, dkl
-    check_int32_indexable("logps", n)
-    block = elementwise_block(n, logps.device)
-    grid = (triton.cdiv(n, block),)
-    _kl_penalty_forward_kernel[grid](
-        logps, ref_logps, kl, dkl if need_grad else kl, n,
-        ESTIMATOR=ESTIMATOR_CODES[estimator], LIMIT=LOG_RATIO_LIMIT, WRITE_GRAD=need_grad, BLOCK=block,
-    )
-    return kl, dkl
+    if n:
+        check_int32_indexable("logps", n)
+        block = elementwise_block(n, logps.device)
+        _kl_penalty_forward_kernel[(cdiv(n, block),)](
+            logps, ref_logps, kl, n, ESTIMATOR=ESTIMATOR_CODES[estimator], LIMIT=LOG_RATIO_LIMIT, BLOCK=block,
+        )
+    return kl
+
+
+def kl_penalty_backward(logps: torch.Tensor, ref_logps: torch.Tensor, grad_kl: torch.Tensor, *, estimator: str,
+                        need: tuple[bool, bool]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(d loss / d logps, d loss / d ref_logps) in their dtypes (None unless `need`), recomputing
+    d KL / d x from the inputs: no gradient was kept by the forward. `grad_kl` is the upstream
+    gradient, shaped like the KL, contiguous or a broadcast scalar (all strides 0).
+    Per element: reads 2 inputs and the upstream gradient (once if broadcast), writes 1-2 gradients."""
+    n = logps.numel()
+    grads = [torch.empty_like(t, memory_format=torch.contiguous_format) if wanted else None
+             for t, wanted in zip((logps, ref_logps), need)]
+    if n and any(g is not None for g in grads):
+        scalar = all(stride == 0 for stride in grad_kl.stride())
+        if not scalar:
+            grad_kl = grad_kl.contiguous()
+        block = elementwise_block(n, logps.device)
+        _kl_penalty_backward_kernel[(cdiv(n, block),)](
+            logps, ref_logps, grad_kl, *(g if g is not None else grad_kl for g in grads), n,
+            ESTIMATOR=ESTIMATOR_CODES[estimator], LIMIT=LOG_RATIO_LIMIT, GRAD_IS_SCALAR=scalar,
+            GRAD_LOGPS=grads[0] is not None, GRAD_REF=grads[1] is not None, BLOCK=block,
+        )
+    return grads[0], grads[1]

@@ -135,7 +135,7 @@ def _row_logprob(
 def _write_row_dlogits(
     in_ptr, out_ptr, V, target_col, zero, lse, entropy, g, gh, inv_temperature, softcap, inv_softcap,
     HAS_GRAD_ENTROPY: tl.constexpr, HAS_SOFTCAP: tl.constexpr, NARROW_IN_PLACE: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, REVERSE: tl.constexpr,
 ):
     """Write d loss / d logits of one row of V logits (`in_ptr`) to `out_ptr`, in out's dtype:
     (g (1[j = target] - p_j) - gh p_j (log p_j + entropy)) / temperature (· d cap / dx), with p from
@@ -146,10 +146,17 @@ def _write_row_dlogits(
     gradient lands in the bytes of fp32 column j / 2, which another thread of the program reads, so
     a barrier between each block's loads and its stores keeps every store behind every read of the
     bytes it overwrites (blocks already passed, or this one; later blocks lie beyond byte 4(s + B)).
+    REVERSE: the blocks from the row's end to its start. A row just read front to back by the first
+    pass then starts with the blocks most recently read, the ones most likely still in L2
+    (`policy_loss_from_logits`); not with NARROW_IN_PLACE, whose safety needs the forward order.
     Shared by `_logprobs_backward_kernel` and the fused head's row kernel."""
     n_read = tl.where(zero, 0, V)  # zero rows only write zeros, never read their logits
     offsets = tl.arange(0, BLOCK_V)
-    for start in range(0, V, BLOCK_V):
+    last = ((V - 1) // BLOCK_V) * BLOCK_V
+    for block in range(0, V, BLOCK_V):
+        start = block
+        if REVERSE:
+            start = last - block
         cols = start + offsets
         valid = cols < V
         x = tl.load(in_ptr + cols, mask=cols < n_read, other=0.0).to(tl.float32)
@@ -217,7 +224,7 @@ def _logprobs_backward_kernel(
         V, target - col_start,  # target column outside [0, V) when the target lies in another tile
         target == IGNORE, lse, entropy, g, gh, inv_temperature, softcap, inv_softcap,
         HAS_GRAD_ENTROPY=HAS_GRAD_ENTROPY, HAS_SOFTCAP=HAS_SOFTCAP, NARROW_IN_PLACE=NARROW_IN_PLACE,
-        BLOCK_V=BLOCK_V,
+        BLOCK_V=BLOCK_V, REVERSE=False,
     )
 
 

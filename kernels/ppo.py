@@ -1,38 +1,52 @@
-"""Fused PPO-family objectives and the clipped value loss as Triton kernels (forward computes the gradient too).
+"""PPO-family objectives and the clipped value loss as Triton kernels: forward two launches, backward one.
 
-Both losses are weighted sums of per-token terms, loss = sum_t w_t * l_t, with the aggregation
-weight w_t = mask_t * row_scale[row(t)] (row_scale comes from `loss_agg`, computed by the caller
-with torch ops; the policy, KL and entropy terms may each have their own). So
-d loss / d x_t = w_t * d l_t / d x_t is known in the forward pass: the kernel writes it next to the
-loss and the backward pass is a single multiply by grad_output.
-We save that fp32 gradient rather than recomputing in backward because it costs one [B, T] fp32
-buffer (4 bytes/token, tiny next to the logits that produced the logps) and replaces a second read of
-five to seven [B, T] inputs plus a second launch; the inputs need not be kept for backward.
+Both losses are weighted sums of per-token terms, loss = sum_bt m_bt s_b l_bt, with s_b the
+aggregation weight of row b (`loss_agg`; the policy, KL and entropy terms may each have their own).
+s_b depends on the whole batch (N tokens, S non-empty rows), so:
 
-Every objective option is a constexpr branch of the one kernel (plain PPO compiles to the code it
-always had): LOSS_TYPE (ppo / cispo / sapo), SEQ_RATIO (GSPO: the ratio of the sequence's mean
-log-ratio, one [B] fp32 load per token), IS_MODE (rollout IS correction: truncate / mask, from
-per-token rollout log-probs or a per-row [B] log-weight), SELECT_ENT (train only on the tokens at
-or above an entropy threshold, a 0-d fp32 load), ADV_PER_ROW ([B] advantages), SPLIT_AGG (own
-aggregation weights for the KL and entropy terms).
+    forward   `_ppo_forward_kernel` / `_value_forward_kernel`: one program per [ROWS, BLOCK_T] tile
+              (whole rows while they fit, else chunks of a row) writes the tile's per-row sums of
+              m, m l for each term and the metric numerators (`contracts.PPO_PARTIALS` /
+              `VALUE_PARTIALS`), UNWEIGHTED; then `aggregate._aggregate_finalize_kernel` (one
+              program) forms s_b, the loss, the metrics and keeps s_b for backward. No torch op.
+    backward  `_ppo_backward_kernel` / `_value_backward_kernel` recompute every token term from the
+              saved inputs and write d loss / d input = m s_b grad_output d l / d input straight in
+              each input's dtype. Recomputing (~50 FLOPs per token) instead of saving an fp32
+              gradient in the forward: no per-token buffer lives between the passes, the forward
+              writes nothing per token, and the backward is one kernel instead of a multiply and a
+              cast per input.
 
-Each program also reduces its block to a few partial sums (loss, metric numerators), which the
-caller adds up with one torch `sum`: no atomics (deterministic), no host sync.
+Every objective option is a constexpr branch: LOSS_TYPE (ppo / cispo / sapo), SEQ_RATIO (GSPO: the
+ratio of the sequence's mean log-ratio), IS_MODE (rollout IS correction: truncate / mask, per token
+from rollout_logps or per sequence), IS_PER_ROW, SELECT_ENT (train only on tokens at or above an
+entropy threshold, a 0-d fp32 load), ADV_PER_ROW ([B] advantages), HAS_REF / HAS_ENT / DUAL. The
+per-row sums GSPO and the sequence IS correction need (`_row_log_sums`) are made by each program
+from its rows, over their whole length, before the tile's terms: no torch op and no extra launch,
+at the price of re-reading 2-3 inputs of those rows once per chunk (from L2).
 
 Tokens with mask 0 are zeroed right after loading, so NaN/inf padding cannot leak into the loss,
-the metrics or the gradients.
+the metrics or the gradients; NaN inside the mask propagates (every clamp propagates NaN).
+`ppo_token_terms` is also inlined by the fused RL head (`kernels/fused_head.py`): the objective
+exists once.
 """
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
-from fastrlhf.kernels._launch import check_int32_indexable, elementwise_block
+from fastrlhf.kernels._launch import cdiv, check_int32_indexable, elementwise_block, next_power_of_2
 from fastrlhf.kernels.kl import ESTIMATOR_CODES, clamped_log_ratio, kl_estimate
 
-from fastrlhf.contracts import IS_CORRECTIONS, LOG_RATIO_LIMIT, POLICY_LOSS_TYPES, PPO_STATS, VALUE_STATS
+from fastrlhf.contracts import (
+    IS_CORRECTIONS,
+    LOG_RATIO_LIMIT,
+    POLICY_LOSS_TYPES,
+    PPO_PARTIALS,
+    PPO_STATS,
+    VALUE_PARTIALS,
+)
 
-# Slots of the per-program partial sums, by name from the contract (PPO_STATS / VALUE_STATS).
+# Slots of the fused head's per-row statistics (PPO_STATS), by name from the contract.
 # Globals read inside @triton.jit must be tl.constexpr objects.
 (_LOSS, _PG_LOSS, _CLIPPED, _APPROX_KL, _RATIO, _KL, _ENTROPY, _DUAL_CLIPPED, _IS_WEIGHT, _IS_CLIPPED,
  _ENTROPY_KEPT) = (
@@ -40,7 +54,15 @@ from fastrlhf.contracts import IS_CORRECTIONS, LOG_RATIO_LIMIT, POLICY_LOSS_TYPE
     for name in ("loss", "pg_loss", "clipped", "approx_kl", "ratio", "kl", "entropy", "dual_clipped",
                  "is_weight", "is_clipped", "entropy_kept")
 )
-_V_LOSS, _V_CLIPPED, _V_VALUES = (tl.constexpr(VALUE_STATS.index(name)) for name in ("loss", "clipped", "values"))
+# Columns of the per-(row, chunk) partial sums of `ppo_forward` / `value_forward`.
+(_P_N, _P_PG, _P_KL, _P_ENTROPY, _P_CLIPPED, _P_APPROX_KL, _P_RATIO, _P_DUAL_CLIPPED, _P_IS_WEIGHT, _P_IS_CLIPPED,
+ _P_ENTROPY_KEPT) = (
+    tl.constexpr(PPO_PARTIALS.index(name))
+    for name in ("n", "pg", "kl", "entropy", "clipped", "approx_kl", "ratio", "dual_clipped", "is_weight",
+                 "is_clipped", "entropy_kept")
+)
+_V_N, _V_LOSS, _V_CLIPPED, _V_VALUES = (tl.constexpr(VALUE_PARTIALS.index(name))
+                                        for name in ("n", "loss", "clipped", "values"))
 # LOSS_TYPE codes (positions in POLICY_LOSS_TYPES) and IS_MODE codes (0 = no correction).
 _PPO, _CISPO, _SAPO = (tl.constexpr(POLICY_LOSS_TYPES.index(name)) for name in ("ppo", "cispo", "sapo"))
 _IS_TRUNCATE, _IS_MASK = tl.constexpr(1), tl.constexpr(2)
@@ -192,41 +214,72 @@ def ppo_token_terms(
             0.5 * log_ratio * log_ratio, ratio, kl, is_w, is_touched, kept)
 
 
-@triton.jit
-def _ppo_loss_forward_kernel(
-    logps_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, rollout_ptr, seq_log_ratio_ptr, seq_is_ptr,
-    threshold_ptr, row_scale_ptr, kl_row_scale_ptr, ent_row_scale_ptr,
-    grad_logps_ptr, grad_ref_ptr, grad_ent_ptr, partials_ptr,
-    n, T, clip_low, clip_high, dual_clip, kl_coef, entropy_coef, tau_pos, tau_neg, is_log_min, is_log_max,
-    LOSS_TYPE: tl.constexpr, SEQ_RATIO: tl.constexpr, ADV_PER_ROW: tl.constexpr, IS_MODE: tl.constexpr,
-    IS_PER_ROW: tl.constexpr, SELECT_ENT: tl.constexpr, SPLIT_AGG: tl.constexpr,
-    HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr, DUAL: tl.constexpr, ESTIMATOR: tl.constexpr,
-    LIMIT: tl.constexpr, GRAD_LOGPS: tl.constexpr, GRAD_REF: tl.constexpr, GRAD_ENT: tl.constexpr,
-    NUM_STATS: tl.constexpr, BLOCK: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < n
-    row = offs // T
-    m = tl.load(mask_ptr + offs, mask=valid, other=0.0)
-    counted = m != 0.0
-    w_pg = m * tl.load(row_scale_ptr + row, mask=valid, other=0.0)
-    w_kl = w_pg
-    w_ent = w_pg
-    if SPLIT_AGG:
-        w_kl = m * tl.load(kl_row_scale_ptr + row, mask=valid, other=0.0)
-        w_ent = m * tl.load(ent_row_scale_ptr + row, mask=valid, other=0.0)
+# --------------------------------------------------------------------------- tiles of [B, T]
 
+
+@triton.jit
+def _tile(pid_r, pid_c, B, T, ROWS: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Rows, in-batch rows, in-tensor tokens and int32 offsets of the [ROWS, BLOCK_T] tile (pid_r, pid_c)."""
+    rows = pid_r * ROWS + tl.arange(0, ROWS)
+    cols = pid_c * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_ok = rows < B
+    valid = row_ok[:, None] & (cols[None, :] < T)
+    return rows, row_ok, valid, rows[:, None] * T + cols[None, :]
+
+
+@triton.jit
+def _load_mask(mask_ptr, offs, valid):
+    """The mask as fp32 (bool arrives as uint8, integer and float masks as they are)."""
+    return tl.load(mask_ptr + offs, mask=valid, other=0).to(tl.float32)
+
+
+@triton.jit
+def _row_log_sums(logps_ptr, old_ptr, rollout_ptr, mask_ptr, rows, row_ok, T,
+                  SEQ_RATIO: tl.constexpr, IS_PER_ROW: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Per row of the tile, over its whole length: GSPO's mean log-ratio sum m (logps - old) /
+    max(sum m, 1) and the sequence IS log-weight sum m (old - rollout) (0 when not asked for),
+    as `fastrlhf.twins.ppo.sequence_log_ratio` / `rollout_log_weight`."""
+    ratio_sum = tl.zeros(rows.shape, tl.float32)
+    weight_sum = tl.zeros(rows.shape, tl.float32)
+    tokens = tl.zeros(rows.shape, tl.float32)
+    for start in range(0, T, BLOCK_T):
+        cols = start + tl.arange(0, BLOCK_T)
+        valid = row_ok[:, None] & (cols[None, :] < T)
+        offs = rows[:, None] * T + cols[None, :]
+        m = _load_mask(mask_ptr, offs, valid)
+        counted = m != 0.0
+        old = _load_counted(old_ptr, offs, valid, counted)
+        tokens += tl.sum(m, axis=1)
+        if SEQ_RATIO:
+            ratio_sum += tl.sum(m * (_load_counted(logps_ptr, offs, valid, counted) - old), axis=1)
+        if IS_PER_ROW:
+            weight_sum += tl.sum(m * (old - _load_counted(rollout_ptr, offs, valid, counted)), axis=1)
+    return ratio_sum / tl.maximum(tokens, 1.0), weight_sum
+
+
+@triton.jit
+def _ppo_tile_terms(
+    logps_ptr, old_ptr, adv_ptr, ref_ptr, ent_ptr, rollout_ptr, threshold_ptr,
+    rows, row_ok, valid, offs, m, seq_log_ratio, seq_is_log_weight, w_pg, w_kl, w_ent,
+    clip_low, clip_high, dual_clip, kl_coef, entropy_coef, tau_pos, tau_neg, is_log_min, is_log_max,
+    LOSS_TYPE: tl.constexpr, SEQ_RATIO: tl.constexpr, ADV_PER_ROW: tl.constexpr, IS_MODE: tl.constexpr,
+    IS_PER_ROW: tl.constexpr, SELECT_ENT: tl.constexpr, SPLIT_AGG: tl.constexpr, HAS_REF: tl.constexpr,
+    HAS_ENT: tl.constexpr, DUAL: tl.constexpr, ESTIMATOR: tl.constexpr, LIMIT: tl.constexpr,
+):
+    """`ppo_token_terms` on one tile, inputs loaded as fp32 with the uncounted tokens zeroed (so
+    padding garbage is inert). Returns its tuple with the per-token 0.5 log-ratio^2 in place of its
+    half_sq (the approx_kl metric stays per token under GSPO), then the entropy."""
+    counted = m != 0.0
     logps = _load_counted(logps_ptr, offs, valid, counted)
     old = _load_counted(old_ptr, offs, valid, counted)
     if ADV_PER_ROW:
-        adv = _load_counted(adv_ptr, row, valid, counted)
+        adv = tl.where(counted, tl.load(adv_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)[:, None], 0.0)
     else:
         adv = _load_counted(adv_ptr, offs, valid, counted)
     token_log_ratio = logps - old
     log_ratio_raw = token_log_ratio
     if SEQ_RATIO:
-        log_ratio_raw = _load_counted(seq_log_ratio_ptr, row, valid, counted)
+        log_ratio_raw = tl.where(counted, seq_log_ratio[:, None], 0.0)
     ref = logps
     if HAS_REF:
         ref = _load_counted(ref_ptr, offs, valid, counted)
@@ -236,101 +289,230 @@ def _ppo_loss_forward_kernel(
     is_log_weight = tl.zeros_like(logps)
     if IS_MODE != 0:
         if IS_PER_ROW:
-            is_log_weight = _load_counted(seq_is_ptr, row, valid, counted)
+            is_log_weight = tl.where(counted, seq_is_log_weight[:, None], 0.0)
         else:
             is_log_weight = old - _load_counted(rollout_ptr, offs, valid, counted)
     threshold = 0.0
     if SELECT_ENT:
         threshold = tl.load(threshold_ptr)
-    (loss_t, pg, grad_logps, grad_ref, grad_ent, is_clipped, dual_active, half_sq, ratio, kl, is_w, is_touched,
+    (loss_t, pg, grad_logps, grad_ref, grad_ent, is_clipped, dual_active, _half_sq, ratio, kl, is_w, is_touched,
      kept) = ppo_token_terms(
         logps, log_ratio_raw, adv, ref, ent, ent, is_log_weight, threshold, w_pg, w_kl, w_ent,
         clip_low, clip_high, dual_clip, kl_coef, entropy_coef, tau_pos, tau_neg, is_log_min, is_log_max,
         LOSS_TYPE=LOSS_TYPE, IS_MODE=IS_MODE, SELECT_ENT=SELECT_ENT, SPLIT_AGG=SPLIT_AGG, HAS_REF=HAS_REF,
         HAS_ENT=HAS_ENT, DUAL=DUAL, ESTIMATOR=ESTIMATOR, LIMIT=LIMIT,
     )
-    if GRAD_REF:
-        tl.store(grad_ref_ptr + offs, grad_ref, mask=valid)
-    if GRAD_ENT:
-        tl.store(grad_ent_ptr + offs, grad_ent, mask=valid)
-    if GRAD_LOGPS:
-        tl.store(grad_logps_ptr + offs, grad_logps, mask=valid)
-
-    if SEQ_RATIO:  # the approx_kl metric stays per token
-        token_lr, _ = clamped_log_ratio(token_log_ratio, LIMIT)
-        half_sq = 0.5 * token_lr * token_lr
-    out = partials_ptr + pid * NUM_STATS
-    tl.store(out + _LOSS, tl.sum(loss_t, axis=0))
-    tl.store(out + _PG_LOSS, tl.sum(pg, axis=0))
-    tl.store(out + _CLIPPED, tl.sum(tl.where(is_clipped, m, 0.0), axis=0))
-    tl.store(out + _APPROX_KL, tl.sum(m * half_sq, axis=0))
-    tl.store(out + _RATIO, tl.sum(m * ratio, axis=0))
-    tl.store(out + _KL, tl.sum(m * kl, axis=0))
-    tl.store(out + _ENTROPY, tl.sum(m * ent, axis=0))
-    tl.store(out + _DUAL_CLIPPED, tl.sum(tl.where(dual_active, m, 0.0), axis=0))
-    # Statistics of options that are off are stored as constants (m * 0 cannot be folded: m may be inf).
-    if IS_MODE != 0:
-        tl.store(out + _IS_WEIGHT, tl.sum(m * is_w, axis=0))
-        tl.store(out + _IS_CLIPPED, tl.sum(tl.where(is_touched, m, 0.0), axis=0))
-    else:
-        tl.store(out + _IS_WEIGHT, 0.0)
-        tl.store(out + _IS_CLIPPED, 0.0)
-    if SELECT_ENT:
-        tl.store(out + _ENTROPY_KEPT, tl.sum(m * kept, axis=0))
-    else:
-        tl.store(out + _ENTROPY_KEPT, 0.0)
+    token_lr, _ = clamped_log_ratio(token_log_ratio, LIMIT)
+    return (loss_t, pg, grad_logps, grad_ref, grad_ent, is_clipped, dual_active, 0.5 * token_lr * token_lr, ratio, kl,
+            is_w, is_touched, kept, ent)
 
 
 @triton.jit
-def _value_loss_forward_kernel(
-    values_ptr, old_ptr, returns_ptr, mask_ptr, row_scale_ptr, grad_ptr, partials_ptr,
-    n, T, clip_eps,
-    GRAD: tl.constexpr, NUM_STATS: tl.constexpr, BLOCK: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    offs = pid * BLOCK + tl.arange(0, BLOCK)
-    valid = offs < n
-    m = tl.load(mask_ptr + offs, mask=valid, other=0.0)
-    counted = m != 0.0
-    w = m * tl.load(row_scale_ptr + offs // T, mask=valid, other=0.0)
+def _store_partial(partials_ptr, rows, row_ok, pid_c, C, values, k: tl.constexpr, NP: tl.constexpr):
+    """Row sums of a tile's values into partials[row, pid_c, k] ([B, C, NP] fp32)."""
+    tl.store(partials_ptr + (rows * C + pid_c) * NP + k, tl.sum(values, axis=1), mask=row_ok)
 
+
+@triton.jit
+def _ppo_forward_kernel(
+    logps_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, rollout_ptr, threshold_ptr, partials_ptr,
+    B, T, C, clip_low, clip_high, dual_clip, kl_coef, entropy_coef, tau_pos, tau_neg, is_log_min, is_log_max,
+    LOSS_TYPE: tl.constexpr, SEQ_RATIO: tl.constexpr, ADV_PER_ROW: tl.constexpr, IS_MODE: tl.constexpr,
+    IS_PER_ROW: tl.constexpr, SELECT_ENT: tl.constexpr, HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr,
+    DUAL: tl.constexpr, ESTIMATOR: tl.constexpr, LIMIT: tl.constexpr, NP: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows, row_ok, valid, offs = _tile(pid_r, pid_c, B, T, ROWS, BLOCK_T)
+    m = _load_mask(mask_ptr, offs, valid)
+    seq_log_ratio = tl.zeros(rows.shape, tl.float32)
+    seq_is_log_weight = tl.zeros(rows.shape, tl.float32)
+    if SEQ_RATIO or IS_PER_ROW:
+        seq_log_ratio, seq_is_log_weight = _row_log_sums(logps_ptr, old_ptr, rollout_ptr, mask_ptr, rows, row_ok, T,
+                                                         SEQ_RATIO, IS_PER_ROW, BLOCK_T)
+    # Weights m: the tile's sums are the unweighted numerators the finalize aggregates.
+    (_loss_t, pg, _g, _g_ref, _g_ent, is_clipped, dual_active, half_sq, ratio, kl, is_w, is_touched, kept,
+     ent) = _ppo_tile_terms(
+        logps_ptr, old_ptr, adv_ptr, ref_ptr, ent_ptr, rollout_ptr, threshold_ptr,
+        rows, row_ok, valid, offs, m, seq_log_ratio, seq_is_log_weight, m, m, m,
+        clip_low, clip_high, dual_clip, kl_coef, entropy_coef, tau_pos, tau_neg, is_log_min, is_log_max,
+        LOSS_TYPE=LOSS_TYPE, SEQ_RATIO=SEQ_RATIO, ADV_PER_ROW=ADV_PER_ROW, IS_MODE=IS_MODE, IS_PER_ROW=IS_PER_ROW,
+        SELECT_ENT=SELECT_ENT, SPLIT_AGG=False, HAS_REF=HAS_REF, HAS_ENT=HAS_ENT, DUAL=DUAL, ESTIMATOR=ESTIMATOR,
+        LIMIT=LIMIT,
+    )
+    _store_partial(partials_ptr, rows, row_ok, pid_c, C, m, _P_N, NP)
+    _store_partial(partials_ptr, rows, row_ok, pid_c, C, pg, _P_PG, NP)
+    _store_partial(partials_ptr, rows, row_ok, pid_c, C, m * kl, _P_KL, NP)
+    _store_partial(partials_ptr, rows, row_ok, pid_c, C, m * ent, _P_ENTROPY, NP)
+    _store_partial(partials_ptr, rows, row_ok, pid_c, C, tl.where(is_clipped, m, 0.0), _P_CLIPPED, NP)
+    _store_partial(partials_ptr, rows, row_ok, pid_c, C, m * half_sq, _P_APPROX_KL, NP)
+    _store_partial(partials_ptr, rows, row_ok, pid_c, C, m * ratio, _P_RATIO, NP)
+    _store_partial(partials_ptr, rows, row_ok, pid_c, C, tl.where(dual_active, m, 0.0), _P_DUAL_CLIPPED, NP)
+    # Sums of options that are off are stored as zeros (m * 0 cannot be folded: m may be inf).
+    zero = tl.zeros_like(m)
+    if IS_MODE != 0:
+        _store_partial(partials_ptr, rows, row_ok, pid_c, C, m * is_w, _P_IS_WEIGHT, NP)
+        _store_partial(partials_ptr, rows, row_ok, pid_c, C, tl.where(is_touched, m, 0.0), _P_IS_CLIPPED, NP)
+    else:
+        _store_partial(partials_ptr, rows, row_ok, pid_c, C, zero, _P_IS_WEIGHT, NP)
+        _store_partial(partials_ptr, rows, row_ok, pid_c, C, zero, _P_IS_CLIPPED, NP)
+    if SELECT_ENT:
+        _store_partial(partials_ptr, rows, row_ok, pid_c, C, m * kept, _P_ENTROPY_KEPT, NP)
+    else:
+        _store_partial(partials_ptr, rows, row_ok, pid_c, C, zero, _P_ENTROPY_KEPT, NP)
+
+
+@triton.jit
+def _ppo_backward_kernel(
+    logps_ptr, old_ptr, adv_ptr, mask_ptr, ref_ptr, ent_ptr, rollout_ptr, threshold_ptr, scales_ptr, grad_loss_ptr,
+    grad_logps_ptr, grad_ref_ptr, grad_ent_ptr,
+    B, T, clip_low, clip_high, dual_clip, kl_coef, entropy_coef, tau_pos, tau_neg, is_log_min, is_log_max,
+    LOSS_TYPE: tl.constexpr, SEQ_RATIO: tl.constexpr, ADV_PER_ROW: tl.constexpr, IS_MODE: tl.constexpr,
+    IS_PER_ROW: tl.constexpr, SELECT_ENT: tl.constexpr, HAS_REF: tl.constexpr, HAS_ENT: tl.constexpr,
+    DUAL: tl.constexpr, ESTIMATOR: tl.constexpr, LIMIT: tl.constexpr,
+    GRAD_LOGPS: tl.constexpr, GRAD_REF: tl.constexpr, GRAD_ENT: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows, row_ok, valid, offs = _tile(pid_r, pid_c, B, T, ROWS, BLOCK_T)
+    m = _load_mask(mask_ptr, offs, valid)
+    seq_log_ratio = tl.zeros(rows.shape, tl.float32)
+    seq_is_log_weight = tl.zeros(rows.shape, tl.float32)
+    if SEQ_RATIO or IS_PER_ROW:
+        seq_log_ratio, seq_is_log_weight = _row_log_sums(logps_ptr, old_ptr, rollout_ptr, mask_ptr, rows, row_ok, T,
+                                                         SEQ_RATIO, IS_PER_ROW, BLOCK_T)
+    # w = m * s_b * d(loss)/d(output): the finalize's aggregation weights of the three terms.
+    g = tl.load(grad_loss_ptr).to(tl.float32)
+    w_pg = m * (g * tl.load(scales_ptr + rows, mask=row_ok, other=0.0))[:, None]
+    w_kl = m * (g * tl.load(scales_ptr + B + rows, mask=row_ok, other=0.0))[:, None]
+    w_ent = m * (g * tl.load(scales_ptr + 2 * B + rows, mask=row_ok, other=0.0))[:, None]
+    (_loss_t, _pg, grad_logps, grad_ref, grad_ent, _is_clipped, _dual_active, _half_sq, _ratio, _kl, _is_w,
+     _is_touched, _kept, _ent) = _ppo_tile_terms(
+        logps_ptr, old_ptr, adv_ptr, ref_ptr, ent_ptr, rollout_ptr, threshold_ptr,
+        rows, row_ok, valid, offs, m, seq_log_ratio, seq_is_log_weight, w_pg, w_kl, w_ent,
+        clip_low, clip_high, dual_clip, kl_coef, entropy_coef, tau_pos, tau_neg, is_log_min, is_log_max,
+        LOSS_TYPE=LOSS_TYPE, SEQ_RATIO=SEQ_RATIO, ADV_PER_ROW=ADV_PER_ROW, IS_MODE=IS_MODE, IS_PER_ROW=IS_PER_ROW,
+        SELECT_ENT=SELECT_ENT, SPLIT_AGG=True, HAS_REF=HAS_REF, HAS_ENT=HAS_ENT, DUAL=DUAL, ESTIMATOR=ESTIMATOR,
+        LIMIT=LIMIT,
+    )
+    if GRAD_LOGPS:
+        tl.store(grad_logps_ptr + offs, grad_logps.to(grad_logps_ptr.dtype.element_ty), mask=valid)
+    if GRAD_REF:
+        tl.store(grad_ref_ptr + offs, grad_ref.to(grad_ref_ptr.dtype.element_ty), mask=valid)
+    if GRAD_ENT:
+        tl.store(grad_ent_ptr + offs, grad_ent.to(grad_ent_ptr.dtype.element_ty), mask=valid)
+
+
+# --------------------------------------------------------------------------- value loss
+
+
+@triton.jit
+def _value_terms(values_ptr, old_ptr, returns_ptr, offs, valid, m, clip_eps):
+    """0.5 max((v - R)^2, (v_clipped - R)^2), v_clipped = old + clip(v - old, -eps, eps), and its
+    derivative in v, on fp32 tiles with uncounted tokens zeroed; also whether the clipped error won."""
+    counted = m != 0.0
     values = _load_counted(values_ptr, offs, valid, counted)
     old = _load_counted(old_ptr, offs, valid, counted)
     returns = _load_counted(returns_ptr, offs, valid, counted)
-
-    # 0.5 * max((v - R)^2, (v_clipped - R)^2) with v_clipped = old + clip(v - old, -eps, eps).
     delta = values - old
     err = values - returns
-    err_clipped = old + tl.minimum(tl.maximum(delta, -clip_eps, propagate_nan=tl.PropagateNan.ALL), clip_eps,
-                                   propagate_nan=tl.PropagateNan.ALL) - returns
+    err_clipped = old + _clamp(delta, -clip_eps, clip_eps) - returns
     sq = err * err
     sq_clipped = err_clipped * err_clipped
     is_clipped = sq_clipped > sq
     loss_t = 0.5 * tl.maximum(sq, sq_clipped, propagate_nan=tl.PropagateNan.ALL)  # NaN value -> NaN loss
-    if GRAD:
-        inside = (delta >= -clip_eps) & (delta <= clip_eps)
-        dloss = tl.where(is_clipped, tl.where(inside, err_clipped, 0.0), err)
-        tl.store(grad_ptr + offs, w * dloss, mask=valid)
-
-    out = partials_ptr + pid * NUM_STATS
-    tl.store(out + _V_LOSS, tl.sum(w * loss_t, axis=0))
-    tl.store(out + _V_CLIPPED, tl.sum(tl.where(is_clipped, m, 0.0), axis=0))
-    tl.store(out + _V_VALUES, tl.sum(m * values, axis=0))
+    inside = (delta >= -clip_eps) & (delta <= clip_eps)
+    dloss = tl.where(is_clipped, tl.where(inside, err_clipped, 0.0), err)
+    return loss_t, dloss, is_clipped, values
 
 
-def _grad_buffer(like: torch.Tensor, wanted: bool) -> torch.Tensor | None:
-    return torch.empty(like.shape, dtype=torch.float32, device=like.device) if wanted else None
+@triton.jit
+def _value_forward_kernel(
+    values_ptr, old_ptr, returns_ptr, mask_ptr, partials_ptr, B, T, C, clip_eps,
+    NP: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows, row_ok, valid, offs = _tile(pid_r, pid_c, B, T, ROWS, BLOCK_T)
+    m = _load_mask(mask_ptr, offs, valid)
+    loss_t, _dloss, is_clipped, values = _value_terms(values_ptr, old_ptr, returns_ptr, offs, valid, m, clip_eps)
+    _store_partial(partials_ptr, rows, row_ok, pid_c, C, m, _V_N, NP)
+    _store_partial(partials_ptr, rows, row_ok, pid_c, C, m * loss_t, _V_LOSS, NP)
+    _store_partial(partials_ptr, rows, row_ok, pid_c, C, tl.where(is_clipped, m, 0.0), _V_CLIPPED, NP)
+    _store_partial(partials_ptr, rows, row_ok, pid_c, C, m * values, _V_VALUES, NP)
 
 
-def _partials(n: int, num_stats: int, device: torch.device) -> tuple[torch.Tensor, int, int]:
-    """Zeroed per-program partial sums, the number of programs and the block size for `n` tokens."""
-    check_int32_indexable("the [B, T] inputs", n)
-    block = elementwise_block(n, device)
-    programs = triton.cdiv(n, block)
-    return torch.zeros((max(programs, 1), num_stats), dtype=torch.float32, device=device), programs, block
+@triton.jit
+def _value_backward_kernel(
+    values_ptr, old_ptr, returns_ptr, mask_ptr, scales_ptr, grad_loss_ptr, grad_values_ptr, B, T, clip_eps,
+    ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows, row_ok, valid, offs = _tile(pid_r, pid_c, B, T, ROWS, BLOCK_T)
+    m = _load_mask(mask_ptr, offs, valid)
+    _loss_t, dloss, _is_clipped, _values = _value_terms(values_ptr, old_ptr, returns_ptr, offs, valid, m, clip_eps)
+    w = m * (tl.load(grad_loss_ptr).to(tl.float32) * tl.load(scales_ptr + rows, mask=row_ok, other=0.0))[:, None]
+    tl.store(grad_values_ptr + offs, (w * dloss).to(grad_values_ptr.dtype.element_ty), mask=valid)
 
 
-def ppo_loss_forward(
+# --------------------------------------------------------------------------- launchers
+
+
+def _mask_arg(mask: torch.Tensor) -> torch.Tensor:
+    """The mask as the kernels read it: bool as uint8 (the same bytes), other dtypes as they are."""
+    mask = mask.contiguous()
+    return mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+
+
+def tile_grid(B: int, T: int, device: torch.device, tile: int | None = None) -> tuple[int, int, int, int]:
+    """(ROWS, BLOCK_T, row blocks, chunks per row) of the [ROWS, BLOCK_T] tiles over [B, T]:
+    `tile` elements per program (default `elementwise_block`), whole rows per tile while T fits."""
+    check_int32_indexable("the [B, T] inputs", B * T)
+    tile = tile or elementwise_block(B * T, device)
+    block_t = min(next_power_of_2(max(T, 1)), tile)
+    rows = max(1, min(tile // block_t, next_power_of_2(max(B, 1))))
+    return rows, block_t, cdiv(B, rows), cdiv(T, block_t)
+
+
+def _warps(elements: int, heavy: bool) -> int:
+    # The extra per-token options hold more values live: 8 warps (4 tokens per thread at 1024
+    # elements) keep every variant under 128 registers; plain tiles keep 4 warps (1 for tiny ones).
+    if elements <= 128:
+        return 1
+    return 8 if heavy and elements >= 1024 else 4
+
+
+class PPOLaunch:
+    """Everything about one `ppo_loss` call signature the kernels need (made once by
+    `fastrlhf.losses.ppo`'s plan): the tile grid over [B, T], constexprs and float arguments."""
+
+    def __init__(self, *, batch, seq_len, device, loss_type, clip_low, clip_high, dual_clip, kl_coef, kl_estimator,
+                 entropy_coef, sapo_tau_pos, sapo_tau_neg, is_correction, is_log_bounds, seq_ratio, adv_per_row,
+                 select_entropy, has_ref, has_entropy, tile: int | None = None):
+        self.shape = (batch, seq_len)
+        rows, block_t, row_blocks, chunks = tile_grid(batch, seq_len, device, tile)
+        self.grid, self.chunks = (row_blocks, chunks), chunks
+        is_log_min, is_log_max = (float(bound) for bound in is_log_bounds)
+        self.floats = (float(clip_low), float(clip_high), float(dual_clip or 0.0), float(kl_coef),
+                       float(entropy_coef), float(sapo_tau_pos), float(sapo_tau_neg), is_log_min, is_log_max)
+        self.constexprs = dict(
+            LOSS_TYPE=POLICY_LOSS_TYPES.index(loss_type), SEQ_RATIO=bool(seq_ratio), ADV_PER_ROW=bool(adv_per_row),
+            IS_MODE=is_mode_code(is_correction),
+            IS_PER_ROW=is_correction is not None and is_correction.startswith("sequence"),
+            SELECT_ENT=bool(select_entropy), HAS_REF=bool(has_ref), HAS_ENT=bool(has_entropy),
+            DUAL=dual_clip is not None, ESTIMATOR=ESTIMATOR_CODES[kl_estimator], LIMIT=LOG_RATIO_LIMIT,
+            ROWS=rows, BLOCK_T=block_t,
+        )
+        c = self.constexprs
+        heavy = c["SEQ_RATIO"] or c["IS_MODE"] != 0 or c["SELECT_ENT"]
+        self.forward_warps = _warps(rows * block_t, heavy)
+        self.backward_warps = _warps(rows * block_t, True)
+
+
+def ppo_forward(
     logps: torch.Tensor,
     old_logps: torch.Tensor,
     advantages: torch.Tensor,
@@ -338,111 +520,89 @@ def ppo_loss_forward(
     ref_logps: torch.Tensor | None,
     entropy: torch.Tensor | None,
     rollout_logps: torch.Tensor | None,
-    row_scales: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None],
+    entropy_threshold: torch.Tensor | None,
     *,
-    seq_log_ratio: torch.Tensor | None = None,
-    seq_is_log_weight: torch.Tensor | None = None,
-    entropy_threshold: torch.Tensor | None = None,
-    loss_type: str = "ppo",
-    clip_low: float,
-    clip_high: float,
-    dual_clip: float | None,
-    kl_coef: float,
-    kl_estimator: str,
-    entropy_coef: float,
-    sapo_tau_pos: float = 1.0,
-    sapo_tau_neg: float = 1.05,
-    is_correction: str | None = None,
-    is_log_bounds: tuple[float, float] = (float("-inf"), float("inf")),
-    grad_logps: bool,
-    grad_ref: bool,
-    grad_entropy: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """PPO-family objective over [B, T] tensors (any float dtype; `mask` fp32), tensors in the order
-    of `fastrlhf.ppo_loss`'s arguments; `kl_estimator` "k1" | "k2" | "k3", `is_correction` canonical.
+    launch: PPOLaunch,
+) -> torch.Tensor:
+    """Per-(row, chunk) partial sums of the PPO-family objective over [B, T] inputs (contiguous, any
+    float dtype; the mask bool/int/float, advantages [B, T] or [B], entropy_threshold fp32 0-d or
+    None), tensors in `fastrlhf.ppo_loss`'s order. Returns fp32 `[B, C, len(PPO_PARTIALS)]` for
+    `aggregate.Finalize` (aggregated columns: pg, kl, entropy).
 
-    advantages: `[B, T]` or `[B]` (one per sequence). row_scales: fp32 `[B]` aggregation weights of
-    the policy term, and of the KL and entropy terms (None: the policy term's). seq_log_ratio: fp32
-    `[B]` mean log-ratio per sequence (GSPO; None = token-level ratio). seq_is_log_weight: fp32 `[B]`
-    log IS weight per sequence (sequence_* corrections; token_* read rollout_logps); is_log_bounds:
-    log of the IS weight's (min, max), -inf / +inf when open. entropy_threshold:
-    fp32 0-d (None = every token trains).
-
-    Returns `(loss, stats, d_logps, d_ref, d_entropy)`: `stats` is fp32 `[len(PPO_STATS)]` (sums over
-    all tokens, named by PPO_STATS), `loss` its "loss" entry (0-d view), and the d_* are fp32
-    [B, T] d loss / d input (None when not asked for).
-
-    Per token: reads 3-8 inputs of 2-4 bytes (+ a [B] value per row option), writes 1-3 fp32
-    gradients: ~12-40 bytes, ~30-60 FLOPs; memory-bound.
+    Per token: reads 3-7 inputs of 2-4 bytes (+1 for the mask) and, for GSPO / sequence IS, 2-3 of
+    them once more per chunk of the row; writes nothing per token. ~30-60 FLOPs per token.
     """
-    B, T = logps.shape
-    n = B * T
-    tensors = [t.contiguous() if t is not None else None
-               for t in (logps, old_logps, advantages, mask, ref_logps, entropy, rollout_logps)]
-    logps, old_logps, advantages, mask, ref_logps, entropy, rollout_logps = tensors
-    row_scale, kl_row_scale, ent_row_scale = row_scales
-    split_agg = kl_row_scale is not None or ent_row_scale is not None
-    row_scale = row_scale.contiguous()
-    kl_row_scale = row_scale if kl_row_scale is None else kl_row_scale.contiguous()
-    ent_row_scale = row_scale if ent_row_scale is None else ent_row_scale.contiguous()
-    is_mode = is_mode_code(is_correction)
-    is_per_row = is_correction is not None and is_correction.startswith("sequence")
-    is_log_min, is_log_max = (float(bound) for bound in is_log_bounds)
-    d_logps = _grad_buffer(logps, grad_logps)
-    d_ref = _grad_buffer(logps, grad_ref and ref_logps is not None)
-    d_ent = _grad_buffer(logps, grad_entropy and entropy is not None)
-    partials, programs, block = _partials(n, len(PPO_STATS), logps.device)
-    if programs:
-        dummy = row_scale  # stands in for absent optional pointers; never read or written
-        _ppo_loss_forward_kernel[(programs,)](
-            logps, old_logps, advantages, mask,
-            *(t if t is not None else dummy for t in (ref_logps, entropy, rollout_logps, seq_log_ratio,
-                                                       seq_is_log_weight, entropy_threshold)),
-            row_scale, kl_row_scale, ent_row_scale,
-            d_logps if d_logps is not None else partials,
-            d_ref if d_ref is not None else partials,
-            d_ent if d_ent is not None else partials,
-            partials,
-            n, T, float(clip_low), float(clip_high), float(dual_clip or 0.0), float(kl_coef), float(entropy_coef),
-            float(sapo_tau_pos), float(sapo_tau_neg), is_log_min, is_log_max,
-            LOSS_TYPE=POLICY_LOSS_TYPES.index(loss_type), SEQ_RATIO=seq_log_ratio is not None,
-            ADV_PER_ROW=advantages.dim() == 1, IS_MODE=is_mode, IS_PER_ROW=is_per_row,
-            SELECT_ENT=entropy_threshold is not None, SPLIT_AGG=split_agg,
-            HAS_REF=ref_logps is not None, HAS_ENT=entropy is not None, DUAL=dual_clip is not None,
-            ESTIMATOR=ESTIMATOR_CODES[kl_estimator], LIMIT=LOG_RATIO_LIMIT,
-            GRAD_LOGPS=d_logps is not None, GRAD_REF=d_ref is not None, GRAD_ENT=d_ent is not None,
-            NUM_STATS=len(PPO_STATS), BLOCK=block,
-            # The extra per-token options hold more values live: 8 warps (4 tokens per thread at
-            # BLOCK 1024) keep every variant under 128 registers; plain PPO keeps its 4 warps.
-            num_warps=8 if (seq_log_ratio is not None or is_mode or entropy_threshold is not None or split_agg) else 4,
+    B, T = launch.shape
+    partials = torch.empty((B, launch.chunks, len(PPO_PARTIALS)), dtype=torch.float32, device=logps.device)
+    if launch.grid[0] and launch.grid[1]:
+        dummy = partials  # stands in for absent optional pointers; never read
+        _ppo_forward_kernel[launch.grid](
+            logps, old_logps, advantages, _mask_arg(mask),
+            *(t if t is not None else dummy for t in (ref_logps, entropy, rollout_logps, entropy_threshold)),
+            partials, B, T, launch.chunks, *launch.floats, **launch.constexprs, NP=len(PPO_PARTIALS),
+            num_warps=launch.forward_warps,
         )
-    stats = partials.sum(0)
-    return stats[PPO_STATS.index("loss")], stats, d_logps, d_ref, d_ent
+    return partials
 
 
-def value_loss_forward(
-    values: torch.Tensor,
-    old_values: torch.Tensor,
-    returns: torch.Tensor,
-    mask: torch.Tensor,
-    row_scale: torch.Tensor,
-    *,
-    clip_eps: float,
-    grad_values: bool,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Clipped value loss over [B, T] tensors. Returns `(loss, stats, d_values | None)`: `stats` fp32
-    `[len(VALUE_STATS)]` (sums over all tokens, named by VALUE_STATS), `loss` its "loss" entry."""
-    B, T = values.shape
-    n = B * T
-    values, old_values, returns, mask = (t.contiguous() for t in (values, old_values, returns, mask))
-    d_values = _grad_buffer(values, grad_values)
-    partials, programs, block = _partials(n, len(VALUE_STATS), values.device)
-    if programs:
-        _value_loss_forward_kernel[(programs,)](
-            values, old_values, returns, mask, row_scale.contiguous(),
-            d_values if d_values is not None else partials, partials,
-            n, T, float(clip_eps),
-            GRAD=grad_values, NUM_STATS=len(VALUE_STATS), BLOCK=block,
+def ppo_backward(
+    logps, old_logps, advantages, mask, ref_logps, entropy, rollout_logps, entropy_threshold,
+    scales: torch.Tensor, grad_loss: torch.Tensor, *, launch: PPOLaunch, need: tuple[bool, bool, bool],
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """(d loss / d logps, d ref_logps, d entropy), each in its input's dtype or None (`need`), from
+    the inputs of `ppo_forward`, the finalize's aggregation weights `scales` fp32 [3, B] and the
+    0-d upstream gradient. Recomputes every token term (no per-token buffer was kept).
+    Per token: reads what `ppo_forward` read, writes 1-3 gradients of 2-4 bytes."""
+    B, T = launch.shape
+    outputs = [torch.empty_like(t, memory_format=torch.contiguous_format) if wanted and t is not None else None
+               for t, wanted in zip((logps, ref_logps, entropy), need)]
+    if launch.grid[0] and launch.grid[1] and any(o is not None for o in outputs):
+        dummy = scales
+        _ppo_backward_kernel[launch.grid](
+            logps, old_logps, advantages, _mask_arg(mask),
+            *(t if t is not None else dummy for t in (ref_logps, entropy, rollout_logps, entropy_threshold)),
+            scales, grad_loss, *(o if o is not None else dummy for o in outputs),
+            B, T, *launch.floats, **launch.constexprs,
+            GRAD_LOGPS=outputs[0] is not None, GRAD_REF=outputs[1] is not None, GRAD_ENT=outputs[2] is not None,
+            num_warps=launch.backward_warps,
         )
-    stats = partials.sum(0)
-    return stats[VALUE_STATS.index("loss")], stats, d_values
+    return tuple(outputs)
+
+
+class ValueLaunch:
+    """The tile grid and clip range of one `value_loss` call signature (made once per signature)."""
+
+    def __init__(self, *, batch: int, seq_len: int, device: torch.device, clip_eps: float, tile: int | None = None):
+        self.shape = (batch, seq_len)
+        rows, block_t, row_blocks, chunks = tile_grid(batch, seq_len, device, tile)
+        self.grid, self.chunks, self.clip_eps = (row_blocks, chunks), chunks, float(clip_eps)
+        self.constexprs = dict(ROWS=rows, BLOCK_T=block_t, num_warps=_warps(rows * block_t, False))
+
+
+def value_forward(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, *,
+                  launch: ValueLaunch) -> torch.Tensor:
+    """Per-(row, chunk) partial sums of the clipped value loss over [B, T] inputs (contiguous);
+    fp32 `[B, C, len(VALUE_PARTIALS)]` for `aggregate.Finalize` (aggregated: loss).
+    Per token: reads 3 inputs + the mask, ~15 FLOPs."""
+    B, T = launch.shape
+    partials = torch.empty((B, launch.chunks, len(VALUE_PARTIALS)), dtype=torch.float32, device=values.device)
+    if launch.grid[0] and launch.grid[1]:
+        _value_forward_kernel[launch.grid](
+            values, old_values, returns, _mask_arg(mask), partials, B, T, launch.chunks, launch.clip_eps,
+            NP=len(VALUE_PARTIALS), **launch.constexprs,
+        )
+    return partials
+
+
+def value_backward(values, old_values, returns, mask, scales: torch.Tensor, grad_loss: torch.Tensor, *,
+                   launch: ValueLaunch) -> torch.Tensor:
+    """d loss / d values in values' dtype, recomputed from the inputs, `scales` fp32 [1, B] and the
+    0-d upstream gradient. Per token: reads 3 inputs + the mask, writes one gradient."""
+    B, T = launch.shape
+    grad = torch.empty_like(values, memory_format=torch.contiguous_format)
+    if launch.grid[0] and launch.grid[1]:
+        _value_backward_kernel[launch.grid](
+            values, old_values, returns, _mask_arg(mask), scales, grad_loss, grad, B, T, launch.clip_eps,
+            **launch.constexprs,
+        )
+    return grad

@@ -1,10 +1,15 @@
 """DPO-family and Bradley-Terry losses over a batch of sequence scores (Triton kernels + launchers).
 
-Each kernel makes ONE pass over the `[B]` inputs and writes, per row, the gradient of that row's
-loss with respect to the chosen and rejected inputs (already divided by B), and, per block of rows,
-the block's share of the batch-mean loss and of every metric. The backward pass is then just a
-scale by the incoming gradient: nothing is recomputed and no metric needs a separate torch op.
-With B <= MAX_BLOCK_B there is one block, so loss and metrics are views of the kernel's output.
+Each loss kernel makes ONE pass over the `[B]` inputs and writes, per row, the gradient of that
+row's loss with respect to the chosen and rejected inputs (already divided by B; fp32, 8 bytes per
+pair), and, per block of rows, the block's share of the batch-mean loss and of every metric. With
+B <= MAX_BLOCK_B there is one block, so loss and metrics are the kernel's output itself; above,
+`_sum_blocks_kernel` (one program) adds the blocks up in a fixed order. The backward pass is one
+launch, `_pairwise_backward_kernel`: grad_output times the saved per-row gradients, written in
+each input's dtype (the reference inputs get the negatives). No torch op on either side.
+
+Bytes per pair: forward reads 2-4 scores, writes 8 (fp32 gradients); backward reads 8, writes 2-4
+gradients. ~30 FLOPs per pair (two exp, a log).
 
 No autograd here: `fastrlhf.losses.preference` wraps these launchers in autograd.Functions.
 """
@@ -13,6 +18,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from fastrlhf.kernels._launch import cdiv, next_power_of_2
 
 from fastrlhf.contracts import DPO_LOSS_TYPES, DPO_STATS, ORPO_MAX_LOGP, REWARD_STATS
 
@@ -194,23 +200,71 @@ def _reward_loss_forward_kernel(
     _store_block_mean(stats, _BT_REJECTED, rejected, valid, inv_B)
 
 
+@triton.jit
+def _sum_blocks_kernel(loss_partials_ptr, stat_partials_ptr, loss_ptr, stats_ptr, n_blocks,
+                       N_STATS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
+    """loss = sum of the blocks' loss shares, stats[k] = sum of their metric shares (fixed order)."""
+    lanes = tl.arange(0, BLOCK_P)
+    kcols = tl.arange(0, BLOCK_K)
+    loss = tl.zeros((BLOCK_P,), tl.float32)
+    stats = tl.zeros((BLOCK_P, BLOCK_K), tl.float32)
+    for p0 in range(0, n_blocks, BLOCK_P):
+        p = p0 + lanes
+        ok = p < n_blocks
+        loss += tl.load(loss_partials_ptr + p, mask=ok, other=0.0)
+        stats += tl.load(stat_partials_ptr + p[:, None] * N_STATS + kcols[None, :],
+                         mask=ok[:, None] & (kcols[None, :] < N_STATS), other=0.0)
+    tl.store(loss_ptr, tl.sum(loss, axis=0))
+    tl.store(stats_ptr + kcols, tl.sum(stats, axis=0), mask=kcols < N_STATS)
+
+
+@triton.jit
+def _pairwise_backward_kernel(
+    row_grad_chosen_ptr, row_grad_rejected_ptr, grad_loss_ptr,
+    grad_chosen_ptr, grad_rejected_ptr, grad_ref_chosen_ptr, grad_ref_rejected_ptr, B,
+    GRAD_CHOSEN: tl.constexpr, GRAD_REJECTED: tl.constexpr, GRAD_REF_CHOSEN: tl.constexpr,
+    GRAD_REF_REJECTED: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    offs = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    valid = offs < B
+    g = tl.load(grad_loss_ptr).to(tl.float32)
+    if GRAD_CHOSEN or GRAD_REF_CHOSEN:
+        chosen = g * tl.load(row_grad_chosen_ptr + offs, mask=valid, other=0.0)
+        if GRAD_CHOSEN:
+            tl.store(grad_chosen_ptr + offs, chosen.to(grad_chosen_ptr.dtype.element_ty), mask=valid)
+        if GRAD_REF_CHOSEN:
+            tl.store(grad_ref_chosen_ptr + offs, (-chosen).to(grad_ref_chosen_ptr.dtype.element_ty), mask=valid)
+    if GRAD_REJECTED or GRAD_REF_REJECTED:
+        rejected = g * tl.load(row_grad_rejected_ptr + offs, mask=valid, other=0.0)
+        if GRAD_REJECTED:
+            tl.store(grad_rejected_ptr + offs, rejected.to(grad_rejected_ptr.dtype.element_ty), mask=valid)
+        if GRAD_REF_REJECTED:
+            tl.store(grad_ref_rejected_ptr + offs, (-rejected).to(grad_ref_rejected_ptr.dtype.element_ty),
+                     mask=valid)
+
+
 # ---- launchers ----------------------------------------------------------------------------------
 
 def _block_outputs(B: int, n_stats: int, device: torch.device):
-    block_b = min(max(triton.next_power_of_2(B), 16), MAX_BLOCK_B)
-    n_blocks = triton.cdiv(B, block_b)
+    block_b = min(max(next_power_of_2(B), 16), MAX_BLOCK_B)
+    n_blocks = cdiv(B, block_b)
     grad_chosen = torch.empty(B, dtype=torch.float32, device=device)
     grad_rejected = torch.empty(B, dtype=torch.float32, device=device)
-    loss_partials = torch.empty(n_blocks, dtype=torch.float32, device=device)
+    loss_partials = torch.empty((n_blocks,), dtype=torch.float32, device=device)
     stat_partials = torch.empty((n_blocks, n_stats), dtype=torch.float32, device=device)
     return block_b, n_blocks, grad_chosen, grad_rejected, loss_partials, stat_partials
 
 
 def _finish(loss_partials: torch.Tensor, stat_partials: torch.Tensor):
-    # One block (B <= MAX_BLOCK_B): the partials already are the batch means, no extra op.
-    if loss_partials.numel() == 1:
+    """(0-d loss, [n_stats] stats): the partials themselves for one block, else their sums."""
+    n_blocks, n_stats = stat_partials.shape
+    if n_blocks == 1:
         return loss_partials.view(()), stat_partials.view(-1)
-    return loss_partials.sum(), stat_partials.sum(0)
+    loss = torch.empty((), dtype=torch.float32, device=loss_partials.device)
+    stats = torch.empty(n_stats, dtype=torch.float32, device=loss_partials.device)
+    _sum_blocks_kernel[(1,)](loss_partials, stat_partials, loss, stats, n_blocks, N_STATS=n_stats,
+                             BLOCK_K=next_power_of_2(n_stats), BLOCK_P=64)
+    return loss, stats
 
 
 def dpo_loss_forward(
@@ -272,3 +326,27 @@ def reward_loss_forward(
     )
     loss, stats = _finish(loss_partials, stat_partials)
     return loss, stats, grad_c, grad_r
+
+
+def pairwise_backward(
+    row_grad_chosen: torch.Tensor,
+    row_grad_rejected: torch.Tensor,
+    grad_loss: torch.Tensor,
+    dtypes: tuple[torch.dtype | None, ...],
+    need: tuple[bool, ...],
+) -> tuple[torch.Tensor | None, ...]:
+    """(d chosen, d rejected, d ref_chosen, d ref_rejected): grad_loss (0-d) times the forward's
+    per-row gradients (negated for the references), each in its input's dtype from `dtypes`
+    (chosen, rejected, ref_chosen, ref_rejected; None = no such input), None where not `need`ed."""
+    B = row_grad_chosen.shape[0]
+    device = row_grad_chosen.device
+    outputs = [torch.empty(B, dtype=dtype, device=device) if dtype is not None and wanted else None
+               for dtype, wanted in zip(dtypes, need)]
+    if B and any(o is not None for o in outputs):
+        block_b = min(max(next_power_of_2(B), 16), MAX_BLOCK_B)
+        _pairwise_backward_kernel[(cdiv(B, block_b),)](
+            row_grad_chosen, row_grad_rejected, grad_loss, *(o if o is not None else row_grad_chosen for o in outputs),
+            B, GRAD_CHOSEN=outputs[0] is not None, GRAD_REJECTED=outputs[1] is not None,
+            GRAD_REF_CHOSEN=outputs[2] is not None, GRAD_REF_REJECTED=outputs[3] is not None, BLOCK_B=block_b,
+        )
+    return tuple(outputs)

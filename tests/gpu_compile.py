@@ -35,8 +35,8 @@ from typing import Any, Iterator
 import pytest
 
 KERNEL_MODULES = (
-    "fastrlhf.kernels.logprobs", "fastrlhf.kernels.kl", "fastrlhf.kernels.ppo",
-    "fastrlhf.kernels.gae", "fastrlhf.kernels.preference", "fastrlhf.kernels.fused_head",
+    "fastrlhf.kernels.logprobs", "fastrlhf.kernels.kl", "fastrlhf.kernels.ppo", "fastrlhf.kernels.aggregate",
+    "fastrlhf.kernels.gae", "fastrlhf.kernels.advantages", "fastrlhf.kernels.preference", "fastrlhf.kernels.fused_head",
 )
 # Compute capabilities the kernels are compiled for: sm_80 (A100) and sm_90 (H100 / H200).
 ARCHS = (80, 90)

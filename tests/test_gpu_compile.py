@@ -113,6 +113,25 @@ def _ppo_variants():
         fastrlhf.ppo_loss(logps, old, adv, mask, **{**full, **kwargs}, backend="triton")[0].backward()
     fastrlhf.ppo_loss(logps, old, adv[:, 0], mask, backend="triton")[0].backward()  # [B] advantages
     fastrlhf.ppo_loss(logps, old, adv[:, 0], mask, **full, loss_type="cispo", backend="triton")[0].backward()
+    # Gradient of the entropy only (logps constant), and the mask dtypes: bool (read as uint8), int64.
+    fastrlhf.ppo_loss(logps.detach(), old, adv, mask, entropy=entropy, entropy_coef=0.01,
+                      backend="triton")[0].backward()
+    for int_mask in (mask.bool(), mask.long()):
+        fastrlhf.ppo_loss(logps, old, adv, int_mask, **full, backend="triton")[0].backward()
+        fastrlhf.value_loss(logps, old, adv, int_mask, backend="triton")[0].backward()
+    # Short rows: many rows per tile (ROWS > 1), the finalize's totals as numbers and as tensors.
+    short = torch.randn(300, 5, requires_grad=True)
+    for totals in (dict(total_tokens=900.0, total_sequences=300, norm_length=8),
+                   dict(total_tokens=torch.tensor(900.0), total_sequences=torch.tensor(300))):
+        for loss_agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"):
+            fastrlhf.ppo_loss(short, short.detach(), short.detach(), torch.ones(300, 5), loss_agg=loss_agg, **totals,
+                              backend="triton")[0].backward()
+            fastrlhf.value_loss(short, short.detach(), short.detach(), torch.ones(300, 5), loss_agg=loss_agg,
+                                **totals, backend="triton")[0].backward()
+    # kl_penalty's backward with a full upstream gradient (the .sum() above broadcasts one value)
+    for dtype in (torch.float32, torch.bfloat16):
+        kl_in = torch.randn(B, T, dtype=dtype, requires_grad=True)
+        (fastrlhf.kl_penalty(kl_in, torch.randn(B, T), backend="triton") * torch.randn(B, T)).sum().backward()
 
 
 def _advantage_variants():
@@ -122,6 +141,24 @@ def _advantage_variants():
             fastrlhf.gae(rewards, values, torch.ones(2, T, dtype=torch.bool), skip_masked=skip_masked,
                          backend="triton")
     fastrlhf.gae(torch.randn(2, 512), torch.randn(2, 512), torch.ones(2, 512), backend="triton")
+    fastrlhf.gae(torch.randn(2, 512), torch.randn(2, 512), torch.ones(2, 512, dtype=torch.bool), whiten=True,
+                 backend="triton")
+    # whiten: 512k tokens (the GPU block of 1024, 128 partials) and a small batch (block 256); shift_mean;
+    # full and broadcast (x.sum()) upstream gradients; bf16 x with a float mask (only the loads differ).
+    for shape in ((64, 8192), (4, 37)):
+        x = torch.randn(shape, requires_grad=True)
+        mask = torch.ones(shape, dtype=torch.bool)
+        for shift_mean in (True, False):
+            (fastrlhf.whiten(x, mask, shift_mean=shift_mean, backend="triton") * torch.randn(shape)).sum().backward()
+        fastrlhf.whiten(x, mask, backend="triton").sum().backward()
+    x = torch.randn(4, 37, dtype=torch.bfloat16, requires_grad=True)
+    (fastrlhf.whiten(x, torch.rand(4, 37), backend="triton") * torch.randn(4, 37)).sum().backward()
+    # group advantages: small groups (many per program), a group longer than a block, bf16 scores
+    for B, group_size, dtype in ((16384, 16, torch.float32), (3000, 1500, torch.float32), (64, 8, torch.bfloat16),
+                                 (8, 1, torch.float32)):
+        scores = torch.randn(B, dtype=dtype)
+        for scale in (True, False):
+            fastrlhf.group_advantages(scores, group_size, scale=scale, backend="triton")
 
 
 def _preference_variants():
@@ -132,6 +169,9 @@ def _preference_variants():
             fastrlhf.dpo_loss(-c.abs(), -r.abs(), *refs, loss_type=loss_type, backend="triton")[0].backward()
         for margin in (None, torch.rand(B)):
             fastrlhf.reward_loss(c, r, margin=margin, center_coef=0.01, backend="triton")[0].backward()
+        # the backward kernel with some inputs constant (the reference log-probs usually are)
+        fastrlhf.dpo_loss(-c.abs(), -r.abs(), rc.detach(), rr.detach(), backend="triton")[0].backward()
+        fastrlhf.dpo_loss(-c.abs().detach(), -r.abs(), rc, rr.detach(), backend="triton")[0].backward()
 
 
 def _fused_head_variants():
@@ -184,6 +224,24 @@ def _fused_head_variants():
     hidden = torch.randn(3, 16, requires_grad=True)
     weight = torch.randn(131, 16, requires_grad=True)
     fastrlhf.sft_loss_from_hidden(hidden, weight, torch.randint(0, 131, (3,)), backend="triton")[0].backward()
+    # policy_loss_from_logits: the model's bf16 / fp32 logits, next-token [B, T + 1, V] and aligned
+    # [B, T, V] rows, the gradient into a new buffer or in place (REVERSE_GRAD), forward only, and
+    # grad_output != 1 (the scale kernel's multiply).
+    for dtype in (torch.float32, torch.bfloat16):
+        for shift in (1, 0):
+            full = torch.randn(B, T + 1, H, dtype=dtype, requires_grad=True)
+            weight = torch.randn(V, H, dtype=dtype, requires_grad=True)
+            targets = torch.randint(0, V, (B, T))
+            old, adv, ref = (torch.randn(B, T) for _ in range(3))
+            for inplace in (False, True):
+                logits = full[:, : T + shift] @ weight.t()
+                loss, _ = fastrlhf.policy_loss_from_logits(logits, targets, old, adv[:, 0], torch.ones(B, T),
+                                                           ref_logps=ref, kl_coef=0.04, inplace=inplace,
+                                                           backend="triton")
+                (2.0 * loss).backward()
+            with torch.no_grad():
+                fastrlhf.policy_loss_from_logits(logits, targets, None, adv, torch.ones(B, T), entropy_coef=0.01,
+                                                 backend="triton")
 
 
 VARIANT_SOURCES = {
@@ -213,28 +271,48 @@ EXPECTED = {
                                  "HAS_SOFTCAP": {True, False}},
     },
     "ppo": {
-        "_ppo_loss_forward_kernel": {name: {True, False} for name in
-                                  ("HAS_REF", "HAS_ENT", "DUAL", "GRAD_LOGPS", "GRAD_REF", "GRAD_ENT", "SEQ_RATIO",
-                                   "ADV_PER_ROW", "IS_PER_ROW", "SELECT_ENT", "SPLIT_AGG")}
-        | {"ESTIMATOR": {1, 2, 3}, "BLOCK": {256, 1024}, "LOSS_TYPE": {0, 1, 2}, "IS_MODE": {0, 1, 2}},
-        "_value_loss_forward_kernel": {"GRAD": {True, False}},
-        "_kl_penalty_forward_kernel": {"ESTIMATOR": {1, 2, 3}, "WRITE_GRAD": {True, False}},
+        "_ppo_forward_kernel": {name: {True, False} for name in
+                                ("HAS_REF", "HAS_ENT", "DUAL", "SEQ_RATIO", "ADV_PER_ROW", "IS_PER_ROW", "SELECT_ENT")}
+        | {"ESTIMATOR": {1, 2, 3}, "BLOCK_T": {8, 64, 1024}, "ROWS": {1, 32}, "LOSS_TYPE": {0, 1, 2},
+           "IS_MODE": {0, 1, 2}},
+        "_ppo_backward_kernel": {name: {True, False} for name in
+                                 ("GRAD_LOGPS", "GRAD_REF", "GRAD_ENT", "HAS_REF", "HAS_ENT", "SEQ_RATIO", "IS_PER_ROW",
+                                  "SELECT_ENT")}
+        | {"LOSS_TYPE": {0, 1, 2}, "IS_MODE": {0, 1, 2}, "ROWS": {1, 32}},
+        "_aggregate_finalize_kernel": {"N_AGG": {1, 3}, "AGG0": {0, 1, 2}, "AGG1": {0, 1, 2}, "TOKENS": {0, 1, 2},
+                                       "SEQUENCES": {0, 1, 2}, "BLOCK_R": {64, 128}},
+        "_value_forward_kernel": {"ROWS": {1, 32}},
+        "_value_backward_kernel": {"ROWS": {1, 32}},
+        "_kl_penalty_forward_kernel": {"ESTIMATOR": {1, 2, 3}},
+        "_kl_penalty_backward_kernel": {"ESTIMATOR": {1, 2, 3}, "GRAD_IS_SCALAR": {True, False},
+                                        "GRAD_LOGPS": {True}, "GRAD_REF": {False}},
     },
-    "advantages": {"_gae_forward_kernel": {"BLOCK_T": {1, 64, 512, 1024}, "SKIP_MASKED": {True, False}}},
+    "advantages": {
+        "_gae_forward_kernel": {"BLOCK_T": {1, 64, 512, 1024}, "SKIP_MASKED": {True, False}},
+        "_whiten_stats_kernel": {"BLOCK": {256, 1024}},
+        "_whiten_apply_kernel": {"SHIFT_MEAN": {True, False}, "BLOCK": {256, 1024}},
+        "_whiten_grad_stats_kernel": {"GRAD_IS_SCALAR": {True, False}},
+        "_whiten_grad_kernel": {"GRAD_IS_SCALAR": {True, False}, "SHIFT_MEAN": {True, False}},
+        "_group_advantages_kernel": {"SCALE": {True, False}, "BLOCK_S": {1, 8, 16, 1024}},
+    },
     "fused_head": {
         "_fused_head_rows_kernel": {name: {True, False} for name in
                                     ("HAS_OLD", "HAS_REF", "DUAL", "ENTROPY_GRAD", "WRITE_GRAD", "HAS_SOFTCAP",
                                      "NARROW_IN_PLACE", "SEQ_RATIO", "ADV_PER_ROW", "IS_PER_ROW", "SELECT_ENT",
-                                     "SPLIT_AGG")}
+                                     "SPLIT_AGG", "NEXT_TOKEN", "REVERSE_GRAD")}
         | {"LOSS": {0, 1}, "ESTIMATOR": {1, 2, 3}, "BLOCK_V": {256, 4096}, "LOSS_TYPE": {0, 1, 2},
            "IS_MODE": {0, 1, 2}},
         "_logprobs_forward_kernel": {"COMPUTE_ENTROPY": {False}},
         "_logprobs_backward_kernel": {"HAS_GRAD_LOGPS": {True}, "HAS_GRAD_ENTROPY": {False},
                                       "NARROW_IN_PLACE": {True, False}},
+        "_scale_unless_one_kernel": {"BLOCK": {4096}},
     },
     "preference": {
         "_dpo_loss_forward_kernel": {"LOSS_TYPE": set(range(len(DPO_LOSS_TYPES))), "HAS_REF": {True, False}, "BLOCK_B": {16, 1024}},
         "_reward_loss_forward_kernel": {"HAS_MARGIN_TENSOR": {True, False}},
+        "_pairwise_backward_kernel": {"GRAD_CHOSEN": {True, False}, "GRAD_REF_CHOSEN": {True, False},
+                                      "GRAD_REF_REJECTED": {True, False}},
+        "_sum_blocks_kernel": {"N_STATS": {4, 9}},
     },
 }
 

@@ -483,7 +483,8 @@ def test_objective_bad_input(backend):
 
 def test_plain_ppo_launches_one_kernel_and_no_extra_work(monkeypatch):
     """The options are constexpr branches: a plain call launches the PPO kernel once with every option
-    off, and computes no sequence ratios, IS weights or entropy thresholds."""
+    off (then the finalize, `tests/test_launches.py`), and computes no sequence ratios, IS weights or
+    entropy thresholds."""
     from gpu_compile import recorded_launches
 
     from fastrlhf.twins import ppo as twin
@@ -497,11 +498,12 @@ def test_plain_ppo_launches_one_kernel_and_no_extra_work(monkeypatch):
                           backend="triton")
     assert called == []
     ((launch, count),) = launches.items()
-    assert launch.kernel == "_ppo_loss_forward_kernel" and count == 1
+    assert launch.kernel == "_ppo_forward_kernel" and count == 1
     constexprs = dict(launch.constexprs)
-    assert {k: constexprs[k] for k in ("LOSS_TYPE", "SEQ_RATIO", "ADV_PER_ROW", "IS_MODE", "SELECT_ENT",
-                                       "SPLIT_AGG")} == dict(LOSS_TYPE=0, SEQ_RATIO=False, ADV_PER_ROW=False,
-                                                             IS_MODE=0, SELECT_ENT=False, SPLIT_AGG=False)
+    assert {k: constexprs[k] for k in ("LOSS_TYPE", "SEQ_RATIO", "ADV_PER_ROW", "IS_MODE", "IS_PER_ROW", "SELECT_ENT",
+                                       "HAS_REF", "HAS_ENT", "DUAL")} == dict(
+        LOSS_TYPE=0, SEQ_RATIO=False, ADV_PER_ROW=False, IS_MODE=0, IS_PER_ROW=False, SELECT_ENT=False,
+        HAS_REF=False, HAS_ENT=False, DUAL=False)
 
 
 def test_every_twin_export_exists():

@@ -1,14 +1,14 @@
 """Advantages for PPO and GRPO: GAE (one parallel scan, Triton), masked whitening, group advantages.
 (The named estimators built from them are in `fastrlhf.estimators`.)
 
-`gae` runs the Triton scan in `fastrlhf.kernels.gae` on CUDA (or under TRITON_INTERPRET=1), else
-its PyTorch twin in `fastrlhf.twins.advantages`. All outputs are detached targets.
-
-`whiten` and `group_advantages` run the same few torch ops on every backend: each is a tiny global
-reduction done once per RL step (a handful of launches on `[B, T]` or `[B]`), so a kernel would
-save microseconds, while a single-program Triton reduction over a whole `[B, T]` batch would be
-slower than torch's multi-block one. `whiten`'s reductions all go through
-`fastrlhf.twins.advantages.masked_sum`, where a cross-rank all-reduce belongs.
+Each runs Triton kernels on CUDA (or under TRITON_INTERPRET=1), else its PyTorch twin in
+`fastrlhf.twins.advantages`: `gae` one scan launch (`kernels/gae.py`), `group_advantages` one
+launch, `whiten` two launches each way (a batch-wide mean and variance must exist before any
+output: `kernels/advantages.py`), with no torch op around them. float64 inputs take the twin on
+every backend (the kernels compute in fp32; float64 is asked for to get float64 back).
+`gae`'s outputs and `group_advantages` are detached targets; `whiten` is differentiable in x.
+The cross-rank whitening (`fastrlhf.distributed.whiten_global`) stays on the twin's
+`masked_sum`, where its all-reduce belongs.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 
 from fastrlhf._checks import check_gae_args, check_group_args, check_whiten_args
 from fastrlhf._dispatch import resolve_backend
+from fastrlhf.losses._autograd import first_order_only
 from fastrlhf.twins import advantages as twin
 
 
@@ -58,8 +59,32 @@ def gae(
     advantages, returns = gae_forward(rewards.detach(), values.detach(), mask.detach(), gamma=gamma, lam=lam,
                                       skip_masked=skip_masked)
     if whiten:
-        advantages = twin.whiten(advantages, mask)
+        from fastrlhf.kernels.advantages import whiten_forward
+
+        advantages, _ = whiten_forward(advantages, mask.detach(), shift_mean=True, eps=1e-8)
     return advantages, returns
+
+
+class _WhitenFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, mask, shift_mean, eps):
+        from fastrlhf.kernels.advantages import whiten_forward
+
+        out, partials = whiten_forward(x, mask, shift_mean=shift_mean, eps=eps)
+        ctx.save_for_backward(x, mask, partials)
+        ctx.options = (shift_mean, eps)
+        return out
+
+    @staticmethod
+    @first_order_only("whiten")
+    def backward(ctx, grad_out):
+        from fastrlhf.kernels.advantages import whiten_backward
+
+        x, mask, partials = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None, None
+        shift_mean, eps = ctx.options
+        return whiten_backward(x, mask, partials, grad_out, shift_mean=shift_mean, eps=eps), None, None, None
 
 
 def whiten(
@@ -74,11 +99,13 @@ def whiten(
     `masked_whiten`: (x - mean) * rsqrt(var + eps) with the UNBIASED masked variance
     (n / (n - 1), like TRL's `masked_var`), + mean again if `shift_mean=False`.
     0 outside the mask; an empty mask gives zeros, one counted element gives var = 0 (no NaN).
-    float32 (float64 for float64 x), differentiable in x. Same torch ops on every backend.
+    float32 (float64 for float64 x), differentiable in x (on the Triton path to first order, as
+    every Triton loss: a second derivative needs backend="torch").
     """
     check_whiten_args(x, mask, eps)
-    resolve_backend(backend, x, mask)  # validates the name; both backends share the torch ops
-    return twin.whiten(x, mask, shift_mean=shift_mean, eps=eps)
+    if resolve_backend(backend, x, mask) == "torch" or x.dtype == torch.float64:
+        return twin.whiten(x, mask, shift_mean=shift_mean, eps=eps)
+    return _WhitenFunction.apply(x.contiguous(), mask.contiguous(), bool(shift_mean), float(eps))
 
 
 def group_advantages(
@@ -99,8 +126,12 @@ def group_advantages(
     A group of ONE sample has advantage 0 under either (it is its own mean; its spread is taken as
     0, not n - 1 = 0's NaN). verl keeps the raw score there instead (mean 0, std 1); TRL needs n >= 2.
     Returns `[B]` float32 (float64 for float64 scores), detached. `group_size` must divide B
-    (ValueError otherwise). Same torch ops on every backend.
+    (ValueError otherwise).
     """
     check_group_args(scores, group_size, eps, std)
-    resolve_backend(backend, scores)
-    return twin.group_advantages(scores, group_size, scale=scale, std=std, eps=eps)
+    if resolve_backend(backend, scores) == "torch" or scores.dtype == torch.float64:
+        return twin.group_advantages(scores, group_size, scale=scale, std=std, eps=eps)
+    from fastrlhf.kernels.advantages import group_advantages_forward
+
+    return group_advantages_forward(scores.detach().contiguous(), group_size, scale=bool(scale), std=std,
+                                    eps=float(eps))

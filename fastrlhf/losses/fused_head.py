@@ -83,6 +83,8 @@ from fastrlhf._checks import (
     check_dpo_args,
     check_floating,
     check_hidden_args,
+    check_bool,
+    check_logits_args,
     check_ndim,
     check_ppo_args,
     check_same_device,
@@ -95,14 +97,14 @@ from fastrlhf.contracts import (
     SFT_LOSS_AGGS,
 )
 from fastrlhf.losses._autograd import first_order_only
-from fastrlhf.losses.logprobs import _chunk_logits, _rows, _spans, token_logprobs
+from fastrlhf.losses.logprobs import _chunk_logits, _rows, _spans, logprobs_from_logits, token_logprobs
 from fastrlhf.losses.ppo import aggregation_row_scale, policy_constants, ppo_metrics
 from fastrlhf.losses.preference import dpo_loss, sequence_logps
 from fastrlhf.twins import fused_head as twin
 from fastrlhf.twins import ppo as twin_ppo
 from fastrlhf.twins.logprobs import CHUNK_BYTES_CPU, no_autocast
 
-__all__ = ["policy_loss_from_hidden", "dpo_loss_from_hidden", "sft_loss_from_hidden"]
+__all__ = ["policy_loss_from_hidden", "policy_loss_from_logits", "dpo_loss_from_hidden", "sft_loss_from_hidden"]
 
 # One chunk's fp32 logits take at most this much on CUDA (see the module docstring).
 FUSED_CHUNK_BYTES_CUDA = 5 * 2**28  # 1.25 GiB
@@ -266,6 +268,50 @@ def _chunk_arg(chunk_size: int | None) -> tuple[int | None, bool]:
 # --------------------------------------------------------------------------- PPO / GRPO
 
 
+def _policy_row_options(presweep, args, mask_f: torch.Tensor, objective: dict) -> tuple[torch.Tensor, dict]:
+    """(row_scale, the `ppo` options of `kernels.fused_head.fused_head_rows`) of a policy loss,
+    shared by `policy_loss_from_hidden` and `policy_loss_from_logits`. `presweep()` gives the
+    current (logps, entropy) [B, T] without grad; it runs only when an option needs a statistic of
+    every token before any token's gradient (GSPO with old_logps, a sequence IS correction
+    on-policy, top_entropy_quantile < 1). `objective`: the public function's ppo_loss options,
+    tensors included (old_logps, advantages, ref_logps, rollout_logps)."""
+    o = objective
+    old_logps, advantages = o["old_logps"], o["advantages"]
+    sequence_ratio = o["ratio_level"] == "sequence" and old_logps is not None
+    # On-policy (old_logps=None) a sequence-level IS weight needs the current log-probs as pi_old.
+    sequence_is = args.is_correction is not None and args.is_correction.startswith("sequence") and old_logps is None
+    current_logps = current_entropy = None
+    if sequence_ratio or sequence_is or o["top_entropy_quantile"] < 1.0:  # the forward-only pre-sweep
+        with torch.no_grad():
+            current_logps, current_entropy = presweep()
+    constants = policy_constants(
+        mask_f, logps=current_logps if sequence_ratio else None,
+        old_logps=current_logps if old_logps is None else old_logps, entropy=current_entropy,
+        rollout_logps=o["rollout_logps"], has_ref=o["ref_logps"] is not None, has_entropy=o["entropy_coef"] != 0,
+        ratio_level=o["ratio_level"], is_correction=args.is_correction,
+        top_entropy_quantile=o["top_entropy_quantile"], loss_agg=o["loss_agg"], kl_agg=o["kl_agg"],
+        entropy_agg=o["entropy_agg"],
+        totals=dict(total_tokens=o["total_tokens"], total_sequences=o["total_sequences"], norm_length=o["norm_length"]),
+    )
+    row_scale, kl_row_scale, ent_row_scale = constants["row_scales"]
+
+    def flat(tensor):
+        return None if tensor is None else tensor.detach().reshape(-1).contiguous()
+
+    ppo = dict(
+        old_logps=flat(old_logps), advantages=flat(advantages), advantages_per_row=advantages.dim() == 1,
+        ref_logps=flat(o["ref_logps"]), rollout_logps=flat(o["rollout_logps"]), kl_row_scale=kl_row_scale,
+        ent_row_scale=ent_row_scale, seq_log_ratio=constants.get("seq_log_ratio"),
+        seq_is_log_weight=constants.get("seq_is_log_weight"), entropy_threshold=constants.get("entropy_threshold"),
+        selection_entropy=None if current_entropy is None else current_entropy.float().reshape(-1).contiguous(),
+        loss_type=o["loss_type"], clip_low=1.0 - o["clip_eps"], clip_high=1.0 + args.clip_eps_high,
+        dual_clip=o["dual_clip"], kl_coef=o["kl_coef"], entropy_coef=o["entropy_coef"],
+        sapo_tau_pos=o["sapo_tau_pos"], sapo_tau_neg=o["sapo_tau_neg"], is_correction=args.is_correction,
+        is_log_bounds=twin_ppo.is_log_bounds(o["is_clip_min"], o["is_clip_max"]), estimator=args.kl_estimator,
+    )
+    return row_scale, ppo
+
+
 def policy_loss_from_hidden(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -378,40 +424,14 @@ def policy_loss_from_hidden(
                                             temperature=temperature, softcap=softcap, chunk_size=chunk_size,
                                             **objective)
 
-    mask_f = args.mask
-    sequence_ratio = ratio_level == "sequence" and old_logps is not None
-    # On-policy (old_logps=None) a sequence-level IS weight needs the current log-probs as pi_old.
-    sequence_is = args.is_correction is not None and args.is_correction.startswith("sequence") and old_logps is None
-    current_logps = current_entropy = None
-    if sequence_ratio or sequence_is or top_entropy_quantile < 1.0:  # the forward-only pre-sweep (docstring)
-        with torch.no_grad():
-            current_logps, current_entropy = token_logprobs(
-                hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap, return_entropy=True,
-                chunk_size=chunk_size, backend="triton")
-    constants = policy_constants(
-        mask_f, logps=current_logps if sequence_ratio else None,
-        old_logps=current_logps if old_logps is None else old_logps, entropy=current_entropy,
-        rollout_logps=rollout_logps, has_ref=ref_logps is not None, has_entropy=entropy_coef != 0,
-        ratio_level=ratio_level,
-        is_correction=args.is_correction, top_entropy_quantile=top_entropy_quantile, loss_agg=loss_agg,
-        kl_agg=kl_agg, entropy_agg=entropy_agg, totals=totals,
-    )
-    row_scale, kl_row_scale, ent_row_scale = constants["row_scales"]
+    mask_f = mask.to(torch.float32)
 
-    def flat(tensor):
-        return None if tensor is None else tensor.detach().reshape(-1).contiguous()
+    def presweep():
+        return token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
+                              return_entropy=True, chunk_size=chunk_size, backend="triton")
 
-    ppo = dict(
-        old_logps=flat(old_logps), advantages=flat(advantages), advantages_per_row=advantages.dim() == 1,
-        ref_logps=flat(ref_logps), rollout_logps=flat(rollout_logps), kl_row_scale=kl_row_scale,
-        ent_row_scale=ent_row_scale, seq_log_ratio=constants.get("seq_log_ratio"),
-        seq_is_log_weight=constants.get("seq_is_log_weight"), entropy_threshold=constants.get("entropy_threshold"),
-        selection_entropy=None if current_entropy is None else current_entropy.float().reshape(-1).contiguous(),
-        loss_type=loss_type, clip_low=1.0 - clip_eps, clip_high=1.0 + args.clip_eps_high, dual_clip=dual_clip,
-        kl_coef=kl_coef, entropy_coef=entropy_coef, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
-        is_correction=args.is_correction, is_log_bounds=twin_ppo.is_log_bounds(is_clip_min, is_clip_max),
-        estimator=args.kl_estimator,
-    )
+    row_scale, ppo = _policy_row_options(presweep, args, mask_f,
+                                         dict(objective, old_logps=old_logps, advantages=advantages))
 
     def compute(hidden_rows, weight_, bias_, need):
         return _row_local_loss(
@@ -423,6 +443,200 @@ def policy_loss_from_hidden(
     from fastrlhf.kernels.logprobs import rows_view
 
     loss, stats = _apply(compute, rows_view(hidden), weight, bias)
+    metrics = ppo_metrics(stats, mask_f.sum().clamp(min=1), dual_clip=dual_clip, has_ref=ref_logps is not None,
+                          has_entropy=True, is_correction=args.is_correction,
+                          top_entropy_quantile=top_entropy_quantile)
+    return loss, metrics
+
+
+class _GradientInForwardFromLogits(torch.autograd.Function):
+    """(loss, stats) of `compute(logits)`, which also writes d loss / d logits into `dlogits`:
+    a new buffer, or (inplace) the logits themselves. Backward hands that buffer over, times
+    grad_loss (one launch that does nothing when grad_loss is 1, the usual case).
+
+    In place, the logits are marked dirty and returned as a third output: autograd then refuses
+    every use of the overwritten values it can see. An earlier op that saved the logits for its
+    backward fails there ("modified by an inplace operation"), and a later differentiable use of
+    them sends a gradient to that output, which `backward` turns into an error."""
+
+    @staticmethod
+    def forward(ctx, logits, compute, inplace):
+        dlogits = logits if inplace else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        loss, stats = compute(logits, dlogits)
+        ctx.dlogits = dlogits
+        ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)
+        if inplace:
+            ctx.mark_dirty(logits)
+            return loss, stats, logits
+        return loss, stats
+
+    @staticmethod
+    @first_order_only("policy_loss_from_logits")
+    def backward(ctx, grad_loss, _grad_stats, grad_overwritten=None):
+        if grad_overwritten is not None:
+            raise RuntimeError(
+                "policy_loss_from_logits(..., inplace=True) overwrote the logits with their gradient, and they were "
+                "used again afterwards; pass inplace=False when the logits are needed after the loss")
+        dlogits, ctx.dlogits = ctx.dlogits, None
+        if dlogits is None:
+            raise RuntimeError(
+                "backward through policy_loss_from_logits ran a second time (retain_graph=True): its gradient was "
+                "computed in the forward pass and handed over by the first backward; call the loss again")
+        if grad_loss is None:
+            return None, None, None
+        from fastrlhf.kernels.fused_head import scale_unless_one
+
+        scale_unless_one(dlogits, grad_loss)
+        return dlogits, None, None
+
+
+def policy_loss_from_logits(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    old_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    loss_type: str = "ppo",
+    ratio_level: str = "token",
+    clip_eps: float = 0.2,
+    clip_eps_high: float | None = None,
+    dual_clip: float | None = None,
+    sapo_tau_pos: float = 1.0,
+    sapo_tau_neg: float = 1.05,
+    rollout_logps: torch.Tensor | None = None,
+    is_correction: str | None = None,
+    is_clip_min: float | None = None,
+    is_clip_max: float | None = 2.0,
+    top_entropy_quantile: float = 1.0,
+    ref_logps: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    kl_estimator: str = "k3",
+    entropy_coef: float = 0.0,
+    loss_agg: str = "token-mean",
+    kl_agg: str | None = None,
+    entropy_agg: str | None = None,
+    total_tokens: float | torch.Tensor | None = None,
+    total_sequences: float | torch.Tensor | None = None,
+    norm_length: float | None = None,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    inplace: bool = False,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO-family policy loss (PPO, GRPO, GSPO, CISPO, SAPO, TIS/MIS, high-entropy tokens) from the
+    logits the model made, the gradient of the logits computed in the forward: Liger's
+    `triton_grpo_loss` with every `ppo_loss` option.
+
+    Equals `logps, ent = logprobs_from_logits(logits, targets, temperature=, softcap=,
+    return_entropy=True)` followed by `ppo_loss(logps, old_logps, advantages, mask, ..., entropy=ent)`
+    in value, metrics and d loss / d logits, with the logits read once: one program per row (the
+    fused head's row kernel, `kernels/fused_head.py`) makes the row's log-sum-exp, log-prob and
+    entropy in a first pass, the token's loss and d loss / d log-prob (the aggregation weights
+    come from the mask before it), and in a second pass, back to front, writes the row's
+    d loss / d logits. Rows outside the mask (or with target -100) are never read: their
+    gradient rows are written as zeros, as is the last position of each sequence in the
+    next-token layout. Backward hands the buffer over (times grad_output, in place, a no-op when
+    that is 1: pass `total_tokens` / `total_sequences` rather than dividing the loss, or the
+    division costs one more pass over the gradient).
+
+    Bytes (B sequences, L tokens, V vocabulary, e bytes per logit, a fraction f of the tokens
+    counted): first pass f·B·L·V·e, second pass f·B·L·V·e (its first blocks from L2), gradient
+    B·(L+1)·V·e written once: at most (2f + 1)·B·(L+1)·V·e. B = 16, L = 1024, V = 151936 bf16
+    (4.98 GB of logits), f = 0.75 (the benchmark's ragged masks): <= 12.5 GB, 2.6 ms at the
+    H200's 4.8 TB/s; Liger's forward + backward kernels move the same 2 reads and 1 write
+    (measured 3.09 ms on the H200, 2026-11-26), its second read from HBM. Forward only (no
+    gradient wanted): f·B·L·V·e, 0.8 ms. ~25 FLOPs per logit read.
+    Memory: one logits-sized gradient (as Liger with inplace=False); none with `inplace=True`.
+
+    Args:
+        logits: the model's `[B, T + 1, V]` logits (next-token layout: position t scores
+            targets[t], the last position nothing), or `[B, T, V]` aligned with targets; any float
+            dtype, strided views included (unit stride over V).
+        targets: `[B, T]` token ids (input_ids[:, 1:] of the sequences); -100 = ignored (logp 0,
+            entropy 0, no gradient; still counted in the loss if `mask` says so, as in the composition).
+        old_logps: `[B, T]` log-probs of the sampling policy, or None on-policy (the current
+            log-probs as constants, ratio 1, GRPOTrainer's single-pass case). advantages: `[B, T]`
+            or `[B]`. mask: `[B, T]` bool/int/float. ref_logps: `[B, T]`, needed when kl_coef > 0.
+            All constants: only the logits get a gradient.
+        loss_type ... norm_length: as in `ppo_loss`; the entropy is the logits' own (the `entropy`
+            metric is always reported; entropy_coef > 0 adds its gradient).
+        temperature, softcap: as in `logprobs_from_logits`.
+        inplace: write the gradient over the logits (no second logits-sized buffer), for callers
+            that do not need the logits after this call (Liger's `inplace=True`). Refused
+            (ValueError) for logits that are a leaf or a view; autograd refuses the overwritten
+            logits wherever it sees them used again (see `_GradientInForwardFromLogits`). A use
+            outside autograd (reading them under no_grad) would see the gradient.
+        backend: "auto" | "triton" | "torch".
+
+    Returns:
+        `(loss, metrics)` as `policy_loss_from_hidden`. The loss must be the final node:
+        differentiating through its gradient raises, and so does a second backward.
+    """
+    check_logits_args(logits, targets, temperature, softcap)
+    check_ndim("logits", logits, 3, "[B, T + 1, V] or [B, T, V]")
+    check_ndim("targets", targets, 2, "[B, T]")
+    check_bool("inplace", inplace)
+    for name, tensor in (("old_logps", old_logps), ("ref_logps", ref_logps), ("rollout_logps", rollout_logps)):
+        _check_token_tensor(name, tensor, targets)
+    placeholder = torch.empty((), device=logits.device).expand(targets.shape)
+    args = check_ppo_args(
+        placeholder, placeholder if old_logps is None else old_logps, advantages, mask, loss_type=loss_type,
+        ratio_level=ratio_level, clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip,
+        sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, rollout_logps=rollout_logps,
+        is_correction=is_correction, is_clip_min=is_clip_min, is_clip_max=is_clip_max,
+        top_entropy_quantile=top_entropy_quantile, ref_logps=ref_logps, kl_coef=kl_coef, kl_estimator=kl_estimator,
+        entropy=placeholder, entropy_coef=entropy_coef, loss_agg=loss_agg, kl_agg=kl_agg, entropy_agg=entropy_agg,
+        total_tokens=total_tokens, total_sequences=total_sequences, norm_length=norm_length,
+    )
+    check_same_device(logits=logits, old_logps=old_logps, advantages=advantages, mask=mask)
+    softcap = check_softcap(softcap)
+    wants_grad = torch.is_grad_enabled() and logits.requires_grad
+    if inplace and wants_grad and (logits.is_leaf or logits._is_view()):
+        raise ValueError(
+            "inplace=True writes the gradient over the logits, so they must be the model's own output tensor: "
+            f"got a {'leaf tensor that requires grad' if logits.is_leaf else 'view of another tensor'} "
+            f"(shape {tuple(logits.shape)}); pass inplace=False")
+    objective = dict(
+        loss_type=loss_type, ratio_level=ratio_level, clip_eps=clip_eps, clip_eps_high=args.clip_eps_high,
+        dual_clip=dual_clip, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, rollout_logps=rollout_logps,
+        is_correction=args.is_correction, is_clip_min=is_clip_min, is_clip_max=is_clip_max,
+        top_entropy_quantile=top_entropy_quantile, ref_logps=ref_logps, kl_coef=kl_coef,
+        kl_estimator=args.kl_estimator, entropy_coef=entropy_coef, loss_agg=loss_agg, kl_agg=kl_agg,
+        entropy_agg=entropy_agg, total_tokens=total_tokens, total_sequences=total_sequences, norm_length=norm_length,
+    )
+    if resolve_backend(backend, logits, targets, old_logps, advantages, ref_logps, rollout_logps) == "torch":
+        return twin.policy_loss_from_logits(logits, targets, old_logps, advantages, mask, temperature=temperature,
+                                            softcap=softcap, inplace=inplace, **objective)
+
+    mask_f = mask.to(torch.float32)
+
+    def presweep():
+        return logprobs_from_logits(logits.detach(), targets, temperature=temperature, softcap=softcap,
+                                    return_entropy=True, backend="triton")
+
+    row_scale, ppo = _policy_row_options(presweep, args, mask_f,
+                                         dict(objective, old_logps=old_logps, advantages=advantages))
+    B, T = targets.shape
+    next_token = logits.shape[1] == T + 1
+
+    def compute(rows, dlogits):
+        kernels = _kernels()
+        stats = torch.empty((B * T, len(kernels.ROW_STATS["ppo"])), dtype=torch.float32, device=rows.device)
+        kernels.fused_head_rows(
+            rows, dlogits, targets.reshape(-1).contiguous(), mask_f.reshape(-1).contiguous(), row_scale, stats,
+            row0=0, seq_len=T, loss="ppo", temperature=float(temperature), softcap=softcap, ppo=ppo,
+            entropy_grad=entropy_coef != 0, next_token=next_token, reverse_grad=dlogits is not None,
+        )
+        totals = stats.sum(0)
+        return totals[0].clone(), totals  # a clone: the differentiable loss must not view the stats
+
+    rows = logits if logits.stride(-1) == 1 else logits.contiguous()
+    if wants_grad:
+        loss, stats, *_ = _GradientInForwardFromLogits.apply(rows, compute, inplace)
+    else:
+        loss, stats = compute(rows.detach(), None)
     metrics = ppo_metrics(stats, mask_f.sum().clamp(min=1), dual_clip=dual_clip, has_ref=ref_logps is not None,
                           has_entropy=True, is_correction=args.is_correction,
                           top_entropy_quantile=top_entropy_quantile)

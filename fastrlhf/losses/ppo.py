@@ -1,19 +1,27 @@
 """Public PPO-family losses: `kl_penalty`, `ppo_loss`, `value_loss`.
 
-Each validates its arguments once (`fastrlhf._checks`), then runs either the
-fused Triton kernel (wrapped in an autograd.Function here) or the PyTorch twin in
+Each validates its arguments (`fastrlhf._checks`), then runs either the
+Triton kernels (wrapped in an autograd.Function here) or the PyTorch twin in
 `fastrlhf.twins.ppo`, as `backend` / `fastrlhf._dispatch.resolve_backend` decide.
 Both backends compute in fp32 (fp64 for fp64 inputs on the torch path), return an fp32 loss and give
 gradients in each input's own dtype.
+
+The Triton path of a call is launches and nothing else (`kernels/ppo.py`, `kernels/aggregate.py`):
+`ppo_loss` / `value_loss` forward = the loss kernel + the finalize kernel (loss, metrics and
+aggregation weights, no torch op: no mask cast, no `aggregation_row_scale`, no metric division),
+backward = one kernel that recomputes the token terms; `kl_penalty` one kernel each way. What
+depends only on the options and shapes (checks, kernel constexprs, metric names) is computed once
+per signature (`fastrlhf._checks.once_per_signature`). `top_entropy_quantile < 1` still takes its
+entropy quantile with torch ops (a sort: it depends on the values).
 """
 from __future__ import annotations
 
 import torch
 
 import fastrlhf.twins.ppo as twin
-from fastrlhf._checks import check_kl_args, check_ppo_args, check_value_args
+from fastrlhf._checks import check_kl_args, check_ppo_args, check_value_args, once_per_signature
 from fastrlhf._dispatch import resolve_backend
-from fastrlhf.contracts import PPO_STATS, VALUE_STATS
+from fastrlhf.contracts import PPO_PARTIALS, PPO_STATS, VALUE_PARTIALS
 from fastrlhf.losses._autograd import first_order_only
 from fastrlhf.twins.ppo import Total, aggregation_row_scale
 
@@ -32,37 +40,27 @@ TRL_METRIC_NAMES = {
 }
 
 
-def _wants_grad(tensor: torch.Tensor | None) -> bool:
-    return tensor is not None and torch.is_grad_enabled() and tensor.requires_grad
-
-
-def _scaled(grad_output: torch.Tensor, coefficient: torch.Tensor | None, dtype: torch.dtype | None):
-    """d loss / d input = grad_output · (coefficient saved by the forward kernel), in the input dtype."""
-    if coefficient is None:
-        return None
-    return (coefficient * grad_output).to(dtype)
-
-
 # ----------------------------------------------------------------------------- kl_penalty
 class _KLPenaltyFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logps, ref_logps, estimator, need_grad):
+    def forward(ctx, logps, ref_logps, estimator):
         from fastrlhf.kernels.kl import kl_penalty_forward
 
-        out_dtype = torch.promote_types(logps.dtype, ref_logps.dtype)
-        kl, dkl = kl_penalty_forward(logps, ref_logps, estimator=estimator, out_dtype=out_dtype, need_grad=need_grad)
-        ctx.save_for_backward(dkl)
-        ctx.dtypes = (logps.dtype, ref_logps.dtype)
-        return kl
+        logps, ref_logps = logps.contiguous(), ref_logps.contiguous()
+        ctx.save_for_backward(logps, ref_logps)
+        ctx.estimator = estimator
+        return kl_penalty_forward(logps, ref_logps, estimator=estimator,
+                                  out_dtype=torch.promote_types(logps.dtype, ref_logps.dtype))
 
     @staticmethod
     @first_order_only("kl_penalty")
     def backward(ctx, grad_kl):
-        (dkl,) = ctx.saved_tensors
-        grad = dkl * grad_kl.float()
-        grad_logps = grad.to(ctx.dtypes[0]) if ctx.needs_input_grad[0] else None
-        grad_ref = (-grad).to(ctx.dtypes[1]) if ctx.needs_input_grad[1] else None
-        return grad_logps, grad_ref, None, None
+        from fastrlhf.kernels.kl import kl_penalty_backward
+
+        logps, ref_logps = ctx.saved_tensors
+        grad_logps, grad_ref = kl_penalty_backward(logps, ref_logps, grad_kl, estimator=ctx.estimator,
+                                                   need=tuple(ctx.needs_input_grad[:2]))
+        return grad_logps, grad_ref, None
 
 
 def kl_penalty(
@@ -86,31 +84,133 @@ def kl_penalty(
     estimator = check_kl_args(logps, ref_logps, estimator)
     if resolve_backend(backend, logps, ref_logps) == "torch":
         return twin.kl_penalty(logps, ref_logps, estimator=estimator)
-    need_grad = _wants_grad(logps) or _wants_grad(ref_logps)
-    return _KLPenaltyFunction.apply(logps, ref_logps, estimator, need_grad)
+    return _KLPenaltyFunction.apply(logps, ref_logps, estimator)
 
 
 # ----------------------------------------------------------------------------- ppo_loss
+class _Kernels:
+    """The kernel configurations of one call signature, made on first Triton use (the torch path
+    never imports triton) and kept per launch-size policy (`kernels._launch.gpu_sizes`: the tests
+    and the offline compile checks switch CPU launches to the GPU sizes)."""
+
+    def __init__(self, make):
+        self._make, self._made = make, {}
+
+    def __call__(self, device: torch.device):
+        from fastrlhf.kernels._launch import gpu_sizes
+
+        key = gpu_sizes(device)
+        made = self._made.get(key)
+        if made is None:
+            made = self._made[key] = self._make(device)
+        return made
+
+
+class _PolicyPlan:
+    """What a `ppo_loss` call needs beyond its tensors, fixed by its options and shapes (made once
+    per signature, `_policy_plan`): the checked arguments, which metrics it reports (name, column
+    of the finalize's output) and `kernels(device)`: the loss kernels' `PPOLaunch` and the
+    `Finalize` (aggregations, coefficients, totals)."""
+
+    def __init__(self, args, metrics: tuple, make_kernels):
+        self.args, self.metrics, self.kernels = args, metrics, _Kernels(make_kernels)
+
+
+def _policy_metric_columns(*, dual_clip, has_ref: bool, has_entropy: bool, is_correction,
+                           top_entropy_quantile: float) -> tuple[tuple[str, int], ...]:
+    """(metric, position in the finalize's output), in the twin's order. The finalize writes the
+    aggregated policy term at 0 (pg_loss) and at k >= 1 the mean over counted tokens of the sum in
+    column k of `contracts.PPO_PARTIALS`."""
+    names = [("clipfrac", "clipped")]
+    if dual_clip is not None:
+        names.append(("dual_clipfrac", "dual_clipped"))
+    if is_correction is not None:
+        names += [("is_weight_mean", "is_weight"), ("is_clipfrac", "is_clipped")]
+    if top_entropy_quantile < 1.0:
+        names.append(("entropy_kept_frac", "entropy_kept"))
+    names.append(("pg_loss", None))
+    if has_ref:
+        names.append(("kl", "kl"))
+    if has_entropy:
+        names.append(("entropy", "entropy"))
+    names += [("approx_kl", "approx_kl"), ("ratio_mean", "ratio")]
+    return tuple((metric, 0 if column is None else PPO_PARTIALS.index(column)) for metric, column in names)
+
+
+def _plain_totals(total_tokens, total_sequences) -> dict:
+    """The totals as a plan may keep them: numbers and None as they are, a tensor as the marker
+    "tensor" (its value arrives with each call)."""
+    return {name: "tensor" if isinstance(value, torch.Tensor) else value
+            for name, value in (("total_tokens", total_tokens), ("total_sequences", total_sequences))}
+
+
+@once_per_signature
+def _policy_plan(logps, old_logps, advantages, mask, ref_logps, entropy, rollout_logps, **options) -> _PolicyPlan:
+    args = check_ppo_args(logps, old_logps, advantages, mask, ref_logps=ref_logps, entropy=entropy,
+                          rollout_logps=rollout_logps, **options)
+    o = options
+    has_ref, has_entropy = ref_logps is not None, entropy is not None
+    (B, T), loss_agg = logps.shape, o["loss_agg"]
+    # Plain values only from here on: the plan outlives this call and must not keep its tensors.
+    launch_options = dict(
+        batch=B, seq_len=T, loss_type=o["loss_type"], clip_low=1.0 - o["clip_eps"],
+        clip_high=1.0 + args.clip_eps_high, dual_clip=o["dual_clip"], kl_coef=o["kl_coef"],
+        kl_estimator=args.kl_estimator, entropy_coef=o["entropy_coef"], sapo_tau_pos=o["sapo_tau_pos"],
+        sapo_tau_neg=o["sapo_tau_neg"], is_correction=args.is_correction,
+        is_log_bounds=twin.is_log_bounds(o["is_clip_min"], o["is_clip_max"]),
+        seq_ratio=o["ratio_level"] == "sequence", adv_per_row=advantages.dim() == 1,
+        select_entropy=o["top_entropy_quantile"] < 1.0, has_ref=has_ref, has_entropy=has_entropy,
+    )
+    finalize_options = dict(
+        batch=B, num_partials=len(PPO_PARTIALS), aggs=(loss_agg, o["kl_agg"] or loss_agg, o["entropy_agg"] or loss_agg),
+        # Absent terms get a 0 coefficient (their sums are 0, and 0 * an inf coefficient would be NaN).
+        coefs=(1.0, float(o["kl_coef"]) if has_ref else 0.0, -float(o["entropy_coef"]) if has_entropy else 0.0),
+        seq_len=T, norm_length=o["norm_length"], **_plain_totals(o["total_tokens"], o["total_sequences"]),
+    )
+
+    def make_kernels(device):
+        from fastrlhf.kernels.aggregate import Finalize
+        from fastrlhf.kernels.ppo import PPOLaunch
+
+        launch = PPOLaunch(device=device, **launch_options)
+        return launch, Finalize(chunks=launch.chunks, **finalize_options)
+
+    metrics = _policy_metric_columns(dual_clip=o["dual_clip"], has_ref=has_ref, has_entropy=has_entropy,
+                                     is_correction=args.is_correction, top_entropy_quantile=o["top_entropy_quantile"])
+    return _PolicyPlan(args, metrics, make_kernels)
+
+
 class _PPOLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logps, old_logps, advantages, mask, ref_logps, entropy, rollout_logps, constants, options):
-        from fastrlhf.kernels.ppo import ppo_loss_forward
+    def forward(ctx, logps, old_logps, advantages, mask, ref_logps, entropy, rollout_logps, threshold, totals,
+                kernels):
+        from fastrlhf.kernels.ppo import ppo_forward
 
-        loss, stats, d_logps, d_ref, d_ent = ppo_loss_forward(
-            logps, old_logps, advantages, mask, ref_logps, entropy, rollout_logps, **constants, **options,
-        )
-        ctx.save_for_backward(d_logps, d_ref, d_ent)
-        ctx.dtypes = tuple(None if t is None else t.dtype for t in (logps, ref_logps, entropy))
-        ctx.mark_non_differentiable(stats)
-        return loss.clone(), stats  # a view of stats cannot be a differentiable output
+        launch, finalize = kernels
+        inputs = (logps, old_logps, advantages, mask, ref_logps, entropy, rollout_logps, threshold)
+        loss, out, scales = finalize(ppo_forward(*inputs, launch=launch), *totals)
+        ctx.save_for_backward(*inputs, scales)
+        ctx.launch = launch
+        ctx.mark_non_differentiable(out)
+        ctx.set_materialize_grads(False)  # no zeros for the metrics' (absent) gradient
+        return loss, out
 
     @staticmethod
     @first_order_only("ppo_loss")
-    def backward(ctx, grad_loss, _grad_stats):
-        d_logps, d_ref, d_ent = ctx.saved_tensors
-        grad_loss = grad_loss.float()
-        grad_logps, grad_ref, grad_ent = (_scaled(grad_loss, d, dtype) for d, dtype in zip((d_logps, d_ref, d_ent), ctx.dtypes))
-        return grad_logps, None, None, None, grad_ref, grad_ent, None, None, None
+    def backward(ctx, grad_loss, _grad_out):
+        from fastrlhf.kernels.ppo import ppo_backward
+
+        if grad_loss is None:
+            return (None,) * 10
+        *inputs, scales = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        grad_logps, grad_ref, grad_entropy = ppo_backward(
+            *inputs, scales, grad_loss, launch=ctx.launch, need=(need[0], need[4], need[5]))
+        return grad_logps, None, None, None, grad_ref, grad_entropy, None, None, None, None
+
+
+def _contiguous(t: torch.Tensor | None) -> torch.Tensor | None:
+    return None if t is None else t.contiguous()
 
 
 def policy_constants(
@@ -130,10 +230,11 @@ def policy_constants(
     entropy_agg: str | None,
     totals: dict,
 ) -> dict[str, torch.Tensor | tuple | None]:
-    """The per-row / per-batch constants the kernels take for these options, from the twin's helpers
-    (one definition for both backends), as keyword arguments of `kernels.ppo.ppo_loss_forward`:
+    """The per-row / per-batch constants the fused RL head's row kernel takes for these options
+    (`policy_loss_from_hidden` / `policy_loss_from_logits` need the aggregation weights BEFORE their
+    kernel, which writes the gradient), from the twin's helpers (one definition for both backends):
     row_scales, seq_log_ratio (GSPO), seq_is_log_weight (sequence-level IS), entropy_threshold.
-    Torch ops only, and none at all for plain PPO beyond its one row scale."""
+    Torch ops; next to a pass over [N, V] logits they cost nothing measurable."""
     row_scale = aggregation_row_scale(mask_f, loss_agg, **totals)
     kl_scale = ent_scale = None
     if has_ref and kl_agg not in (None, loss_agg):
@@ -155,7 +256,8 @@ def policy_constants(
 
 def ppo_metrics(stats: torch.Tensor, counted: torch.Tensor, *, dual_clip, has_ref: bool, has_entropy: bool,
                 is_correction, top_entropy_quantile: float) -> dict[str, torch.Tensor]:
-    """The metrics dict of `ppo_loss` / `policy_loss_from_hidden` from the kernels' PPO_STATS sums."""
+    """The metrics dict of the fused RL head (`policy_loss_from_hidden` / `_from_logits`) from its
+    row kernel's PPO_STATS sums (the names and order of `ppo_loss`'s)."""
     sums = dict(zip(PPO_STATS, stats.unbind()))
     metrics = {"clipfrac": sums["clipped"] / counted}
     if dual_clip is not None:
@@ -281,70 +383,85 @@ def ppo_loss(
         is_correction), `entropy_kept_frac` (with top_entropy_quantile < 1); all but `pg_loss` means
         over counted tokens. An empty mask gives 0 everywhere.
     """
-    args = check_ppo_args(
-        logps, old_logps, advantages, mask, loss_type=loss_type, ratio_level=ratio_level, clip_eps=clip_eps,
-        clip_eps_high=clip_eps_high, dual_clip=dual_clip, sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg,
-        rollout_logps=rollout_logps, is_correction=is_correction, is_clip_min=is_clip_min, is_clip_max=is_clip_max,
-        top_entropy_quantile=top_entropy_quantile, ref_logps=ref_logps, kl_coef=kl_coef,
-        kl_estimator=kl_estimator, entropy=entropy, entropy_coef=entropy_coef, loss_agg=loss_agg, kl_agg=kl_agg,
-        entropy_agg=entropy_agg, total_tokens=total_tokens, total_sequences=total_sequences,
-        norm_length=norm_length,
+    plan = _policy_plan(
+        logps, old_logps, advantages, mask, ref_logps, entropy, rollout_logps, loss_type=loss_type,
+        ratio_level=ratio_level, clip_eps=clip_eps, clip_eps_high=clip_eps_high, dual_clip=dual_clip,
+        sapo_tau_pos=sapo_tau_pos, sapo_tau_neg=sapo_tau_neg, is_correction=is_correction, is_clip_min=is_clip_min,
+        is_clip_max=is_clip_max, top_entropy_quantile=top_entropy_quantile, kl_coef=kl_coef,
+        kl_estimator=kl_estimator, entropy_coef=entropy_coef, loss_agg=loss_agg, kl_agg=kl_agg,
+        entropy_agg=entropy_agg, total_tokens=total_tokens, total_sequences=total_sequences, norm_length=norm_length,
     )
-    totals = dict(total_tokens=total_tokens, total_sequences=total_sequences, norm_length=norm_length)
     if resolve_backend(backend, logps, old_logps, advantages, ref_logps, entropy, rollout_logps) == "torch":
+        args = plan.args
         return twin.ppo_loss(
             logps, old_logps, advantages, mask, loss_type=loss_type, ratio_level=ratio_level, clip_eps=clip_eps,
             clip_eps_high=args.clip_eps_high, dual_clip=dual_clip, sapo_tau_pos=sapo_tau_pos,
             sapo_tau_neg=sapo_tau_neg, rollout_logps=rollout_logps, is_correction=args.is_correction,
             is_clip_min=is_clip_min, is_clip_max=is_clip_max, top_entropy_quantile=top_entropy_quantile,
             ref_logps=ref_logps, kl_coef=kl_coef, kl_estimator=args.kl_estimator, entropy=entropy,
-            entropy_coef=entropy_coef, loss_agg=loss_agg, kl_agg=kl_agg, entropy_agg=entropy_agg, **totals,
+            entropy_coef=entropy_coef, loss_agg=loss_agg, kl_agg=kl_agg, entropy_agg=entropy_agg,
+            total_tokens=total_tokens, total_sequences=total_sequences, norm_length=norm_length,
         )
-    mask_f = args.mask
-    constants = policy_constants(
-        mask_f, logps=logps, old_logps=old_logps, entropy=entropy, rollout_logps=rollout_logps,
-        has_ref=ref_logps is not None, has_entropy=entropy is not None, ratio_level=ratio_level,
-        is_correction=args.is_correction,
-        top_entropy_quantile=top_entropy_quantile, loss_agg=loss_agg, kl_agg=kl_agg, entropy_agg=entropy_agg,
-        totals=totals,
+    threshold = None
+    if top_entropy_quantile < 1.0:  # a quantile of the values: torch ops (a sort), see the module docstring
+        threshold = twin.entropy_threshold(entropy, mask, top_entropy_quantile).float()
+    loss, out = _PPOLossFunction.apply(
+        logps.contiguous(), old_logps.contiguous(), advantages.contiguous(), mask.contiguous(),
+        _contiguous(ref_logps), _contiguous(entropy), _contiguous(rollout_logps), threshold,
+        (total_tokens, total_sequences), plan.kernels(logps.device),
     )
-    options = dict(
-        loss_type=loss_type, clip_low=1.0 - clip_eps, clip_high=1.0 + args.clip_eps_high, dual_clip=dual_clip,
-        kl_coef=kl_coef, kl_estimator=args.kl_estimator, entropy_coef=entropy_coef, sapo_tau_pos=sapo_tau_pos,
-        sapo_tau_neg=sapo_tau_neg, is_correction=args.is_correction,
-        is_log_bounds=twin.is_log_bounds(is_clip_min, is_clip_max), grad_logps=_wants_grad(logps),
-        grad_ref=_wants_grad(ref_logps), grad_entropy=_wants_grad(entropy),
-    )
-    loss, stats = _PPOLossFunction.apply(
-        logps, old_logps.detach(), advantages.detach(), mask_f, ref_logps, entropy,
-        None if rollout_logps is None else rollout_logps.detach(), constants, options,
-    )
-    metrics = ppo_metrics(stats, mask_f.sum().clamp(min=1), dual_clip=dual_clip, has_ref=ref_logps is not None,
-                          has_entropy=entropy is not None, is_correction=args.is_correction,
-                          top_entropy_quantile=top_entropy_quantile)
-    return loss, metrics
+    values = out.unbind()
+    return loss, {name: values[column] for name, column in plan.metrics}
 
 
 # ----------------------------------------------------------------------------- value_loss
 class _ValueLossFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, values, old_values, returns, mask, row_scale, clip_eps, need_grad):
-        from fastrlhf.kernels.ppo import value_loss_forward
+    def forward(ctx, values, old_values, returns, mask, totals, kernels):
+        from fastrlhf.kernels.ppo import value_forward
 
-        loss, stats, d_values = value_loss_forward(
-            values, old_values, returns, mask, row_scale, clip_eps=clip_eps, grad_values=need_grad,
-        )
-        ctx.save_for_backward(d_values)
-        ctx.values_dtype = values.dtype
-        ctx.mark_non_differentiable(stats)
-        return loss.clone(), stats  # a view of stats cannot be a differentiable output
+        launch, finalize = kernels
+        loss, out, scales = finalize(value_forward(values, old_values, returns, mask, launch=launch), *totals)
+        ctx.save_for_backward(values, old_values, returns, mask, scales)
+        ctx.launch = launch
+        ctx.mark_non_differentiable(out)
+        ctx.set_materialize_grads(False)  # no zeros for the metrics' (absent) gradient
+        return loss, out
 
     @staticmethod
     @first_order_only("value_loss")
-    def backward(ctx, grad_loss, _grad_stats):
-        (d_values,) = ctx.saved_tensors
-        grad = None if d_values is None else (d_values * grad_loss.float()).to(ctx.values_dtype)
-        return grad, None, None, None, None, None, None
+    def backward(ctx, grad_loss, _grad_out):
+        from fastrlhf.kernels.ppo import value_backward
+
+        values, old_values, returns, mask, scales = ctx.saved_tensors
+        grad = None
+        if grad_loss is not None and ctx.needs_input_grad[0]:
+            grad = value_backward(values, old_values, returns, mask, scales, grad_loss, launch=ctx.launch)
+        return grad, None, None, None, None, None
+
+
+@once_per_signature
+def _value_plan(values, old_values, returns, mask, **options) -> _Kernels:
+    check_value_args(values, old_values, returns, mask, **options)
+    (B, T), o = values.shape, options
+    clip_eps = o["clip_eps"]
+    finalize_options = dict(batch=B, num_partials=len(VALUE_PARTIALS), aggs=(o["loss_agg"],), coefs=(1.0,),
+                            seq_len=T, norm_length=o["norm_length"],
+                            **_plain_totals(o["total_tokens"], o["total_sequences"]))
+
+    def make_kernels(device):
+        from fastrlhf.kernels.aggregate import Finalize
+        from fastrlhf.kernels.ppo import ValueLaunch
+
+        launch = ValueLaunch(batch=B, seq_len=T, device=device, clip_eps=clip_eps)
+        return launch, Finalize(chunks=launch.chunks, **finalize_options)
+
+    return _Kernels(make_kernels)
+
+
+# The metrics of `value_loss`: (name, column of the finalize's output; 0 = the aggregated loss).
+_VALUE_METRICS = (("vf_loss", 0), ("vf_clipfrac", VALUE_PARTIALS.index("clipped")),
+                  ("vpred", VALUE_PARTIALS.index("values")))
 
 
 def value_loss(
@@ -374,15 +491,14 @@ def value_loss(
         `(loss, metrics)`: fp32 scalar loss; detached `vf_loss` (= loss), `vf_clipfrac` (fraction of
         counted tokens where the clipped error is the larger one), `vpred` (mean counted value).
     """
-    totals = dict(total_tokens=total_tokens, total_sequences=total_sequences, norm_length=norm_length)
-    mask_f = check_value_args(values, old_values, returns, mask, clip_eps=clip_eps, loss_agg=loss_agg, **totals)
+    kernels = _value_plan(values, old_values, returns, mask, clip_eps=clip_eps, loss_agg=loss_agg,
+                          total_tokens=total_tokens, total_sequences=total_sequences, norm_length=norm_length)
     if resolve_backend(backend, values, old_values, returns) == "torch":
-        return twin.value_loss(values, old_values, returns, mask, clip_eps=clip_eps, loss_agg=loss_agg, **totals)
-    row_scale = aggregation_row_scale(mask_f, loss_agg, **totals)
-    loss, stats = _ValueLossFunction.apply(
-        values, old_values.detach(), returns.detach(), mask_f, row_scale, float(clip_eps), _wants_grad(values),
+        return twin.value_loss(values, old_values, returns, mask, clip_eps=clip_eps, loss_agg=loss_agg,
+                               total_tokens=total_tokens, total_sequences=total_sequences, norm_length=norm_length)
+    loss, out = _ValueLossFunction.apply(
+        values.contiguous(), old_values.contiguous(), returns.contiguous(), mask.contiguous(),
+        (total_tokens, total_sequences), kernels(values.device),
     )
-    sums = dict(zip(VALUE_STATS, stats.unbind()))
-    counted = mask_f.sum().clamp(min=1)
-    metrics = {"vf_loss": loss.detach(), "vf_clipfrac": sums["clipped"] / counted, "vpred": sums["values"] / counted}
-    return loss, metrics
+    values_out = out.unbind()
+    return loss, {name: values_out[column] for name, column in _VALUE_METRICS}

@@ -1,8 +1,9 @@
 """Preference losses: DPO family and Bradley-Terry reward loss (fused Triton), sequence log-probs.
 
 On CUDA (or under TRITON_INTERPRET=1) `dpo_loss` and `reward_loss` run one Triton kernel that
-computes, in a single pass over the batch, the loss, every metric and the per-row gradients;
-backward only scales the stored gradients. Otherwise they run the PyTorch twins in
+computes, in a single pass over the batch, the loss, every metric and the per-row gradients
+(plus one single-program launch adding up the blocks when B > 1024); backward is one launch that
+scales the stored gradients into each input's dtype. No torch op either way. Otherwise they run the PyTorch twins in
 `fastrlhf.twins.preference` (same signatures minus `backend`, same metric names). Arguments are
 checked once, here (`fastrlhf._checks`), whichever backend runs.
 """
@@ -16,7 +17,7 @@ from fastrlhf._checks import (
     check_sequence_logps_args,
 )
 from fastrlhf._dispatch import resolve_backend
-from fastrlhf.contracts import DPO_STATS, ORPO_STATS, REWARD_STATS
+from fastrlhf.contracts import DPO_LOSS_TYPES, DPO_STATS, ORPO_STATS, REWARD_STATS
 from fastrlhf.losses._autograd import first_order_only
 from fastrlhf.twins import preference as twin
 
@@ -25,29 +26,24 @@ def _empty_batch(device: torch.device, names) -> tuple[torch.Tensor, torch.Tenso
     return torch.zeros((), device=device), torch.zeros(len(names), device=device)
 
 
-def _dtype_of(t: torch.Tensor | None) -> torch.dtype | None:
-    return None if t is None else t.dtype
-
-
 class _PairwiseLossFunction(torch.autograd.Function):
     """Shared autograd wiring: the kernel returns d loss / d chosen and d loss / d rejected per
     row (already / B); reference inputs (when present) get the negatives, since the losses depend
-    on them only through chosen - ref_chosen and rejected - ref_rejected."""
+    on them only through chosen - ref_chosen and rejected - ref_rejected. Backward is one launch."""
 
     @staticmethod
     def _save(ctx, grad_chosen, grad_rejected, *inputs):
         ctx.save_for_backward(grad_chosen, grad_rejected)
-        ctx.input_dtypes = tuple(_dtype_of(t) for t in inputs)  # (chosen, rejected, ref_c, ref_r)
+        ctx.dtypes = tuple(None if t is None else t.dtype for t in inputs)  # (chosen, rejected, ref_c, ref_r)
 
     @staticmethod
     def _grads(ctx, grad_loss):
+        from fastrlhf.kernels.preference import pairwise_backward
+
+        if grad_loss is None:
+            return (None,) * 4
         grad_chosen, grad_rejected = ctx.saved_tensors
-        per_row = (grad_chosen, grad_rejected, grad_chosen, grad_rejected)
-        signs = (1.0, 1.0, -1.0, -1.0)
-        return tuple(
-            None if dtype is None or not needed else (row * (grad_loss * sign)).to(dtype)
-            for row, sign, dtype, needed in zip(per_row, signs, ctx.input_dtypes, ctx.needs_input_grad)
-        )
+        return pairwise_backward(grad_chosen, grad_rejected, grad_loss, ctx.dtypes, ctx.needs_input_grad[:4])
 
 
 class _DPOLossFunction(_PairwiseLossFunction):
@@ -60,12 +56,12 @@ class _DPOLossFunction(_PairwiseLossFunction):
             grad_chosen = grad_rejected = torch.zeros(0, device=chosen.device)
         else:
             loss, stats, grad_chosen, grad_rejected = dpo_loss_forward(
-                *(None if t is None else t.detach().contiguous()
-                  for t in (chosen, rejected, ref_chosen, ref_rejected)),
+                chosen, rejected, ref_chosen, ref_rejected,
                 beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, gamma=gamma,
             )
         _PairwiseLossFunction._save(ctx, grad_chosen, grad_rejected, chosen, rejected, ref_chosen, ref_rejected)
         ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)  # no zeros for the metrics' (absent) gradient
         return loss, stats
 
     @staticmethod
@@ -83,13 +79,11 @@ class _RewardLossFunction(_PairwiseLossFunction):
             loss, stats = _empty_batch(chosen.device, REWARD_STATS)
             grad_chosen = grad_rejected = torch.zeros(0, device=chosen.device)
         else:
-            if isinstance(margin, torch.Tensor):
-                margin = margin.detach().contiguous()
             loss, stats, grad_chosen, grad_rejected = reward_loss_forward(
-                chosen.detach().contiguous(), rejected.detach().contiguous(), margin=margin, center_coef=center_coef
-            )
+                chosen, rejected, margin=margin, center_coef=center_coef)
         _PairwiseLossFunction._save(ctx, grad_chosen, grad_rejected, chosen, rejected, None, None)
         ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)  # no zeros for the metrics' (absent) gradient
         return loss, stats
 
     @staticmethod
@@ -99,8 +93,14 @@ class _RewardLossFunction(_PairwiseLossFunction):
         return grad_chosen, grad_rejected, None, None
 
 
-def _named(stats: torch.Tensor, names, keep) -> dict[str, torch.Tensor]:
-    return {name: stats[i] for i, name in enumerate(names) if name in keep}
+def _contiguous(t):
+    return None if t is None else t.contiguous()
+
+
+# Metric names and their slots in the kernels' statistics, per loss type (made once).
+_DPO_METRICS = {loss_type: tuple((name, DPO_STATS.index(name)) for name in DPO_STATS
+                                 if loss_type == "orpo" or name not in ORPO_STATS) for loss_type in DPO_LOSS_TYPES}
+_REWARD_METRICS = tuple((name, i) for i, name in enumerate(REWARD_STATS))
 
 
 def dpo_loss(
@@ -142,9 +142,9 @@ def dpo_loss(
     tensors = (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)
     if resolve_backend(backend, *tensors) == "torch":
         return twin.dpo_loss(*tensors, **kwargs)
-    loss, stats = _DPOLossFunction.apply(*tensors, beta, loss_type, label_smoothing, gamma)
-    keep = set(DPO_STATS) if loss_type == "orpo" else set(DPO_STATS) - set(ORPO_STATS)
-    return loss, _named(stats, DPO_STATS, keep)
+    loss, stats = _DPOLossFunction.apply(*map(_contiguous, tensors), beta, loss_type, label_smoothing, gamma)
+    values = stats.unbind()
+    return loss, {name: values[i] for name, i in _DPO_METRICS[loss_type]}
 
 
 def reward_loss(
@@ -165,8 +165,11 @@ def reward_loss(
     margin_tensor = margin if isinstance(margin, torch.Tensor) else None
     if resolve_backend(backend, chosen_rewards, rejected_rewards, margin_tensor) == "torch":
         return twin.reward_loss(chosen_rewards, rejected_rewards, margin=margin, center_coef=center_coef)
-    loss, stats = _RewardLossFunction.apply(chosen_rewards, rejected_rewards, margin, center_coef)
-    return loss, _named(stats, REWARD_STATS, set(REWARD_STATS))
+    loss, stats = _RewardLossFunction.apply(chosen_rewards.contiguous(), rejected_rewards.contiguous(),
+                                            margin_tensor.contiguous() if margin_tensor is not None else margin,
+                                            center_coef)
+    values = stats.unbind()
+    return loss, {name: values[i] for name, i in _REWARD_METRICS}
 
 
 def sequence_logps(logps: torch.Tensor, mask: torch.Tensor, *, average: bool = False,

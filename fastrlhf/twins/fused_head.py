@@ -1,6 +1,7 @@
 """The fused RL head in plain PyTorch: each loss is the composition it must equal.
 
     policy_loss_from_hidden = token_logprobs(..., return_entropy=True) -> ppo_loss(..., entropy=entropy)
+    policy_loss_from_logits = logprobs_from_logits(..., return_entropy=True) -> ppo_loss(..., entropy=entropy)
     dpo_loss_from_hidden    = token_logprobs -> sequence_logps (averaged for ipo/simpo/orpo) -> dpo_loss
     sft_loss_from_hidden    = token_logprobs -> mean NLL over targets != -100
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from fastrlhf.contracts import IGNORE_INDEX, LENGTH_AVERAGED_LOSS_TYPES
-from fastrlhf.twins.logprobs import token_logprobs
+from fastrlhf.twins.logprobs import logprobs_from_logits, token_logprobs
 from fastrlhf.twins.ppo import ppo_loss
 from fastrlhf.twins.preference import dpo_loss, sequence_logps
 
@@ -46,6 +47,31 @@ def policy_loss_from_hidden(
     `objective`: ppo_loss's options (loss_type, clip_eps, ..., norm_length)."""
     logps, entropy = token_logprobs(hidden, weight, targets, bias=bias, temperature=temperature, softcap=softcap,
                                     return_entropy=True, chunk_size=chunk_size)
+    old_logps = logps.detach() if old_logps is None else old_logps.detach()
+    return ppo_loss(logps, old_logps, advantages.detach(), mask, ref_logps=_detached(ref_logps),
+                    rollout_logps=_detached(rollout_logps), entropy=entropy, **objective)
+
+
+def policy_loss_from_logits(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    old_logps: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    softcap: float | None = None,
+    inplace: bool = False,
+    ref_logps: torch.Tensor | None = None,
+    rollout_logps: torch.Tensor | None = None,
+    **objective,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO-family policy loss from logits `[B, T + 1, V]` (the model's, next-token layout) or
+    `[B, T, V]` and targets `[B, T]`: the log-probs and entropies of `logprobs_from_logits` fed to
+    `ppo_loss` (see `fastrlhf.losses.fused_head.policy_loss_from_logits`). old_logps=None: on-policy.
+    `inplace` only concerns the Triton path's gradient buffer; autograd here keeps the logits."""
+    logps, entropy = logprobs_from_logits(logits, targets, temperature=temperature, softcap=softcap,
+                                          return_entropy=True)
     old_logps = logps.detach() if old_logps is None else old_logps.detach()
     return ppo_loss(logps, old_logps, advantages.detach(), mask, ref_logps=_detached(ref_logps),
                     rollout_logps=_detached(rollout_logps), entropy=entropy, **objective)
