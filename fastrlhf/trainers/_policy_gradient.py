@@ -96,7 +96,10 @@ class PolicyGradientConfig(TrainerConfig):
         if self.reward_weights is not None:
             from fastrlhf.cli import float_list
 
-            self.reward_weights = float_list(self.reward_weights)
+            try:
+                self.reward_weights = float_list(self.reward_weights)
+            except ValueError:
+                raise ValueError(f"reward_weights must be a list of numbers, got {self.reward_weights!r}") from None
             if not self.reward_weights:
                 raise ValueError("reward_weights must be a non-empty list of numbers or none")
             for w in self.reward_weights:

@@ -111,7 +111,7 @@ class MetricsLog:
         config = self.config.to_dict() if self.config is not None else {}
         reporters = make_reporters(self.report_to, str(self.output_dir), config)
         self._callbacks = CallbackRunner([*reporters, *self.user_callbacks], self.config)
-        self._callbacks.state.global_step = step
+        self._callbacks.state.global_step = self._steps_done = step
         self._callbacks.call("on_train_begin")
 
     def start_bar(self, *, total: int, initial: int, desc: str) -> None:
@@ -127,7 +127,7 @@ class MetricsLog:
         self.set_activity(None)
         self._bar.update(1)
         if self._callbacks is not None:
-            self._callbacks.state.global_step += 1
+            self._callbacks.state.global_step = self._steps_done = self._steps_done + 1
             self._callbacks.call("on_step_end")
             if self._callbacks.control.should_training_stop and not self._stop_requested:
                 if self.ctx.distributed:  # every rank must stop at the same step; only rank 0 runs callbacks
@@ -157,6 +157,7 @@ class MetricsLog:
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._callbacks is not None:
+            self._callbacks.state.global_step = record.get("step", self._callbacks.state.global_step)
             self._callbacks.state.log_history.append(dict(record))
             self._callbacks.call("on_log", logs=record)
             if any(k.startswith("eval/") for k in record):
