@@ -141,20 +141,26 @@ class ConfigMeta(type):
 
 def option_aliases(cls: type) -> dict[str, list[str]]:
     """{fastrlhf field: [TRL names]} of the plain renames `cls` accepts (the command line's aliases)."""
+    fields = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else set()
     aliases: dict[str, list[str]] = {}
     for trl, ours in trl_names(cls).items():
-        aliases.setdefault(ours, []).append(trl)
+        if trl not in fields:  # a config that has the TRL field itself (PPO/GRPO per_device_train_batch_size)
+            aliases.setdefault(ours, []).append(trl)
     return aliases
 
 
 def mapping_table() -> str:
     """The README's option table: TRL name -> fastrlhf name, per config (markdown)."""
     rows = ["| TRL | fastrlhf (Python and `--option`) | where |", "|---|---|---|"]
-    where = {"TrainerConfig": "every trainer"}
+    where = {"TrainerConfig": "every trainer", "PolicyGradientConfig": "PPOConfig, GRPOConfig"}
     for config, names in TRL_NAMES.items():
         for trl, ours in names.items():
-            rows.append(f"| `{trl}` | `{ours}` (`--{ours.replace('_', '-')}`) | {where.get(config, config)} |")
+            scope = "SFT, RM, DPO (PPO, GRPO: last row)" if trl == "per_device_train_batch_size" else where.get(config, config)
+            rows.append(f"| `{trl}` | `{ours}` (`--{ours.replace('_', '-')}`) | {scope} |")
     for config, derived in TRL_DERIVED.items():
         for trl in derived:
             rows.append(f"| `{trl}` | {TRL_DERIVED_DOC[trl]} | {where.get(config, config)} |")
+    rows.append("| `per_device_train_batch_size` | completions per device per micro-batch, as in TRL: `batch_size` "
+                "(prompts per iteration) = it x `grad_accum_steps` x `num_minibatches` / `group_size` | PPOConfig, "
+                "GRPOConfig |")
     return "\n".join(rows)

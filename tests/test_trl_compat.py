@@ -131,14 +131,21 @@ def test_cli_takes_trl_option_names_underscores_and_flags(tmp_path):
                         "--gradient-accumulation-steps", "2", "--reward-weights", "1", "0.5"])
     cfg = options[GRPOConfig]
     assert (cfg.batch_size, cfg.group_size, cfg.kl_coef, cfg.max_new_tokens, cfg.epochs, cfg.bf16, cfg.report_to,
-            cfg.grad_accum_steps, cfg.reward_weights) == (2, 4, 0.02, 16, 2, "true", "none", 2, [1.0, 0.5])
+            cfg.grad_accum_steps, cfg.reward_weights) == (1, 4, 0.02, 16, 2, "true", "none", 2, [1.0, 0.5])
+    assert cfg.per_device_train_batch_size == 2  # TRL's unit: completions; 2 x 2 accumulated / 4 per prompt = 1 prompt
     _, options = parse(["dpo", "--beta", "0.3", "--max-prompt-length", "32", "--bf16", "false"])
     assert options[DPOConfig].beta == 0.3 and options[DPOConfig].max_prompt_length == 32
     assert options[DPOConfig].bf16 == "false"
     config = tmp_path / "grpo.yaml"
-    config.write_text("num_generations: 6\nper_device_train_batch_size: 3\nreward_weights: [2, 1]\n")
+    config.write_text("num_generations: 6\nper_device_train_batch_size: 12\nreward_weights: [2, 1]\n")
     _, options = parse(["grpo", "--config", str(config)])
-    assert (options[GRPOConfig].group_size, options[GRPOConfig].batch_size, options[GRPOConfig].reward_weights) == (6, 3, [2.0, 1.0])
+    assert (options[GRPOConfig].group_size, options[GRPOConfig].batch_size, options[GRPOConfig].reward_weights) == (6, 2, [2.0, 1.0])
+    _, options = parse(["sft", "--per-device-train-batch-size", "3"])  # SFT/RM/DPO: a plain rename of batch_size
+    from fastrlhf.trainers import SFTConfig
+
+    assert options[SFTConfig].batch_size == 3
+    with pytest.raises(ValueError, match="multiple of the 4 samples per prompt"):
+        GRPOConfig(per_device_train_batch_size=6, num_generations=4)
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -497,7 +504,7 @@ def test_generation_progress_and_ctrl_c_during_generation_says_what_it_does(tiny
     trainer.engine.on_progress = progress
     with pytest.raises(KeyboardInterrupt):
         trainer.train()
-    assert "generating 4 completions: 1/6 tokens" in shown
+    assert "generating 2 completions: 1/6 tokens" in shown
     err = capsys.readouterr().err
-    assert "Ctrl-C: finishing this step (now: generating 4 completions: 2/6 tokens)" in err
+    assert "Ctrl-C: finishing this step (now: generating 2 completions: 2/6 tokens)" in err
     assert trainer.step == 2 and (tmp_path / "g" / "checkpoint-2" / "COMPLETE").is_file()

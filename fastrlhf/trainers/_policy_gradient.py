@@ -54,12 +54,19 @@ class PolicyGradientConfig(TrainerConfig):
     is_clip_max: float = field(default=2.0, metadata=option_help("IS weight upper bound"))
     top_entropy_quantile: float = field(default=1.0, metadata=option_help(
         "train the policy term on the top fraction of tokens by entropy only; 1.0 = all tokens"))
+    per_device_train_batch_size: int | None = field(default=None, metadata=option_help(
+        "TRL's meaning: completions per device per micro-batch; sets batch_size (prompts per iteration) = this x "
+        "grad_accum_steps x num_minibatches / samples per prompt; none = use batch_size"))
     reward_weights: list[float] | None = field(default=None, metadata=option_help(
         "weights of the reward functions / models, one each (TRL's reward_weights); none = all 1.0"))
     log_completions_steps: int = field(default=0, metadata=option_help(
         "every N iterations, write sample prompts, completions and rewards to OUTPUT_DIR/completions.jsonl "
         "and the report_to loggers; 0 = never"))
     num_completions_to_print: int = field(default=4, metadata=option_help("samples per log_completions_steps entry"))
+
+    def samples_per_prompt(self) -> int:
+        """Completions sampled per prompt (GRPO: group_size)."""
+        return 1
 
     def validate(self) -> None:
         super().validate()
@@ -104,6 +111,15 @@ class PolicyGradientConfig(TrainerConfig):
                 raise ValueError("reward_weights must be a non-empty list of numbers or none")
             for w in self.reward_weights:
                 check_number("reward_weights", w)
+        self.per_device_train_batch_size = unset_as_none(self.per_device_train_batch_size)
+        if self.per_device_train_batch_size is not None:
+            check_int("per_device_train_batch_size", self.per_device_train_batch_size, 1)
+            completions = self.per_device_train_batch_size * self.grad_accum_steps * self.num_minibatches
+            if completions % max(self.samples_per_prompt(), 1):
+                raise ValueError(
+                    f"per_device_train_batch_size x grad_accum_steps x num_minibatches = {completions} completions must be "
+                    f"a multiple of the {self.samples_per_prompt()} samples per prompt (num_generations)")
+            self.batch_size = completions // max(self.samples_per_prompt(), 1)
         check_int("log_completions_steps", self.log_completions_steps, 0)
         check_int("num_completions_to_print", self.num_completions_to_print, 1)
         if self.dual_clip and self.loss_type != "ppo":

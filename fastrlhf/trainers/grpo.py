@@ -37,6 +37,9 @@ class GRPOConfig(PolicyGradientConfig):
     advantage_estimator: str = field(default="grpo", metadata=option_help(
         f"advantages from the group's scores: {', '.join(OUTCOME_ESTIMATORS)}"))
 
+    def samples_per_prompt(self) -> int:
+        return self.group_size
+
     def validate(self) -> None:
         # TRL's spellings of these two: loss_type names an aggregation there, scale_rewards a level
         if self.loss_type in TRL_LOSS_AGGS:
