@@ -380,6 +380,8 @@ class RoleModel(nn.Module):
         self._trunks.load_role_state(role, groups[self._trunks.state_group])
         if role in self.heads:
             head = dict(groups["head"])
+            if self.heads[role].bias is not None and "bias" not in head:  # a bias-free reward head into the value head
+                head["bias"] = torch.zeros_like(self.heads[role].bias)
             legacy_bias = head.pop("bias", None) if self.heads[role].bias is None else None
             if legacy_bias is not None and legacy_bias.abs().max() > 0:
                 import warnings

@@ -201,6 +201,18 @@ def test_trl_shaped_construction_from_a_path_and_from_a_plain_model(name, tiny, 
     assert trainer.train()["steps"] == 1
 
 
+def test_sft_on_text_records_with_packing(tiny, tmp_path):
+    from fastrlhf.trainers import SFTConfig, SFTTrainer
+
+    texts = [{"text": "the cat is big . the dog is small ."}, {"text": "say yes or no ."}] * 4
+    args = SFTConfig(output_dir=str(tmp_path / "sft"), packing=True, max_length=8, per_device_train_batch_size=2,
+                     max_steps=2, disable_tqdm=True, report_to="none")
+    trainer = SFTTrainer(model=tiny, args=args, train_dataset=texts)
+    assert all(len(e["input_ids"]) == 8 for e in trainer.train_examples[:-1])  # full rows, no padding
+    assert sum(len(e["input_ids"]) for e in trainer.train_examples) >= 8 * (len(trainer.train_examples) - 1)
+    assert trainer.train()["steps"] == 2
+
+
 def test_peft_config_and_what_cannot_work(tiny, tok, tmp_path):
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
