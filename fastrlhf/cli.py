@@ -3,7 +3,10 @@
 Every field of every dataclass of a subcommand becomes `--field-name` (underscores -> dashes), with
 its type, its default and its `metadata["help"]` in `--help`; booleans get `--name / --no-name`.
 Fields typed `int | None`, `float | None` or `str | None` are None when off: `none` or `null` on the
-command line, `null` (or `none`) in YAML, and `--help` shows such a default as `none`.
+command line, `null` (or `none`) in YAML, and `--help` shows such a default as `none`; fields typed
+`list[float] | None` take several values (`--reward-weights 1 0.5`, or `1,0.5`; a YAML list).
+TRL's option names work as aliases (`--per-device-train-batch-size` = `--batch-size`; the table is
+`fastrlhf.trl_compat`), and so does TRL's underscore spelling (`--per_device_train_batch_size`).
 Precedence: the dataclass defaults < the `--config file.yaml` values < the command line.
 Unknown options, badly typed values and values the dataclass validation rejects end the program
 with a message that names the option (argparse exit status 2), before any model is loaded.
@@ -68,18 +71,46 @@ def _fields(option_classes: Sequence[type]) -> list[tuple[type, dataclasses.Fiel
 
 
 def option_kind(annotation: Any, name: str) -> tuple[type, bool]:
-    """(value type, whether None is allowed) of an option field annotated bool, int, float, str, or
-    int / float / str `| None`."""
+    """(value type, whether None is allowed) of an option field annotated bool, int, float, str,
+    int / float / str `| None`, or `list[float] | None` (value type `list`: a list of floats)."""
     optional = False
     if typing.get_origin(annotation) in (typing.Union, types.UnionType):
         args = typing.get_args(annotation)
         values = [a for a in args if a is not type(None)]
-        if len(args) == 2 and len(values) == 1 and values[0] in _VALUE_TYPES:
+        if len(args) == 2 and len(values) == 1 and (values[0] in _VALUE_TYPES or values[0] == list[float]):
             annotation, optional = values[0], True
+    if annotation == list[float]:
+        return list, optional
     if annotation is bool or annotation in _VALUE_TYPES:
         return annotation, optional
     raise TypeError(f"option {name!r}: unsupported type {annotation!r} "
-                    "(use bool, int, float, str, or int / float / str | None)")
+                    "(use bool, int, float, str, int / float / str | None, or list[float] | None)")
+
+
+def float_list(value: Any) -> list[float]:
+    """[floats] from a list of numbers or a comma-separated string (ValueError otherwise)."""
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)):
+        raise ValueError(f"expected a list of numbers, got {value!r}")
+    out = []
+    for item in items:
+        if isinstance(item, bool) or not isinstance(item, (int, float, str)):
+            raise ValueError(f"expected a list of numbers, got {value!r}")
+        out.append(float(item))
+    return out
+
+
+class _FloatListAction(argparse.Action):
+    """`--name 1 0.5`, `--name 1,0.5` -> [1.0, 0.5]; `--name none` -> None."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if len(values) == 1 and _means_none(values[0]):
+            setattr(namespace, self.dest, None)
+            return
+        try:
+            setattr(namespace, self.dest, [x for v in values for x in float_list(v)])
+        except ValueError:
+            parser.error(f"argument {option_string}: expected numbers, got {' '.join(values)!r}")
 
 
 def _means_none(value: Any) -> bool:
@@ -106,6 +137,13 @@ def _format_default(value: Any) -> str:
     return str(value)
 
 
+def option_strings(cls: type, name: str) -> list[str]:
+    """`--field-name` and the TRL aliases of field `name` of option class `cls`."""
+    from fastrlhf.trl_compat import option_aliases
+
+    return [option_name(name)] + [option_name(alias) for alias in option_aliases(cls).get(name, [])]
+
+
 def add_options(parser: argparse.ArgumentParser, option_classes: Sequence[type]) -> None:
     """One argparse group per dataclass. Defaults are SUPPRESSed, so the parsed namespace holds only
     what the user typed (that is what lets the YAML values sit between defaults and the command line)."""
@@ -120,13 +158,24 @@ def add_options(parser: argparse.ArgumentParser, option_classes: Sequence[type])
         default = _field_default(f)
         text = f.metadata.get("help", "")
         text = f"{text} (default: {_format_default(default)})".replace("%", "%%")
-        if kind is bool:
-            groups[cls].add_argument(option_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
-                                     default=argparse.SUPPRESS, help=text)
-        else:
-            metavar = {int: "INT", float: "FLOAT", str: "STR"}[kind] + ("|none" if optional else "")
-            groups[cls].add_argument(option_name(f.name), dest=f.name, type=_converter(kind, optional),
-                                     default=argparse.SUPPRESS, metavar=metavar, help=text)
+        # TRL's names are separate, hidden arguments with the same dest, so that an error names the
+        # option the user typed; --help lists them after the default
+        names = option_strings(cls, f.name)
+        if len(names) > 1:
+            text += f" [TRL: {', '.join(names[1:])}]"
+        for i, name in enumerate(names):
+            shown = text if i == 0 else argparse.SUPPRESS
+            if kind is bool:
+                groups[cls].add_argument(name, dest=f.name, action=argparse.BooleanOptionalAction,
+                                         default=argparse.SUPPRESS, help=shown)
+            elif kind is list:
+                groups[cls].add_argument(name, dest=f.name, nargs="+", action=_FloatListAction,
+                                         default=argparse.SUPPRESS, metavar="FLOAT", help=shown)
+            else:
+                metavar = {int: "INT", float: "FLOAT", str: "STR"}[kind] + ("|none" if optional else "")
+                flag = {"nargs": "?", "const": f.metadata["flag"]} if "flag" in f.metadata else {}
+                groups[cls].add_argument(name, dest=f.name, type=_converter(kind, optional),
+                                         default=argparse.SUPPRESS, metavar=metavar, help=shown, **flag)
 
 
 def build_parser(commands: dict[str, Command], *, prog: str = "python -m fastrlhf.train",
@@ -153,6 +202,11 @@ def _yaml_value(annotation: Any, value: Any, key: str, source: str) -> Any:
     kind, optional = option_kind(annotation, key)
     if optional and _means_none(value):
         return None
+    if kind is list:
+        try:
+            return float_list(value)
+        except ValueError:
+            raise CliError(f"{where}: expected a list of numbers, got {value!r}") from None
     if kind is bool:
         if isinstance(value, bool):
             return value
@@ -191,18 +245,42 @@ def load_yaml_options(path: str, option_classes: Sequence[type]) -> dict[str, An
     if not isinstance(data, dict):
         raise CliError(f"--config {path}: expected a mapping of option: value, got {type(data).__name__}")
     kinds = {f.name: kind for _, f, kind in _fields(option_classes)}
+    aliases = _aliases(option_classes)
     values = {}
     for key, value in data.items():
         name = str(key).replace("-", "_")
+        name = aliases.get(name, name)
         if name not in kinds:
-            raise CliError(f"{path}: unknown option {key!r}{_suggest(name, kinds)}")
+            raise CliError(f"{path}: unknown option {key!r}{_suggest(name, [*kinds, *aliases])}")
+        if name in values:
+            raise CliError(f"{path}: option {key!r} is given twice (once under its TRL name)")
         values[name] = _yaml_value(kinds[name], value, str(key), path)
     return values
 
 
+def _aliases(option_classes: Sequence[type]) -> dict[str, str]:
+    """{TRL name: field name} of the options of these classes."""
+    from fastrlhf.trl_compat import option_aliases
+
+    return {alias: name for cls in option_classes for name, names in option_aliases(cls).items() for alias in names}
+
+
 def _suggest(name: str, known) -> str:
+    """" (did you mean --x?)" for the closest known option name (field names and TRL aliases alike)."""
     close = difflib.get_close_matches(name, list(known), n=1)
     return f" (did you mean {option_name(close[0])}?)" if close else ""
+
+
+def _dashes(argv: list[str]) -> list[str]:
+    """TRL's `--per_device_train_batch_size 4` spelling -> `--per-device-train-batch-size 4` (option
+    names only; values are left alone)."""
+    out = []
+    for arg in argv:
+        if arg.startswith("--") and "_" in arg.split("=", 1)[0]:
+            name, sep, value = arg.partition("=")
+            arg = name.replace("_", "-") + sep + value
+        out.append(arg)
+    return out
 
 
 def make_options(option_classes: Sequence[type], values: dict[str, Any]) -> dict[type, Any]:
@@ -239,6 +317,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
 
         argv = sys.argv[1:]
     commands = _subcommands(parser)
+    argv = _dashes(argv)
     if default_command and (not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help"))):
         argv = [default_command, *argv]
     namespace, unknown = parser.parse_known_args(argv)
@@ -250,7 +329,7 @@ def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str] | None,
         options = [o for o in unknown if o.startswith("-")]
         if not options:
             subparser.error(f"unexpected argument {unknown[0]!r} (options are written --name value)")
-        known = [f.name for _, f, _ in _fields(command.option_classes)] + ["config"]
+        known = [f.name for _, f, _ in _fields(command.option_classes)] + ["config"] + list(_aliases(command.option_classes))
         name = options[0].split("=")[0]
         subparser.error(f"unknown option {name}{_suggest(name.lstrip('-').replace('-', '_'), known)}; "
                         f"see `{subparser.prog} --help`")

@@ -1,6 +1,7 @@
 """Datasets in the formats TRL users already have, tokenised with the chat template, and collators.
 
-    sft         {"prompt": ..., "completion": ...}  or  {"messages": [{"role", "content"}, ...]}
+    sft         {"prompt": ..., "completion": ...}  or  {"messages": [{"role", "content"}, ...]}  or
+                {"text": ...} (plain language modelling: every token is trained, eos appended)
     preference  {"prompt": ..., "chosen": ..., "rejected": ...}  (strings or message lists; the prompt
                 may be left out when chosen/rejected are full conversations sharing their first turns)
     prompt      {"prompt": ...}  (other fields are kept, e.g. what a reward function needs)
@@ -20,7 +21,7 @@ from typing import Any, Sequence
 import torch
 
 KINDS = {
-    "sft": "'prompt' and 'completion', or 'messages'",
+    "sft": "'prompt' and 'completion', or 'messages', or 'text'",
     "preference": "'prompt', 'chosen' and 'rejected'",
     "prompt": "'prompt'",
 }
@@ -128,6 +129,10 @@ def validate_records(records: Sequence[dict], kind: str, source: str = "<records
                 if not any(m["role"] == "assistant" for m in record["messages"]):
                     raise ValueError(f"{where}, column 'messages': no assistant message to train on")
                 continue
+            if "text" in record and "completion" not in record:
+                if not isinstance(record["text"], str) or not record["text"]:
+                    raise ValueError(f"{where}, column 'text' must be a non-empty string, got {record['text']!r:.80}")
+                continue
             required = ("prompt", "completion")
         elif kind == "preference":
             required = ("chosen", "rejected")
@@ -182,6 +187,9 @@ def tokenize_sft(
     for record in records:
         if "messages" in record:
             ids, mask = _encode(tokenizer, [], record["messages"], train_all_assistant=True)
+        elif "text" in record and "completion" not in record:
+            ids = _text_ids(tokenizer, record["text"])
+            mask = [1] * len(ids)
         else:
             ids, mask = _encode(tokenizer, record["prompt"], record["completion"])
         example = counter.cut({"input_ids": ids, "loss_mask": mask})
@@ -192,23 +200,69 @@ def tokenize_sft(
 
 
 def tokenize_preferences(
-    records: Sequence[dict], tokenizer, *, max_length: int, source: str = "<records>"
+    records: Sequence[dict], tokenizer, *, max_length: int, max_prompt_length: int | None = None,
+    source: str = "<records>"
 ) -> list[dict]:
     """-> [{"chosen_input_ids", "chosen_loss_mask", "rejected_input_ids", "rejected_loss_mask"}]
-    (lists of ints; loss_mask 1 on the response tokens)."""
+    (lists of ints; loss_mask 1 on the response tokens).
+
+    Prompts keep their LAST max_prompt_length tokens (TRL's keep_end). With max_prompt_length None a
+    prompt is cut (to max_length // 2) only where it would leave no completion token within
+    max_length: a long prompt never silently drops its pair. Then rows are cut at max_length."""
     validate_records(records, "preference", source)
     counter = _Truncation(max_length)
+    prompts_cut = 0
     examples = []
     for record in records:
         prompt, chosen, rejected = _split_preference(record)
+        encoded = {name: _encode(tokenizer, prompt, completion) for name, completion in (("chosen", chosen), ("rejected", rejected))}
+        # the prompt is the part before the first completion token, the same in both rows
+        prompt_len = min(mask.index(1) if 1 in mask else len(mask) for _, mask in encoded.values())
+        limit = max_prompt_length
+        if limit is None and prompt_len >= max_length:  # nothing of the completion would be left
+            limit = max_length // 2
+        cut = max(prompt_len - limit, 0) if limit is not None else 0
+        prompts_cut += cut > 0
         pair = {}
-        for name, completion in (("chosen", chosen), ("rejected", rejected)):
-            ids, mask = _encode(tokenizer, prompt, completion)
-            pair[name] = counter.cut({"input_ids": ids, "loss_mask": mask})
+        for name, (ids, mask) in encoded.items():
+            pair[name] = counter.cut({"input_ids": ids[cut:], "loss_mask": mask[cut:]})
         if pair["chosen"] is not None and pair["rejected"] is not None:
             examples.append({f"{name}_{key}": value for name, ex in pair.items() for key, value in ex.items()})
+    if prompts_cut:
+        bound = f"max_prompt_length={max_prompt_length}" if max_prompt_length is not None else \
+            f"max_length={max_length} (no room for the completion; kept the last {max_length // 2} prompt tokens)"
+        warnings.warn(f"{source}: {prompts_cut} of {len(records)} prompts were longer than {bound}; "
+                      f"their beginning was cut", stacklevel=2)
     counter.report(source, 2 * len(records))
     return examples
+
+
+def pack_examples(examples: Sequence[dict], max_length: int) -> list[dict]:
+    """SFT packing (TRL's "wrapped" strategy): the tokenised examples, in order, concatenated into one
+    stream and cut into rows of max_length tokens, so no compute goes to padding. Attention crosses
+    example boundaries inside a row (each example ends with eos); loss masks are kept. Rows without
+    a trained token are dropped."""
+    ids: list[int] = []
+    mask: list[int] = []
+    for example in examples:
+        ids.extend(example["input_ids"])
+        mask.extend(example["loss_mask"])
+    rows = []
+    for start in range(0, len(ids), max_length):
+        row = {"input_ids": ids[start : start + max_length], "loss_mask": mask[start : start + max_length]}
+        if len(row["input_ids"]) >= 2 and any(row["loss_mask"][1:]):
+            rows.append(row)
+    return rows
+
+
+def _text_ids(tokenizer, text: str) -> list[int]:
+    """Plain text -> token ids with eos appended (as TRL's SFT does for {"text"} data), so the
+    model learns where a document ends."""
+    ids = tokenizer(text)["input_ids"]
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None and (not ids or ids[-1] != eos):
+        ids = ids + [eos]
+    return ids
 
 
 def tokenize_prompts(

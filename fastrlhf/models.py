@@ -98,6 +98,7 @@ def load_causal_lm(
 
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
+        checkpoint_dtype = _checkpoint_dtype(name_or_path, extra)
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, attn_implementation=attn_implementation, **{_dtype_kwarg(): dtype}, **extra
         )
@@ -110,6 +111,7 @@ def load_causal_lm(
     if _is_quantized(model):
         model = _dequantized_copy(model)
     model.to(device)
+    setattr(model, SOURCE_DTYPE_ATTR, checkpoint_dtype)
 
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
@@ -120,22 +122,77 @@ def load_causal_lm(
     return model.eval(), tokenizer
 
 
-def save_causal_lm(model, tokenizer, output_dir: str) -> str:
+def save_causal_lm(model, tokenizer, output_dir: str, *, dtype: torch.dtype | str | None = None) -> str:
     """save_pretrained `model` (and `tokenizer` unless None) into output_dir -> output_dir.
 
     Works for GGUF-loaded models (transformers refuses to serialise those: the de-quantised weights
     are copied into a plain model first) and for a `RoleModel` or anything else with a
     `merged_policy()` (the merged policy is saved).
+
+    dtype: of the saved weights; None = the dtype of the checkpoint the model was loaded from
+    (`source_dtype`), so a bf16 model trained in fp32 on a CPU is saved in bf16 again, not at
+    twice its size. The model in memory is not changed.
     """
+    own_copy = False
     if callable(getattr(model, "merged_policy", None)):
-        model = model.merged_policy()
+        model, own_copy = model.merged_policy(), True
+    target = resolve_dtype(dtype, "cpu") if dtype is not None else source_dtype(model)
     if _is_quantized(model):
-        model = _dequantized_copy(model)
+        model, own_copy = _dequantized_copy(model), True
+    if target is not None and target != model.dtype:
+        # cast a copy (the caller's model stays as it is); a copy made here is cast in place
+        model = (model if own_copy else copy.deepcopy(model)).to(target)
     os.makedirs(output_dir, exist_ok=True)
     model.save_pretrained(output_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(output_dir)
     return output_dir
+
+
+SOURCE_DTYPE_ATTR = "fastrlhf_source_dtype"
+
+
+def source_dtype(model) -> torch.dtype | None:
+    """The dtype of the checkpoint `model` was loaded from by `load_causal_lm` (what its config.json
+    said; bfloat16 for a GGUF file, whose de-quantised weights have no dtype of their own), or None
+    for a model built otherwise. transformers overwrites `config.dtype` with the dtype it loaded
+    in, so `load_causal_lm` records it before loading."""
+    return getattr(model, SOURCE_DTYPE_ATTR, None)
+
+
+def base_fingerprint(named_parameters) -> str:
+    """A short hash that tells base models apart: the name, shape and first 1024 values of every
+    weight, rounded to bf16 (so the same checkpoint loaded in fp32, bf16 or fp16 from a bf16 file
+    gives the same hash, and a fine-tuned or merged copy does not). `named_parameters`: (name,
+    tensor) pairs of the base weights; peft's ".base_layer" is dropped from the names and LoRA
+    weights are skipped. None for weights on the meta device."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    items = []
+    for name, tensor in named_parameters:
+        if "lora_" in name or "modules_to_save" in name:
+            continue
+        if tensor.device.type == "meta":
+            return None
+        items.append((name.replace(".base_layer", ""), tensor))
+    for name, tensor in sorted(items, key=lambda item: item[0]):
+        values = tensor.detach().reshape(-1)[:1024].to("cpu", torch.bfloat16).view(torch.int16)
+        digest.update(f"{name}:{tuple(tensor.shape)}:".encode())
+        digest.update(values.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _checkpoint_dtype(name_or_path, extra: dict) -> torch.dtype:
+    """The weights' dtype as the checkpoint's config records it (bfloat16 for GGUF, which records none)."""
+    from transformers import AutoConfig
+
+    recorded = getattr(AutoConfig.from_pretrained(name_or_path, **extra), "dtype", None)
+    if isinstance(recorded, str):
+        recorded = getattr(torch, recorded, None)
+    if isinstance(recorded, torch.dtype) and recorded.is_floating_point:
+        return recorded
+    return torch.bfloat16 if extra.get("gguf_file") else torch.float32
 
 
 def _dtype_kwarg() -> str:
@@ -170,4 +227,5 @@ def _dequantized_copy(model):
 
 __all__ = [
     "default_model_source", "load_causal_lm", "save_causal_lm", "resolve_dtype", "default_attn_implementation",
+    "source_dtype", "base_fingerprint",
 ]

@@ -11,9 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-def option_help(text: str) -> dict:
-    """Field metadata for an option: `field(default=..., metadata=option_help("what it does"))`."""
-    return {"help": text}
+def option_help(text: str, *, flag: str | None = None) -> dict:
+    """Field metadata for an option: `field(default=..., metadata=option_help("what it does"))`.
+
+    flag: for a str option, the value the option takes when given without one (`--bf16` alone
+    means `--bf16 true`, as TRL's boolean options do)."""
+    return {"help": text} if flag is None else {"help": text, "flag": flag}
 
 
 def unset_as_none(value):
@@ -80,10 +83,12 @@ class RewardOptions:
     """Where the reward comes from (exactly one of the two)."""
 
     reward_model: str | None = field(default=None, metadata=option_help(
-        "directory written by `fastrlhf.train rm`, trained on the same --model: loaded as the frozen reward role"))
+        "directory written by `fastrlhf.train rm` on the same --model (loaded as the frozen reward role), or a "
+        "Hugging Face sequence-classification model directory (its own tokenizer and base)"))
     reward_fn: str | None = field(default=None, metadata=option_help(
-        "Python reward function module:function (or path/to/file.py:function), called as "
-        "fn(prompts, completions, records) -> list of floats; e.g. fastrlhf.demo:gold_reward_fn"))
+        "reward functions module:function (or path/to/file.py:function), comma-separated, called as TRL does: "
+        "fn(prompts=..., completions=..., **dataset_columns) -> list of floats (or None); a function with a "
+        "`records` parameter is called fn(prompts, completions, records); weights: --reward-weights"))
 
     def __post_init__(self) -> None:
         unset_as_none_fields(self, "reward_model", "reward_fn")

@@ -96,9 +96,13 @@ class RoleTrunks(abc.ABC):
         """Extra activation-checkpointing kwargs (beyond use_reentrant=False)."""
         return {}
 
-    @abc.abstractmethod
     def merged_policy(self) -> nn.Module:
         """A plain causal LM, a copy, with the policy's weights."""
+        return self.merged_trunk("policy")
+
+    @abc.abstractmethod
+    def merged_trunk(self, role: str) -> nn.Module:
+        """A plain causal LM, a copy, with the trunk weights of `role` (adapter merged in)."""
 
 
 class LoraTrunks(RoleTrunks):
@@ -237,8 +241,8 @@ class LoraTrunks(RoleTrunks):
         finally:
             self.activate(previous)
 
-    def merged_policy(self) -> nn.Module:
-        merged = copy.deepcopy(self.peft_model).merge_and_unload(adapter_names=["policy"])
+    def merged_trunk(self, role: str) -> nn.Module:
+        merged = copy.deepcopy(self.peft_model).merge_and_unload(adapter_names=[role])
         # its copied checkpoint functions would call back into THIS model's adapter switching
         disable = getattr(merged, "activation_checkpointing_disable", None) or merged.gradient_checkpointing_disable
         if merged.supports_gradient_checkpointing:
@@ -312,8 +316,8 @@ class FullTrunks(RoleTrunks):
         if role in TRUNK_ROLES:
             _load_trunk_state(self.trunk(role), state, role)
 
-    def merged_policy(self) -> nn.Module:
-        return copy.deepcopy(self.policy_lm)
+    def merged_trunk(self, role: str) -> nn.Module:
+        return copy.deepcopy(self.trunk(role))
 
 
 def _tied_names(module: nn.Module) -> set[str]:

@@ -29,12 +29,14 @@ from torch import nn
 import fastrlhf
 from fastrlhf._checks import check_softcap
 from fastrlhf.contracts import IGNORE_INDEX
+from fastrlhf.models import base_fingerprint
 from fastrlhf.role_trunks import FullTrunks, LoraTrunks, RoleTrunks
 
 ROLES = ("policy", "value", "reward")
 REFERENCE = "reference"
 HEAD_ROLES = ("value", "reward")  # roles with a scalar head
 CONFIG_FILE = "fastrlhf_roles.json"
+BASE_FILE = "fastrlhf_base.json"  # the identity of the base the adapters were trained on
 
 
 class RoleModel(nn.Module):
@@ -87,9 +89,12 @@ class RoleModel(nn.Module):
         head_dtype = torch.promote_types(lm_head.dtype, torch.float32)
         std = getattr(base_model.config, "initializer_range", 0.02)
         # Heads are (at least) fp32 whatever the base dtype: one scalar per token is cheap, and bf16
-        # rounding of values / rewards would be visible in the losses.
+        # rounding of values / rewards would be visible in the losses. The reward head has no bias,
+        # like transformers' sequence-classification `score` layers, so the reward model exports as
+        # one with the same scores (a Bradley-Terry loss cannot see a constant bias anyway).
         self.heads = nn.ModuleDict(
-            {role: _scalar_head(hidden_size, std, device, head_dtype) for role in roles if role in HEAD_ROLES}
+            {role: _scalar_head(hidden_size, std, device, head_dtype, bias=role != "reward")
+             for role in roles if role in HEAD_ROLES}
         )
 
         # The trunks come after the heads: peft's LoRA init draws from the same RNG as the heads', and
@@ -374,7 +379,17 @@ class RoleModel(nn.Module):
             groups[group][name] = value
         self._trunks.load_role_state(role, groups[self._trunks.state_group])
         if role in self.heads:
-            self.heads[role].load_state_dict(groups["head"])
+            head = dict(groups["head"])
+            if self.heads[role].bias is not None and "bias" not in head:  # a bias-free reward head into the value head
+                head["bias"] = torch.zeros_like(self.heads[role].bias)
+            legacy_bias = head.pop("bias", None) if self.heads[role].bias is None else None
+            if legacy_bias is not None and legacy_bias.abs().max() > 0:
+                import warnings
+
+                warnings.warn(f"the {role} head was saved with a bias ({float(legacy_bias.reshape(-1)[0]):.4g}), "
+                              "which reward heads no longer have: every score shifts by that constant "
+                              "(preferences and group-normalised advantages are unchanged)", stacklevel=2)
+            self.heads[role].load_state_dict(head)
         self._refresh_requires_grad()
 
     def save(self, output_dir: str) -> str:
@@ -393,7 +408,20 @@ class RoleModel(nn.Module):
         }
         with open(os.path.join(output_dir, CONFIG_FILE), "w") as f:
             json.dump(settings, f, indent=2)
+        with open(os.path.join(output_dir, BASE_FILE), "w") as f:
+            json.dump(self.base_identity(), f, indent=2)
         return output_dir
+
+    def base_identity(self) -> dict:
+        """What the adapters were trained on: {"name_or_path", "architecture", "fingerprint"}
+        (`fastrlhf.models.base_fingerprint` of the frozen base; None without LoRA, where no frozen
+        base is left to compare). A LoRA adapter scores correctly only on this base."""
+        config = self.causal_lm.config
+        return {
+            "name_or_path": getattr(config, "_name_or_path", ""),
+            "architecture": (getattr(config, "architectures", None) or [type(self.causal_lm).__name__])[0],
+            "fingerprint": base_fingerprint(self.causal_lm.named_parameters()) if self.use_lora else None,
+        }
 
     @classmethod
     def load(cls, base_model, output_dir: str, **overrides) -> "RoleModel":
@@ -420,6 +448,12 @@ class RoleModel(nn.Module):
         self._require("policy")
         return self._trunks.merged_policy().requires_grad_(True)
 
+    def merged_trunk(self, role: str):
+        """A plain causal LM (a copy) whose decoder computes `role`'s hidden states: its adapter
+        merged into the base (LoRA), or its own trunk (full fine-tuning). The reward model's export."""
+        self._require(role)
+        return self._trunks.merged_trunk(role)
+
     # ------------------------------------------------------------------ checks
 
     def _require(self, role: str) -> None:
@@ -441,10 +475,11 @@ def _check_roles(name: str, roles: tuple, allowed: tuple = ROLES) -> None:
         raise ValueError(f"{name} must be a subset of {allowed}, got {bad}")
 
 
-def _scalar_head(hidden_size: int, std: float, device, dtype: torch.dtype) -> nn.Linear:
-    head = nn.Linear(hidden_size, 1, device=device, dtype=dtype)
+def _scalar_head(hidden_size: int, std: float, device, dtype: torch.dtype, *, bias: bool = True) -> nn.Linear:
+    head = nn.Linear(hidden_size, 1, device=device, dtype=dtype, bias=bias)
     nn.init.normal_(head.weight, std=std)
-    nn.init.zeros_(head.bias)
+    if bias:
+        nn.init.zeros_(head.bias)
     return head
 
 

@@ -25,7 +25,7 @@ from fastrlhf.options import (
 
 DATA_KINDS = {"sft": "sft", "rm": "preference", "dpo": "preference", "ppo": "prompt", "grpo": "prompt"}
 DATA_FORMATS = {
-    "sft": '{"prompt": ..., "completion": ...} or {"messages": [{"role": ..., "content": ...}, ...]}',
+    "sft": '{"prompt": ..., "completion": ...} or {"messages": [{"role": ..., "content": ...}, ...]} or {"text": ...}',
     "preference": '{"prompt": ..., "chosen": ..., "rejected": ...}',
     "prompt": '{"prompt": ...} (other fields reach --reward-fn)',
 }
@@ -72,9 +72,11 @@ def _run_stage(command: str, options: dict[type, Any], ctx) -> dict:
 
     reward_fn, reward_dir = None, None
     if RewardOptions in options:
-        reward_fn, reward_dir = resolve_reward(options[RewardOptions], model_opts)
+        reward_fn, reward_dir = resolve_reward(options[RewardOptions], model_opts, config, train_records)
 
     model, tokenizer = load_model(model_opts, verbose=ctx.is_main)
+    if reward_dir:
+        reward_fn, reward_dir = reward_role_or_classifier(reward_dir, model, config, train_records, verbose=ctx.is_main)
     # the new LoRA adapters and heads must start identical on every rank (only gradients are averaged)
     from fastrlhf.checkpoint import seed_everything
 
@@ -137,11 +139,11 @@ def save_merged_policy(role_model, tokenizer, model_opts: ModelOptions, merged_d
             # no reference copy: only the policy is merged (saves a full model copy on rank 0 without LoRA)
             unsharded = build_role_model(base, model_opts, ("policy",), with_reference=False)
             unsharded.load_role_state_dict("policy", state)
-            save_causal_lm(unsharded.merged_policy(), tokenizer, merged_dir)
+            save_causal_lm(unsharded, tokenizer, merged_dir)  # merged, in the checkpoint's dtype
             del base, unsharded
         del state
     elif ctx.is_main:
-        save_causal_lm(role_model.merged_policy(), tokenizer, merged_dir)
+        save_causal_lm(role_model, tokenizer, merged_dir)  # merged, in the checkpoint's dtype
     ctx.barrier()  # the next stage (or a test) may read merged_dir as soon as any rank returns
 
 def load_data(source: str, kind: str, option: str) -> list[dict]:
@@ -190,14 +192,66 @@ def build_role_model(model, model_opts: ModelOptions, roles, *, trainable_roles=
         with_reference=with_reference,
     )
 
-def resolve_reward(reward_opts: RewardOptions, model_opts: ModelOptions) -> tuple[Callable | None, str | None]:
-    """(reward_fn, reward model directory): exactly one is set; checked before the model loads."""
-    if bool(reward_opts.reward_fn) == bool(reward_opts.reward_model):
-        raise CliError("give exactly one of --reward-model DIR (from `fastrlhf.train rm`) or --reward-fn module:function")
-    if reward_opts.reward_fn:
-        return import_reward_fn(reward_opts.reward_fn), None
-    check_reward_dir(reward_opts.reward_model, model_opts)
-    return None, reward_opts.reward_model
+def resolve_reward(reward_opts: RewardOptions, model_opts: ModelOptions, config=None,
+                   train_records: list[dict] | None = None) -> tuple[Callable | None, str | None]:
+    """(reward_fn, fastrlhf reward-role directory), checked before the policy model loads.
+
+    --reward-fn (one or several, comma-separated) and a Hugging Face sequence-classification
+    --reward-model become one `fastrlhf.rewards.RewardFunctions` (weights: --reward-weights), which
+    is dry-called on the first training records here. A `fastrlhf.train rm` directory is returned
+    as the reward-role directory instead (it scores alone; its base is checked once the model is
+    loaded: `reward_role_or_classifier`)."""
+    from fastrlhf.rewards import RewardFunctions, is_hf_reward_model_dir
+    from fastrlhf.trainers.from_trl import is_fastrlhf_reward_dir
+
+    specs = [s.strip() for s in (reward_opts.reward_fn or "").split(",") if s.strip()]
+    model_dir = reward_opts.reward_model
+    if not specs and not model_dir:
+        raise CliError("give a reward: --reward-model DIR (written by `fastrlhf.train rm`, or a Hugging Face "
+                       "sequence-classification model) and/or --reward-fn module:function[,module:function ...]")
+    sources: list = [import_reward_fn(spec) for spec in specs]
+    weights = getattr(config, "reward_weights", None)
+    if model_dir:
+        if is_fastrlhf_reward_dir(model_dir) and not (specs and is_hf_reward_model_dir(model_dir)):
+            if specs:
+                raise CliError(f"--reward-model {model_dir} is a fastrlhf reward adapter on the policy's base: it scores "
+                               "alone; drop --reward-fn, or give a Hugging Face sequence-classification model")
+            if weights is not None:
+                raise CliError("--reward-weights weigh several reward functions / models; the reward role scores alone")
+            check_reward_dir(model_dir, model_opts)
+            return None, model_dir
+        if not is_hf_reward_model_dir(model_dir):
+            raise CliError(f"--reward-model: {model_dir!r} is not a directory written by `fastrlhf.train rm` "
+                           "(fastrlhf_roles.json and role-reward.safetensors) nor a Hugging Face sequence-classification "
+                           "model (config.json with a ...ForSequenceClassification architecture)")
+        sources.append(model_dir)
+    try:
+        reward_fn = RewardFunctions(sources, weights=weights)
+        if train_records:
+            reward_fn.dry_run(train_records)
+    except ValueError as error:
+        raise CliError(f"{'--reward-fn' if specs else '--reward-model'}: {error}") from None
+    return reward_fn, None
+
+
+def reward_role_or_classifier(path: str, base, config, train_records, *, verbose: bool = True):
+    """(reward_fn, reward-role directory) once the policy's base is loaded: the reward adapter in `path`
+    as the reward role when it was trained on this base; otherwise the sequence classifier saved
+    beside it (a model of its own), or a CliError that says why the adapter cannot be used."""
+    from fastrlhf.rewards import RewardFunctions, is_hf_reward_model_dir
+    from fastrlhf.trainers.from_trl import reward_dir_fits_base
+
+    fits, reason = reward_dir_fits_base(path, base)
+    if fits:
+        return None, path
+    if not is_hf_reward_model_dir(path):
+        raise CliError(f"--reward-model {path}: {reason}")
+    if verbose:
+        print(f"--reward-model {path}: its adapter was trained on another base; scoring with the sequence "
+              "classifier saved beside it (a separate model)", flush=True)
+    reward_fn = RewardFunctions([path], weights=getattr(config, "reward_weights", None))
+    reward_fn.dry_run(train_records)
+    return reward_fn, None
 
 def import_reward_fn(spec: str) -> Callable:
     """`module:function` or `path/to/file.py:function` -> the callable (CliError naming --reward-fn)."""

@@ -272,7 +272,7 @@ def test_objective_options(capsys):
             cfg.top_entropy_quantile) == ("gspo", "rloo", "token_truncate", 3.0, 0.2)
     _, options = parse(["ppo", "--loss-type", "cispo", "--is-correction", "sequence_mask"])
     assert options[PPOConfig].loss_type == "cispo" and options[PPOConfig].is_correction == "sequence_mask"
-    for argv, message in ((["grpo", "--loss-type", "grpo"], "--loss-type: loss_type must be one of ('ppo', 'gspo'"),
+    for argv, message in ((["grpo", "--loss-type", "gpo"], "--loss-type: loss_type must be one of ('ppo', 'gspo'"),
                           (["grpo", "--advantage-estimator", "gae"], "--advantage-estimator: advantage_estimator must"),
                           (["ppo", "--is-correction", "tis2"], "--is-correction: is_correction must be one of"),
                           (["grpo", "--loss-type", "sapo", "--dual-clip", "3"], "dual_clip applies to loss_type ppo")):
@@ -298,7 +298,7 @@ def test_data_and_reward_errors(workdir, capsys):
     status, err = run_main(["rm", "--data", workdir / "sft.jsonl"], capsys)
     assert status == 2 and "has no column 'chosen'" in err
     status, err = run_main(["ppo", "--data", workdir / "prompts.jsonl"], capsys)
-    assert status == 2 and "exactly one of --reward-model" in err
+    assert status == 2 and "give a reward: --reward-model DIR" in err
     status, err = run_main(["grpo", "--data", workdir / "prompts.jsonl", "--reward-fn", "nomodule_xyz:f"], capsys)
     assert status == 2 and "--reward-fn: cannot import module 'nomodule_xyz'" in err
     status, err = run_main(["grpo", "--data", workdir / "prompts.jsonl", "--reward-fn", "fastrlhf.demo:nope"], capsys)

@@ -12,6 +12,7 @@ from fastrlhf.data import (
     collate_prompts,
     collate_sft,
     load_records,
+    pack_examples,
     tokenize_preferences,
     tokenize_prompts,
     tokenize_sft,
@@ -83,7 +84,8 @@ def test_load_records_errors_name_the_file(tmp_path, monkeypatch):
     [
         ("sft", [], r"data.jsonl: the dataset is empty"),
         ("sft", [SFT[0], {"prompt": "x"}], r"data.jsonl: record 1 has no column 'completion'"),
-        ("sft", [{"text": "x"}], r"no column 'prompt'.*'prompt' and 'completion', or 'messages'"),
+        ("sft", [{"body": "x"}], r"no column 'prompt'.*'prompt' and 'completion', or 'messages', or 'text'"),
+        ("sft", [{"text": ""}], r"record 0, column 'text' must be a non-empty string"),
         ("sft", [{"messages": [{"role": "user", "content": "x"}]}], r"record 0, column 'messages': no assistant"),
         ("sft", [{"messages": [{"role": "user"}]}], r"column 'messages': message 0 must be a dict"),
         ("sft", [{"prompt": 3, "completion": "x"}], r"column 'prompt' must be a string or a list of messages"),
@@ -241,3 +243,49 @@ def test_real_smollm2_template_masks_only_the_answer():
     trained = tokenizer.decode([i for i, m in zip(example["input_ids"], example["loss_mask"]) if m])
     assert trained.startswith("Paris.<|im_end|>")
     assert "You are a helpful AI assistant" in tokenizer.decode(example["input_ids"])  # default system prompt
+
+
+# --------------------------------------------------------------------------- issue 12: TRL's {"text"}, packing, max_prompt_length
+
+
+def test_text_records_train_every_token_and_end_with_eos(tok):
+    (example,) = tokenize_sft([{"text": "the cat is big"}], tok, max_length=32)
+    ids = tok("the cat is big")["input_ids"]
+    assert example["input_ids"] == ids + [tok.eos_token_id]
+    assert example["loss_mask"] == [1] * (len(ids) + 1)
+
+
+def test_packing_concatenates_examples_into_full_rows(tok):
+    examples = tokenize_sft([{"text": "the cat is big"}, {"text": "say yes or no ."}] * 3, tok, max_length=64)
+    stream = [t for e in examples for t in e["input_ids"]]
+    mask = [m for e in examples for m in e["loss_mask"]]
+    rows = pack_examples(examples, 8)
+    assert all(len(r["input_ids"]) == 8 for r in rows[:-1])
+    assert [t for r in rows for t in r["input_ids"]] == stream[: sum(len(r["input_ids"]) for r in rows)]
+    assert [m for r in rows for m in r["loss_mask"]] == mask[: len([m for r in rows for m in r["loss_mask"]])]
+    assert len(stream) - sum(len(r["input_ids"]) for r in rows) < 2  # only a 1-token tail (nothing to predict) is left
+    prompt_only = tokenize_sft([SFT[0]], tok, max_length=64)
+    rows = pack_examples(prompt_only, 2)  # rows of prompt tokens only train nothing: dropped
+    assert rows and all(any(r["loss_mask"][1:]) for r in rows)
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_a_long_prompt_keeps_its_pair_and_its_end(chat):
+    tok = tiny_tokenizer(chat_template=chat)
+    long_prompt = " ".join(["the cat is big ."] * 20)  # 100 words, far over max_length
+    record = {"prompt": long_prompt + " say yes", "chosen": "yes", "rejected": "no"}
+    with pytest.warns(UserWarning, match="prompts were longer"):
+        (pair,) = tokenize_preferences([record], tok, max_length=16)
+    for side, answer in (("chosen", "yes"), ("rejected", "no")):
+        ids, mask = pair[f"{side}_input_ids"], pair[f"{side}_loss_mask"]
+        assert len(ids) <= 16 and any(mask)
+        completion = tok.decode([t for t, m in zip(ids, mask) if m], skip_special_tokens=True)
+        assert completion.strip() == answer
+        assert "say" in tok.decode(ids)  # the END of the prompt is kept
+    # an explicit max_prompt_length cuts every longer prompt (TRL's keep_end), even when the pair fits
+    short = {"prompt": "the cat is big . say yes", "chosen": "yes", "rejected": "no"}
+    (full,) = tokenize_preferences([short], tok, max_length=64)
+    with pytest.warns(UserWarning, match="max_prompt_length=3"):
+        (cut,) = tokenize_preferences([short], tok, max_length=64, max_prompt_length=3)
+    prompt_len = cut["chosen_loss_mask"].index(1)
+    assert prompt_len == 3 and cut["chosen_input_ids"] == full["chosen_input_ids"][full["chosen_loss_mask"].index(1) - 3:]

@@ -54,6 +54,19 @@ class PolicyGradientConfig(TrainerConfig):
     is_clip_max: float = field(default=2.0, metadata=option_help("IS weight upper bound"))
     top_entropy_quantile: float = field(default=1.0, metadata=option_help(
         "train the policy term on the top fraction of tokens by entropy only; 1.0 = all tokens"))
+    per_device_train_batch_size: int | None = field(default=None, metadata=option_help(
+        "TRL's meaning: completions per device per micro-batch; sets batch_size (prompts per iteration) = this x "
+        "grad_accum_steps x num_minibatches / samples per prompt; none = use batch_size"))
+    reward_weights: list[float] | None = field(default=None, metadata=option_help(
+        "weights of the reward functions / models, one each (TRL's reward_weights); none = all 1.0"))
+    log_completions_steps: int = field(default=0, metadata=option_help(
+        "every N iterations, write sample prompts, completions and rewards to OUTPUT_DIR/completions.jsonl "
+        "and the report_to loggers; 0 = never"))
+    num_completions_to_print: int = field(default=4, metadata=option_help("samples per log_completions_steps entry"))
+
+    def samples_per_prompt(self) -> int:
+        """Completions sampled per prompt (GRPO: group_size)."""
+        return 1
 
     def validate(self) -> None:
         super().validate()
@@ -87,6 +100,28 @@ class PolicyGradientConfig(TrainerConfig):
             check_number("is_clip_min", self.is_clip_min, low=0)
         check_number("is_clip_max", self.is_clip_max, low=self.is_clip_min or 0, low_open=True)
         check_number("top_entropy_quantile", self.top_entropy_quantile, low=0, high=1)
+        if self.reward_weights is not None:
+            from fastrlhf.cli import float_list
+
+            try:
+                self.reward_weights = float_list(self.reward_weights)
+            except ValueError:
+                raise ValueError(f"reward_weights must be a list of numbers, got {self.reward_weights!r}") from None
+            if not self.reward_weights:
+                raise ValueError("reward_weights must be a non-empty list of numbers or none")
+            for w in self.reward_weights:
+                check_number("reward_weights", w)
+        self.per_device_train_batch_size = unset_as_none(self.per_device_train_batch_size)
+        if self.per_device_train_batch_size is not None:
+            check_int("per_device_train_batch_size", self.per_device_train_batch_size, 1)
+            completions = self.per_device_train_batch_size * self.grad_accum_steps * self.num_minibatches
+            if completions % max(self.samples_per_prompt(), 1):
+                raise ValueError(
+                    f"per_device_train_batch_size x grad_accum_steps x num_minibatches = {completions} completions must be "
+                    f"a multiple of the {self.samples_per_prompt()} samples per prompt (num_generations)")
+            self.batch_size = completions // max(self.samples_per_prompt(), 1)
+        check_int("log_completions_steps", self.log_completions_steps, 0)
+        check_int("num_completions_to_print", self.num_completions_to_print, 1)
         if self.dual_clip and self.loss_type != "ppo":
             raise ValueError(f"dual_clip applies to loss_type ppo only, got loss_type={self.loss_type!r}")
 
@@ -113,6 +148,11 @@ class PolicyGradientTrainer(Trainer):
             self.model, eos_token_id=self.eos_ids, pad_token_id=self.pad_token_id,
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
         )
+        if callable(getattr(self.reward_fn, "to", None)):  # reward models among the reward functions
+            self.reward_fn.to(self.device)
+        if hasattr(self.engine, "on_progress"):
+            self.engine.on_progress = self._show_generation_progress
+        self._generating = 0
         if cfg.is_correction is not None and not hasattr(self.engine, "generate_with_logprobs"):
             raise ValueError(
                 f"is_correction={cfg.is_correction!r} needs a rollout engine that reports the sampled tokens' "
@@ -160,10 +200,13 @@ class PolicyGradientTrainer(Trainer):
         plus "completion_ids" and "examples" (python lists)."""
         examples = [ex for ex in prompts for _ in range(repeat)]
         prompt_ids = [ex["input_ids"] for ex in examples]
+        self._generating = len(prompt_ids)
+        self.metrics_log.set_activity(f"generating {len(prompt_ids)} completions", force=True)
         if self.config.is_correction is not None:
             completions, sampled_logps = self.engine.generate_with_logprobs(prompt_ids)
         else:
             completions, sampled_logps = self.engine.generate(prompt_ids), None
+        self.metrics_log.set_activity("scoring the completions", force=True)
         batch = build_rollout_batch(prompt_ids, completions, pad_token_id=self.pad_token_id, device=self.device)
         if sampled_logps is not None:  # "rollout_logps" [B, T-1], aligned with response_mask
             rollout_logps = torch.zeros_like(batch["response_mask"])
@@ -199,16 +242,33 @@ class PolicyGradientTrainer(Trainer):
             scores = scores - self.config.missing_eos_penalty * (~batch["has_eos"]).float()
         return scores
 
+    def _show_generation_progress(self, done: int, total: int) -> None:
+        self.metrics_log.set_activity(f"generating {self._generating} completions: {done}/{total} tokens")
+
     def logps(self, role: str, batch: dict, *, return_entropy: bool = False):
         with self.autocast():
             return self.model.token_logprobs(role, batch["input_ids"], batch["attention_mask"],
                                              temperature=self.config.temperature, return_entropy=return_entropy)
 
     def rollout_metrics(self, batch: dict, scores: torch.Tensor) -> dict[str, torch.Tensor]:
+        every = self.config.log_completions_steps
+        if every and (self.step + 1) % every == 0:
+            self.log_samples(batch, scores)
         return {
             "completions/mean_length": batch["response_length"].float().mean(),
             "completions/clipped_ratio": (~batch["has_eos"]).float().mean(),
         }
+
+    def log_samples(self, batch: dict, scores: torch.Tensor) -> None:
+        """The first num_completions_to_print completions of this iteration, with their prompts and
+        rewards, to completions.jsonl and the report_to integrations (TRL's log_completions)."""
+        n = min(self.config.num_completions_to_print, len(batch["examples"]))
+        texts = self.tokenizer.batch_decode(batch["completion_ids"][:n], skip_special_tokens=True)
+        rewards = scores[:n].float().tolist()
+        samples = [{"prompt": ex["prompt"] if isinstance(ex.get("prompt"), str) else ex["prompt_text"],
+                    "completion": text, "reward": round(reward, 6)}
+                   for ex, text, reward in zip(batch["examples"][:n], texts, rewards)]
+        self.metrics_log.log_samples(self.step + 1, samples)
 
     # ------------------------------------------------------------------ experience -> update
     def make_experience(self, prompts: list[dict]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
@@ -236,6 +296,8 @@ class PolicyGradientTrainer(Trainer):
         rows = experience["input_ids"].shape[0]
         sums: dict[str, torch.Tensor] = {}
         steps = 0
+        self.metrics_log.set_activity(f"updating the policy ({cfg.ppo_epochs * cfg.num_minibatches} optimizer steps)",
+                                      force=True)
         for _ in range(cfg.ppo_epochs):
             order = torch.randperm(rows)  # global torch RNG: restored exactly on resume
             for minibatch in torch.tensor_split(order, cfg.num_minibatches):

@@ -45,6 +45,7 @@ from fastrlhf.trainers.checkpointing import load_trainer_checkpoint, loop_state,
 from fastrlhf.trainers.config import TrainerConfig
 from fastrlhf.trainers.data_stream import BatchStream, load_and_check_records
 from fastrlhf.trainers.interrupt import DeferredCtrlC, StepBoundary
+from fastrlhf.trainers import from_trl
 from fastrlhf.trainers.metrics_log import MetricsLog
 
 RewardFn = Callable[[list, list, list], list]
@@ -52,11 +53,15 @@ RewardFn = Callable[[list, list, list], list]
 
 
 class Trainer:
-    """Shared loop. `Trainer(model, tokenizer, config, train_records, *, eval_records=None, reward_fn=None)`.
+    """Shared loop. `Trainer(model, tokenizer, config, train_records, *, eval_records=None, reward_fn=None)`,
+    or TRL-shaped: `Trainer(model=path | HF model | RoleModel, args=config, train_dataset=...,
+    eval_dataset=..., processing_class=tokenizer, peft_config=..., reward_funcs=..., callbacks=...)`
+    (`fastrlhf.trainers.from_trl` says what each means).
 
     model: a `fastrlhf.RoleModel` (it must hold the roles the trainer needs).
     train_records / eval_records: lists of dicts (or a path for `fastrlhf.data.load_records`).
     ctx: a `fastrlhf.distributed.DistContext` (default: `DistContext.from_env()`).
+    callbacks: `transformers.TrainerCallback`s (or objects with some of their on_* methods).
     All input and option checks run in the constructor, before anything is trained.
     """
 
@@ -66,9 +71,13 @@ class Trainer:
     required_roles: tuple[str, ...] = ()
     progress_keys: tuple[str, ...] = ("loss",)
 
-    def __init__(self, model, tokenizer, config: TrainerConfig | None = None,
+    def __init__(self, model=None, tokenizer=None, config: TrainerConfig | None = None,
                  train_records: Sequence[dict] | str | None = None, *, eval_records: Sequence[dict] | str | None = None,
-                 reward_fn: RewardFn | None = None, ctx=None) -> None:
+                 reward_fn: RewardFn | None = None, ctx=None, callbacks: Sequence | None = None, **trl_inputs) -> None:
+        if from_trl.needs_resolving(model, trl_inputs):
+            given = from_trl.resolve(type(self), model, tokenizer, config, train_records, eval_records, reward_fn, trl_inputs)
+            model, tokenizer, config = given.model, given.tokenizer, given.config
+            train_records, eval_records, reward_fn = given.train_records, given.eval_records, given.reward_fn
         config = self.config_class() if config is None else config
         if not isinstance(config, self.config_class):
             raise ValueError(f"config must be a {self.config_class.__name__}, got {type(config).__name__}")
@@ -101,7 +110,8 @@ class Trainer:
                                         total_steps=self.total_steps * self.optimizer_steps_per_step())
         self.guard = NonFiniteGuard(config.max_consecutive_nonfinite, ctx=self.ctx)
         self.metrics_log = MetricsLog(self.ctx, config.output_dir, progress=config.progress,
-                                      progress_keys=self.progress_keys)
+                                      progress_keys=self.progress_keys, report_to=config.reporters(),
+                                      callbacks=callbacks, config=config)
 
         self.step = 0                    # completed training steps
         self._boundary = StepBoundary()  # data position + RNG after the last completed step
@@ -171,8 +181,8 @@ class Trainer:
         self._saved_step = self.step if resumed else -1
         self._boundary.mark(self.data.consumed, self.ctx)
         try:
-            with DeferredCtrlC(log.say) as ctrl_c:
-                while self.step < self.total_steps:
+            with DeferredCtrlC(log.say, activity=log.activity) as ctrl_c:
+                while self.step < self.total_steps and not log.stop_requested:
                     metrics = self.training_step()
                     self.step += 1
                     self._boundary.mark(self.data.consumed, self.ctx)
@@ -331,16 +341,23 @@ class Trainer:
         self.metrics_log.say(f"resumed from {path} at step {self.step}")
         return True
 
-    def save_model(self) -> None:
-        """The trained roles' adapters and heads into output_dir (RoleModel.save). Under FSDP the
-        sharded weights are gathered into a final checkpoint-<step> instead."""
+    def save_model(self, output_dir: str | None = None) -> None:
+        """The trained roles into output_dir (default: config.output_dir): fastrlhf's role files
+        (RoleModel.save, what resume and --reward-model read) and the same roles in the ecosystem's
+        formats (`fastrlhf.export`: PEFT adapters, the reward model as a transformers sequence
+        classifier) with the tokenizer. Under FSDP the sharded weights are gathered into a final
+        checkpoint-<step> instead."""
         if self.ctx.fsdp:
             if self._saved_step != self.step:
                 path = self.save_checkpoint()
                 self.metrics_log.say(f"FSDP: final weights saved in {path}")
             return
         if self.is_main:
-            self.model.save(self.config.output_dir)
+            from fastrlhf.export import export_trained_roles
+
+            output_dir = str(output_dir or self.config.output_dir)
+            self.model.save(output_dir)
+            export_trained_roles(self.model, self.trained_roles, self.tokenizer, output_dir)
         self.ctx.barrier()
 
     def summary(self, seconds: float) -> dict[str, Any]:

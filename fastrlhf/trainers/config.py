@@ -15,14 +15,19 @@ from dataclasses import dataclass, field
 from fastrlhf._checks import check_choice, check_int, check_number
 from fastrlhf._dispatch import BACKENDS
 from fastrlhf.options import option_help, unset_as_none
+from fastrlhf.trl_compat import ConfigMeta
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
 BF16_MODES = ("auto", "true", "false")
+REPORT_TO = ("tensorboard", "wandb")  # and "none", "all"
 
 
 @dataclass
-class TrainerConfig:
-    """Options shared by every trainer. Each field's `help` is what `python -m fastrlhf.train --help` shows."""
+class TrainerConfig(metaclass=ConfigMeta):
+    """Options shared by every trainer. Each field's `help` is what `python -m fastrlhf.train --help` shows.
+
+    TRL's names are accepted too (`per_device_train_batch_size=`, `num_train_epochs=`, ...): see
+    `fastrlhf.trl_compat`, the one table of them."""
 
     output_dir: str = field(default="fastrlhf-output", metadata=option_help(
         "directory for metrics.jsonl, TensorBoard logs, checkpoints and the trained adapters/heads"))
@@ -44,7 +49,8 @@ class TrainerConfig:
     save_total_limit: int | None = field(default=None, metadata=option_help(
         "keep only the newest N checkpoints; none = keep all (0, which older versions wrote, is read as none)"))
     save_final: bool = field(default=True, metadata=option_help("save the trained roles (adapters + heads) to output_dir at the end"))
-    bf16: str = field(default="auto", metadata=option_help("bf16 autocast: auto (on when CUDA supports it), true, false; never on CPU"))
+    bf16: str = field(default="auto", metadata=option_help(
+        "bf16 autocast: auto (on when CUDA supports it), true, false; never on CPU; --bf16 alone = true", flag="true"))
     backend: str = field(default="auto", metadata=option_help("loss/kernel backend: auto (Triton on CUDA), triton, torch"))
     progress: bool = field(default=True, metadata=option_help("show a tqdm progress bar with live metrics"))
     max_consecutive_nonfinite: int = field(default=5, metadata=option_help(
@@ -52,6 +58,9 @@ class TrainerConfig:
     resume: str | None = field(default=None, metadata=option_help(
         "resume from a checkpoint directory, or 'auto' for the latest in output_dir; none = start fresh"))
     fsdp: bool = field(default=False, metadata=option_help("shard the model with FSDP2 under torchrun (default: DDP-style gradient averaging)"))
+    report_to: str = field(default="tensorboard", metadata=option_help(
+        "where metrics go besides OUTPUT_DIR/metrics.jsonl: tensorboard (when installed), wandb (pip install wandb), "
+        "both comma-separated, all, or none"))
 
     def __post_init__(self) -> None:
         self.validate()
@@ -68,8 +77,14 @@ class TrainerConfig:
         check_int("batch_size", self.batch_size, 1)
         check_int("grad_accum_steps", self.grad_accum_steps, 1)
         check_int("eval_batch_size", self.eval_batch_size, 1)
+        if isinstance(self.epochs, float) and self.epochs.is_integer():  # TRL's num_train_epochs is a float
+            self.epochs = int(self.epochs)
         check_int("epochs", self.epochs, 1)
+        if self.max_steps == -1:  # TRL's (transformers') "not set"
+            self.max_steps = 0
         check_int("max_steps", self.max_steps, 0)
+        if self.lr_schedule == "constant_with_warmup":  # TRL's name; our "constant" warms up when warmup_ratio > 0
+            self.lr_schedule = "constant"
         check_choice("lr_schedule", self.lr_schedule, LR_SCHEDULES)
         check_number("warmup_ratio", self.warmup_ratio, low=0, high=1, high_open=True)
         check_number("weight_decay", self.weight_decay, low=0)
@@ -88,9 +103,14 @@ class TrainerConfig:
         check_choice("bf16", self.bf16, BF16_MODES)
         check_choice("backend", self.backend, BACKENDS)
         check_int("max_consecutive_nonfinite", self.max_consecutive_nonfinite, 0)
+        self.report_to = canonical_report_to(self.report_to)
         self.resume = unset_as_none(self.resume)
         if self.resume is not None and not isinstance(self.resume, (str, os.PathLike)):
             raise ValueError(f"resume must be a checkpoint path, 'auto' or None, got {self.resume!r}")
+
+    def reporters(self) -> tuple[str, ...]:
+        """The integrations `report_to` names ("tensorboard", "wandb"); () for none."""
+        return () if self.report_to == "none" else tuple(self.report_to.split(","))
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -107,3 +127,43 @@ class SupervisedConfig(TrainerConfig):
         super().validate()
         check_int("max_length", self.max_length, 2)
 
+
+@dataclass
+class PreferenceConfig(SupervisedConfig):
+    """Options of the trainers on {"prompt", "chosen", "rejected"} pairs (reward model, DPO)."""
+
+    max_prompt_length: int | None = field(default=None, metadata=option_help(
+        "prompts longer than this keep their last tokens; none = cut a prompt (to max_length / 2) only when "
+        "it would leave its pair no completion token within max_length"))
+
+    def validate(self) -> None:
+        super().validate()
+        self.max_prompt_length = unset_as_none(self.max_prompt_length)
+        if self.max_prompt_length is not None:
+            check_int("max_prompt_length", self.max_prompt_length, 1)
+            if self.max_prompt_length >= self.max_length:
+                raise ValueError(f"max_prompt_length must be < max_length={self.max_length} (room for the completion), "
+                                 f"got {self.max_prompt_length}")
+
+
+
+def canonical_report_to(value) -> str:
+    """TRL's report_to spellings (a list, "all", "none", None) -> "none" or a comma-separated subset of
+    REPORT_TO. "all" means the installed ones; naming wandb when it is not installed is an error (the
+    run would otherwise train without the logs it was asked for)."""
+    import importlib.util
+
+    if value is None or value == []:
+        return "none"
+    names = [v.strip().lower() for v in (value.split(",") if isinstance(value, str) else value)]
+    if names == ["none"]:
+        return "none"
+    if names == ["all"]:
+        installed = [n for n in REPORT_TO if n != "wandb" or importlib.util.find_spec("wandb") is not None]
+        return ",".join(installed)
+    bad = [n for n in names if n not in REPORT_TO]
+    if bad:
+        raise ValueError(f"report_to must be none, all, or a comma-separated subset of {REPORT_TO}, got {value!r}")
+    if "wandb" in names and importlib.util.find_spec("wandb") is None:
+        raise ValueError("report_to=wandb needs the wandb package: pip install wandb (or report_to=tensorboard / none)")
+    return ",".join(dict.fromkeys(names))

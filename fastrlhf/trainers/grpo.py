@@ -19,6 +19,11 @@ from fastrlhf.trainers._policy_gradient import (
 )
 
 
+# TRL's GRPO loss_type values, which choose the aggregation of the (PPO-clipped) policy term:
+# grpo = per-sequence mean then mean; bnpo / dapo = mean over all tokens; dr_grpo = token sum / max length
+TRL_LOSS_AGGS = {"grpo": "seq-mean-token-mean", "bnpo": "token-mean", "dapo": "token-mean",
+                 "dr_grpo": "seq-mean-token-sum-norm"}
+
 # Every estimator but GAE (GRPO trains no value model), with its aliases.
 OUTCOME_ESTIMATORS = tuple(name for name, canonical in ADVANTAGE_ESTIMATOR_ALIASES.items() if canonical != "gae")
 
@@ -32,7 +37,18 @@ class GRPOConfig(PolicyGradientConfig):
     advantage_estimator: str = field(default="grpo", metadata=option_help(
         f"advantages from the group's scores: {', '.join(OUTCOME_ESTIMATORS)}"))
 
+    def samples_per_prompt(self) -> int:
+        return self.group_size
+
     def validate(self) -> None:
+        # TRL's spellings of these two: loss_type names an aggregation there, scale_rewards a level
+        if self.loss_type in TRL_LOSS_AGGS:
+            self.loss_type, self.loss_agg = "ppo", TRL_LOSS_AGGS[self.loss_type]
+        if isinstance(self.scale_rewards, str):
+            if self.scale_rewards not in ("group", "none"):
+                raise ValueError(f"scale_rewards must be true/false (TRL: 'group' / 'none'; 'batch' is not offered), "
+                                 f"got {self.scale_rewards!r}")
+            self.scale_rewards = self.scale_rewards == "group"
         super().validate()
         check_int("group_size", self.group_size, 2)
         check_choice("advantage_estimator", self.advantage_estimator, OUTCOME_ESTIMATORS)

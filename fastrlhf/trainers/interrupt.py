@@ -21,8 +21,9 @@ class DeferredCtrlC:
     second one raises KeyboardInterrupt. Only the main thread can own signal handlers: elsewhere
     the block runs with the default handling."""
 
-    def __init__(self, say: Callable[[str], None]) -> None:
+    def __init__(self, say: Callable[[str], None], activity: Callable[[], str | None] | None = None) -> None:
         self.say = say
+        self.activity = activity  # what the step is doing now, for the message (e.g. "generating 12/64 tokens")
         self.requested = False
         self._installed = False
         self._previous = None
@@ -42,7 +43,10 @@ class DeferredCtrlC:
     def _request_stop(self, signum, frame) -> None:
         self.requested = True
         signal.signal(signal.SIGINT, self._previous)
-        self.say("Ctrl-C: finishing this step, then saving a checkpoint (Ctrl-C again to stop now)")
+        doing = self.activity() if self.activity is not None else None
+        now = f" (now: {doing})" if doing else ""
+        self.say(f"Ctrl-C: finishing this step{now}, then saving a checkpoint; Ctrl-C again to stop at once "
+                 "(the last completed step is saved)")
 
     def stop_agreed(self, ctx) -> bool:
         """True when any rank was asked to stop: every rank must stop at the same step, since

@@ -1,6 +1,8 @@
 """What a run reports while it trains: `OUTPUT_DIR/metrics.jsonl` (one JSON line per logged window
-of steps and per evaluation), the same scalars to TensorBoard when it is installed, a tqdm bar with
-live metrics, and log lines. Rank 0 writes; every rank averages.
+of steps and per evaluation), the same records to the `report_to` integrations (TensorBoard, wandb)
+and the user's callbacks (`fastrlhf.trainers.callbacks`), sample completions to
+`OUTPUT_DIR/completions.jsonl`, a tqdm bar with live metrics and what the step is doing right now
+(`set_activity`: "generating 12/64 tokens"), and log lines. Rank 0 writes; every rank averages.
 
 Step metrics stay tensors on the device and are summed into a window; `to_floats` is the one place
 where they reach the host (a mean over ranks, then `float`), once per logged window and per
@@ -11,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -20,16 +23,24 @@ logger = logging.getLogger("fastrlhf.trainers")
 
 
 class MetricsLog:
-    def __init__(self, ctx, output_dir: str, *, progress: bool, progress_keys: Sequence[str]) -> None:
+    def __init__(self, ctx, output_dir: str, *, progress: bool, progress_keys: Sequence[str],
+                 report_to: Sequence[str] = ("tensorboard",), callbacks: Sequence | None = None, config=None) -> None:
         self.ctx = ctx
         self.output_dir = Path(output_dir)
         self.progress = progress
         self.progress_keys = tuple(progress_keys)
+        self.report_to = tuple(report_to)
+        self.user_callbacks = list(callbacks or [])
+        self.config = config
         self._window: dict[str, torch.Tensor] = {}
         self._window_steps = 0
         self._file = None
-        self._tb = None
+        self._callbacks = None  # CallbackRunner over the reporters and the user's callbacks (rank 0, once open)
         self._bar = None
+        self._desc = ""
+        self._activity: str | None = None
+        self._activity_shown = 0.0
+        self._stop_requested = False
 
     def to_floats(self, metrics: dict[str, torch.Tensor], prefix: str = "") -> dict[str, float]:
         """Mean over ranks of each scalar, as Python floats keyed `prefix + name`: the host sync.
@@ -38,12 +49,45 @@ class MetricsLog:
         return {prefix + k: float(v) for k, v in reduced.items()}
 
     def say(self, message: str) -> None:
-        """A log line (and a line above the progress bar on rank 0)."""
+        """A log line (and a line above the progress bar on rank 0; on stderr without the bar)."""
         logger.info(message)
         if self.ctx.is_main and self.progress:
             from tqdm.auto import tqdm
 
-            tqdm.write(message)
+            tqdm.write(message, file=sys.stderr)
+        elif self.ctx.is_main:
+            print(message, file=sys.stderr, flush=True)
+
+    # ------------------------------------------------------------------ what the step is doing
+    def set_activity(self, text: str | None, *, force: bool = False) -> None:
+        """Show what the current step is doing next to the bar ("generating 12/64 tokens"); None clears
+        it. Redrawn at most 5 times a second unless `force`."""
+        self._activity = text
+        if self._bar is None or self._bar.disable:
+            return
+        now = time.monotonic()
+        if force or text is None or now - self._activity_shown >= 0.2:
+            self._activity_shown = now
+            self._bar.set_description(self._desc if text is None else f"{self._desc} [{text}]", refresh=True)
+
+    def activity(self) -> str | None:
+        """What the current step is doing (what a Ctrl-C interrupts), or None."""
+        return self._activity
+
+    @property
+    def stop_requested(self) -> bool:
+        """A callback set control.should_training_stop."""
+        return self._stop_requested
+
+    def log_samples(self, step: int, samples: list[dict]) -> None:
+        """Sample completions ([{"prompt", "completion", "reward", ...}]) to completions.jsonl and the
+        integrations (rank 0)."""
+        if not self.ctx.is_main or not samples:
+            return
+        with open(self.output_dir / "completions.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "samples": samples}) + "\n")
+        if self._callbacks is not None:
+            self._callbacks.log_samples(step, samples)
 
     # ------------------------------------------------------------------ files and bar
     def open(self, *, step: int, resumed: bool) -> None:
@@ -59,21 +103,38 @@ class MetricsLog:
         elif not resumed and path.exists():
             path.unlink()
         self._file = open(path, "a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        samples = self.output_dir / "completions.jsonl"
+        if not resumed and samples.exists():
+            samples.unlink()
+        from fastrlhf.trainers.callbacks import CallbackRunner, make_reporters
 
-            self._tb = SummaryWriter(log_dir=str(self.output_dir / "tensorboard"))
-        except Exception:  # tensorboard not installed: JSONL only
-            self._tb = None
+        config = self.config.to_dict() if self.config is not None else {}
+        reporters = make_reporters(self.report_to, str(self.output_dir), config)
+        self._callbacks = CallbackRunner([*reporters, *self.user_callbacks], self.config)
+        self._callbacks.state.global_step = self._steps_done = step
+        self._callbacks.call("on_train_begin")
 
     def start_bar(self, *, total: int, initial: int, desc: str) -> None:
         from tqdm.auto import tqdm
 
+        self._desc = desc
         self._bar = tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True,
                          disable=not (self.progress and self.ctx.is_main), file=sys.stderr)
+        if self._callbacks is not None:
+            self._callbacks.state.max_steps = total
 
     def step_done(self) -> None:
+        self.set_activity(None)
         self._bar.update(1)
+        if self._callbacks is not None:
+            self._callbacks.state.global_step = self._steps_done = self._steps_done + 1
+            self._callbacks.call("on_step_end")
+            if self._callbacks.control.should_training_stop and not self._stop_requested:
+                if self.ctx.distributed:  # every rank must stop at the same step; only rank 0 runs callbacks
+                    self.say("a callback asked to stop; ignored under torchrun (stop with Ctrl-C)")
+                else:
+                    self._stop_requested = True
+                    self.say(f"a callback asked to stop: stopping after step {self._callbacks.state.global_step}")
 
     def close_bar(self) -> None:
         if self._bar is not None:
@@ -85,9 +146,9 @@ class MetricsLog:
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        if self._callbacks is not None:
+            self._callbacks.call("on_train_end")
+            self._callbacks = None
 
     def write(self, record: dict[str, Any]) -> None:
         """One JSON line (rank 0); its numbers also go to TensorBoard at `record["step"]`."""
@@ -95,10 +156,12 @@ class MetricsLog:
             return
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
-        if self._tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)):
-                    self._tb.add_scalar(key, value, record["step"])
+        if self._callbacks is not None:
+            self._callbacks.state.global_step = record.get("step", self._callbacks.state.global_step)
+            self._callbacks.state.log_history.append(dict(record))
+            self._callbacks.call("on_log", logs=record)
+            if any(k.startswith("eval/") for k in record):
+                self._callbacks.call("on_evaluate", metrics={k: v for k, v in record.items() if k.startswith("eval/")})
 
     # ------------------------------------------------------------------ the window of step metrics
     def accumulate(self, metrics: dict[str, torch.Tensor]) -> None:
@@ -115,6 +178,8 @@ class MetricsLog:
         floats = self.to_floats({k: v / self._window_steps for k, v in self._window.items()})
         self._window, self._window_steps = {}, 0
         record = {"step": step, "epoch": round(epoch, 4), **floats, "elapsed_s": round(elapsed_s, 3)}
+        if self._callbacks is not None:
+            self._callbacks.state.epoch = epoch
         self.write(record)
         if self._bar is not None:
             self._bar.set_postfix({k: f"{floats[k]:.4g}" for k in self.progress_keys if k in floats}, refresh=False)

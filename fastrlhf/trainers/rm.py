@@ -13,11 +13,11 @@ import fastrlhf
 from fastrlhf._checks import check_number
 from fastrlhf.options import option_help
 from fastrlhf.trainers.base import Trainer
-from fastrlhf.trainers.config import SupervisedConfig
+from fastrlhf.trainers.config import PreferenceConfig
 
 
 @dataclass
-class RewardConfig(SupervisedConfig):
+class RewardConfig(PreferenceConfig):
     center_coef: float = field(default=0.0, metadata=option_help(
         "weight of mean((r_chosen + r_rejected)^2), keeps rewards centred at 0 (TRL center_rewards_coefficient)"))
     use_margin: bool = field(default=True, metadata=option_help("use the records' 'margin' column when present"))
@@ -61,8 +61,8 @@ def tokenize_preference_examples(trainer: Trainer, records: list[dict], extra_fi
     """
     from fastrlhf.data import tokenize_preferences
 
-    max_length = trainer.config.max_length
-    examples = tokenize_preferences(records, trainer.tokenizer, max_length=max_length)
+    lengths = {"max_length": trainer.config.max_length, "max_prompt_length": trainer.config.max_prompt_length}
+    examples = tokenize_preferences(records, trainer.tokenizer, **lengths)
     fields = [f for f in extra_fields if records and f in records[0]]
     if not fields:
         return examples
@@ -76,7 +76,7 @@ def tokenize_preference_examples(trainer: Trainer, records: list[dict], extra_fi
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # already warned once above
             for record in records:
-                aligned.append(tokenize_preferences([record], trainer.tokenizer, max_length=max_length))
+                aligned.append(tokenize_preferences([record], trainer.tokenizer, **lengths))
         pairs = [(ex[0], rec) for ex, rec in zip(aligned, records) if ex]
     else:
         pairs = list(zip(examples, records))

@@ -80,6 +80,9 @@ class HFGenerateEngine:
         self.temperature = float(temperature)
         self.top_k = int(top_k)
         self.top_p = float(top_p)
+        # on_progress(tokens generated so far, max_new_tokens): called after every decoding step
+        # (the trainer shows it on its progress bar; generation is most of an RL iteration's time)
+        self.on_progress = None
 
     def generation_kwargs(self) -> dict:
         """Every sampling option spelled out, so the model's own generation_config.json (e.g. top_k=50,
@@ -95,6 +98,11 @@ class HFGenerateEngine:
             kwargs.update(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
         return kwargs
 
+    def _with_progress(self, kwargs: dict, prompt_width: int) -> dict:
+        if self.on_progress is None:
+            return kwargs
+        return {**kwargs, "stopping_criteria": _progress_criteria(self.on_progress, prompt_width, self.max_new_tokens)}
+
     def _device(self) -> torch.device:
         for p in self.model.parameters():
             return p.device
@@ -108,7 +116,7 @@ class HFGenerateEngine:
         for start in range(0, len(prompt_ids), size):
             chunk = prompt_ids[start : start + size]
             input_ids, attention_mask = left_pad(chunk, self.pad_token_id, device=self._device())
-            sequences = self.model.generate(input_ids, attention_mask, **kwargs)
+            sequences = self.model.generate(input_ids, attention_mask, **self._with_progress(kwargs, input_ids.shape[1]))
             new_tokens = sequences[:, input_ids.shape[1] :].tolist()
             out.extend(cut_at_eos(row, self.eos_token_ids) for row in new_tokens)
         return out
@@ -130,7 +138,7 @@ class HFGenerateEngineWithLogprobs(HFGenerateEngine):
         for start in range(0, len(prompt_ids), size):
             chunk = prompt_ids[start : start + size]
             input_ids, attention_mask = left_pad(chunk, self.pad_token_id, device=self._device())
-            out = self.model.generate(input_ids, attention_mask, **kwargs)
+            out = self.model.generate(input_ids, attention_mask, **self._with_progress(kwargs, input_ids.shape[1]))
             new_tokens = out.sequences[:, input_ids.shape[1] :]
             scores = torch.stack(out.scores, dim=1).float()  # [B, new, V]
             token_logps = torch.log_softmax(scores, dim=-1).gather(-1, new_tokens[..., None]).squeeze(-1)
@@ -139,6 +147,19 @@ class HFGenerateEngineWithLogprobs(HFGenerateEngine):
                 completions.append(completion)
                 logprobs.append(row_logps[: len(completion)])
         return completions, logprobs
+
+
+def _progress_criteria(callback, prompt_width: int, max_new_tokens: int):
+    """A transformers StoppingCriteria that never stops generation and reports how many tokens are
+    done after each decoding step (the hook generate offers at that point)."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class ReportProgress(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            callback(input_ids.shape[1] - prompt_width, max_new_tokens)
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([ReportProgress()])
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_token_id: int, *, device=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -20,6 +20,9 @@ class SFTConfig(SupervisedConfig):
     loss_agg: str = field(default="token-mean", metadata=option_help(
         "token-mean: mean NLL over all completion tokens of the optimizer step; "
         "seq-mean-token-mean: mean over sequences of each sequence's mean token NLL"))
+    packing: bool = field(default=False, metadata=option_help(
+        "concatenate the tokenised examples and cut them into rows of max_length (no padding; attention "
+        "crosses example boundaries, TRL's packing_strategy='wrapped')"))
 
     def validate(self) -> None:
         super().validate()
@@ -27,16 +30,20 @@ class SFTConfig(SupervisedConfig):
 
 
 class SFTTrainer(Trainer):
-    """SFT on {"prompt", "completion"} or {"messages"} records; trains the "policy" role."""
+    """SFT on {"prompt", "completion"}, {"messages"} or {"text"} records; trains the "policy" role."""
 
     config_class = SFTConfig
     data_kind = "sft"
     trained_roles = ("policy",)
 
     def prepare(self, records):
-        from fastrlhf.data import tokenize_sft
+        from fastrlhf.data import pack_examples, tokenize_sft
 
-        return tokenize_sft(records, self.tokenizer, max_length=self.config.max_length)
+        if not self.config.packing:
+            return tokenize_sft(records, self.tokenizer, max_length=self.config.max_length)
+        # packed: each example whole (up to the length of a row), then cut into rows
+        return pack_examples(tokenize_sft(records, self.tokenizer, max_length=self.config.max_length),
+                             self.config.max_length)
 
     def collate(self, examples):
         from fastrlhf.data import collate_sft
