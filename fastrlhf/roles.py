@@ -530,3 +530,38 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """[B] index of the last real token of each row, for left or right padding."""
     t = attention_mask.shape[-1]
     return t - 1 - attention_mask.long().flip(-1).argmax(-1)
+
+
+# ---------------------------------------------------------------------------- saved reward roles
+
+
+def is_fastrlhf_reward_dir(path) -> bool:
+    path = str(path)
+    return os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isfile(os.path.join(path, "role-reward.safetensors"))
+
+
+def reward_dir_fits_base(path: str, base) -> tuple[bool, str]:
+    """(True, "") when the LoRA reward adapter in `path` was trained on `base` (same fingerprint),
+    else (False, the reason). Directories written before fingerprints were recorded are trusted."""
+    file = os.path.join(path, BASE_FILE)
+    if not os.path.isfile(file):
+        return True, ""
+    with open(file) as f:
+        saved = json.load(f)
+    if saved.get("fingerprint") is None:
+        return False, "it holds a fully fine-tuned reward trunk (--no-lora), not an adapter for this base"
+    here = base_fingerprint(base.named_parameters())
+    if saved["fingerprint"] == here:
+        return True, ""
+    name = getattr(base.config, "_name_or_path", "") or type(base).__name__
+    return False, (f"its reward adapter was trained on another base model ({saved.get('name_or_path') or 'unnamed'}, "
+                   f"fingerprint {saved['fingerprint']}) than this one ({name}, fingerprint {here}); a LoRA adapter "
+                   "only scores correctly on the weights it was trained on. Train the reward model on this model, "
+                   "or use its sequence-classifier export (written by fastrlhf >= this version) as a separate model")
+
+
+def load_reward_role(role_model, path: str) -> None:
+    from safetensors.torch import load_file
+
+    state = load_file(os.path.join(path, "role-reward.safetensors"), device=str(role_model.device))
+    role_model.load_role_state_dict("reward", state)

@@ -22,6 +22,12 @@ from fastrlhf.options import (
     PolicyOutputOptions,
     RewardOptions,
 )
+from fastrlhf.roles import (
+    is_fastrlhf_reward_dir,
+    load_reward_role,
+    reward_dir_fits_base,
+)
+from fastrlhf.trainers.build import needs_reference_copy
 
 DATA_KINDS = {"sft": "sft", "rm": "preference", "dpo": "preference", "ppo": "prompt", "grpo": "prompt"}
 DATA_FORMATS = {
@@ -114,15 +120,6 @@ def _run_stage(command: str, options: dict[type, Any], ctx) -> dict:
         print(format_summary(summary), flush=True)
     return summary
 
-def needs_reference_copy(command: str, config) -> bool:
-    """Whether a --no-lora stage keeps a frozen reference copy of the model during training: PPO
-    (KL to the reference every iteration) and GRPO with kl_coef > 0. SFT never reads one, and DPO
-    computes its reference log-probs before the first step from the still untrained policy (saved
-    with the checkpoints), so a copy would only hold a second set of weights (2 bytes per parameter
-    in bf16; 14 GiB at 7B)."""
-    return command == "ppo" or (command == "grpo" and getattr(config, "kl_coef", 0) > 0)
-
-
 def save_merged_policy(role_model, tokenizer, model_opts: ModelOptions, merged_dir: str, ctx) -> None:
     """Rank 0 saves the policy merged into the base as a plain HF model; call on EVERY rank.
 
@@ -202,7 +199,6 @@ def resolve_reward(reward_opts: RewardOptions, model_opts: ModelOptions, config=
     as the reward-role directory instead (it scores alone; its base is checked once the model is
     loaded: `reward_role_or_classifier`)."""
     from fastrlhf.rewards import RewardFunctions, is_hf_reward_model_dir
-    from fastrlhf.trainers.from_trl import is_fastrlhf_reward_dir
 
     specs = [s.strip() for s in (reward_opts.reward_fn or "").split(",") if s.strip()]
     model_dir = reward_opts.reward_model
@@ -239,7 +235,6 @@ def reward_role_or_classifier(path: str, base, config, train_records, *, verbose
     as the reward role when it was trained on this base; otherwise the sequence classifier saved
     beside it (a model of its own), or a CliError that says why the adapter cannot be used."""
     from fastrlhf.rewards import RewardFunctions, is_hf_reward_model_dir
-    from fastrlhf.trainers.from_trl import reward_dir_fits_base
 
     fits, reason = reward_dir_fits_base(path, base)
     if fits:
@@ -295,12 +290,6 @@ def check_reward_dir(path: str, model_opts: ModelOptions) -> None:
         if name in saved and saved[name] != getattr(model_opts, name):
             raise CliError(f"--reward-model {path} was trained with {option_name(name)} {saved[name]}, "
                            f"this run uses {getattr(model_opts, name)}: pass {option_name(name)} {saved[name]}")
-
-def load_reward_role(role_model, path: str) -> None:
-    from safetensors.torch import load_file
-
-    state = load_file(os.path.join(path, "role-reward.safetensors"), device=str(role_model.device))
-    role_model.load_role_state_dict("reward", state)
 
 def format_summary(summary: dict) -> str:
     metrics = {k: v for k, v in summary.get("metrics", {}).items() if isinstance(v, (int, float))}

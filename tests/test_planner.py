@@ -217,7 +217,7 @@ def test_full_fine_tuning_keeps_a_reference_copy_only_where_training_reads_it():
     """fastrlhf.train: --no-lora SFT and DPO (reference log-probs precomputed from the untrained
     policy) hold no reference copy; PPO and GRPO with a KL term do. The simulator follows it: the
     SFT peak without the copy is lower by the model's bf16 weights."""
-    from fastrlhf.stage import needs_reference_copy
+    from fastrlhf.trainers.build import needs_reference_copy
     from fastrlhf.trainers import DPOConfig, GRPOConfig, PPOConfig, SFTConfig
 
     assert not needs_reference_copy("sft", SFTConfig()) and not needs_reference_copy("dpo", DPOConfig())

@@ -77,7 +77,7 @@ def keeps_reference_copy(spec: StepSpec) -> bool:
     if spec.reference_copy is not None:
         return spec.reference_copy
     try:
-        from fastrlhf.stage import needs_reference_copy
+        from fastrlhf.trainers.build import needs_reference_copy
     except ImportError:  # an older tree: every stage with a policy kept one
         return True
     kl_coef = 0.04 if spec.kl_coef is None else spec.kl_coef

@@ -23,6 +23,8 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from fastrlhf.roles import is_fastrlhf_reward_dir, reward_dir_fits_base
+
 REFUSED = {
     "ref_model": "the reference is the base model with the adapters switched off (a frozen copy without LoRA); "
                  "pass ref_model=None",
@@ -110,7 +112,7 @@ def resolve(trainer_cls, model, tokenizer, config, train_records, eval_records, 
         if peft_config is not None:
             raise ValueError("peft_config is for a plain model; this RoleModel already has its LoRA settings")
         if reward_role_dir:
-            raise ValueError("with a RoleModel, load the reward role yourself (fastrlhf.stage.load_reward_role)")
+            raise ValueError("with a RoleModel, load the reward role yourself (fastrlhf.roles.load_reward_role)")
         if tokenizer is None:
             raise ValueError("processing_class (the tokenizer) is required with a RoleModel")
         return TrainerInputs(model, tokenizer, config, train_records, eval_records, reward_fn)
@@ -137,7 +139,7 @@ def resolve(trainer_cls, model, tokenizer, config, train_records, eval_records, 
     role_model = RoleModel(base, roles=roles, trainable_roles=trainable, with_reference=_needs_reference(trainer_cls, config),
                            **lora_settings(peft_config))
     if use_reward_role:
-        from fastrlhf.stage import load_reward_role
+        from fastrlhf.roles import load_reward_role
 
         load_reward_role(role_model, reward_role_dir)
     return TrainerInputs(role_model, tokenizer, config, train_records, eval_records, reward_fn)
@@ -165,41 +167,9 @@ def lora_settings(peft_config) -> dict:
             "lora_target_modules": targets}
 
 
-def is_fastrlhf_reward_dir(path) -> bool:
-    from fastrlhf.roles import CONFIG_FILE
-
-    path = str(path)
-    return os.path.isfile(os.path.join(path, CONFIG_FILE)) and os.path.isfile(os.path.join(path, "role-reward.safetensors"))
-
-
-def reward_dir_fits_base(path: str, base) -> tuple[bool, str]:
-    """(True, "") when the LoRA reward adapter in `path` was trained on `base` (same fingerprint),
-    else (False, the reason). Directories written before fingerprints were recorded are trusted."""
-    import json
-
-    from fastrlhf.models import base_fingerprint
-    from fastrlhf.roles import BASE_FILE
-
-    file = os.path.join(path, BASE_FILE)
-    if not os.path.isfile(file):
-        return True, ""
-    with open(file) as f:
-        saved = json.load(f)
-    if saved.get("fingerprint") is None:
-        return False, "it holds a fully fine-tuned reward trunk (--no-lora), not an adapter for this base"
-    here = base_fingerprint(base.named_parameters())
-    if saved["fingerprint"] == here:
-        return True, ""
-    name = getattr(base.config, "_name_or_path", "") or type(base).__name__
-    return False, (f"its reward adapter was trained on another base model ({saved.get('name_or_path') or 'unnamed'}, "
-                   f"fingerprint {saved['fingerprint']}) than this one ({name}, fingerprint {here}); a LoRA adapter "
-                   "only scores correctly on the weights it was trained on. Train the reward model on this model, "
-                   "or use its sequence-classifier export (written by fastrlhf >= this version) as a separate model")
-
-
 def _needs_reference(trainer_cls, config) -> bool:
-    from fastrlhf.stage import needs_reference_copy
     from fastrlhf.trainers import TRAINERS
+    from fastrlhf.trainers.build import needs_reference_copy
 
     command = next((c for c, (t, _) in TRAINERS.items() if t == trainer_cls.__name__), None)
     return True if command is None else needs_reference_copy(command, config)
