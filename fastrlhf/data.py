@@ -4,6 +4,8 @@
     preference  {"prompt": ..., "chosen": ..., "rejected": ...}  (strings or message lists; the prompt
                 may be left out when chosen/rejected are full conversations sharing their first turns)
     prompt      {"prompt": ...}  (other fields are kept, e.g. what a reward function needs)
+    unpaired    {"prompt": ..., "completion": ..., "label": true | false}  (KTO: one completion, desirable
+                or not; TRL's unpaired preference format)
 
 With a chat template, a string prompt is the user turn and a string completion the assistant turn.
 Without one, the text is prompt + completion + eos. `loss_mask` is 1 exactly on completion (assistant)
@@ -23,6 +25,7 @@ KINDS = {
     "sft": "'prompt' and 'completion', or 'messages'",
     "preference": "'prompt', 'chosen' and 'rejected'",
     "prompt": "'prompt'",
+    "unpaired": "'prompt', 'completion' and 'label' (true = desirable, false = undesirable)",
 }
 
 Messages = list  # [{"role": str, "content": str}, ...]
@@ -135,6 +138,8 @@ def validate_records(records: Sequence[dict], kind: str, source: str = "<records
                 isinstance(record.get("chosen"), list) and isinstance(record.get("rejected"), list)
             ):
                 required = ("prompt", "chosen", "rejected")
+        elif kind == "unpaired":
+            required = ("prompt", "completion", "label")
         else:
             required = ("prompt",)
         missing = [c for c in required if c not in record]
@@ -144,7 +149,11 @@ def validate_records(records: Sequence[dict], kind: str, source: str = "<records
                 f"{kind} data needs {KINDS[kind]}"
             )
         for column in ("prompt", *required):
-            if column in record:
+            if column == "label":
+                if not isinstance(record[column], bool):
+                    raise ValueError(f"{where}, column 'label' must be true (desirable) or false (undesirable), "
+                                     f"got {record[column]!r}")
+            elif column in record:
                 _check_text_or_messages(record[column], f"{where}, column {column!r}")
 
 
@@ -208,6 +217,46 @@ def tokenize_preferences(
         if pair["chosen"] is not None and pair["rejected"] is not None:
             examples.append({f"{name}_{key}": value for name, ex in pair.items() for key, value in ex.items()})
     counter.report(source, 2 * len(records))
+    return examples
+
+
+def tokenize_unpaired(
+    records: Sequence[dict], tokenizer, *, max_length: int, kl_group_size: int | None = None,
+    source: str = "<records>",
+) -> list[dict]:
+    """-> [{"input_ids", "loss_mask", "label"}] (lists of ints, a bool): one row per completion, for KTO.
+
+    kl_group_size: also build each example's KL row {"kl_input_ids", "kl_loss_mask"}: its prompt with
+    ANOTHER example's completion, from which KTO estimates its reference point. As TRL builds them
+    (`add_kl_completion_ids`): the examples are taken in consecutive groups of kl_group_size (a
+    trainer's batches), and within a group the completions are rotated by one, (x_1, y_1) ... (x_n,
+    y_n) -> (x_1, y_n), (x_2, y_1), ..., (x_n, y_{n-1}): the KL rows of a batch pair its own
+    completions with different prompts. A group of one (the last, when the count does not divide)
+    takes the completion of the example before it. Groups are formed after truncation has dropped
+    the examples left without a completion token; a KL row that truncation empties stays (its
+    log-probs are 0 under policy and reference alike).
+    """
+    validate_records(records, "unpaired", source)
+    counter = _Truncation(max_length)
+    kept: list[tuple[dict, dict]] = []
+    for record in records:
+        ids, mask = _encode(tokenizer, record["prompt"], record["completion"])
+        example = counter.cut({"input_ids": ids, "loss_mask": mask})
+        if example is not None:
+            kept.append((record, {**example, "label": record["label"]}))
+    counter.report(source, len(records))
+    if kl_group_size is None:
+        return [example for _, example in kept]
+    if len(kept) < 2:
+        raise ValueError(f"{source}: KTO's KL estimate pairs each prompt with another example's completion, "
+                         f"so it needs at least 2 examples, got {len(kept)}")
+    examples = []
+    for start in range(0, len(kept), kl_group_size):
+        group = kept[start : start + kl_group_size]
+        for k, (record, example) in enumerate(group):
+            other = group[k - 1][0] if len(group) > 1 else kept[start - 1][0]
+            ids, mask = _encode(tokenizer, record["prompt"], other["completion"])
+            examples.append({**example, "kl_input_ids": ids[:max_length], "kl_loss_mask": mask[:max_length]})
     return examples
 
 

@@ -23,11 +23,13 @@ from fastrlhf.options import (
     RewardOptions,
 )
 
-DATA_KINDS = {"sft": "sft", "rm": "preference", "dpo": "preference", "ppo": "prompt", "grpo": "prompt"}
+DATA_KINDS = {"sft": "sft", "rm": "preference", "dpo": "preference", "kto": "unpaired", "ppo": "prompt",
+              "grpo": "prompt"}
 DATA_FORMATS = {
     "sft": '{"prompt": ..., "completion": ...} or {"messages": [{"role": ..., "content": ...}, ...]}',
     "preference": '{"prompt": ..., "chosen": ..., "rejected": ...}',
     "prompt": '{"prompt": ...} (other fields reach --reward-fn)',
+    "unpaired": '{"prompt": ..., "completion": ..., "label": true | false} (true = desirable)',
 }
 
 
@@ -80,7 +82,8 @@ def _run_stage(command: str, options: dict[type, Any], ctx) -> dict:
 
     seed_everything(config.seed)
     roles, trainable = {"sft": (("policy",), None), "rm": (("reward",), None), "dpo": (("policy",), None),
-                        "ppo": (("policy", "value"), None), "grpo": (("policy",), None)}[command]
+                        "kto": (("policy",), None), "ppo": (("policy", "value"), None),
+                        "grpo": (("policy",), None)}[command]
     if reward_dir:
         roles, trainable = (*roles, "reward"), roles
     role_model = build_role_model(model, model_opts, roles, trainable_roles=trainable,
@@ -115,8 +118,8 @@ def _run_stage(command: str, options: dict[type, Any], ctx) -> dict:
 def needs_reference_copy(command: str, config) -> bool:
     """Whether a --no-lora stage keeps a frozen reference copy of the model during training: PPO
     (KL to the reference every iteration) and GRPO with kl_coef > 0. SFT never reads one, and DPO
-    computes its reference log-probs before the first step from the still untrained policy (saved
-    with the checkpoints), so a copy would only hold a second set of weights (2 bytes per parameter
+    and KTO compute their reference log-probs before the first step from the still untrained policy
+    (saved with the checkpoints), so a copy would only hold a second set of weights (2 bytes per parameter
     in bf16; 14 GiB at 7B)."""
     return command == "ppo" or (command == "grpo" and getattr(config, "kl_coef", 0) > 0)
 
