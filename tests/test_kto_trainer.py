@@ -284,3 +284,61 @@ def test_kto_from_the_command_line(tmp_path, capsys):
     assert run("kto", "--help") == 0
     out = capsys.readouterr().out
     assert '"label": true | false' in out and "python -m fastrlhf.train kto" in out
+
+
+# --------------------------------------------------------------------------- two processes
+
+HERE = Path(__file__).resolve()
+
+
+def test_two_processes_share_one_reference_point(tmp_path):
+    """2 gloo ranks, each its own batch group: z0 is the clamped mean over BOTH ranks' KL rows (the
+    same value on both ranks), not each rank's own. The policy starts nudged towards the data's texts,
+    so the KL rows' log-ratios are positive and the clamp does not hide a wrong mean."""
+    from test_distributed import child_output, run_torchrun
+
+    result = run_torchrun([str(HERE), str(tmp_path)], timeout=300)
+    assert result.returncode == 0, child_output(result)
+    ranks = [json.loads((tmp_path / f"kl-rank{r}.json").read_text()) for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 2  # one kto_kl call per step
+    for a, b in zip(*ranks):
+        assert a["n"] == b["n"] == 3 and a["sum"] != b["sum"]  # different KL rows on each rank
+        assert a["kl"] == b["kl"] > 0
+        assert a["kl"] == pytest.approx((a["sum"] + b["sum"]) / 6, rel=1e-5)
+
+
+def _scenario_two_ranks(out: str) -> None:
+    from fastrlhf.distributed import DistContext
+    from fastrlhf.trainers.kto import KTOConfig, KTOTrainer
+
+    ctx = DistContext.from_env()
+    tok = tiny_tokenizer()
+    model = make_model(tok)
+    config = KTOConfig(output_dir=out, learning_rate=1e-2, batch_size=3, max_steps=2, lr_schedule="constant",
+                       progress=False, backend="torch", save_final=False)
+    trainer = KTOTrainer(model, tok, config, UNPAIRED, ctx=ctx)
+    batch = trainer.collate(trainer.train_examples)  # every example on both ranks: the same nudge
+    optimizer = torch.optim.Adam(model.trainable_parameters("policy"), lr=1e-3)
+    for _ in range(3):
+        optimizer.zero_grad()
+        (-trainer.sequence_logps("policy", batch).sum()).backward()
+        optimizer.step()
+    optimizer.zero_grad()
+    calls, real = [], fastrlhf.kto_kl
+
+    def recording(policy_kl, ref_kl, **kwargs):
+        kl = real(policy_kl, ref_kl, **kwargs)
+        calls.append({"sum": (policy_kl - ref_kl).sum().item(), "n": policy_kl.shape[0], "kl": kl.item()})
+        return kl
+
+    fastrlhf.kto_kl = recording
+    trainer.train()
+    Path(out, f"kl-rank{ctx.rank}.json").write_text(json.dumps(calls))
+    del trainer, model, optimizer, batch
+    ctx.close()
+
+
+if __name__ == "__main__":
+    import sys
+
+    _scenario_two_ranks(sys.argv[1])
