@@ -221,43 +221,44 @@ def tokenize_preferences(
 
 
 def tokenize_unpaired(
-    records: Sequence[dict], tokenizer, *, max_length: int, kl_group_size: int | None = None,
-    source: str = "<records>",
+    records: Sequence[dict], tokenizer, *, max_length: int, source: str = "<records>"
 ) -> list[dict]:
-    """-> [{"input_ids", "loss_mask", "label"}] (lists of ints, a bool): one row per completion, for KTO.
-
-    kl_group_size: also build each example's KL row {"kl_input_ids", "kl_loss_mask"}: its prompt with
-    ANOTHER example's completion, from which KTO estimates its reference point. As TRL builds them
-    (`add_kl_completion_ids`): the examples are taken in consecutive groups of kl_group_size (a
-    trainer's batches), and within a group the completions are rotated by one, (x_1, y_1) ... (x_n,
-    y_n) -> (x_1, y_n), (x_2, y_1), ..., (x_n, y_{n-1}): the KL rows of a batch pair its own
-    completions with different prompts. A group of one (the last, when the count does not divide)
-    takes the completion of the example before it. Groups are formed after truncation has dropped
-    the examples left without a completion token; a KL row that truncation empties stays (its
-    log-probs are 0 under policy and reference alike).
-    """
+    """-> [{"input_ids", "loss_mask", "label", "prompt", "completion"}]: one row per completion (lists
+    of ints, a bool, and the record's prompt and completion for `add_kl_rows`), for KTO.
+    Longer sequences are cut at max_length (one warning); examples left with no completion token are dropped."""
     validate_records(records, "unpaired", source)
     counter = _Truncation(max_length)
-    kept: list[tuple[dict, dict]] = []
+    examples = []
     for record in records:
         ids, mask = _encode(tokenizer, record["prompt"], record["completion"])
         example = counter.cut({"input_ids": ids, "loss_mask": mask})
         if example is not None:
-            kept.append((record, {**example, "label": record["label"]}))
+            examples.append({**example, "label": record["label"], "prompt": record["prompt"],
+                             "completion": record["completion"]})
     counter.report(source, len(records))
-    if kl_group_size is None:
-        return [example for _, example in kept]
-    if len(kept) < 2:
-        raise ValueError(f"{source}: KTO's KL estimate pairs each prompt with another example's completion, "
-                         f"so it needs at least 2 examples, got {len(kept)}")
-    examples = []
-    for start in range(0, len(kept), kl_group_size):
-        group = kept[start : start + kl_group_size]
-        for k, (record, example) in enumerate(group):
-            other = group[k - 1][0] if len(group) > 1 else kept[start - 1][0]
-            ids, mask = _encode(tokenizer, record["prompt"], other["completion"])
-            examples.append({**example, "kl_input_ids": ids[:max_length], "kl_loss_mask": mask[:max_length]})
     return examples
+
+
+def add_kl_rows(examples: list[dict], tokenizer, *, group_size: int, max_length: int,
+                source: str = "<records>") -> None:
+    """Give each `tokenize_unpaired` example its KL row {"kl_input_ids", "kl_loss_mask"}: its prompt
+    with ANOTHER example's completion, from which KTO estimates its reference point. As TRL builds
+    them (`add_kl_completion_ids`): the examples are taken in consecutive groups of group_size (a
+    trainer's batches), and within a group the completions are rotated by one, (x_1, y_1) ... (x_n,
+    y_n) -> (x_1, y_n), (x_2, y_1), ..., (x_n, y_{n-1}): the KL rows of a batch pair its own
+    completions with different prompts. A group of one (the last, when the count does not divide)
+    takes the completion of the example before it. A KL row is cut at max_length like any row, and
+    kept even when that leaves no completion token (its log-probs are then 0 under policy and
+    reference alike)."""
+    if len(examples) < 2:
+        raise ValueError(f"{source}: KTO's KL estimate pairs each prompt with another example's completion, "
+                         f"so it needs at least 2 examples, got {len(examples)}")
+    for start in range(0, len(examples), group_size):
+        group = examples[start : start + group_size]
+        for k, example in enumerate(group):
+            other = group[k - 1] if len(group) > 1 else examples[start - 1]
+            ids, mask = _encode(tokenizer, example["prompt"], other["completion"])
+            example["kl_input_ids"], example["kl_loss_mask"] = ids[:max_length], mask[:max_length]
 
 
 def tokenize_prompts(

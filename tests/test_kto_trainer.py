@@ -86,11 +86,13 @@ def test_kl_rows_rotate_completions_within_each_batch_as_trl(tok, tmp_path):
     """TRL's add_kl_completion_ids: within each batch-sized group, (x_i, y_i) -> KL row (x_i, y_{i-1}),
     the first taking the last; a group of one takes the completion before it. The groups are the
     training batches, so every batch's KL completions are its own completions."""
-    from fastrlhf.data import _encode, tokenize_unpaired
+    from fastrlhf.data import _encode, add_kl_rows, tokenize_unpaired
     from fastrlhf.trainers.kto import KTOTrainer
 
     records = UNPAIRED[:7]
-    examples = tokenize_unpaired(records, tok, max_length=64, kl_group_size=3)
+    examples = tokenize_unpaired(records, tok, max_length=64)
+    assert all("kl_input_ids" not in e for e in examples)
+    add_kl_rows(examples, tok, group_size=3, max_length=64)
     expected_partner = [2, 0, 1, 5, 3, 4, 5]  # groups [0 1 2] [3 4 5] [6]
     for i, (example, partner) in enumerate(zip(examples, expected_partner)):
         ids, mask = _encode(tok, records[i]["prompt"], records[i]["completion"])
@@ -98,12 +100,15 @@ def test_kl_rows_rotate_completions_within_each_batch_as_trl(tok, tmp_path):
         assert example["label"] is records[i]["label"]
         kl_ids, kl_mask = _encode(tok, records[i]["prompt"], records[partner]["completion"])
         assert example["kl_input_ids"] == kl_ids and example["kl_loss_mask"] == kl_mask
-    assert all("kl_input_ids" not in e for e in tokenize_unpaired(records, tok, max_length=64))
     with pytest.raises(ValueError, match="at least 2 examples"):
-        tokenize_unpaired(records[:1], tok, max_length=64, kl_group_size=3)
+        add_kl_rows(tokenize_unpaired(records[:1], tok, max_length=64), tok, group_size=3, max_length=64)
 
-    trainer = KTOTrainer(make_model(tok), tok, kto_config(tmp_path, batch_size=3, max_steps=0, epochs=2), records)
+    trainer = KTOTrainer(make_model(tok), tok, kto_config(tmp_path, batch_size=3, max_steps=0, epochs=2,
+                                                           eval_batch_size=2), records, eval_records=records[:4])
     assert trainer.total_steps == 6  # 3 batches per epoch
+    # training groups of batch_size, evaluation groups of eval_batch_size
+    assert trainer.train_examples[0]["kl_input_ids"] == _encode(tok, records[0]["prompt"], records[2]["completion"])[0]
+    assert trainer.eval_examples[0]["kl_input_ids"] == _encode(tok, records[0]["prompt"], records[1]["completion"])[0]
     trainer.data.start()
     seen = []
     def completion(ids, mask):

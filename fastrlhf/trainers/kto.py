@@ -4,7 +4,7 @@ and a label, {"prompt", "completion", "label": true | false} (TRL's format).
 The reference point. KTO compares each completion's implied reward beta (log pi - log pi_ref) with
 z0 = max(0, KL(pi || pi_ref)), estimated, as TRL does, from mismatched pairs: every example also
 carries its prompt with another example's completion (its KL row), the completions of a batch
-rotated by one (`fastrlhf.data.tokenize_unpaired`). z0 is the mean log-ratio of the batch's KL rows
+rotated by one (`fastrlhf.data.add_kl_rows`). z0 is the mean log-ratio of the batch's KL rows
 (over all ranks), clamped at 0 and detached (`fastrlhf.kto_kl`); the KL rows go through the policy
 under no_grad.
 
@@ -92,7 +92,15 @@ class KTOTrainer(Trainer):
     progress_keys = ("loss", "kl", "rewards/margins")
 
     def __init__(self, *args, **kwargs) -> None:
+        from fastrlhf.data import add_kl_rows
+
         super().__init__(*args, **kwargs)
+        if self.uses_kl:  # KL rows rotate completions within the groups that become the batches
+            add_kl_rows(self.train_examples, self.tokenizer, group_size=self.config.batch_size,
+                        max_length=self.config.max_length, source="train_records")
+            if self.eval_examples:
+                add_kl_rows(self.eval_examples, self.tokenizer, group_size=self.config.eval_batch_size,
+                            max_length=self.config.max_length, source="eval_records")
         groups = _GroupStream(self.train_examples, self.config.batch_size, ctx=self.ctx, seed=self.config.seed,
                               epochs=None if self.config.max_steps > 0 else self.config.epochs)
         if groups.batches_per_epoch != self.data.batches_per_epoch:  # the step count and LR schedule rely on it
@@ -124,10 +132,7 @@ class KTOTrainer(Trainer):
     def prepare(self, records):
         from fastrlhf.data import tokenize_unpaired
 
-        # the KL rows rotate completions within groups of one batch: the training or the evaluation batch size
-        group = self.config.batch_size if records is self.train_records else self.config.eval_batch_size
-        return tokenize_unpaired(records, self.tokenizer, max_length=self.config.max_length,
-                                 kl_group_size=group if self.uses_kl else None)
+        return tokenize_unpaired(records, self.tokenizer, max_length=self.config.max_length)
 
     def collate(self, examples):
         """input_ids / attention_mask / loss_mask [B (+ B KL rows), T]: the matched rows first, then
@@ -140,6 +145,9 @@ class KTOTrainer(Trainer):
             rows += [{"input_ids": e["kl_input_ids"], "loss_mask": e["kl_loss_mask"]} for e in examples]
         batch = collate_sft(rows, self.pad_token_id)
         batch["label"] = torch.tensor([e["label"] for e in examples], dtype=torch.bool)
+        # the longest matched / KL row: each part's policy forward reads only its own columns (right padding)
+        batch["widths"] = (max(len(e["input_ids"]) for e in examples),
+                           max(len(e["kl_input_ids"]) for e in examples) if self.uses_kl else 0)
         if "ref_logps" in examples[0]:
             batch["ref_logps"] = torch.tensor([e["ref_logps"] for e in examples], dtype=torch.float32)
             if self.uses_kl:
@@ -149,10 +157,17 @@ class KTOTrainer(Trainer):
     def batch_weight(self, batch) -> torch.Tensor:
         return torch.tensor(float(batch["label"].shape[0]), device=self.device)
 
-    def sequence_logps(self, role: str, batch, rows: slice = slice(None)) -> torch.Tensor:
-        """Summed completion log-probs of `rows` of the batch under `role`."""
-        logps = self.model.token_logprobs(role, batch["input_ids"][rows], batch["attention_mask"][rows])
-        return fastrlhf.sequence_logps(logps, batch["loss_mask"][rows, 1:])
+    def sequence_logps(self, role: str, batch, part: str | None = None) -> torch.Tensor:
+        """Summed completion log-probs under `role` of the batch's "matched" rows, its "kl" rows, or
+        (None) all of its rows."""
+        ids, mask, loss_mask = batch["input_ids"], batch["attention_mask"], batch["loss_mask"]
+        if part is not None:
+            B = batch["label"].shape[0]
+            rows = slice(0, B) if part == "matched" else slice(B, None)
+            width = batch["widths"][0 if part == "matched" else 1]
+            ids, mask, loss_mask = ids[rows, :width], mask[rows, :width], loss_mask[rows, :width]
+        logps = self.model.token_logprobs(role, ids, mask)
+        return fastrlhf.sequence_logps(logps, loss_mask[:, 1:])
 
     def reference_logps(self, batch, role: str = "reference") -> tuple[torch.Tensor, torch.Tensor | None]:
         """(ref_logps [B], ref_kl_logps [B] or None): precomputed, or one no_grad forward of every row."""
@@ -164,13 +179,12 @@ class KTOTrainer(Trainer):
         return ref[:B], (ref[B:] if self.uses_kl else None)
 
     def compute_loss(self, batch):
-        B = batch["label"].shape[0]
-        policy = self.sequence_logps("policy", batch, slice(0, B))
+        policy = self.sequence_logps("policy", batch, "matched")
         ref, ref_kl = self.reference_logps(batch)
         kl = None
         if self.uses_kl:
             with torch.no_grad():  # z0 is a constant: the KL rows need no graph
-                policy_kl = self.sequence_logps("policy", batch, slice(B, None))
+                policy_kl = self.sequence_logps("policy", batch, "kl")
             kl = fastrlhf.kto_kl(policy_kl, ref_kl, all_reduce=self.ctx.all_reduce_sum if self.ctx.distributed else None)
         cfg = self.config
         return fastrlhf.kto_loss(policy, ref, batch["label"], kl=kl, beta=cfg.beta,
