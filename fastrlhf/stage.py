@@ -118,8 +118,8 @@ def _run_stage(command: str, options: dict[type, Any], ctx) -> dict:
 def needs_reference_copy(command: str, config) -> bool:
     """Whether a --no-lora stage keeps a frozen reference copy of the model during training: PPO
     (KL to the reference every iteration) and GRPO with kl_coef > 0. SFT never reads one, and DPO
-    and KTO compute their reference log-probs before the first step from the still untrained policy
-    (saved with the checkpoints), so a copy would only hold a second set of weights (2 bytes per parameter
+    computes its reference log-probs before the first step from the still untrained policy (saved
+    with the checkpoints), so a copy would only hold a second set of weights (2 bytes per parameter
     in bf16; 14 GiB at 7B)."""
     return command == "ppo" or (command == "grpo" and getattr(config, "kl_coef", 0) > 0)
 

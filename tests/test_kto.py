@@ -183,7 +183,8 @@ def test_kto_extreme_values_are_finite_and_tails_keep_precision(device):
     # one desirable row with beta (r - z0) = 30: loss s(-30) = 9.4e-14, which 1 - s(30) rounds to 0 in fp32
     loss, _ = kto_loss(torch.tensor([30.0], device=device), torch.zeros(1, device=device),
                        torch.tensor([True], device=device), kl=0.0, beta=1.0, backend="triton")
-    torch.testing.assert_close(loss.double().cpu(), torch.tensor(sigmoid(-30.0), dtype=torch.float64), rtol=1e-5, atol=0)
+    torch.testing.assert_close(loss.double().cpu(), torch.tensor(sigmoid(-30.0), dtype=torch.float64),
+                               rtol=1e-5, atol=0)
 
 
 def test_kto_bf16(device):
@@ -364,6 +365,7 @@ def test_kto_contract():
 
     assert contracts.KTO_LOSS_TYPES == LOSS_TYPES
     assert set(contracts.KTO_STATS) == KTO_METRICS
-    slots = [kernels._KTO_REWARDS_CHOSEN, kernels._KTO_REWARDS_REJECTED, kernels._KTO_MARGINS, kernels._KTO_LOGPS_CHOSEN,
-             kernels._KTO_LOGPS_REJECTED, kernels._KTO_KL, kernels._KTO_COUNT_CHOSEN, kernels._KTO_COUNT_REJECTED]
+    slots = [kernels._KTO_REWARDS_CHOSEN, kernels._KTO_REWARDS_REJECTED, kernels._KTO_MARGINS,
+             kernels._KTO_LOGPS_CHOSEN, kernels._KTO_LOGPS_REJECTED, kernels._KTO_KL, kernels._KTO_COUNT_CHOSEN,
+             kernels._KTO_COUNT_REJECTED]
     assert sorted(int(getattr(i, "value", i)) for i in slots) == list(range(len(contracts.KTO_STATS)))

@@ -185,7 +185,8 @@ class KTOTrainer(Trainer):
         if self.uses_kl:
             with torch.no_grad():  # z0 is a constant: the KL rows need no graph
                 policy_kl = self.sequence_logps("policy", batch, "kl")
-            kl = fastrlhf.kto_kl(policy_kl, ref_kl, all_reduce=self.ctx.all_reduce_sum if self.ctx.distributed else None)
+            all_reduce = self.ctx.all_reduce_sum if self.ctx.distributed else None  # z0 over every rank's KL rows
+            kl = fastrlhf.kto_kl(policy_kl, ref_kl, all_reduce=all_reduce)
         cfg = self.config
         return fastrlhf.kto_loss(policy, ref, batch["label"], kl=kl, beta=cfg.beta,
                                  desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight,
