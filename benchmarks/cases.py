@@ -517,6 +517,36 @@ def dpo_case(B, dtype, device, loss_type="sigmoid") -> Case:
     return Case(f"dpo_loss({loss_type})", {"B": B}, dtype, make, providers, work, compare=max_abs_diff)
 
 
+def kto_case(B, dtype, device) -> Case:
+    """KTO on B unpaired rows, 60% desirable; the reference point from B KL rows (part of every
+    provider's work: fastrlhf's `kto_kl` + `kto_loss`, TRL's clamp(mean) inside its loss)."""
+    def make(dev):
+        g = torch.Generator(device="cpu").manual_seed(0)
+        dt = DTYPES[dtype]
+        x = {n: (-torch.rand(B, generator=g) * 200).to(dev, dt)
+             for n in ("policy_logps", "ref_logps", "kl_logps", "ref_kl_logps")}
+        x["policy_logps"].requires_grad_()
+        x["labels"] = (torch.rand(B, generator=g) < 0.6).to(dev)
+        return x
+
+    def call(fn, x, backend):
+        kl = (_losses("kto_kl") if backend else _reference("kto_kl"))(x["kl_logps"], x["ref_kl_logps"])
+        return with_backend(fn, backend, x["policy_logps"], x["ref_logps"], x["labels"], kl=kl, beta=0.1,
+                            desirable_weight=1.33)
+
+    providers = standard_providers("kto_loss", call, device) + [
+        Provider("trl", lambda x: peers.trl_kto_loss(x["policy_logps"], x["ref_logps"], x["labels"], x["kl_logps"],
+                                                     x["ref_kl_logps"], beta=0.1, desirable_weight=1.33),
+                 backend="eager")]
+
+    def work(mode):
+        # forward: 4 log-probs + the labels read, the row gradient written; backward: gradient read and written
+        return {"forward": (5 * elt(dtype) + 1) * B, "backward": (4 + elt(dtype)) * B,
+                "full": (6 * elt(dtype) + 5) * B}[mode], "GB/s"
+
+    return Case("kto_loss", {"B": B}, dtype, make, providers, work, compare=max_abs_diff)
+
+
 def reward_loss_case(B, dtype, device) -> Case:
     def make(dev):
         g = torch.Generator(device="cpu").manual_seed(0)
@@ -902,7 +932,7 @@ def grpo_from_logits_case(B, L, V, dtype, device) -> Case:
 
 KERNELS = ("policy_loss_from_hidden", "token_logprobs", "token_logprobs+entropy", "logprobs_from_logits",
            "logprobs_from_logits+entropy", "kl_penalty", "ppo_loss", "value_loss", "gae", "whiten",
-           "group_advantages", "dpo_loss", "reward_loss", "dpo_from_hidden", "dpo_loss_from_hidden",
+           "group_advantages", "dpo_loss", "kto_loss", "reward_loss", "dpo_from_hidden", "dpo_loss_from_hidden",
            "sft_loss_from_hidden", "grpo_from_logits", "ceilings")
 
 # The rows issue 14's targets are about, in the order a short GPU run measures them: the device's
@@ -1049,6 +1079,9 @@ def sweep(kernel: str, device: str, quick: bool) -> list[Case]:
     elif kernel == "dpo_loss":
         Bs = ((1024,) if quick else (64, 4096, 262144)) if gpu else ((256,) if quick else (256, 8192))
         C = [dpo_case(b, "fp32", device) for b in Bs]
+    elif kernel == "kto_loss":
+        Bs = ((1024,) if quick else (64, 4096, 262144)) if gpu else ((256,) if quick else (256, 8192))
+        C = [kto_case(b, "fp32", device) for b in Bs]
     elif kernel == "reward_loss":
         Bs = ((1024,) if quick else (64, 4096, 262144)) if gpu else ((256,) if quick else (256, 8192))
         C = [reward_loss_case(b, "fp32", device) for b in Bs]

@@ -192,6 +192,12 @@ def _cases(device: str) -> dict[str, Callable[[], tuple[Callable, Callable | Non
         c, r, rc, rr = pairs(True), pairs(True), pairs(), pairs()
         return (lambda: fastrlhf.dpo_loss(c, r, rc, rr, beta=0.1, backend="triton")), backward_of
 
+    def kto():
+        logps, ref = pairs(True), pairs()
+        labels = torch.rand(P, generator=g, device=device) < 0.6
+        kl = torch.tensor(0.1, device=device)
+        return (lambda: fastrlhf.kto_loss(logps, ref, labels, kl=kl, beta=0.1, backend="triton")), backward_of
+
     def reward():
         c, r = pairs(True), pairs(True)
         return (lambda: fastrlhf.reward_loss(c, r, margin=0.5, center_coef=0.01, backend="triton")), backward_of
@@ -205,6 +211,7 @@ def _cases(device: str) -> dict[str, Callable[[], tuple[Callable, Callable | Non
         "whiten": whiten,
         "group_advantages": group,
         "dpo_loss(sigmoid)": dpo,
+        "kto_loss": kto,
         "reward_loss": reward,
     }
 

@@ -340,6 +340,23 @@ def trl_reward_loss(rewards_chosen, rewards_rejected, margin=None, center_reward
     return loss, {"accuracy": (rewards_chosen > rewards_rejected).float().mean().detach()}
 
 
+def trl_kto_loss(policy_logps, ref_logps, labels, policy_KL_logps, reference_KL_logps, *, beta=0.1,
+                 desirable_weight=1.0, undesirable_weight=1.0):
+    """TRL KTOTrainer (trl/trainer/kto_trainer.py, _compute_loss, loss_type="kto", one process):
+    rows split by label with index_select, z0 = clamp(mean KL log-ratio, min=0), nanmean of the
+    concatenated weighted losses."""
+    chosen_idx = torch.nonzero(labels, as_tuple=False).view(-1)
+    rejected_idx = torch.nonzero(~labels, as_tuple=False).view(-1)
+    kl = (policy_KL_logps - reference_KL_logps).mean().detach().clamp(min=0)
+    chosen_logratios = policy_logps.index_select(0, chosen_idx) - ref_logps.index_select(0, chosen_idx)
+    rejected_logratios = policy_logps.index_select(0, rejected_idx) - ref_logps.index_select(0, rejected_idx)
+    chosen_losses = 1 - F.sigmoid(beta * (chosen_logratios - kl))
+    rejected_losses = 1 - F.sigmoid(beta * (kl - rejected_logratios))
+    losses = torch.cat((desirable_weight * chosen_losses, undesirable_weight * rejected_losses), 0)
+    return losses.nanmean(), {"kl": kl, "rewards/chosen": (beta * chosen_logratios.detach()).mean(),
+                              "rewards/rejected": (beta * rejected_logratios.detach()).mean()}
+
+
 def liger_fused_linear_dpo(weight, hidden, targets, ref_hidden, ref_weight, *, beta=0.1, compiled=True):
     """Liger's chunked fused-linear DPO (liger_kernel.chunked_loss.LigerFusedLinearDPOLoss): hidden
     [2B, T, H] (chosen rows first), targets [2B, T] with -100 on prompt/padding, reference hidden too."""

@@ -31,6 +31,8 @@ _EXPORTS = {
     "policy_loss_from_logits": "fastrlhf.losses.fused_head",
     # preference losses
     "dpo_loss": "fastrlhf.losses.preference",
+    "kto_loss": "fastrlhf.losses.preference",
+    "kto_kl": "fastrlhf.losses.preference",
     "reward_loss": "fastrlhf.losses.preference",
     "sequence_logps": "fastrlhf.losses.preference",
     # models and the roles on one base

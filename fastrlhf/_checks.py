@@ -29,6 +29,7 @@ from fastrlhf.contracts import (
     IGNORE_INDEX,
     IS_CORRECTION_ALIASES,
     KL_ESTIMATOR_ALIASES,
+    KTO_LOSS_TYPES,
     LABEL_SMOOTHING_LOSS_TYPES,
     LOSS_AGGS,
     POLICY_LOSS_TYPES,
@@ -527,6 +528,49 @@ def check_reward_args(chosen_rewards, rejected_rewards, margin, center_coef: flo
     check_same_device(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards)
     if not center_coef >= 0:
         raise ValueError(f"center_coef must be >= 0, got {center_coef!r}")
+
+
+def check_kto_args(policy_logps, ref_logps, labels, kl, beta: float, desirable_weight: float,
+                   undesirable_weight: float, loss_type: str) -> None:
+    """`kto_loss`: [B] float log-probs, bool labels, the reference point kl (a number or a
+    one-element float tensor on the inputs' device) for "kto", none for "apo_zero_unpaired"."""
+    check_choice("loss_type", loss_type, KTO_LOSS_TYPES)
+    check_floating("policy_logps", policy_logps)
+    check_ndim("policy_logps", policy_logps, 1, "[B]")
+    check_floating("ref_logps", ref_logps)
+    check_same_shape("policy_logps", policy_logps, ref_logps=ref_logps)
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(f"labels must be a bool torch.Tensor [B] (True = desirable), got {type(labels).__name__}")
+    if labels.dtype != torch.bool:
+        raise ValueError(f"labels must be a bool tensor [B] (True = desirable), got dtype {labels.dtype}")
+    check_same_shape("policy_logps", policy_logps, labels=labels)
+    check_same_device(policy_logps=policy_logps, ref_logps=ref_logps, labels=labels)
+    if loss_type == "apo_zero_unpaired":
+        if kl is not None:
+            raise ValueError("kl must be None for loss_type='apo_zero_unpaired' (its reference point is 0), "
+                             f"got {kl!r}")
+    elif kl is None:
+        raise ValueError("kl is required for loss_type='kto': the reference point z0, a float or a one-element "
+                         "tensor (e.g. fastrlhf.kto_kl(policy_kl_logps, ref_kl_logps))")
+    elif isinstance(kl, torch.Tensor):
+        if kl.numel() != 1 or not kl.is_floating_point():
+            raise ValueError(f"kl must be a number or a one-element float tensor, got a tensor of shape "
+                             f"{tuple(kl.shape)} and dtype {kl.dtype}")
+        if kl.device != policy_logps.device:
+            raise ValueError(f"kl must be on the inputs' device {policy_logps.device}, got {kl.device}")
+    elif isinstance(kl, bool) or not isinstance(kl, numbers.Real):
+        raise ValueError(f"kl must be a number or a one-element float tensor, got {type(kl).__name__}")
+    check_number("beta", beta, low=0, low_open=True)
+    check_number("desirable_weight", desirable_weight, low=0)
+    check_number("undesirable_weight", undesirable_weight, low=0)
+
+
+def check_kto_kl_args(policy_kl_logps, ref_kl_logps) -> None:
+    check_floating("policy_kl_logps", policy_kl_logps)
+    check_ndim("policy_kl_logps", policy_kl_logps, 1, "[B]")
+    check_floating("ref_kl_logps", ref_kl_logps)
+    check_same_shape("policy_kl_logps", policy_kl_logps, ref_kl_logps=ref_kl_logps)
+    check_same_device(policy_kl_logps=policy_kl_logps, ref_kl_logps=ref_kl_logps)
 
 
 def check_sequence_logps_args(logps, mask) -> None:

@@ -62,6 +62,11 @@ LABEL_SMOOTHING_LOSS_TYPES = ("sigmoid", "robust", "simpo")
 # ORPO as in their papers. The DPO trainer and `dpo_loss_from_hidden` average for these.
 LENGTH_AVERAGED_LOSS_TYPES = ("ipo", "simpo", "orpo")
 
+# KTO losses on unpaired data (Ethayarajh et al. 2024); TRL's KTOConfig.loss_type names. The kernel
+# has no branch per type: "apo_zero_unpaired" (D'Oosterlinck et al. 2024, unpaired eq. 7) is the
+# KTO loss with the reference point z0 = 0, so it needs no KL rows.
+KTO_LOSS_TYPES = ("kto", "apo_zero_unpaired")
+
 # ORPO's odds p / (1 - p) need p < 1: log-probs are clamped to at most this value (TRL clamps
 # exp(logp) at 1 - 1e-7 for the same reason); no gradient flows through the clamp above it.
 ORPO_MAX_LOGP = -1e-6
@@ -100,5 +105,17 @@ DPO_STATS = (
     "nll_loss", "log_odds_ratio", "log_odds_chosen",  # ORPO only (zero otherwise)
 )
 ORPO_STATS = ("nll_loss", "log_odds_ratio", "log_odds_chosen")
+# `kto_loss`: published under these names (TRL's KTOTrainer). rewards/ and logps/ are means over the
+# desirable ("chosen") or undesirable ("rejected") rows only (0 when the batch has none), margins
+# the difference of the two means, kl the reference point z0 the loss used, count/ the row counts.
+KTO_STATS = (
+    "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected",
+    "kl", "count/chosen", "count/rejected",
+)
+# `kto_loss`'s per-block partial sums when B spans several blocks (added up, then divided by a
+# single-program finalize): the weighted loss / B, the row counts, and the sums of the metrics.
+KTO_PARTIALS = (
+    "loss", "count/chosen", "count/rejected", "rewards/chosen", "rewards/rejected", "logps/chosen", "logps/rejected",
+)
 # `reward_loss`: means over the batch.
 REWARD_STATS = ("accuracy", "margin", "rewards/chosen", "rewards/rejected")

@@ -5,6 +5,8 @@
     preference  {"prompt": ..., "chosen": ..., "rejected": ...}  (strings or message lists; the prompt
                 may be left out when chosen/rejected are full conversations sharing their first turns)
     prompt      {"prompt": ...}  (other fields are kept, e.g. what a reward function needs)
+    unpaired    {"prompt": ..., "completion": ..., "label": true | false}  (KTO: one completion, desirable
+                or not; TRL's unpaired preference format)
 
 With a chat template, a string prompt is the user turn and a string completion the assistant turn.
 Without one, the text is prompt + completion + eos. `loss_mask` is 1 exactly on completion (assistant)
@@ -24,6 +26,7 @@ KINDS = {
     "sft": "'prompt' and 'completion', or 'messages', or 'text'",
     "preference": "'prompt', 'chosen' and 'rejected'",
     "prompt": "'prompt'",
+    "unpaired": "'prompt', 'completion' and 'label' (true = desirable, false = undesirable)",
 }
 
 Messages = list  # [{"role": str, "content": str}, ...]
@@ -140,6 +143,8 @@ def validate_records(records: Sequence[dict], kind: str, source: str = "<records
                 isinstance(record.get("chosen"), list) and isinstance(record.get("rejected"), list)
             ):
                 required = ("prompt", "chosen", "rejected")
+        elif kind == "unpaired":
+            required = ("prompt", "completion", "label")
         else:
             required = ("prompt",)
         missing = [c for c in required if c not in record]
@@ -149,7 +154,11 @@ def validate_records(records: Sequence[dict], kind: str, source: str = "<records
                 f"{kind} data needs {KINDS[kind]}"
             )
         for column in ("prompt", *required):
-            if column in record:
+            if column == "label":
+                if not isinstance(record[column], bool):
+                    raise ValueError(f"{where}, column 'label' must be true (desirable) or false (undesirable), "
+                                     f"got {record[column]!r}")
+            elif column in record:
                 _check_text_or_messages(record[column], f"{where}, column {column!r}")
 
 
@@ -263,6 +272,47 @@ def _text_ids(tokenizer, text: str) -> list[int]:
     if eos is not None and (not ids or ids[-1] != eos):
         ids = ids + [eos]
     return ids
+
+
+def tokenize_unpaired(
+    records: Sequence[dict], tokenizer, *, max_length: int, source: str = "<records>"
+) -> list[dict]:
+    """-> [{"input_ids", "loss_mask", "label", "prompt", "completion"}]: one row per completion (lists
+    of ints, a bool, and the record's prompt and completion for `add_kl_rows`), for KTO.
+    Longer sequences are cut at max_length (one warning); examples left with no completion token are dropped."""
+    validate_records(records, "unpaired", source)
+    counter = _Truncation(max_length)
+    examples = []
+    for record in records:
+        ids, mask = _encode(tokenizer, record["prompt"], record["completion"])
+        example = counter.cut({"input_ids": ids, "loss_mask": mask})
+        if example is not None:
+            examples.append({**example, "label": record["label"], "prompt": record["prompt"],
+                             "completion": record["completion"]})
+    counter.report(source, len(records))
+    return examples
+
+
+def add_kl_rows(examples: list[dict], tokenizer, *, group_size: int, max_length: int,
+                source: str = "<records>") -> None:
+    """Give each `tokenize_unpaired` example its KL row {"kl_input_ids", "kl_loss_mask"}: its prompt
+    with ANOTHER example's completion, from which KTO estimates its reference point. As TRL builds
+    them (`add_kl_completion_ids`): the examples are taken in consecutive groups of group_size (a
+    trainer's batches), and within a group the completions are rotated by one, (x_1, y_1) ... (x_n,
+    y_n) -> (x_1, y_n), (x_2, y_1), ..., (x_n, y_{n-1}): the KL rows of a batch pair its own
+    completions with different prompts. A group of one (the last, when the count does not divide)
+    takes the completion of the example before it. A KL row is cut at max_length like any row, and
+    kept even when that leaves no completion token (its log-probs are then 0 under policy and
+    reference alike)."""
+    if len(examples) < 2:
+        raise ValueError(f"{source}: KTO's KL estimate pairs each prompt with another example's completion, "
+                         f"so it needs at least 2 examples, got {len(examples)}")
+    for start in range(0, len(examples), group_size):
+        group = examples[start : start + group_size]
+        for k, example in enumerate(group):
+            other = group[k - 1] if len(group) > 1 else examples[start - 1]
+            ids, mask = _encode(tokenizer, example["prompt"], other["completion"])
+            example["kl_input_ids"], example["kl_loss_mask"] = ids[:max_length], mask[:max_length]
 
 
 def tokenize_prompts(

@@ -29,11 +29,13 @@ from fastrlhf.roles import (
 )
 from fastrlhf.trainers.build import needs_reference_copy
 
-DATA_KINDS = {"sft": "sft", "rm": "preference", "dpo": "preference", "ppo": "prompt", "grpo": "prompt"}
+DATA_KINDS = {"sft": "sft", "rm": "preference", "dpo": "preference", "kto": "unpaired", "ppo": "prompt",
+              "grpo": "prompt"}
 DATA_FORMATS = {
     "sft": '{"prompt": ..., "completion": ...} or {"messages": [{"role": ..., "content": ...}, ...]} or {"text": ...}',
     "preference": '{"prompt": ..., "chosen": ..., "rejected": ...}',
     "prompt": '{"prompt": ...} (other fields reach --reward-fn)',
+    "unpaired": '{"prompt": ..., "completion": ..., "label": true | false} (true = desirable)',
 }
 
 
@@ -88,7 +90,8 @@ def _run_stage(command: str, options: dict[type, Any], ctx) -> dict:
 
     seed_everything(config.seed)
     roles, trainable = {"sft": (("policy",), None), "rm": (("reward",), None), "dpo": (("policy",), None),
-                        "ppo": (("policy", "value"), None), "grpo": (("policy",), None)}[command]
+                        "kto": (("policy",), None), "ppo": (("policy", "value"), None),
+                        "grpo": (("policy",), None)}[command]
     if reward_dir:
         roles, trainable = (*roles, "reward"), roles
     role_model = build_role_model(model, model_opts, roles, trainable_roles=trainable,

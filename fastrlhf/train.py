@@ -1,4 +1,4 @@
-"""`python -m fastrlhf.train {sft,rm,dpo,ppo,grpo,pipeline} [--config file.yaml] [--key value ...]`
+"""`python -m fastrlhf.train {sft,rm,dpo,kto,ppo,grpo,pipeline} [--config file.yaml] [--key value ...]`
 
 With no subcommand it runs `pipeline`: SFT -> reward model -> PPO and DPO on the built-in demo task
 with SmolLM2-135M-Instruct, then a table comparing the policies (see fastrlhf.pipeline).
@@ -8,6 +8,7 @@ Each stage also runs alone on your model and data, e.g.
     python -m fastrlhf.train rm  --model out/sft/merged --data pairs.jsonl --output-dir out/rm
     python -m fastrlhf.train ppo --model out/sft/merged --data prompts.jsonl --reward-model out/rm --output-dir out/ppo
     python -m fastrlhf.train dpo --model out/sft/merged --data pairs.jsonl --output-dir out/dpo
+    python -m fastrlhf.train kto --model out/sft/merged --data unpaired.jsonl --output-dir out/kto
     python -m fastrlhf.train grpo --model out/sft/merged --data prompts.jsonl --reward-fn fastrlhf.demo:gold_reward_fn
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ from fastrlhf.options import (
 )
 from fastrlhf.pipeline import PipelineOptions, run_pipeline
 from fastrlhf.planner.cli import PlanOptions, run_plan
+from fastrlhf.planner.spec import STAGES as PLANNED_STAGES
 from fastrlhf.stage import DATA_FORMATS, DATA_KINDS, run_stage, trainer_classes
 
 
@@ -41,6 +43,11 @@ def commands() -> dict[str, Command]:
         "dpo": Command("direct preference optimisation (and IPO, hinge, robust, SimPO, ORPO) of the policy",
                        (ModelOptions, DataOptions, PolicyOutputOptions, trainer_classes("dpo")[1]),
                        epilog=data_help["dpo"] + "\nexample:\n  python -m fastrlhf.train dpo --model out/sft/merged --data pairs.jsonl --output-dir out/dpo"),
+        "kto": Command("KTO of the policy on unpaired data: each completion labelled desirable or not "
+                       "(and apo_zero_unpaired)",
+                       (ModelOptions, DataOptions, PolicyOutputOptions, trainer_classes("kto")[1]),
+                       epilog=data_help["kto"] + "\nexample:\n  python -m fastrlhf.train kto --model out/sft/merged "
+                              "--data unpaired.jsonl --output-dir out/kto"),
         "ppo": Command("PPO of the policy (+ value role) against a reward model or a reward function, KL to the reference",
                        (ModelOptions, DataOptions, RewardOptions, PolicyOutputOptions, trainer_classes("ppo")[1]),
                        epilog=data_help["ppo"] + "\nexample:\n  python -m fastrlhf.train ppo --model out/sft/merged --data prompts.jsonl "
@@ -53,7 +60,7 @@ def commands() -> dict[str, Command]:
                             "-> evaluation table (the default when no subcommand is given)",
                             (ModelOptions, PipelineOptions)),
     }
-    for name in DATA_KINDS:  # every stage: --plan prints the predicted GPU memory instead of training
+    for name in PLANNED_STAGES:  # --plan prints the predicted GPU memory instead of training
         stages[name].option_classes += (PlanOptions,)
     return stages
 

@@ -36,6 +36,7 @@ TRL_NAMES: dict[str, dict[str, str]] = {
     "SFTConfig": {"max_seq_length": "max_length"},  # TRL < 0.20 called max_length so
     "RewardConfig": {"center_rewards_coefficient": "center_coef"},
     "DPOConfig": {"precompute_ref_log_probs": "precompute_ref_logps"},
+    "KTOConfig": {"precompute_ref_log_probs": "precompute_ref_logps"},
     "PPOConfig": {
         "num_ppo_epochs": "ppo_epochs",
         "num_mini_batches": "num_minibatches",

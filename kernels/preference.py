@@ -1,4 +1,4 @@
-"""DPO-family and Bradley-Terry losses over a batch of sequence scores (Triton kernels + launchers).
+"""DPO-family, KTO and Bradley-Terry losses over a batch of sequence scores (Triton kernels + launchers).
 
 Each loss kernel makes ONE pass over the `[B]` inputs and writes, per row, the gradient of that
 row's loss with respect to the chosen and rejected inputs (already divided by B; fp32, 8 bytes per
@@ -11,6 +11,12 @@ each input's dtype (the reference inputs get the negatives). No torch op on eith
 Bytes per pair: forward reads 2-4 scores, writes 8 (fp32 gradients); backward reads 8, writes 2-4
 gradients. ~30 FLOPs per pair (two exp, a log).
 
+KTO (`kto_loss_forward`) has one input row per completion and a label instead of pairs: the same
+single pass writes d loss / d logp per row, and its metrics are class means (desirable / undesirable
+rows), so with several blocks the finalize divides after adding the blocks' sums
+(`_kto_finalize_kernel`); with one block the forward kernel writes them itself. Its backward is
+`pairwise_backward` with only the "chosen" slots in use.
+
 No autograd here: `fastrlhf.losses.preference` wraps these launchers in autograd.Functions.
 """
 from __future__ import annotations
@@ -20,7 +26,7 @@ import triton
 import triton.language as tl
 from fastrlhf.kernels._launch import cdiv, next_power_of_2
 
-from fastrlhf.contracts import DPO_LOSS_TYPES, DPO_STATS, ORPO_MAX_LOGP, REWARD_STATS
+from fastrlhf.contracts import DPO_LOSS_TYPES, DPO_STATS, KTO_PARTIALS, KTO_STATS, ORPO_MAX_LOGP, REWARD_STATS
 
 MAX_BLOCK_B = 1024
 
@@ -39,6 +45,18 @@ _SIGMOID, _ROBUST, _HINGE, _IPO, _SIMPO, _ORPO, _APO_ZERO = (
 )
 _BT_ACCURACY, _BT_MARGIN, _BT_CHOSEN, _BT_REJECTED = (
     tl.constexpr(REWARD_STATS.index(name)) for name in ("accuracy", "margin", "rewards/chosen", "rewards/rejected")
+)
+(_KTO_REWARDS_CHOSEN, _KTO_REWARDS_REJECTED, _KTO_MARGINS, _KTO_LOGPS_CHOSEN, _KTO_LOGPS_REJECTED, _KTO_KL,
+ _KTO_COUNT_CHOSEN, _KTO_COUNT_REJECTED) = (
+    tl.constexpr(KTO_STATS.index(name)) for name in (
+        "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen", "logps/rejected", "kl",
+        "count/chosen", "count/rejected")
+)
+(_KP_LOSS, _KP_COUNT_CHOSEN, _KP_COUNT_REJECTED, _KP_REWARDS_CHOSEN, _KP_REWARDS_REJECTED, _KP_LOGPS_CHOSEN,
+ _KP_LOGPS_REJECTED) = (
+    tl.constexpr(KTO_PARTIALS.index(name)) for name in (
+        "loss", "count/chosen", "count/rejected", "rewards/chosen", "rewards/rejected", "logps/chosen",
+        "logps/rejected")
 )
 
 
@@ -200,6 +218,119 @@ def _reward_loss_forward_kernel(
     _store_block_mean(stats, _BT_REJECTED, rejected, valid, inv_B)
 
 
+# ---- KTO (unpaired desirable / undesirable completions) -----------------------------------------
+
+@triton.jit
+def _kto_store_results(loss_ptr, stats_ptr, loss, n_chosen, n_rejected, rewards_chosen, rewards_rejected,
+                       logps_chosen, logps_rejected, kl):
+    """Write the loss and the KTO_STATS from the batch's sums: class means over max(count, 1) rows
+    (0 for a class the batch lacks, never 0 / 0)."""
+    mean_rewards_chosen = rewards_chosen / tl.maximum(n_chosen, 1.0)
+    mean_rewards_rejected = rewards_rejected / tl.maximum(n_rejected, 1.0)
+    tl.store(loss_ptr, loss)
+    tl.store(stats_ptr + _KTO_REWARDS_CHOSEN, mean_rewards_chosen)
+    tl.store(stats_ptr + _KTO_REWARDS_REJECTED, mean_rewards_rejected)
+    tl.store(stats_ptr + _KTO_MARGINS, mean_rewards_chosen - mean_rewards_rejected)
+    tl.store(stats_ptr + _KTO_LOGPS_CHOSEN, logps_chosen / tl.maximum(n_chosen, 1.0))
+    tl.store(stats_ptr + _KTO_LOGPS_REJECTED, logps_rejected / tl.maximum(n_rejected, 1.0))
+    tl.store(stats_ptr + _KTO_KL, kl)
+    tl.store(stats_ptr + _KTO_COUNT_CHOSEN, n_chosen)
+    tl.store(stats_ptr + _KTO_COUNT_REJECTED, n_rejected)
+
+
+@triton.jit
+def _load_kl(kl_ptr, kl_value, KL_IS_TENSOR: tl.constexpr):
+    if KL_IS_TENSOR:
+        kl = tl.load(kl_ptr).to(tl.float32)
+    else:
+        kl = kl_value
+    return kl
+
+
+@triton.jit
+def _kto_loss_forward_kernel(
+    logps_ptr, ref_logps_ptr, labels_ptr, kl_ptr,
+    grad_ptr, loss_ptr, stats_ptr, partials_ptr,
+    B, inv_B, beta, kl_value, desirable_weight, undesirable_weight,
+    KL_IS_TENSOR: tl.constexpr, ONE_BLOCK: tl.constexpr, N_PARTIALS: tl.constexpr, BLOCK_B: tl.constexpr,
+):
+    """Per row, r = logp - ref_logp and x = beta (r - z0):
+         desirable    w_D (1 - s(x)) = w_D s(-x),   d/dr = -w_D beta s(x) s(-x)
+         undesirable  w_U (1 - s(-x)) = w_U s(x),   d/dr = +w_U beta s(x) s(-x)
+    The gradient (/ B) is stored per row; the loss (/ B) and the metric sums per block, or, with
+    ONE_BLOCK, the final loss and metrics straight away."""
+    pid = tl.program_id(0)
+    offs = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    valid = offs < B
+    logps = tl.load(logps_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    ratio = logps - tl.load(ref_logps_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+    desirable = tl.load(labels_ptr + offs, mask=valid, other=0) != 0
+    kl = _load_kl(kl_ptr, kl_value, KL_IS_TENSOR)
+    x = beta * (ratio - kl)
+    # s(|x|) and s(-|x|) from one exp that never overflows; NaN x fails every comparison and stays NaN.
+    e = tl.exp(-tl.abs(x))
+    sig_abs = 1.0 / (1.0 + e)
+    sig_neg_abs = e * sig_abs
+    sig_pos = tl.where(x >= 0, sig_abs, sig_neg_abs)   # s(x)
+    sig_neg = tl.where(x >= 0, sig_neg_abs, sig_abs)   # s(-x)
+    weight = tl.where(desirable, desirable_weight, undesirable_weight)
+    loss = weight * tl.where(desirable, sig_neg, sig_pos)
+    slope = weight * beta * (sig_abs * sig_neg_abs)
+    tl.store(grad_ptr + offs, tl.where(desirable, -slope, slope) * inv_B, mask=valid)
+
+    chosen = valid & desirable
+    rejected = valid & (~desirable)
+    rewards = beta * ratio
+    loss_sum = tl.sum(tl.where(valid, loss, 0.0), axis=0) * inv_B
+    n_chosen = tl.sum(chosen.to(tl.float32), axis=0)
+    n_rejected = tl.sum(rejected.to(tl.float32), axis=0)
+    rewards_chosen = tl.sum(tl.where(chosen, rewards, 0.0), axis=0)
+    rewards_rejected = tl.sum(tl.where(rejected, rewards, 0.0), axis=0)
+    logps_chosen = tl.sum(tl.where(chosen, logps, 0.0), axis=0)
+    logps_rejected = tl.sum(tl.where(rejected, logps, 0.0), axis=0)
+    if ONE_BLOCK:
+        _kto_store_results(loss_ptr, stats_ptr, loss_sum, n_chosen, n_rejected, rewards_chosen, rewards_rejected,
+                           logps_chosen, logps_rejected, kl)
+    else:
+        row = partials_ptr + pid * N_PARTIALS
+        tl.store(row + _KP_LOSS, loss_sum)
+        tl.store(row + _KP_COUNT_CHOSEN, n_chosen)
+        tl.store(row + _KP_COUNT_REJECTED, n_rejected)
+        tl.store(row + _KP_REWARDS_CHOSEN, rewards_chosen)
+        tl.store(row + _KP_REWARDS_REJECTED, rewards_rejected)
+        tl.store(row + _KP_LOGPS_CHOSEN, logps_chosen)
+        tl.store(row + _KP_LOGPS_REJECTED, logps_rejected)
+
+
+@triton.jit
+def _kto_finalize_kernel(partials_ptr, kl_ptr, loss_ptr, stats_ptr, n_blocks, kl_value,
+                         KL_IS_TENSOR: tl.constexpr, N_PARTIALS: tl.constexpr, BLOCK_P: tl.constexpr):
+    """One program: the blocks' partial sums added up in a fixed order, then the class means."""
+    lanes = tl.arange(0, BLOCK_P)
+    loss = tl.zeros((BLOCK_P,), tl.float32)
+    n_chosen = tl.zeros((BLOCK_P,), tl.float32)
+    n_rejected = tl.zeros((BLOCK_P,), tl.float32)
+    rewards_chosen = tl.zeros((BLOCK_P,), tl.float32)
+    rewards_rejected = tl.zeros((BLOCK_P,), tl.float32)
+    logps_chosen = tl.zeros((BLOCK_P,), tl.float32)
+    logps_rejected = tl.zeros((BLOCK_P,), tl.float32)
+    for p0 in range(0, n_blocks, BLOCK_P):
+        p = p0 + lanes
+        ok = p < n_blocks
+        row = partials_ptr + p * N_PARTIALS
+        loss += tl.load(row + _KP_LOSS, mask=ok, other=0.0)
+        n_chosen += tl.load(row + _KP_COUNT_CHOSEN, mask=ok, other=0.0)
+        n_rejected += tl.load(row + _KP_COUNT_REJECTED, mask=ok, other=0.0)
+        rewards_chosen += tl.load(row + _KP_REWARDS_CHOSEN, mask=ok, other=0.0)
+        rewards_rejected += tl.load(row + _KP_REWARDS_REJECTED, mask=ok, other=0.0)
+        logps_chosen += tl.load(row + _KP_LOGPS_CHOSEN, mask=ok, other=0.0)
+        logps_rejected += tl.load(row + _KP_LOGPS_REJECTED, mask=ok, other=0.0)
+    _kto_store_results(loss_ptr, stats_ptr, tl.sum(loss, axis=0), tl.sum(n_chosen, axis=0),
+                       tl.sum(n_rejected, axis=0), tl.sum(rewards_chosen, axis=0), tl.sum(rewards_rejected, axis=0),
+                       tl.sum(logps_chosen, axis=0), tl.sum(logps_rejected, axis=0),
+                       _load_kl(kl_ptr, kl_value, KL_IS_TENSOR))
+
+
 @triton.jit
 def _sum_blocks_kernel(loss_partials_ptr, stat_partials_ptr, loss_ptr, stats_ptr, n_blocks,
                        N_STATS: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr):
@@ -326,6 +457,51 @@ def reward_loss_forward(
     )
     loss, stats = _finish(loss_partials, stat_partials)
     return loss, stats, grad_c, grad_r
+
+
+def kto_loss_forward(
+    logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    labels: torch.Tensor,
+    kl: torch.Tensor | float,
+    *,
+    beta: float,
+    desirable_weight: float,
+    undesirable_weight: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One pass over `[B]` sequence log-probs (B >= 1, contiguous, one device); `labels` bool `[B]`
+    (True = desirable), `kl` the reference point z0: a one-element tensor (read on the device, no
+    sync) or a float.
+
+    Returns `(loss, stats, grad)`: the fp32 loss (0-d), the metrics in `KTO_STATS` order, and
+    d loss / d logps as fp32 `[B]` (d loss / d ref_logps is its negative).
+
+    Work: ~25 FLOPs per row (one exp, one division); bytes per row: reads 2 log-probs + 1 label
+    byte, writes 4 (the fp32 gradient). B > MAX_BLOCK_B adds one single-program finalize launch
+    over 7 floats per block.
+    """
+    B = logps.shape[0]
+    block_b = min(max(next_power_of_2(B), 16), MAX_BLOCK_B)
+    n_blocks = cdiv(B, block_b)
+    device = logps.device
+    grad = torch.empty(B, dtype=torch.float32, device=device)
+    loss = torch.empty((), dtype=torch.float32, device=device)
+    stats = torch.empty(len(KTO_STATS), dtype=torch.float32, device=device)
+    partials = torch.empty((n_blocks, len(KTO_PARTIALS)), dtype=torch.float32, device=device) if n_blocks > 1 else stats
+    kl_is_tensor = isinstance(kl, torch.Tensor)
+    labels = labels.view(torch.uint8)  # bool read as uint8 (the same bytes), as the PPO kernels read a bool mask
+    _kto_loss_forward_kernel[(n_blocks,)](
+        logps, ref_logps, labels, kl if kl_is_tensor else logps,
+        grad, loss, stats, partials,
+        B, 1.0 / B, float(beta), 0.0 if kl_is_tensor else float(kl), float(desirable_weight),
+        float(undesirable_weight),
+        KL_IS_TENSOR=kl_is_tensor, ONE_BLOCK=n_blocks == 1, N_PARTIALS=len(KTO_PARTIALS), BLOCK_B=block_b,
+    )
+    if n_blocks > 1:
+        _kto_finalize_kernel[(1,)](partials, kl if kl_is_tensor else partials, loss, stats, n_blocks,
+                                   0.0 if kl_is_tensor else float(kl), KL_IS_TENSOR=kl_is_tensor,
+                                   N_PARTIALS=len(KTO_PARTIALS), BLOCK_P=64)
+    return loss, stats, grad
 
 
 def pairwise_backward(

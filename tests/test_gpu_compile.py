@@ -172,6 +172,17 @@ def _preference_variants():
         # the backward kernel with some inputs constant (the reference log-probs usually are)
         fastrlhf.dpo_loss(-c.abs(), -r.abs(), rc.detach(), rr.detach(), backend="triton")[0].backward()
         fastrlhf.dpo_loss(-c.abs().detach(), -r.abs(), rc, rr.detach(), backend="triton")[0].backward()
+        # KTO: one block (final metrics in the forward) or several (+ finalize); kl as a tensor or a number;
+        # the backward with the reference constant, trained, or alone
+        labels = torch.arange(B) % 3 != 0
+        for kl in (torch.tensor(0.1), 0.1):
+            fastrlhf.kto_loss(c, rc.detach(), labels, kl=kl, backend="triton")[0].backward()
+        fastrlhf.kto_loss(c, rc, labels, kl=torch.tensor(0.1, dtype=dtype), backend="triton")[0].backward()
+        fastrlhf.kto_loss(c.detach(), rc, labels, loss_type="apo_zero_unpaired", backend="triton")[0].backward()
+    # KTO's one-block kernel at the largest block (B = 1000: the final metrics written by 1024 lanes)
+    logps = torch.randn(1000, requires_grad=True)
+    fastrlhf.kto_loss(logps, torch.randn(1000), torch.arange(1000) % 2 == 0, kl=torch.tensor(0.1),
+                      backend="triton")[0].backward()
 
 
 def _fused_head_variants():
@@ -313,6 +324,9 @@ EXPECTED = {
         "_pairwise_backward_kernel": {"GRAD_CHOSEN": {True, False}, "GRAD_REF_CHOSEN": {True, False},
                                       "GRAD_REF_REJECTED": {True, False}},
         "_sum_blocks_kernel": {"N_STATS": {4, 9}},
+        "_kto_loss_forward_kernel": {"KL_IS_TENSOR": {True, False}, "ONE_BLOCK": {True, False}, "BLOCK_B": {16, 1024}},
+        # (ONE_BLOCK=True with BLOCK_B=1024 comes from the B = 1000 call)
+        "_kto_finalize_kernel": {"KL_IS_TENSOR": {True, False}},
     },
 }
 

@@ -41,6 +41,10 @@ def tok():
 SFT = [{"prompt": "say yes", "completion": "yes"}, {"prompt": "what is the sun ?", "completion": "the sun is big ."}]
 PAIRS = [{"prompt": "say yes", "chosen": "yes", "rejected": "no no"},
          {"prompt": "the cat is", "chosen": "small .", "rejected": "the dog"}]
+UNPAIRED = [{"prompt": "say yes", "completion": "yes", "label": True},
+            {"prompt": "say yes", "completion": "no no", "label": False},
+            {"prompt": "say no", "completion": "no", "label": True},
+            {"prompt": "say no", "completion": "yes yes", "label": False}]
 PROMPTS = [{"prompt": "say yes", "answer": "yes"}, {"prompt": "say no", "answer": "no"},
            {"prompt": "what is the sun ?", "answer": "big"}, {"prompt": "the cat is", "answer": "small"}]
 
@@ -169,6 +173,7 @@ TRAINERS = {
     "sft": ("SFTTrainer", "SFTConfig", SFT, {}),
     "rm": ("RewardTrainer", "RewardConfig", PAIRS, {}),
     "dpo": ("DPOTrainer", "DPOConfig", PAIRS, {}),
+    "kto": ("KTOTrainer", "KTOConfig", UNPAIRED, {}),
     "ppo": ("PPOTrainer", "PPOConfig", PROMPTS, {"reward_funcs": [count_words], "response_length": 4}),
     "grpo": ("GRPOTrainer", "GRPOConfig", PROMPTS, {"reward_funcs": count_words, "num_generations": 2,
                                                      "max_completion_length": 4}),

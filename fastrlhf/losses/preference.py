@@ -1,6 +1,6 @@
-"""Preference losses: DPO family and Bradley-Terry reward loss (fused Triton), sequence log-probs.
+"""Preference losses: DPO family, KTO and Bradley-Terry reward loss (fused Triton), sequence log-probs.
 
-On CUDA (or under TRITON_INTERPRET=1) `dpo_loss` and `reward_loss` run one Triton kernel that
+On CUDA (or under TRITON_INTERPRET=1) `dpo_loss`, `kto_loss` and `reward_loss` run one Triton kernel that
 computes, in a single pass over the batch, the loss, every metric and the per-row gradients
 (plus one single-program launch adding up the blocks when B > 1024); backward is one launch that
 scales the stored gradients into each input's dtype. No torch op either way. Otherwise they run the PyTorch twins in
@@ -11,13 +11,17 @@ from __future__ import annotations
 
 import torch
 
+from typing import Callable
+
 from fastrlhf._checks import (
     check_dpo_args,
+    check_kto_args,
+    check_kto_kl_args,
     check_reward_args,
     check_sequence_logps_args,
 )
 from fastrlhf._dispatch import resolve_backend
-from fastrlhf.contracts import DPO_LOSS_TYPES, DPO_STATS, ORPO_STATS, REWARD_STATS
+from fastrlhf.contracts import DPO_LOSS_TYPES, DPO_STATS, KTO_STATS, ORPO_STATS, REWARD_STATS
 from fastrlhf.losses._autograd import first_order_only
 from fastrlhf.twins import preference as twin
 
@@ -93,6 +97,42 @@ class _RewardLossFunction(_PairwiseLossFunction):
         return grad_chosen, grad_rejected, None, None
 
 
+class _KTOLossFunction(_PairwiseLossFunction):
+    """Rows instead of pairs: the kernel's per-row gradient fills the "chosen" slots of the pairwise
+    backward (d policy_logps, and its negative for d ref_logps); kl is a constant (no gradient)."""
+
+    @staticmethod
+    def forward(ctx, logps, ref_logps, labels, kl, beta, desirable_weight, undesirable_weight):
+        from fastrlhf.kernels.preference import kto_loss_forward
+
+        if logps.shape[0] == 0:
+            loss, stats = _empty_batch(logps.device, KTO_STATS)
+            if kl is not None:
+                stats[KTO_STATS.index("kl")] = kl.detach().reshape(()) if isinstance(kl, torch.Tensor) else kl
+            grad = torch.zeros(0, device=logps.device)
+        else:
+            loss, stats, grad = kto_loss_forward(logps, ref_logps, labels, 0.0 if kl is None else kl, beta=beta,
+                                                 desirable_weight=desirable_weight,
+                                                 undesirable_weight=undesirable_weight)
+        _PairwiseLossFunction._save(ctx, grad, grad, logps, None, ref_logps, None)
+        ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)  # no zeros for the metrics' (absent) gradient
+        return loss, stats
+
+    @staticmethod
+    @first_order_only("kto_loss")
+    def backward(ctx, grad_loss, _grad_stats):
+        from fastrlhf.kernels.preference import pairwise_backward
+
+        if grad_loss is None:
+            return (None,) * 7
+        grad, _ = ctx.saved_tensors
+        need_logps, need_ref = ctx.needs_input_grad[:2]
+        grad_logps, _, grad_ref, _ = pairwise_backward(grad, grad, grad_loss, ctx.dtypes,
+                                                       (need_logps, False, need_ref, False))
+        return grad_logps, grad_ref, None, None, None, None, None
+
+
 def _contiguous(t):
     return None if t is None else t.contiguous()
 
@@ -101,6 +141,7 @@ def _contiguous(t):
 _DPO_METRICS = {loss_type: tuple((name, DPO_STATS.index(name)) for name in DPO_STATS
                                  if loss_type == "orpo" or name not in ORPO_STATS) for loss_type in DPO_LOSS_TYPES}
 _REWARD_METRICS = tuple((name, i) for i, name in enumerate(REWARD_STATS))
+_KTO_METRICS = tuple((name, i) for i, name in enumerate(KTO_STATS))
 
 
 def dpo_loss(
@@ -170,6 +211,76 @@ def reward_loss(
                                             center_coef)
     values = stats.unbind()
     return loss, {name: values[i] for name, i in _REWARD_METRICS}
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    kl: torch.Tensor | float | None = None,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    loss_type: str = "kto",
+    backend: str = "auto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """KTO loss (Ethayarajh et al. 2024, eq. 7; TRL's KTOTrainer) over unpaired completions:
+    sequence log-probs `policy_logps`, `ref_logps` `[B]` and `labels` bool `[B]` (True = desirable).
+    Returns `(loss, metrics)`; loss = batch mean (fp32 on the Triton path; 0 for B = 0).
+
+    With r = policy_logps - ref_logps (the implied reward / beta) and z0 = `kl`, per row:
+      desirable    desirable_weight   * (1 - s(beta (r - z0)))
+      undesirable  undesirable_weight * (1 - s(beta (z0 - r)))
+    loss = their sum / B (TRL: the mean of the concatenated weighted row losses).
+    `kl` is the reference point z0, used as a constant (no gradient flows to it): a float or a
+    one-element tensor, read on the device without a sync. KTO estimates it from mismatched
+    prompt-completion pairs, clamped at 0: `kto_kl(policy_kl_logps, ref_kl_logps)`.
+    loss_type="apo_zero_unpaired" (APO-zero unpaired, D'Oosterlinck et al. 2024; TRL's name) is the
+    same loss with z0 = 0: pass kl=None. Weights (TRL's desirable_weight / undesirable_weight,
+    the paper's lambda_D / lambda_U) balance unequal class sizes; the paper advises
+    lambda_D n_D / (lambda_U n_U) in [1, 4/3] (eq. 8).
+    Gradients flow to policy_logps and ref_logps (the negative); labels and kl get none.
+
+    Metrics (TRL names, detached 0-d tensors): rewards/chosen, rewards/rejected (mean of beta r
+    over the desirable / undesirable rows; 0 when the batch has no such row, where TRL logs
+    nothing: a host-side branch would need a sync), rewards/margins (their difference),
+    logps/chosen, logps/rejected (class means of policy_logps), kl (the z0 used; 0 for
+    apo_zero_unpaired), count/chosen, count/rejected (rows of each class).
+    NaN rules: a NaN log-prob makes the loss and its class's metrics NaN; a NaN kl, every row's.
+    """
+    check_kto_args(policy_logps, ref_logps, labels, kl, beta, desirable_weight, undesirable_weight, loss_type)
+    kl_tensor = kl if isinstance(kl, torch.Tensor) else None
+    if resolve_backend(backend, policy_logps, ref_logps, labels, kl_tensor) == "torch":
+        return twin.kto_loss(policy_logps, ref_logps, labels, kl=kl, beta=beta, desirable_weight=desirable_weight,
+                             undesirable_weight=undesirable_weight, loss_type=loss_type)
+    if kl_tensor is not None:
+        kl = kl_tensor.detach().reshape(())
+    loss, stats = _KTOLossFunction.apply(policy_logps.contiguous(), ref_logps.contiguous(), labels.contiguous(), kl,
+                                         beta, desirable_weight, undesirable_weight)
+    values = stats.unbind()
+    return loss, {name: values[i] for name, i in _KTO_METRICS}
+
+
+def kto_kl(
+    policy_kl_logps: torch.Tensor,
+    ref_kl_logps: torch.Tensor,
+    *,
+    all_reduce: Callable[[torch.Tensor], object] | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """KTO's reference point z0 (Ethayarajh et al. 2024, sec. 4.1), as TRL estimates it:
+    max(0, mean(policy_kl_logps - ref_kl_logps)), detached, from the `[B]` sequence log-probs of
+    mismatched prompt-completion pairs (each prompt with another row's completion) under the
+    policy and the reference. 0-d, float32 (float64 for float64 inputs); 0 for B = 0; NaN in, NaN out.
+
+    all_reduce: under data parallelism, a function that sums a tensor over the ranks in place
+    (`torch.distributed.all_reduce`, `DistContext.all_reduce_sum`): the mean is then over every
+    rank's KL rows before the clamp (TRL gathers the ranks' means and averages them: the same for
+    equal batch sizes). Plain torch ops on every backend; `backend` is accepted (and checked)."""
+    check_kto_kl_args(policy_kl_logps, ref_kl_logps)
+    resolve_backend(backend, policy_kl_logps, ref_kl_logps)
+    return twin.kto_kl(policy_kl_logps, ref_kl_logps, all_reduce=all_reduce)
 
 
 def sequence_logps(logps: torch.Tensor, mask: torch.Tensor, *, average: bool = False,

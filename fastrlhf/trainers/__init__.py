@@ -1,4 +1,4 @@
-"""Thin SFT, reward-model, DPO, PPO and GRPO trainers on one shared `Trainer` base.
+"""Thin SFT, reward-model, DPO, KTO, PPO and GRPO trainers on one shared `Trainer` base.
 
     from fastrlhf.trainers import SFTTrainer, SFTConfig
     summary = SFTTrainer(role_model, tokenizer, SFTConfig(output_dir="out"), records).train()
@@ -16,6 +16,8 @@ _EXPORTS = {
     "RewardConfig": "fastrlhf.trainers.rm",
     "DPOTrainer": "fastrlhf.trainers.dpo",
     "DPOConfig": "fastrlhf.trainers.dpo",
+    "KTOTrainer": "fastrlhf.trainers.kto",
+    "KTOConfig": "fastrlhf.trainers.kto",
     "PPOTrainer": "fastrlhf.trainers.ppo",
     "PPOConfig": "fastrlhf.trainers.ppo",
     "GRPOTrainer": "fastrlhf.trainers.grpo",
@@ -30,6 +32,7 @@ TRAINERS = {
     "sft": ("SFTTrainer", "SFTConfig"),
     "rm": ("RewardTrainer", "RewardConfig"),
     "dpo": ("DPOTrainer", "DPOConfig"),
+    "kto": ("KTOTrainer", "KTOConfig"),
     "ppo": ("PPOTrainer", "PPOConfig"),
     "grpo": ("GRPOTrainer", "GRPOConfig"),
 }

@@ -1,10 +1,12 @@
-"""Preference losses in readable PyTorch: DPO family, Bradley-Terry reward loss, sequence log-probs.
+"""Preference losses in readable PyTorch: DPO family, KTO, Bradley-Terry reward loss, sequence log-probs.
 
 Ground truth for the Triton kernels in `fastrlhf.kernels.preference` and the torch path of
 `fastrlhf.losses.preference` (same signatures there, plus `backend`). The public functions check
 the arguments (`fastrlhf._checks`) before they call these; called directly, these trust their inputs.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -136,3 +138,69 @@ def reward_loss(
         x = x - (margin.detach().to(dtype) if isinstance(margin, torch.Tensor) else margin)
     losses = -F.logsigmoid(x) + center_coef * (chosen + rejected) ** 2
     return _batch_mean(losses), reward_metrics(chosen, rejected)
+
+
+# ---- KTO ----------------------------------------------------------------------------------------
+
+def kto_kl(
+    policy_kl_logps: torch.Tensor,
+    ref_kl_logps: torch.Tensor,
+    *,
+    all_reduce: Callable[[torch.Tensor], object] | None = None,
+) -> torch.Tensor:
+    """The twin of `fastrlhf.kto_kl` (and its only implementation: a few torch ops on every backend)."""
+    dtype = compute_dtype(policy_kl_logps, ref_kl_logps)
+    diff = policy_kl_logps.detach().to(dtype) - ref_kl_logps.detach().to(dtype)
+    total = torch.stack([diff.sum(), torch.tensor(float(diff.shape[0]), dtype=diff.dtype, device=diff.device)])
+    if all_reduce is not None:
+        all_reduce(total)  # sums over ranks in place: the mean below is over every rank's KL rows
+    return (total[0] / total[1].clamp(min=1)).clamp(min=0)
+
+
+def kto_loss(
+    policy_logps: torch.Tensor,
+    ref_logps: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    kl: torch.Tensor | float | None = None,
+    beta: float = 0.1,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    loss_type: str = "kto",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The PyTorch twin of `fastrlhf.kto_loss`: same arguments (minus `backend`), same results and
+    metrics (see its docstring), computed op by op; float64 inputs stay float64 (gradcheck).
+    """
+    dtype = compute_dtype(policy_logps, ref_logps)
+    logps = policy_logps.to(dtype)
+    ratio = logps - ref_logps.to(dtype)
+    if kl is None:  # apo_zero_unpaired: the reference point is 0
+        z0 = torch.zeros((), dtype=dtype, device=ratio.device)
+    elif isinstance(kl, torch.Tensor):
+        z0 = kl.detach().to(dtype).reshape(())  # a constant: no gradient reaches the KL rows
+    else:
+        z0 = torch.tensor(float(kl), dtype=dtype, device=ratio.device)
+    x = beta * (ratio - z0)
+    # desirable: w_D (1 - s(x)); undesirable: w_U (1 - s(-x)). Written s(-x), s(x): exact in the tails.
+    losses = torch.where(labels, desirable_weight * torch.sigmoid(-x), undesirable_weight * torch.sigmoid(x))
+
+    chosen, rejected = labels, ~labels
+    n_chosen, n_rejected = chosen.sum().to(dtype), rejected.sum().to(dtype)
+    rewards = beta * ratio
+
+    def class_mean(values, rows, count):
+        return torch.where(rows, values, 0.0).sum() / count.clamp(min=1)
+
+    rewards_chosen = class_mean(rewards, chosen, n_chosen)
+    rewards_rejected = class_mean(rewards, rejected, n_rejected)
+    metrics = {
+        "rewards/chosen": rewards_chosen,
+        "rewards/rejected": rewards_rejected,
+        "rewards/margins": rewards_chosen - rewards_rejected,
+        "logps/chosen": class_mean(logps, chosen, n_chosen),
+        "logps/rejected": class_mean(logps, rejected, n_rejected),
+        "kl": z0,
+        "count/chosen": n_chosen,
+        "count/rejected": n_rejected,
+    }
+    return _batch_mean(losses), {name: value.detach() for name, value in metrics.items()}
