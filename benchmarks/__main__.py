@@ -27,8 +27,10 @@ if not __package__:
         sys.path.insert(0, str(REPO))
 
 # The suite times the torch path on CPU; the Triton interpreter (tests' TRITON_INTERPRET=1) is not
-# a performance path. Set before fastrlhf's kernels import.
-if os.environ.get("TRITON_INTERPRET") == "1" and "--allow-interpreter" not in sys.argv:
+# a performance path. Set before fastrlhf's kernels import, and only when this file is the program:
+# a test that imports it must not switch the interpreter off for the rest of its session.
+if (__name__ == "__main__" and os.environ.get("TRITON_INTERPRET") == "1"
+        and "--allow-interpreter" not in sys.argv):
     os.environ.pop("TRITON_INTERPRET")
 
 
