@@ -23,6 +23,18 @@ from test_distributed import (
 )
 
 
+def reseal_manifest(file):
+    """Record a checkpoint file's new size and checksum in its manifest (a test that edits a
+    checkpoint on purpose; otherwise the edit is caught as corruption)."""
+    import hashlib
+
+    manifest_file = file.parent / "COMPLETE"
+    manifest = json.loads(manifest_file.read_text())
+    data = file.read_bytes()
+    manifest["files"][file.name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    manifest_file.write_text(json.dumps(manifest))
+
+
 def _wait_for(path, process, timeout=180.0):
     deadline = time.monotonic() + timeout
     while not os.path.exists(path):
@@ -126,9 +138,10 @@ def test_resume_with_another_number_of_processes_is_refused(tmp_path):
     trainer.config.save_steps = 2
     trainer.train()
     state_file = tmp_path / "checkpoint-2" / "trainer_state.pt"
-    state = torch.load(state_file, weights_only=False)
+    state = torch.load(state_file, weights_only=True)
     assert state["world_size"] == 1
     torch.save(dict(state, world_size=2), state_file)  # as if written by a 2-process torchrun job
+    reseal_manifest(state_file)
     trainer, _ = _sft_trainer(tmp_path, max_steps=4, max_consecutive_nonfinite=3, nan_at_steps=set())
     trainer.config.resume = "auto"
     with pytest.raises(ValueError, match="written by 2 processes but this run has 1"):
