@@ -146,3 +146,74 @@ def test_resume_with_another_number_of_processes_is_refused(tmp_path):
     trainer.config.resume = "auto"
     with pytest.raises(ValueError, match="written by 2 processes but this run has 1"):
         trainer.train()
+
+
+# ----------------------------------------------------------------------------- data position in examples (issue 13, case 3)
+def _recording_sft_trainer(out, records, **options):
+    """An SFTTrainer whose collate records the examples it is given (as tuples of token ids)."""
+    from fastrlhf.distributed import DistContext
+    from fastrlhf.roles import RoleModel
+    from fastrlhf.testing import tiny_llama, tiny_tokenizer
+    from fastrlhf.trainers.sft import SFTConfig, SFTTrainer
+
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = RoleModel(tiny_llama(vocab_size=len(tokenizer), seed=0), roles=("policy",), lora_r=4)
+    config = SFTConfig(**{**dict(output_dir=str(out), learning_rate=1e-3, lr_schedule="constant", backend="torch",
+                                 progress=False, max_length=32, save_final=False), **options})
+    trainer = SFTTrainer(model, tokenizer, config, records, ctx=DistContext())
+    trainer.seen = []
+    real_collate = trainer.collate
+
+    def collate(examples):
+        trainer.seen.extend(tuple(e["input_ids"]) for e in examples)
+        return real_collate(examples)
+
+    trainer.collate = collate
+    return trainer
+
+
+def _interrupt_in_step(trainer, step):
+    """Ctrl-C (a KeyboardInterrupt raised by the code) inside step `step`, after its batches were
+    taken: the loop then saves the last completed step, step - 1, with that step's data position."""
+    real_optimize = trainer.optimize
+
+    def interrupted(*args, **kwargs):
+        if trainer.step + 1 == step:
+            raise KeyboardInterrupt
+        return real_optimize(*args, **kwargs)
+
+    trainer.optimize = interrupted
+
+
+def test_resume_with_a_larger_batch_continues_at_the_next_unseen_example(tmp_path):
+    """Issue 13, case 3: 3 steps of batch 2 (6 of 16 examples), resumed with batch 4 for 2 steps:
+    the resumed run trains examples 7..14 of the epoch's order, none twice, none skipped."""
+    records = sft_records(16)
+    first = _recording_sft_trainer(tmp_path, records, batch_size=2, max_steps=3, save_steps=3)
+    first.train()
+    resumed = _recording_sft_trainer(tmp_path, records, batch_size=4, max_steps=5, resume="auto")
+    resumed.train()
+    order = _recording_sft_trainer(tmp_path / "x", records, batch_size=16, max_steps=1)
+    epoch_order = [tuple(order.train_examples[i]["input_ids"]) for i in order.ctx.shard_epoch(
+        range(len(records)), seed=0, epoch=0)]
+    assert first.seen == epoch_order[:6]
+    assert resumed.seen == epoch_order[6:14]
+    with open(tmp_path / "metrics.jsonl") as f:
+        epochs = [r["epoch"] for r in map(json.loads, f) if "loss" in r]
+    assert epochs == [0.125, 0.25, 0.375, 0.625, 0.875]
+
+
+def test_resume_of_an_epoch_run_with_another_batch_size_trains_every_example_once(tmp_path):
+    records = sft_records(16)
+    first = _recording_sft_trainer(tmp_path, records, batch_size=2, epochs=1)
+    _interrupt_in_step(first, 4)
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-3"
+    resumed = _recording_sft_trainer(tmp_path, records, batch_size=4, epochs=1, resume="auto")
+    summary = resumed.train()
+    assert len(first.seen) == 8  # 3 completed steps + the interrupted one's batch
+    trained = first.seen[:6] + resumed.seen
+    assert sorted(trained) == sorted(tuple(e["input_ids"]) for e in resumed.train_examples)
+    assert summary["steps"] == 3 + 3  # 10 examples left: batches of 4, 4, 2

@@ -30,6 +30,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -41,7 +42,14 @@ from fastrlhf.distributed import DistContext
 from fastrlhf.guards import NonFiniteGuard
 from fastrlhf.memory import memory_summary, peak_memory_bytes, peak_memory_kind, reset_peak_memory
 from fastrlhf.trainers.build import make_scheduler, place_model, resolve_bf16, trainable_parameters
-from fastrlhf.trainers.checkpointing import load_trainer_checkpoint, loop_state, save_trainer_checkpoint
+from fastrlhf.trainers.checkpointing import (
+    apply_trainer_checkpoint,
+    check_world_size,
+    legacy_data_position,
+    loop_state,
+    read_trainer_checkpoint,
+    save_trainer_checkpoint,
+)
 from fastrlhf.trainers.config import TrainerConfig
 from fastrlhf.trainers.data_stream import BatchStream, load_and_check_records
 from fastrlhf.trainers.interrupt import DeferredCtrlC, StepBoundary
@@ -94,16 +102,14 @@ class Trainer:
             raise ValueError(f"the model has no trainable parameters for roles {self.trained_roles}")
         self.data = BatchStream(self.train_examples, config.batch_size, ctx=self.ctx, seed=config.seed,
                                 epochs=None if config.max_steps > 0 else config.epochs)
-        self.total_steps = config.max_steps or math.ceil(
-            config.epochs * self.data.batches_per_epoch / self.micro_batches_per_step())
+        self.step = 0                    # completed training steps
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
-        self.scheduler = make_scheduler(self.optimizer, schedule=config.lr_schedule, warmup_ratio=config.warmup_ratio,
-                                        total_steps=self.total_steps * self.optimizer_steps_per_step())
+        self.scheduler = None
+        self._set_total_steps(self._planned_total_steps())
         self.guard = NonFiniteGuard(config.max_consecutive_nonfinite, ctx=self.ctx)
         self.metrics_log = MetricsLog(self.ctx, config.output_dir, progress=config.progress,
                                       progress_keys=self.progress_keys)
 
-        self.step = 0                    # completed training steps
         self._boundary = StepBoundary()  # data position + RNG after the last completed step
         self._saved_step = -1            # step of the last checkpoint written (or resumed from)
         self.last_metrics: dict[str, float] = {}
@@ -169,13 +175,13 @@ class Trainer:
         log.start_bar(total=self.total_steps, initial=self.step, desc=type(self).__name__)
         started = time.perf_counter()
         self._saved_step = self.step if resumed else -1
-        self._boundary.mark(self.data.consumed, self.ctx)
+        self._boundary.mark(self.data.position, self.ctx)
         try:
             with DeferredCtrlC(log.say) as ctrl_c:
                 while self.step < self.total_steps:
                     metrics = self.training_step()
                     self.step += 1
-                    self._boundary.mark(self.data.consumed, self.ctx)
+                    self._boundary.mark(self.data.position, self.ctx)
                     log.accumulate(metrics)
                     if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
                         self.last_metrics = log.log_window(step=self.step, epoch=self.data.epoch(),
@@ -292,11 +298,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints and results
     def save_checkpoint(self, *, rng_states: list | None = None, partial_step: bool = False,
-                        consumed_batches: int | None = None) -> Path | None:
+                        data_position: int | None = None) -> Path | None:
         """Atomic `output_dir/checkpoint-<step>` (rank 0 writes; every rank takes part).
-        consumed_batches: the data position to record (default: the stream's current one)."""
-        consumed = self.data.consumed if consumed_batches is None else consumed_batches
-        state = {**loop_state(step=self.step, consumed_batches=consumed, batches_per_epoch=self.data.batches_per_epoch,
+        data_position: examples consumed to record (default: the stream's current position)."""
+        data = self.data.state_dict(data_position)
+        state = {**loop_state(step=self.step, data=data, epoch=data["examples"] / self.data.examples_per_epoch,
                               guard=self.guard, world_size=self.ctx.world_size),
                  **self.extra_state(), "partial_step": partial_step}
         path = save_trainer_checkpoint(self.ctx, self.model, self.trained_roles, self.optimizer, self.scheduler,
@@ -312,24 +318,50 @@ class Trainer:
         if self.step > 0 and self._saved_step != self.step and not self.ctx.distributed:
             boundary = self._boundary
             path = self.save_checkpoint(rng_states=[boundary.rng], partial_step=boundary.weights_changed,
-                                        consumed_batches=boundary.consumed_batches)
+                                        data_position=boundary.data_position)
             self.metrics_log.say(f"interrupted: saved {path} at step {self.step}; continue with resume='auto'")
 
     def _resume(self) -> bool:
-        """Continue from the checkpoint `config.resume` points at; False when there is none."""
-        loaded = load_trainer_checkpoint(self.ctx, self.model, self.trained_roles, self.optimizer, self.scheduler,
-                                         resume=self.config.resume, output_dir=self.config.output_dir)
-        if loaded is None:
-            if self.config.resume:
-                self.metrics_log.say(f"resume={self.config.resume!r}: no checkpoint in {self.config.output_dir}, starting fresh")
+        """Continue from the checkpoint `config.resume` points at; False when there is none.
+        ValueError (CheckpointError, DataPositionError) when it cannot be continued exactly."""
+        cfg = self.config
+        contents = read_trainer_checkpoint(self.ctx, resume=cfg.resume, output_dir=cfg.output_dir)
+        if contents is None:
+            if cfg.resume:
+                self.metrics_log.say(f"resume={cfg.resume!r}: no checkpoint in {cfg.output_dir}, starting fresh")
             return False
-        path, state = loaded
+        check_world_size(contents, self.ctx)
+        state = contents.trainer_state
+        data_state = state.get("data")
+        if data_state is None:
+            data_state = legacy_data_position(state, self.data)
+            warnings.warn(f"{contents.path} was written by an older fastrlhf that counted batches: its data "
+                          f"position is read with batch_size={cfg.batch_size}; it is exact only if that is the "
+                          "batch size it was written with", stacklevel=2)
         self.step = int(state["step"])
-        self.data.consumed = int(state["consumed_batches"])
+        self.data.load_state_dict(data_state)
+        self._set_total_steps(self._planned_total_steps())  # epochs with another batch size: another count
+        apply_trainer_checkpoint(self.ctx, contents, self.model, self.trained_roles, self.optimizer, self.scheduler)
         self.guard.load_state_dict(state.get("guard", {}))
         self.load_extra_state(state)
-        self.metrics_log.say(f"resumed from {path} at step {self.step}")
+        self.metrics_log.say(f"resumed from {contents.path} at step {self.step}")
         return True
+
+    def _planned_total_steps(self) -> int:
+        """max_steps, or the steps until the last epoch ends from the data position (the same number
+        as epochs x batches per epoch for a new run; recounted after a resume with another batch size)."""
+        if self.config.max_steps:
+            return self.config.max_steps
+        return self.step + math.ceil(self.data.batches_left() / self.micro_batches_per_step())
+
+    def _set_total_steps(self, total: int) -> None:
+        """Set the run length and (re)build the LR schedule over it."""
+        if self.scheduler is not None and total == self.total_steps:
+            return
+        self.total_steps = total
+        cfg = self.config
+        self.scheduler = make_scheduler(self.optimizer, schedule=cfg.lr_schedule, warmup_ratio=cfg.warmup_ratio,
+                                        total_steps=total * self.optimizer_steps_per_step())
 
     def save_model(self) -> None:
         """The trained roles' adapters and heads into output_dir (RoleModel.save). Under FSDP the
