@@ -217,3 +217,41 @@ def test_resume_of_an_epoch_run_with_another_batch_size_trains_every_example_onc
     trained = first.seen[:6] + resumed.seen
     assert sorted(trained) == sorted(tuple(e["input_ids"]) for e in resumed.train_examples)
     assert summary["steps"] == 3 + 3  # 10 examples left: batches of 4, 4, 2
+
+
+# ----------------------------------------------------------------------------- metrics.jsonl (issue 13, case 4)
+def test_a_torn_last_metrics_line_is_skipped_with_a_warning_on_resume(tmp_path):
+    records = sft_records(16)
+    _recording_sft_trainer(tmp_path, records, batch_size=2, max_steps=4, save_steps=2).train()
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "loss": 4.1, "l')  # the disk filled up in the middle of a line
+    resumed = _recording_sft_trainer(tmp_path, records, batch_size=2, max_steps=6, resume="auto")
+    with pytest.warns(UserWarning, match=r"metrics.jsonl: line 5 is not valid JSON \(a torn write\?\): skipped"):
+        resumed.train()
+    with open(tmp_path / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_metrics_line_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """A write that fails half-way (ENOSPC) leaves the file as it was before the line."""
+    import errno
+
+    from fastrlhf.distributed import DistContext
+    from fastrlhf.trainers import metrics_log
+
+    log = metrics_log.MetricsLog(DistContext(), str(tmp_path), progress=False, progress_keys=())
+    log.open(step=0, resumed=False)
+    log.write({"step": 1, "loss": 1.0})
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+    real_write = os.write
+
+    def disk_full(fd, data):
+        real_write(fd, bytes(data[:7]))
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(metrics_log.os, "write", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        log.write({"step": 2, "loss": 0.5})
+    monkeypatch.undo()
+    log.close()
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before
