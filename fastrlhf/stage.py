@@ -15,6 +15,7 @@ import time
 import traceback
 from typing import Any, Callable
 
+from fastrlhf.checkpoint import CheckpointError
 from fastrlhf.cli import CliError, option_name
 from fastrlhf.options import (
     DataOptions,
@@ -22,6 +23,11 @@ from fastrlhf.options import (
     PolicyOutputOptions,
     RewardOptions,
 )
+from fastrlhf.trainers.data_stream import DataPositionError
+from fastrlhf.trainers.run_dir import RunDirError
+
+# what a resume or the output directory can refuse: the user's to fix, reported in one line
+RESUME_ERRORS = (CheckpointError, DataPositionError, RunDirError)
 
 DATA_KINDS = {"sft": "sft", "rm": "preference", "dpo": "preference", "ppo": "prompt", "grpo": "prompt"}
 DATA_FORMATS = {
@@ -69,6 +75,8 @@ def _run_stage(command: str, options: dict[type, Any], ctx) -> dict:
         raise CliError(f"--data is required for {command}: a .jsonl/.json/.parquet file of {DATA_FORMATS[kind]}")
     train_records = load_data(data_opts.data, kind, "--data")
     eval_records = load_data(data_opts.eval_data, kind, "--eval-data") if data_opts.eval_data else None
+    if ctx.is_main:
+        check_output_dir(trainer_class.__name__, config, train_records)
 
     reward_fn, reward_dir = None, None
     if RewardOptions in options:
@@ -97,7 +105,10 @@ def _run_stage(command: str, options: dict[type, Any], ctx) -> dict:
                                 reward_fn=reward_fn, ctx=ctx)
     except ValueError as error:
         raise CliError(str(error)) from None
-    summary = trainer.train()
+    try:  # a directory of another run, a damaged checkpoint, data that moved: one line, no traceback
+        summary = trainer.train()
+    except RESUME_ERRORS as error:
+        raise CliError(str(error)) from None
     output_dir = config.output_dir
     if options.get(PolicyOutputOptions) and options[PolicyOutputOptions].save_merged:
         merged_dir = os.path.join(output_dir, "merged")
@@ -111,6 +122,32 @@ def _run_stage(command: str, options: dict[type, Any], ctx) -> dict:
             json.dump(summary, f, indent=2, default=str)
         print(format_summary(summary), flush=True)
     return summary
+
+def check_output_dir(trainer_name: str, config, train_records: list[dict]) -> None:
+    """Before the model loads: the output directory can be created and written, and this run may
+    start there (`fastrlhf.trainers.run_dir.plan_run`: empty, or the same run when resuming; an
+    explicit --resume checkpoint exists and is intact). CliError otherwise. The trainer applies the
+    same rules again when it starts (with the model's identity, which is not known yet here)."""
+    import tempfile
+
+    from fastrlhf.checkpoint import verify_checkpoint
+    from fastrlhf.trainers.run_dir import plan_run, run_record
+
+    out = config.output_dir
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise CliError(f"--output-dir: cannot create or write {out!r} ({error.strerror or error})") from None
+    current = run_record(trainer_name, config, train_records=train_records)
+    try:
+        plan = plan_run(out, resume=config.resume, overwrite=config.overwrite_output_dir, current=current)
+        if plan.resume not in (None, "auto"):
+            verify_checkpoint(plan.resume)
+    except RESUME_ERRORS as error:
+        raise CliError(str(error)) from None
+
 
 def needs_reference_copy(command: str, config) -> bool:
     """Whether a --no-lora stage keeps a frozen reference copy of the model during training: PPO

@@ -1,6 +1,6 @@
 """The one training loop every fastrlhf trainer runs on, to read top to bottom:
 
-    train()          resume, open the logs, then per step: training_step -> log -> evaluate -> checkpoint
+    train()          output-dir rules, resume, logs, then per step: training_step -> log -> evaluate -> checkpoint
     training_step()  `grad_accum_steps` micro-batches from the data stream -> optimize()
     optimize()       forward + backward of each micro-batch, gradient sync, clipping, guarded optimizer step
     evaluate()       the mean of compute_loss's metrics over the eval data
@@ -15,8 +15,9 @@ A trainer subclass says only what is specific to its objective:
 
 Beside the loop, one job per module: config.py (the options), build.py (device placement, trained
 parameters, LR schedule, autocast mode), data_stream.py (records, batch order), metrics_log.py
-(metrics.jsonl, TensorBoard, tqdm, the host sync), checkpointing.py (save and resume),
-interrupt.py (Ctrl-C); `fastrlhf.memory` measures memory.
+(metrics.jsonl, TensorBoard, tqdm, the host sync), checkpointing.py (save and resume), run_dir.py
+(one run per output directory: run.json, what a new run or a resume may find there), interrupt.py
+(Ctrl-C); `fastrlhf.memory` measures memory.
 
 Gradient accumulation is exact: each micro-batch loss (a mean over its own items) is re-weighted by
 its share of the items in the whole optimizer step, over all micro-batches and all ranks. So
@@ -54,6 +55,7 @@ from fastrlhf.trainers.config import TrainerConfig
 from fastrlhf.trainers.data_stream import BatchStream, load_and_check_records
 from fastrlhf.trainers.interrupt import DeferredCtrlC, StepBoundary
 from fastrlhf.trainers.metrics_log import MetricsLog
+from fastrlhf.trainers.run_dir import RunDirError, RunPlan, plan_run, run_record, write_run_record
 
 RewardFn = Callable[[list, list, list], list]
 """reward_fn(prompts: list[str], completions: list[str], records: list[dict]) -> list[float]."""
@@ -112,6 +114,7 @@ class Trainer:
 
         self._boundary = StepBoundary()  # data position + RNG after the last completed step
         self._saved_step = -1            # step of the last checkpoint written (or resumed from)
+        self._run_record: dict | None = None  # the run's identity (run.json), set on rank 0 by train()
         self.last_metrics: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
 
@@ -162,10 +165,12 @@ class Trainer:
         if self.device.type == "cuda":  # the CPU peak is process-wide: the pipeline measures its stages with it
             reset_peak_memory(self.device)
         seed_everything(cfg.seed + self.ctx.rank)  # sampling differs per rank; a resume restores the RNG below
-        resumed = self._resume()
+        plan = self._plan_run()
+        resumed = self._resume(plan)
         log.open(step=self.step, resumed=resumed)
         if self.is_main:
             out = Path(cfg.output_dir)
+            write_run_record(out, self._run_record)
             (out / "trainer_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
             report = self.model.memory_report(self.optimizer)
             (out / "memory_report.json").write_text(json.dumps(report, indent=2))
@@ -307,7 +312,8 @@ class Trainer:
                  **self.extra_state(), "partial_step": partial_step}
         path = save_trainer_checkpoint(self.ctx, self.model, self.trained_roles, self.optimizer, self.scheduler,
                                        output_dir=self.config.output_dir, step=self.step, trainer_state=state,
-                                       rng_states=rng_states, keep_last=self.config.save_total_limit)
+                                       rng_states=rng_states, keep_last=self.config.save_total_limit,
+                                       run_record=self._run_record)
         self._saved_step = self.step
         return path
 
@@ -321,17 +327,43 @@ class Trainer:
                                         data_position=boundary.data_position)
             self.metrics_log.say(f"interrupted: saved {path} at step {self.step}; continue with resume='auto'")
 
-    def _resume(self) -> bool:
-        """Continue from the checkpoint `config.resume` points at; False when there is none.
-        ValueError (CheckpointError, DataPositionError) when it cannot be continued exactly."""
+    def _plan_run(self) -> RunPlan:
+        """The output directory's rules (`fastrlhf.trainers.run_dir`), decided on rank 0 before
+        anything is written: a new run needs an empty directory (or overwrite_output_dir), a resume
+        the same run. Every rank gets the plan, or raises the same RunDirError."""
+        cfg, decided = self.config, None
+        if self.is_main:
+            record = run_record(type(self).__name__, cfg, model=self.model, train_records=self.train_records,
+                                world_size=self.ctx.world_size)
+            try:
+                plan = plan_run(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir, current=record)
+                plan.apply()
+                self._run_record = dict(record, run_id=plan.run_id)
+                decided = ("plan", plan)
+            except (RunDirError, OSError) as error:
+                decided = ("error", f"{type(error).__name__}: {error}" if isinstance(error, OSError) else str(error))
+        kind, value = self.ctx.broadcast_object(decided)
+        if kind == "error":
+            raise RunDirError(value)
+        for note in value.notes:
+            self.metrics_log.say(f"resume changes {note}")
+        return value
+
+    def _resume(self, plan: RunPlan) -> bool:
+        """Continue from the checkpoint the plan points at; False when there is none. ValueError
+        (CheckpointError, DataPositionError, RunDirError) when it cannot be continued exactly."""
         cfg = self.config
-        contents = read_trainer_checkpoint(self.ctx, resume=cfg.resume, output_dir=cfg.output_dir)
+        contents = read_trainer_checkpoint(self.ctx, resume=plan.resume, output_dir=cfg.output_dir,
+                                           run_id=plan.run_id)
         if contents is None:
             if cfg.resume:
                 self.metrics_log.say(f"resume={cfg.resume!r}: no checkpoint in {cfg.output_dir}, starting fresh")
             return False
         check_world_size(contents, self.ctx)
         state = contents.trainer_state
+        if cfg.max_steps and cfg.max_steps < int(state["step"]):
+            raise RunDirError(f"--max-steps {cfg.max_steps} is below the step of {contents.path} (step "
+                              f"{int(state['step'])}): resume with --max-steps >= {int(state['step'])}")
         data_state = state.get("data")
         if data_state is None:
             data_state = legacy_data_position(state, self.data)

@@ -17,6 +17,7 @@ from fastrlhf._dispatch import BACKENDS
 from fastrlhf.options import option_help, unset_as_none
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
+DEFAULT_OUTPUT_ROOT = "fastrlhf-output"
 BF16_MODES = ("auto", "true", "false")
 
 
@@ -24,8 +25,12 @@ BF16_MODES = ("auto", "true", "false")
 class TrainerConfig:
     """Options shared by every trainer. Each field's `help` is what `python -m fastrlhf.train --help` shows."""
 
-    output_dir: str = field(default="fastrlhf-output", metadata=option_help(
-        "directory for metrics.jsonl, TensorBoard logs, checkpoints and the trained adapters/heads"))
+    output_dir: str | None = field(default=None, metadata=option_help(
+        f"directory for metrics.jsonl, TensorBoard logs, checkpoints and the trained adapters/heads; it must be "
+        f"empty unless resuming or --overwrite-output-dir; none = {DEFAULT_OUTPUT_ROOT}/<stage> (sft, rm, dpo, ppo, grpo)"))
+    overwrite_output_dir: bool = field(default=False, metadata=option_help(
+        "start a new run in a non-empty output_dir: first remove what an earlier fastrlhf run wrote there "
+        "(checkpoints, logs, adapters, merged model); other files stay"))
     learning_rate: float = field(default=1e-4, metadata=option_help("peak AdamW learning rate"))
     batch_size: int = field(default=8, metadata=option_help(
         "examples per device per micro-batch (global batch = batch_size x grad_accum_steps x processes)"))
@@ -50,7 +55,8 @@ class TrainerConfig:
     max_consecutive_nonfinite: int = field(default=5, metadata=option_help(
         "skip steps with NaN/inf loss or gradients; stop after this many in a row (0 = never stop)"))
     resume: str | None = field(default=None, metadata=option_help(
-        "resume from a checkpoint directory, or 'auto' for the latest in output_dir; none = start fresh"))
+        "resume from a checkpoint directory, or 'auto' for the newest intact one in output_dir (the same run: "
+        "only run length, batch size, cadence and progress options may change); none = start fresh"))
     fsdp: bool = field(default=False, metadata=option_help("shard the model with FSDP2 under torchrun (default: DDP-style gradient averaging)"))
 
     def __post_init__(self) -> None:
@@ -62,6 +68,8 @@ class TrainerConfig:
         Also brings accepted spellings to their one meaning, so nothing downstream re-interprets
         them: bf16 True/False/"TRUE" -> "true"/"false", resume "" -> None, save_total_limit 0 -> None.
         Safe to call again (the trainer does, since a config is a mutable dataclass)."""
+        if self.output_dir is None:
+            self.output_dir = default_output_dir(type(self))
         if not isinstance(self.output_dir, (str, os.PathLike)) or not str(self.output_dir):
             raise ValueError(f"output_dir must be a non-empty path, got {self.output_dir!r}")
         check_number("learning_rate", self.learning_rate, low=0, low_open=True)
@@ -91,9 +99,22 @@ class TrainerConfig:
         self.resume = unset_as_none(self.resume)
         if self.resume is not None and not isinstance(self.resume, (str, os.PathLike)):
             raise ValueError(f"resume must be a checkpoint path, 'auto' or None, got {self.resume!r}")
+        if self.overwrite_output_dir and self.resume is not None:
+            raise ValueError(f"overwrite_output_dir starts a new run and resume={self.resume!r} continues one: "
+                             "give one of them")
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def default_output_dir(config_class: type) -> str:
+    """DEFAULT_OUTPUT_ROOT/<stage>, the stage being the command-line name of the trainer the config
+    belongs to (sft, rm, dpo, ppo, grpo), so that the stages of a pipeline never share a directory."""
+    from fastrlhf.trainers import TRAINERS
+
+    stage = next((name for name, (_, config_name) in TRAINERS.items() if config_name == config_class.__name__),
+                 config_class.__name__.removesuffix("Config").lower() or "trainer")
+    return os.path.join(DEFAULT_OUTPUT_ROOT, stage)
 
 
 @dataclass
