@@ -133,3 +133,54 @@ def test_each_stage_has_its_own_default_output_dir(work, tmp_path, capsys, monke
     # and the same stage twice refuses to overwrite its own default directory
     status, err = run_cli(["sft", "--data", work / "sft.jsonl", *common], capsys)
     assert_one_line_error(status, err, "fastrlhf-output/sft", "is not empty")
+
+
+# ----------------------------------------------------------------------------- checks before the model loads (case 11)
+@pytest.mark.parametrize("case", ["not_a_dataset_dir", "non_utf8", "output_dir_not_creatable", "resume_missing",
+                                  "resume_damaged"])
+def test_user_mistakes_are_one_line_before_the_model_loads(work, tmp_path, capsys, case):
+    """--model points nowhere: an error about the model would mean the check came too late."""
+    out, data = tmp_path / "out", work / "sft.jsonl"
+    extra: list = []
+    if case == "not_a_dataset_dir":
+        data = tmp_path / "folder"
+        data.mkdir()
+        (data / "notes.txt").write_text("not data")
+        expected = [f"--data: {data}: not a dataset directory"]
+    elif case == "non_utf8":
+        data = tmp_path / "latin1.jsonl"
+        data.write_bytes((work / "sft.jsonl").read_bytes() + b'{"prompt": "caf\xe9", "completion": "x"}\n')
+        expected = [f"--data: {data}: line {len(WORDS) + 1}, column 16: not UTF-8 (byte 0xe9)"]
+    elif case == "output_dir_not_creatable":
+        out = work / "sft.jsonl" / "out"  # below a file
+        expected = ["--output-dir: cannot create or write", "Not a directory"]
+    elif case == "resume_missing":
+        extra = ["--resume", tmp_path / "nowhere" / "checkpoint-4"]
+        expected = ["no such checkpoint directory"]
+    else:
+        done = tmp_path / "done"
+        assert run_cli(sft_argv(work, done, "--max-steps", 2, "--save-steps", 2), capsys)[0] == 0
+        optimizer = done / "checkpoint-2" / "optimizer.pt"
+        optimizer.write_bytes(optimizer.read_bytes()[:100])
+        extra = ["--resume", done / "checkpoint-2"]
+        expected = [f"{optimizer}: 100 bytes, the manifest says"]
+    argv = sft_argv(work, out, *extra)
+    argv[argv.index("--data") + 1] = data
+    argv[argv.index("--model") + 1] = tmp_path / "no-model-here"
+    status, err = run_cli(argv, capsys)
+    assert_one_line_error(status, err, *expected)
+
+
+def test_identical_preference_pairs_are_warned_and_dropped_on_request(work, tmp_path, capsys):
+    """Case 9: pairs with chosen == rejected trained at loss 0.6931 with zero gradient, no warning."""
+    pairs = tmp_path / "pairs.jsonl"
+    rows = [{"prompt": f"say {w}", "chosen": w, "rejected": w if i % 2 else "no"} for i, w in enumerate(WORDS)]
+    pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    argv = ["rm", "--model", work / "tiny", "--data", pairs, "--batch-size", 2, "--max-steps", 1, "--backend", "torch",
+            "--no-progress"]
+    with pytest.warns(UserWarning, match=r"8 of 16 pairs have chosen == rejected"):
+        assert run_cli([*argv, "--output-dir", tmp_path / "kept"], capsys)[0] == 0
+    with pytest.warns(UserWarning, match=r"8 of 16 pairs have chosen == rejected .*they were dropped"):
+        assert run_cli([*argv, "--output-dir", tmp_path / "dropped", "--drop-identical-pairs"], capsys)[0] == 0
+    run = json.loads((tmp_path / "dropped" / "run.json").read_text())
+    assert run["config"]["drop_identical_pairs"] is True

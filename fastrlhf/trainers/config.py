@@ -1,6 +1,7 @@
-"""The options every trainer shares (`TrainerConfig`) and those of the trainers that learn from fixed
-sequences (`SupervisedConfig`). Each field's `help` is what `python -m fastrlhf.train STAGE --help`
-shows; `fastrlhf.cli` builds the command line from these dataclasses.
+"""The options every trainer shares (`TrainerConfig`), those of the trainers that learn from fixed
+sequences (`SupervisedConfig`) and of those that learn from preference pairs (`PreferenceConfig`).
+Each field's `help` is what `python -m fastrlhf.train STAGE --help` shows; `fastrlhf.cli` builds
+the command line from these dataclasses.
 
 Values are checked once, when the config is built (`__post_init__` -> `validate`), with errors that
 name the option; the CLI reports them as `--option: ...`. An option that can be off is typed
@@ -128,3 +129,11 @@ class SupervisedConfig(TrainerConfig):
         super().validate()
         check_int("max_length", self.max_length, 2)
 
+
+@dataclass
+class PreferenceConfig(SupervisedConfig):
+    """Options shared by the trainers that learn from preference pairs (reward model, DPO)."""
+
+    drop_identical_pairs: bool = field(default=False, metadata=option_help(
+        "leave out pairs whose chosen and rejected are identical after truncation (they are always counted and "
+        "warned about: their loss is log 2 with zero gradient)"))

@@ -22,11 +22,11 @@ from fastrlhf.contracts import (
 )
 from fastrlhf.options import option_help
 from fastrlhf.trainers.base import Trainer
-from fastrlhf.trainers.config import SupervisedConfig
+from fastrlhf.trainers.config import PreferenceConfig
 
 
 @dataclass
-class DPOConfig(SupervisedConfig):
+class DPOConfig(PreferenceConfig):
     beta: float = field(default=0.1, metadata=option_help("inverse temperature of the implicit reward (ORPO: weight of the odds-ratio term)"))
     loss_type: str = field(default="sigmoid", metadata=option_help(f"preference loss: {', '.join(DPO_LOSS_TYPES)}"))
     label_smoothing: float = field(default=0.0, metadata=option_help(
@@ -68,7 +68,8 @@ class DPOTrainer(Trainer):
     def prepare(self, records):
         from fastrlhf.data import tokenize_preferences
 
-        return tokenize_preferences(records, self.tokenizer, max_length=self.config.max_length)
+        return tokenize_preferences(records, self.tokenizer, max_length=self.config.max_length,
+                                    drop_identical=self.config.drop_identical_pairs)
 
     def collate(self, examples):
         from fastrlhf.data import collate_preferences

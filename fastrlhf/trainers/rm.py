@@ -13,11 +13,11 @@ import fastrlhf
 from fastrlhf._checks import check_number
 from fastrlhf.options import option_help
 from fastrlhf.trainers.base import Trainer
-from fastrlhf.trainers.config import SupervisedConfig
+from fastrlhf.trainers.config import PreferenceConfig
 
 
 @dataclass
-class RewardConfig(SupervisedConfig):
+class RewardConfig(PreferenceConfig):
     center_coef: float = field(default=0.0, metadata=option_help(
         "weight of mean((r_chosen + r_rejected)^2), keeps rewards centred at 0 (TRL center_rewards_coefficient)"))
     use_margin: bool = field(default=True, metadata=option_help("use the records' 'margin' column when present"))
@@ -56,13 +56,14 @@ class RewardTrainer(Trainer):
 def tokenize_preference_examples(trainer: Trainer, records: list[dict], extra_fields=()) -> list[dict]:
     """`fastrlhf.data.tokenize_preferences` plus per-record fields (e.g. "margin") carried along.
 
-    tokenize_preferences drops pairs that truncation emptied and does not keep extra columns, so
+    tokenize_preferences drops pairs that truncation emptied (and identical pairs with
+    drop_identical_pairs) and does not keep extra columns, so
     when a field is wanted and pairs were dropped, records are re-tokenised one by one to realign.
     """
     from fastrlhf.data import tokenize_preferences
 
-    max_length = trainer.config.max_length
-    examples = tokenize_preferences(records, trainer.tokenizer, max_length=max_length)
+    max_length, drop = trainer.config.max_length, trainer.config.drop_identical_pairs
+    examples = tokenize_preferences(records, trainer.tokenizer, max_length=max_length, drop_identical=drop)
     fields = [f for f in extra_fields if records and f in records[0]]
     if not fields:
         return examples
@@ -76,7 +77,8 @@ def tokenize_preference_examples(trainer: Trainer, records: list[dict], extra_fi
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # already warned once above
             for record in records:
-                aligned.append(tokenize_preferences([record], trainer.tokenizer, max_length=max_length))
+                aligned.append(tokenize_preferences([record], trainer.tokenizer, max_length=max_length,
+                                                    drop_identical=drop))
         pairs = [(ex[0], rec) for ex, rec in zip(aligned, records) if ex]
     else:
         pairs = list(zip(examples, records))
