@@ -76,6 +76,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_stage(command, options)
     except CliError as error:
         subparser_error(str(error))
+    except KeyboardInterrupt:  # Ctrl-C: the trainer saved what it could; no traceback
+        print("interrupted: the same command with --resume auto continues from the last checkpoint",
+              file=sys.stderr, flush=True)
+        return 130
     return 0
 
 def _subparser(parser, name: str):
