@@ -425,3 +425,15 @@ def test_runs_killed_at_random_moments_end_bit_identical_to_an_uninterrupted_run
         got = [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
         want = [(r["step"], r["loss"]) for r in map(json.loads, g) if "loss" in r]
     assert got == want and [s for s, _ in got] == list(range(1, 11))
+
+
+def test_a_diverging_run_stops_with_one_line_and_exit_status_1(work, tmp_path, capsys, monkeypatch):
+    """The non-finite guard's stop (K NaN steps in a row) is the user's to act on: its message,
+    no traceback."""
+    from fastrlhf.trainers.sft import SFTTrainer
+
+    real = SFTTrainer.compute_loss
+    monkeypatch.setattr(SFTTrainer, "compute_loss", lambda self, batch: (real(self, batch)[0] * float("nan"), {}))
+    status, err = run_cli(sft_argv(work, tmp_path / "D", "--max-steps", 5, "--max-consecutive-nonfinite", 2), capsys)
+    assert status == 1 and "Traceback" not in err, err
+    assert "stopping: 2 non-finite steps in a row" in err and "lower the learning rate" in err
