@@ -363,10 +363,7 @@ def latest_intact_checkpoint(output_dir: str | os.PathLike, *, run_id: str | Non
     which record no run, are). Each newer one that fails is reported through `warn` (default:
     `warnings.warn`) with the file at fault, and skipped. None when there is none."""
     warn = warn or (lambda message: warnings.warn(message, stacklevel=3))
-    for path in reversed(list_checkpoints(output_dir)):
-        owner = checkpoint_run_id(path)
-        if run_id is not None and owner is not None and owner != run_id:
-            continue
+    for path in _newest_first(output_dir, run_id):
         try:
             verify_checkpoint(path)
         except CheckpointError as error:
@@ -374,6 +371,12 @@ def latest_intact_checkpoint(output_dir: str | os.PathLike, *, run_id: str | Non
             continue
         return path
     return None
+
+
+def _newest_first(output_dir: str | os.PathLike, run_id: str | None) -> list[Path]:
+    """Complete checkpoints of run `run_id` (and of older versions, which record none), newest first."""
+    return [path for path in reversed(list_checkpoints(output_dir))
+            if run_id is None or checkpoint_run_id(path) in (None, run_id)]
 
 
 def resolve_resume(resume: str | os.PathLike | bool | None, output_dir: str | os.PathLike, *,
@@ -467,22 +470,12 @@ def read_resume_checkpoint(resume: str | os.PathLike | bool | None, output_dir: 
     and the next older one is tried. An explicit path that fails raises CheckpointError."""
     warn = warn or (lambda message: warnings.warn(message, stacklevel=3))
     if resume is True or str(resume) in ("auto", "latest", "true"):
-        skipped: set[Path] = set()
-        while True:
-            candidates = [p for p in list_checkpoints(output_dir) if p not in skipped]
-            path = None
-            for candidate in reversed(candidates):
-                owner = checkpoint_run_id(candidate)
-                if run_id is None or owner is None or owner == run_id:
-                    path = candidate
-                    break
-            if path is None:
-                return None
+        for path in _newest_first(output_dir, run_id):
             try:
                 return read_checkpoint(path, map_location=map_location)
             except CheckpointError as error:
                 warn(f"skipping {path.name}: {error}; falling back to an older checkpoint")
-                skipped.add(path)
+        return None
     path = resolve_resume(resume, output_dir, run_id=run_id, warn=warn)
     return None if path is None else read_checkpoint(path, map_location=map_location, verify=False)
 

@@ -255,3 +255,82 @@ def test_a_metrics_line_is_written_whole_or_not_at_all(tmp_path, monkeypatch):
     monkeypatch.undo()
     log.close()
     assert (tmp_path / "metrics.jsonl").read_bytes() == before
+
+
+# ----------------------------------------------------------------------------- one run per output directory
+def _record(**config):
+    from fastrlhf.trainers.run_dir import run_record
+    from fastrlhf.trainers.sft import SFTConfig
+
+    return run_record("SFTTrainer", SFTConfig(**{"output_dir": "x", **config}), train_records=sft_records(4))
+
+
+def test_plan_run_rules(tmp_path):
+    from fastrlhf.checkpoint import save_checkpoint
+    from fastrlhf.trainers.run_dir import RunDirError, plan_run, write_run_record
+
+    run = _record(max_steps=4)
+    out = tmp_path / "run"
+    assert plan_run(out, resume=None, overwrite=False, current=run).resume is None  # missing directory: fine
+    write_run_record(out, run)
+    save_checkpoint(out, 2, model_state={"w": torch.zeros(1)}, run_record=run)
+    (out / "mine.txt").write_text("user file")
+
+    with pytest.raises(RunDirError, match="is not empty: it holds a fastrlhf run .*last checkpoint checkpoint-2"):
+        plan_run(out, resume=None, overwrite=False, current=_record(max_steps=4))
+    plan = plan_run(out, resume=None, overwrite=True, current=_record(max_steps=4))
+    assert sorted(p.name for p in plan.remove) == ["checkpoint-2", "run.json"]  # mine.txt stays
+
+    plan = plan_run(out, resume="auto", overwrite=False, current=_record(max_steps=8, batch_size=2, logging_steps=3))
+    assert plan.resume == "auto" and plan.run_id == run["run_id"]
+    assert plan.notes == ["batch_size: 8 -> 2", "logging_steps: 1 -> 3", "max_steps: 4 -> 8"]
+    with pytest.raises(RunDirError, match=r"--learning-rate: 0.0001 -> 0.001\n  --seed: 0 -> 1\n"):
+        plan_run(out, resume="auto", overwrite=False, current=_record(max_steps=4, learning_rate=1e-3, seed=1))
+    other_data = dict(_record(max_steps=4), data={"records": 5, "sha256": "ab" * 32})
+    with pytest.raises(RunDirError, match=r"training data: 4 records \(sha256 .*\) -> 5 records"):
+        plan_run(out, resume="auto", overwrite=False, current=other_data)
+
+    # an explicit checkpoint: into its own directory or an empty one, never into another run's
+    checkpoint = str(out / "checkpoint-2")
+    assert plan_run(out, resume=checkpoint, overwrite=False, current=_record(max_steps=4)).resume == checkpoint
+    assert plan_run(tmp_path / "fresh", resume=checkpoint, overwrite=False, current=_record()).run_id == run["run_id"]
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("")
+    with pytest.raises(RunDirError, match="is not empty and is not that checkpoint's run"):
+        plan_run(busy, resume=checkpoint, overwrite=False, current=_record())
+    with pytest.raises(RunDirError, match="no such checkpoint directory"):
+        plan_run(out, resume=str(out / "checkpoint-9"), overwrite=False, current=_record())
+    with pytest.raises(RunDirError, match="holds files but no fastrlhf run"):
+        plan_run(busy, resume="auto", overwrite=False, current=_record())
+
+
+def test_a_directory_of_an_older_version_is_compared_on_its_trainer_config(tmp_path):
+    from fastrlhf.trainers.run_dir import RunDirError, plan_run
+
+    old = _record(max_steps=4)["config"]
+    old.pop("overwrite_output_dir")  # an option the older version did not have
+    (tmp_path / "trainer_config.json").write_text(json.dumps(old))
+    assert plan_run(tmp_path, resume="auto", overwrite=False, current=_record(max_steps=6)).resume == "auto"
+    with pytest.raises(RunDirError, match="--weight-decay: 0.0 -> 0.1"):
+        plan_run(tmp_path, resume="auto", overwrite=False, current=_record(max_steps=4, weight_decay=0.1))
+
+
+def test_resume_with_another_model_setting_is_refused(tmp_path):
+    """The model is part of the run: here the LoRA rank (the trainer compares the RoleModel)."""
+    from fastrlhf.distributed import DistContext
+    from fastrlhf.roles import RoleModel
+    from fastrlhf.testing import tiny_llama, tiny_tokenizer
+    from fastrlhf.trainers.run_dir import RunDirError
+    from fastrlhf.trainers.sft import SFTConfig, SFTTrainer
+
+    tokenizer = tiny_tokenizer()
+    for lora_r, resume in ((4, None), (8, "auto")):
+        model = RoleModel(tiny_llama(vocab_size=len(tokenizer), seed=0), roles=("policy",), lora_r=lora_r)
+        config = SFTConfig(output_dir=str(tmp_path), batch_size=4, max_steps=2, save_steps=2, backend="torch",
+                           progress=False, max_length=32, save_final=False, resume=resume)
+        trainer = SFTTrainer(model, tokenizer, config, sft_records(), ctx=DistContext())
+        if resume is None:
+            trainer.train()
+    with pytest.raises(RunDirError, match="model lora_r: 4 -> 8"):
+        trainer.train()
