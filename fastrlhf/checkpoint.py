@@ -330,7 +330,8 @@ def verify_checkpoint(path: str | os.PathLike, *, checksums: bool = True) -> Non
             raise CheckpointError(f"{file}: missing (listed in {COMPLETE_MARKER})")
         size = file.stat().st_size
         if "bytes" in entry and size != entry["bytes"]:
-            raise CheckpointError(f"{file}: {size} bytes, the manifest says {entry['bytes']} (truncated or overwritten)")
+            raise CheckpointError(f"{file}: {size} bytes, the manifest says {entry['bytes']} "
+                                  "(truncated or overwritten)")
     if checksums:
         for name, entry in manifest["files"].items():
             if "sha256" in entry and file_sha256(path / name) != entry["sha256"]:

@@ -99,7 +99,8 @@ def _load_file(path: str) -> list[dict]:
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: line {error.lineno}, column {error.colno}: not valid JSON ({error.msg})") from None
+            raise ValueError(f"{path}: line {error.lineno}, column {error.colno}: "
+                             f"not valid JSON ({error.msg})") from None
         if isinstance(data, dict):  # {"column": [values...]} -> rows
             columns = list(data)
             lengths = {len(v) if isinstance(v, list) else -1 for v in data.values()}
@@ -171,7 +172,8 @@ def _load_dataset_dir(path: str, split: str) -> list[dict]:
     named = sorted(k for k in by_split if k is not None)
     chosen = by_split.get(split) if named else (files if split == "train" else None)
     if not chosen:
-        raise ValueError(f"{path}: no {split!r} split (files for: {', '.join(named) or 'train (no file is named for a split)'})")
+        found = ", ".join(named) or "train (no file is named for a split)"
+        raise ValueError(f"{path}: no {split!r} split (files for: {found})")
     if len(chosen) == 1:
         return _load_file(chosen[0])
     return [record for file in chosen for record in _load_file(file)]

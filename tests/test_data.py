@@ -253,7 +253,8 @@ def test_identical_chosen_and_rejected_pairs_are_counted_warned_and_dropped_on_r
         kept = tokenize_preferences(pairs, tok, max_length=64, source="pairs.jsonl", drop_identical=True)
     assert [trained_tokens(tok, e, "chosen_")[0] for e in kept] == ["yes", "big"]
     # equal only after truncation to max_length: the same zero gradient
-    with pytest.warns(UserWarning, match=r"2 of 3 pairs have chosen == rejected \(identical tokens after truncation to max_length=11"):
+    with pytest.warns(UserWarning, match=r"2 of 3 pairs have chosen == rejected "
+                                         r"\(identical tokens after truncation to max_length=11"):
         tokenize_preferences(pairs, tok, max_length=11, source="pairs.jsonl")
 
 

@@ -420,7 +420,8 @@ def test_runs_killed_at_random_moments_end_bit_identical_to_an_uninterrupted_run
     # 5. the same command to the end
     final = subprocess.run(command(out), env=child_env(), capture_output=True, text=True, timeout=300)
     assert final.returncode == 0, final.stdout + final.stderr
-    assert (out / "role-policy.safetensors").read_bytes() == (tmp_path / "reference" / "role-policy.safetensors").read_bytes()
+    reference_adapter = (tmp_path / "reference" / "role-policy.safetensors").read_bytes()
+    assert (out / "role-policy.safetensors").read_bytes() == reference_adapter
     with open(out / "metrics.jsonl") as f, open(tmp_path / "reference" / "metrics.jsonl") as g:
         got = [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
         want = [(r["step"], r["loss"]) for r in map(json.loads, g) if "loss" in r]

@@ -28,7 +28,8 @@ class TrainerConfig:
 
     output_dir: str | None = field(default=None, metadata=option_help(
         f"directory for metrics.jsonl, TensorBoard logs, checkpoints and the trained adapters/heads; it must be "
-        f"empty unless resuming or --overwrite-output-dir; none = {DEFAULT_OUTPUT_ROOT}/<stage> (sft, rm, dpo, ppo, grpo)"))
+        f"empty unless resuming or --overwrite-output-dir; "
+        f"none = {DEFAULT_OUTPUT_ROOT}/<stage> (sft, rm, dpo, ppo, grpo)"))
     overwrite_output_dir: bool = field(default=False, metadata=option_help(
         "start a new run in a non-empty output_dir: first remove what an earlier fastrlhf run wrote there "
         "(checkpoints, logs, adapters, merged model); other files stay"))

@@ -73,7 +73,8 @@ class BatchStream:
         epoch, offset = divmod(min(self.position, self.limit), self.examples_per_epoch)
         if epoch >= self.epochs:
             return 0
-        return math.ceil((self.examples_per_epoch - offset) / self.batch_size) + (self.epochs - epoch - 1) * self.batches_per_epoch
+        this_epoch = math.ceil((self.examples_per_epoch - offset) / self.batch_size)
+        return this_epoch + (self.epochs - epoch - 1) * self.batches_per_epoch
 
     def state_dict(self, position: int | None = None) -> dict:
         """The data position to save (default: the current one): examples of this rank's shard
