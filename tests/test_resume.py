@@ -334,3 +334,20 @@ def test_resume_with_another_model_setting_is_refused(tmp_path):
             trainer.train()
     with pytest.raises(RunDirError, match="model lora_r: 4 -> 8"):
         trainer.train()
+
+
+def test_a_checkpoint_of_an_older_version_resumes_at_its_batch_position_with_a_warning(tmp_path):
+    """Older checkpoints counted batches (consumed_batches, epoch, batch_in_epoch) of a batch size
+    they did not record: read with this run's batch size, and said so."""
+    records = sft_records(16)
+    _recording_sft_trainer(tmp_path, records, batch_size=2, max_steps=3, save_steps=3).train()
+    state_file = tmp_path / "checkpoint-3" / "trainer_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    old = {k: v for k, v in state.items() if k != "data"}
+    torch.save(dict(old, consumed_batches=3, epoch=0, batch_in_epoch=3), state_file)
+    reseal_manifest(state_file)
+    resumed = _recording_sft_trainer(tmp_path, records, batch_size=2, max_steps=4, resume="auto")
+    with pytest.warns(UserWarning, match="written by an older fastrlhf that counted batches.*batch_size=2"):
+        resumed.train()
+    order = resumed.ctx.shard_epoch(range(16), seed=0, epoch=0)
+    assert resumed.seen == [tuple(resumed.train_examples[i]["input_ids"]) for i in order[6:8]]
