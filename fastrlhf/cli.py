@@ -25,6 +25,8 @@ import typing
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from fastrlhf.options import option_name
+
 
 @dataclass
 class Command:
@@ -43,10 +45,6 @@ class CliError(ValueError):
 # what an option typed `X | None` reads as None, on the command line and in YAML (any case)
 NONE_WORDS = ("none", "null")
 _VALUE_TYPES = (int, float, str)
-
-
-def option_name(field_name: str) -> str:
-    return "--" + field_name.replace("_", "-")
 
 
 def _field_default(f: dataclasses.Field) -> Any:

@@ -63,22 +63,48 @@ def load_records(source: str | Sequence[dict], *, split: str = "train") -> list[
 
 
 _FILE_TYPES = (".jsonl", ".json", ".parquet")
+# file and folder names that put a data file into a split (the `datasets` library's conventions)
+_SPLIT_WORDS = {"train": ("train", "training"), "validation": ("validation", "valid", "val", "dev"),
+                "test": ("test", "testing", "eval", "evaluation")}
+
+
+class FileRecords(list):
+    """The records of a .jsonl file, with `lines[i]`, the line record i was read from, so that
+    `validate_records` can name the line."""
+
+    def __init__(self, records, lines):
+        super().__init__(records)
+        self.lines = list(lines)
 
 
 def _load_file(path: str) -> list[dict]:
     ext = os.path.splitext(path)[1].lower()
     if ext == ".jsonl":
-        records = []
-        with open(path, encoding="utf-8") as f:
-            for line_no, line in enumerate(f, 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as error:
-                        raise ValueError(f"{path}: line {line_no} is not valid JSON ({error})") from error
-    elif ext == ".json":
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        records, lines = [], []
+        with open(path, "rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                line = _decode(raw, path, line_no)
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as error:
+                    raise ValueError(f"{path}: line {line_no} is not valid JSON ({error})") from None
+                if not isinstance(record, dict):
+                    raise ValueError(f"{path}: line {line_no} is a JSON {_json_type(record)}, not an object "
+                                     "(one record per line)")
+                records.append(record)
+                lines.append(line_no)
+        return FileRecords(records, lines)
+    if ext == ".json":
+        with open(path, "rb") as f:
+            raw = f.read()
+        text = _decode(raw, path)
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: line {error.lineno}, column {error.colno}: "
+                             f"not valid JSON ({error.msg})") from None
         if isinstance(data, dict):  # {"column": [values...]} -> rows
             columns = list(data)
             lengths = {len(v) if isinstance(v, list) else -1 for v in data.values()}
@@ -90,7 +116,10 @@ def _load_file(path: str) -> list[dict]:
     elif ext == ".parquet":
         import pyarrow.parquet as pq
 
-        records = pq.read_table(path).to_pylist()
+        try:
+            records = pq.read_table(path).to_pylist()
+        except Exception as error:  # pyarrow's own error types: a damaged or non-Parquet file
+            raise ValueError(f"{path}: not a readable Parquet file ({type(error).__name__}: {error})") from None
     else:
         raise ValueError(f"{path}: unsupported file type {ext!r} (use .jsonl, .json or .parquet)")
     if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
@@ -98,18 +127,71 @@ def _load_file(path: str) -> list[dict]:
     return records
 
 
-def _load_dataset_dir(path: str, split: str) -> list[dict]:
-    import datasets
-
+def _decode(raw: bytes, path: str, line_no: int | None = None) -> str:
+    """UTF-8 text of `raw` (a whole file, or line `line_no`); ValueError naming the file, line and
+    column (1-based, in bytes) of the first byte that is not UTF-8."""
     try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        offset = error.start
+        if line_no is None:
+            line_no = raw.count(b"\n", 0, offset) + 1
+            column = offset - (raw.rfind(b"\n", 0, offset) + 1) + 1
+        else:
+            column = offset + 1
+        raise ValueError(f"{path}: line {line_no}, column {column}: not UTF-8 (byte 0x{raw[offset]:02x}); "
+                         "save the file as UTF-8") from None
+
+
+def _json_type(value) -> str:
+    return {list: "list", str: "string", int: "number", float: "number", bool: "boolean"}.get(type(value), "null")
+
+
+def _load_dataset_dir(path: str, split: str) -> list[dict]:
+    """A `datasets.save_to_disk` directory (read by `datasets.load_from_disk`, which writes no
+    cache), or a folder of .jsonl / .json / .parquet files read by fastrlhf itself: the files named
+    for `split` (train.jsonl, data/train-00000.parquet, ...), or every file when none is named for
+    a split (then they are all "train"). Anything else is not a dataset: ValueError."""
+    names = set(os.listdir(path))
+    if "dataset_dict.json" in names or {"dataset_info.json", "state.json"} <= names:
+        import datasets
+
         data = datasets.load_from_disk(path)
-    except FileNotFoundError:  # a folder of data files rather than save_to_disk output
-        data = datasets.load_dataset(path)
-    if isinstance(data, datasets.DatasetDict):
-        if split not in data:
-            raise ValueError(f"{path}: no split {split!r} (splits: {sorted(data)})")
-        data = data[split]
-    return data.to_list()
+        if isinstance(data, datasets.DatasetDict):
+            if split not in data:
+                raise ValueError(f"{path}: no split {split!r} (splits: {sorted(data)})")
+            data = data[split]
+        return data.to_list()
+    files = []
+    for root, dirs, filenames in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files += [os.path.join(root, f) for f in sorted(filenames)
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in _FILE_TYPES]
+    if not files:
+        raise ValueError(f"{path}: not a dataset directory: no datasets.save_to_disk files (dataset_info.json / "
+                         f"dataset_dict.json) and no .jsonl, .json or .parquet file in it")
+    by_split: dict[str | None, list[str]] = {}
+    for file in files:
+        by_split.setdefault(_split_of(os.path.relpath(file, path)), []).append(file)
+    named = sorted(k for k in by_split if k is not None)
+    chosen = by_split.get(split) if named else (files if split == "train" else None)
+    if not chosen:
+        found = ", ".join(named) or "train (no file is named for a split)"
+        raise ValueError(f"{path}: no {split!r} split (files for: {found})")
+    if len(chosen) == 1:
+        return _load_file(chosen[0])
+    return [record for file in chosen for record in _load_file(file)]
+
+
+def _split_of(relative_path: str) -> str | None:
+    """The split a data file belongs to by its folder or file name, e.g. data/train-00000.parquet."""
+    import re
+
+    parts = re.split(r"[^a-z0-9]+", os.path.splitext(relative_path.lower())[0])
+    for split, words in _SPLIT_WORDS.items():
+        if any(word in parts for word in words):
+            return split
+    return None
 
 
 # --------------------------------------------------------------------------- validation
@@ -122,8 +204,9 @@ def validate_records(records: Sequence[dict], kind: str, source: str = "<records
         raise ValueError(f"kind must be one of {sorted(KINDS)}, got {kind!r}")
     if len(records) == 0:
         raise ValueError(f"{source}: the dataset is empty ({kind} data needs {KINDS[kind]})")
+    lines = getattr(records, "lines", None)  # FileRecords: the .jsonl line of each record
     for i, record in enumerate(records):
-        where = f"{source}: record {i}"
+        where = f"{source}: line {lines[i]} (record {i})" if lines else f"{source}: record {i}"
         if not isinstance(record, dict):
             raise ValueError(f"{where} must be a dict, got {type(record).__name__}")
         if kind == "sft":
@@ -210,18 +293,23 @@ def tokenize_sft(
 
 def tokenize_preferences(
     records: Sequence[dict], tokenizer, *, max_length: int, max_prompt_length: int | None = None,
-    source: str = "<records>"
+    source: str = "<records>", drop_identical: bool = False
 ) -> list[dict]:
     """-> [{"chosen_input_ids", "chosen_loss_mask", "rejected_input_ids", "rejected_loss_mask"}]
     (lists of ints; loss_mask 1 on the response tokens).
 
     Prompts keep their LAST max_prompt_length tokens (TRL's keep_end). With max_prompt_length None a
     prompt is cut (to max_length // 2) only where it would leave no completion token within
-    max_length: a long prompt never silently drops its pair. Then rows are cut at max_length."""
+    max_length: a long prompt never silently drops its pair. Then rows are cut at max_length.
+
+    Pairs whose chosen and rejected tokens are identical (after truncation) are counted and warned
+    about: every preference loss gives them log 2 with zero gradient and a coin-flip accuracy.
+    drop_identical=True leaves them out."""
     validate_records(records, "preference", source)
     counter = _Truncation(max_length)
     prompts_cut = 0
     examples = []
+    identical = 0
     for record in records:
         prompt, chosen, rejected = _split_preference(record)
         encoded = {name: _encode(tokenizer, prompt, completion) for name, completion in (("chosen", chosen), ("rejected", rejected))}
@@ -235,14 +323,27 @@ def tokenize_preferences(
         pair = {}
         for name, (ids, mask) in encoded.items():
             pair[name] = counter.cut({"input_ids": ids[cut:], "loss_mask": mask[cut:]})
-        if pair["chosen"] is not None and pair["rejected"] is not None:
-            examples.append({f"{name}_{key}": value for name, ex in pair.items() for key, value in ex.items()})
+        if pair["chosen"] is None or pair["rejected"] is None:
+            continue
+        if pair["chosen"]["input_ids"] == pair["rejected"]["input_ids"]:
+            identical += 1
+            if drop_identical:
+                continue
+        examples.append({f"{name}_{key}": value for name, ex in pair.items() for key, value in ex.items()})
     if prompts_cut:
         bound = f"max_prompt_length={max_prompt_length}" if max_prompt_length is not None else \
             f"max_length={max_length} (no room for the completion; kept the last {max_length // 2} prompt tokens)"
         warnings.warn(f"{source}: {prompts_cut} of {len(records)} prompts were longer than {bound}; "
                       f"their beginning was cut", stacklevel=2)
     counter.report(source, 2 * len(records))
+    if identical:
+        warnings.warn(
+            f"{source}: {identical} of {len(records)} pairs have chosen == rejected (identical tokens after "
+            f"truncation to max_length={max_length}): their loss is log 2 with zero gradient and their accuracy "
+            + ("a coin flip; they were dropped" if drop_identical else
+               "a coin flip; drop them with drop_identical_pairs=True (--drop-identical-pairs)"),
+            stacklevel=2,
+        )
     return examples
 
 

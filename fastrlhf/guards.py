@@ -14,6 +14,10 @@ from typing import Iterable
 import torch
 
 
+class NonFiniteStop(RuntimeError):
+    """The run stopped after `max_consecutive` non-finite steps in a row (the message says what to try)."""
+
+
 class NonFiniteGuard:
     """Skip optimizer steps whose loss or gradients are not finite; stop after K in a row.
 
@@ -23,8 +27,8 @@ class NonFiniteGuard:
     if guard.step_ok(loss, params):      # False: gradients were cleared, do not step
         optimizer.step()
 
-    max_consecutive: K >= 1; the K-th non-finite step in a row raises RuntimeError. None / 0 never
-        raises (only skips). ctx: a `fastrlhf.distributed.DistContext` to agree across ranks.
+    max_consecutive: K >= 1; the K-th non-finite step in a row raises NonFiniteStop (a RuntimeError).
+        None / 0 never raises (only skips). ctx: a `fastrlhf.distributed.DistContext` to agree across ranks.
     Counters: `.skipped_steps` (total), `.consecutive` (current run of bad steps); both survive a
     resume through `state_dict()` / `load_state_dict()`.
     """
@@ -47,7 +51,7 @@ class NonFiniteGuard:
         """True if `loss` and all gradients of `params` are finite (go ahead and step).
 
         False: the step is skipped and counted, and the gradients of `params` are set to None so the
-        next accumulation window starts clean. Raises RuntimeError when this makes K in a row.
+        next accumulation window starts clean. Raises NonFiniteStop when this makes K in a row.
         grad_norm: a total gradient norm already computed (e.g. returned by clip_grad_norm_);
         when given, the per-parameter norms are not recomputed.
         """
@@ -72,7 +76,7 @@ class NonFiniteGuard:
         self.skipped_steps += 1
         self.consecutive += 1
         if self.max_consecutive is not None and self.consecutive >= self.max_consecutive:
-            raise RuntimeError(
+            raise NonFiniteStop(
                 f"stopping: {self.consecutive} non-finite steps in a row (last loss={_fmt(loss_t)}, "
                 f"{self.skipped_steps} skipped in total) — lower the learning rate / check data for "
                 "NaN/inf, overly long sequences or bad rewards; with bf16 try fp32"

@@ -19,6 +19,11 @@ def option_help(text: str, *, flag: str | None = None) -> dict:
     return {"help": text} if flag is None else {"help": text, "flag": flag}
 
 
+def option_name(field_name: str) -> str:
+    """The command-line spelling of an option field: learning_rate -> --learning-rate."""
+    return "--" + field_name.replace("_", "-")
+
+
 def unset_as_none(value):
     """None for "" and 0, the value otherwise. Older versions wrote "" or 0 for an option left
     unset, and their configs (and trainer_config.json files) still do. Only for options where these

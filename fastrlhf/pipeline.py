@@ -29,6 +29,7 @@ from fastrlhf import demo
 from fastrlhf._checks import check_int, check_number
 from fastrlhf.memory import peak_memory, reset_peak_memory
 from fastrlhf.options import ModelOptions, option_help
+from fastrlhf.cli import CliError
 from fastrlhf.stage import build_role_model, load_model
 
 
@@ -36,7 +37,10 @@ from fastrlhf.stage import build_role_model, load_model
 class PipelineOptions:
     """The demo pipeline (stage sizes and the main hyper-parameters of each stage)."""
 
-    output_dir: str = field(default="fastrlhf-pipeline", metadata=option_help("where every stage and the results are written"))
+    output_dir: str = field(default="fastrlhf-pipeline", metadata=option_help(
+        "where every stage and the results are written; it must be empty unless --overwrite-output-dir"))
+    overwrite_output_dir: bool = field(default=False, metadata=option_help(
+        "run in a non-empty output_dir: every stage replaces what an earlier pipeline wrote there"))
     seed: int = field(default=0, metadata=option_help("seed of the data, sampling and training"))
     backend: str = field(default="auto", metadata=option_help("loss backend: auto (Triton on CUDA, PyTorch on CPU), triton, torch"))
     batch_size: int = field(default=8, metadata=option_help("sequences (SFT), pairs (RM, DPO) or prompts (PPO) per optimizer step"))
@@ -265,8 +269,9 @@ def split_pairs(pairs: list[dict], fraction: float, seed: int) -> tuple[list[dic
 
 def _common(opts: PipelineOptions, stage: str, **overrides) -> dict:
     """Trainer options shared by every stage of the pipeline."""
-    options = dict(output_dir=os.path.join(opts.output_dir, stage), seed=opts.seed, backend=opts.backend,
-                   batch_size=opts.batch_size, progress=opts.progress, lr_schedule="constant")
+    # run_pipeline already checked that the directory is empty or may be overwritten
+    options = dict(output_dir=os.path.join(opts.output_dir, stage), overwrite_output_dir=True, seed=opts.seed,
+                   backend=opts.backend, batch_size=opts.batch_size, progress=opts.progress, lr_schedule="constant")
     return {**options, **overrides}
 
 
@@ -369,6 +374,9 @@ def run_pipeline(model_opts: ModelOptions, opts: PipelineOptions) -> dict:
 
     from fastrlhf._dispatch import use_backend
 
+    if os.path.isdir(opts.output_dir) and os.listdir(opts.output_dir) and not opts.overwrite_output_dir:
+        raise CliError(f"--output-dir {opts.output_dir!r} is not empty (an earlier pipeline?): pass "
+                       "--overwrite-output-dir to run there again, or choose another --output-dir")
     os.makedirs(opts.output_dir, exist_ok=True)
     random.seed(opts.seed)
     torch.manual_seed(opts.seed)

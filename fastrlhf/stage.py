@@ -15,6 +15,7 @@ import time
 import traceback
 from typing import Any, Callable
 
+from fastrlhf.checkpoint import CheckpointError
 from fastrlhf.cli import CliError, option_name
 from fastrlhf.options import (
     DataOptions,
@@ -28,6 +29,11 @@ from fastrlhf.roles import (
     reward_dir_fits_base,
 )
 from fastrlhf.trainers.build import needs_reference_copy
+from fastrlhf.trainers.data_stream import DataPositionError
+from fastrlhf.trainers.run_dir import RunDirError
+
+# what a resume or the output directory can refuse: the user's to fix, reported in one line
+RESUME_ERRORS = (CheckpointError, DataPositionError, RunDirError)
 
 DATA_KINDS = {"sft": "sft", "rm": "preference", "dpo": "preference", "kto": "unpaired", "ppo": "prompt",
               "grpo": "prompt"}
@@ -77,6 +83,8 @@ def _run_stage(command: str, options: dict[type, Any], ctx) -> dict:
         raise CliError(f"--data is required for {command}: a .jsonl/.json/.parquet file of {DATA_FORMATS[kind]}")
     train_records = load_data(data_opts.data, kind, "--data")
     eval_records = load_data(data_opts.eval_data, kind, "--eval-data") if data_opts.eval_data else None
+    if ctx.is_main:
+        check_output_dir(trainer_class.__name__, config, train_records)
 
     reward_fn, reward_dir = None, None
     if RewardOptions in options:
@@ -108,7 +116,10 @@ def _run_stage(command: str, options: dict[type, Any], ctx) -> dict:
                                 reward_fn=reward_fn, ctx=ctx)
     except ValueError as error:
         raise CliError(str(error)) from None
-    summary = trainer.train()
+    try:  # a directory of another run, a damaged checkpoint, data that moved: one line, no traceback
+        summary = trainer.train()
+    except RESUME_ERRORS as error:
+        raise CliError(str(error)) from None
     output_dir = config.output_dir
     if options.get(PolicyOutputOptions) and options[PolicyOutputOptions].save_merged:
         merged_dir = os.path.join(output_dir, "merged")
@@ -122,6 +133,33 @@ def _run_stage(command: str, options: dict[type, Any], ctx) -> dict:
             json.dump(summary, f, indent=2, default=str)
         print(format_summary(summary), flush=True)
     return summary
+
+
+def check_output_dir(trainer_name: str, config, train_records: list[dict]) -> None:
+    """Before the model loads: the output directory can be created and written, and this run may
+    start there (`fastrlhf.trainers.run_dir.plan_run`: empty, or the same run when resuming; an
+    explicit --resume checkpoint exists and is intact). CliError otherwise. The trainer applies the
+    same rules again when it starts (with the model's identity, which is not known yet here)."""
+    import tempfile
+
+    from fastrlhf.checkpoint import verify_checkpoint
+    from fastrlhf.trainers.run_dir import plan_run, run_record
+
+    out = config.output_dir
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as error:
+        raise CliError(f"--output-dir: cannot create or write {out!r} ({error.strerror or error})") from None
+    current = run_record(trainer_name, config, train_records=train_records)
+    try:
+        plan = plan_run(out, resume=config.resume, overwrite=config.overwrite_output_dir, current=current)
+        if plan.resume not in (None, "auto"):
+            verify_checkpoint(plan.resume)
+    except RESUME_ERRORS as error:
+        raise CliError(str(error)) from None
+
 
 def save_merged_policy(role_model, tokenizer, model_opts: ModelOptions, merged_dir: str, ctx) -> None:
     """Rank 0 saves the policy merged into the base as a plain HF model; call on EVERY rank.

@@ -18,6 +18,7 @@ import sys
 from typing import Sequence
 
 from fastrlhf.cli import CliError, Command, build_parser, parse_args
+from fastrlhf.guards import NonFiniteStop
 from fastrlhf.options import (
     DataOptions,
     ModelOptions,
@@ -83,6 +84,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             run_stage(command, options)
     except CliError as error:
         subparser_error(str(error))
+    except NonFiniteStop as error:  # the run diverged: what happened and what to try, no traceback
+        print(f"{_subparser(parser, command).prog}: {error}", file=sys.stderr, flush=True)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C: the trainer saved what it could; no traceback
+        print("interrupted: the same command with --resume auto continues from the last checkpoint",
+              file=sys.stderr, flush=True)
+        return 130
     return 0
 
 def _subparser(parser, name: str):

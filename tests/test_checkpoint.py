@@ -131,3 +131,124 @@ def test_bad_arguments(tmp_path):
         save_checkpoint(tmp_path, 1, model_state={}, keep_last=0)
     with pytest.raises(TypeError, match="model_state\\['x'\\]"):
         save_checkpoint(tmp_path, 1, model_state={"x": 3})
+
+
+# ----------------------------------------------------------------------------- verification (issue 13, case 5)
+def _two_checkpoints(tmp_path):
+    model, optimizer, scheduler = _model_and_optimizer()
+    for step in (2, 4):
+        save_checkpoint(tmp_path, step, model_state=model.state_dict(), optimizer=optimizer, scheduler=scheduler,
+                        trainer_state={"marker": step})
+    return tmp_path / "checkpoint-2", tmp_path / "checkpoint-4"
+
+
+def test_manifest_records_size_and_sha256_of_every_file(tmp_path):
+    import hashlib
+
+    _, newest = _two_checkpoints(tmp_path)
+    manifest = json.loads((newest / COMPLETE_MARKER).read_text())
+    assert sorted(manifest["files"]) == sorted(p.name for p in newest.iterdir() if p.name != COMPLETE_MARKER)
+    for name, entry in manifest["files"].items():
+        data = (newest / name).read_bytes()
+        assert entry == {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}, name
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "optimizer.pt", "trainer_state.pt"])
+@pytest.mark.parametrize("damage", ["truncate", "flip_a_byte"])
+def test_damaged_newest_checkpoint_is_named_and_auto_falls_back(tmp_path, name, damage):
+    older, newest = _two_checkpoints(tmp_path)
+    file = newest / name
+    data = bytearray(file.read_bytes())
+    if damage == "truncate":  # e.g. storage corruption after the COMPLETE marker was written
+        file.write_bytes(bytes(data[: len(data) // 2]))
+    else:  # same size, different content: only the checksum sees it
+        data[len(data) // 2] ^= 0xFF
+        file.write_bytes(bytes(data))
+    assert is_complete_checkpoint(newest)  # the marker and every file are still there
+    with pytest.warns(UserWarning, match=rf"skipping checkpoint-4: .*checkpoint-4/{name}"):
+        assert resolve_resume("auto", tmp_path) == older
+    from fastrlhf.checkpoint import read_resume_checkpoint
+
+    with pytest.warns(UserWarning, match=rf"skipping checkpoint-4: .*checkpoint-4/{name}"):
+        assert read_resume_checkpoint("auto", tmp_path).trainer_state["marker"] == 2
+    with pytest.raises(ValueError, match=rf"checkpoint-4/{name}"):  # an explicit path is refused, naming the file
+        resolve_resume(str(newest), tmp_path)
+    with pytest.raises(ValueError, match=rf"checkpoint-4/{name}"):
+        load_checkpoint(newest)
+    _, state = load_checkpoint(older, restore_rng=False)
+    assert state["marker"] == 2
+
+
+def test_auto_resume_with_every_checkpoint_damaged_starts_fresh_with_warnings(tmp_path):
+    older, newest = _two_checkpoints(tmp_path)
+    for path in (older, newest):
+        (path / "optimizer.pt").write_bytes(b"")
+    with pytest.warns(UserWarning) as record:
+        assert resolve_resume("auto", tmp_path) is None
+    assert [str(w.message).split(":")[0] for w in record] == ["skipping checkpoint-4", "skipping checkpoint-2"]
+
+
+# ----------------------------------------------------------------------------- safe loading (issue 13, case 10)
+class _RunsCode:
+    """Unpickling this calls os.system: what a checkpoint from elsewhere could hold."""
+
+    def __init__(self, flag):
+        self.flag = str(flag)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.flag}",))
+
+
+@pytest.mark.parametrize("name", ["rng_state.pt", "trainer_state.pt", "optimizer.pt", "scheduler.pt"])
+def test_a_planted_pickle_that_runs_code_is_refused(tmp_path, name):
+    import hashlib
+
+    _, newest = _two_checkpoints(tmp_path)
+    flag = tmp_path / "pwned"
+    torch.save({"state": _RunsCode(flag)}, newest / name)
+    # whoever planted it also rewrote the manifest, so sizes and checksums match
+    manifest = json.loads((newest / COMPLETE_MARKER).read_text())
+    if isinstance(manifest["files"], dict):
+        data = (newest / name).read_bytes()
+        manifest["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (newest / COMPLETE_MARKER).write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=rf"checkpoint-4/{name}: refused to load"):
+        load_checkpoint(newest)
+    assert not flag.exists()
+    from fastrlhf.checkpoint import read_resume_checkpoint
+
+    with pytest.warns(UserWarning, match=rf"skipping checkpoint-4: .*checkpoint-4/{name}: refused to load"):
+        assert read_resume_checkpoint("auto", tmp_path).path == tmp_path / "checkpoint-2"
+    assert not flag.exists()
+
+
+def test_every_checkpoint_file_loads_with_weights_only(tmp_path):
+    _, newest = _two_checkpoints(tmp_path)
+    for name in ("optimizer.pt", "scheduler.pt", "rng_state.pt", "trainer_state.pt"):
+        torch.load(newest / name, weights_only=True)  # no allow-list needed for what we write
+
+
+def test_rng_file_of_older_versions_still_loads(tmp_path):
+    """Older versions pickled the numpy RNG state (an ndarray); it is read with exactly the numpy
+    array types allow-listed."""
+    from fastrlhf.checkpoint import capture_rng_state
+
+    path = save_checkpoint(tmp_path, 1, model_state={"w": torch.zeros(1)})
+    np.random.seed(5), random.seed(5), torch.manual_seed(5)
+    torch.save([capture_rng_state()], path / "rng_state.pt")  # the old format
+    manifest = json.loads((path / COMPLETE_MARKER).read_text())
+    manifest["files"] = list(manifest["files"])  # and the old manifest: names only
+    (path / COMPLETE_MARKER).write_text(json.dumps(manifest))
+    expected = (random.random(), float(np.random.rand()))
+    np.random.seed(9), random.seed(9)
+    load_checkpoint(path)
+    assert (random.random(), float(np.random.rand())) == expected
+
+
+def test_keep_last_deletes_only_checkpoints_of_the_same_run(tmp_path):
+    for step in (4, 5):  # an older run's checkpoints (higher steps) in the same directory
+        save_checkpoint(tmp_path, step, model_state={"w": torch.zeros(1)}, run_record={"run_id": "A"})
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, step, model_state={"w": torch.zeros(1)}, keep_last=1, run_record={"run_id": "B"})
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["checkpoint-3", "checkpoint-4", "checkpoint-5"]
+    assert json.loads((tmp_path / "checkpoint-3" / "run.json").read_text()) == {"run_id": "B"}

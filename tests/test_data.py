@@ -76,6 +76,70 @@ def test_load_records_errors_name_the_file(tmp_path, monkeypatch):
         load_records("org/name")
 
 
+def test_non_utf8_bytes_are_reported_with_file_line_and_column(tmp_path):
+    """Issue 13, case 11: the error named a position inside an internal read chunk, no file or line."""
+    good = json.dumps(SFT[0]).encode()
+    jsonl = tmp_path / "latin1.jsonl"
+    jsonl.write_bytes(good + b"\n" + good + b"\n" + b'{"prompt": "caf\xe9", "completion": "x"}\n')
+    with pytest.raises(ValueError, match=r"latin1.jsonl: line 3, column 16: not UTF-8 \(byte 0xe9\)"):
+        load_records(str(jsonl))
+    array = tmp_path / "latin1.json"
+    array.write_bytes(b"[\n" + good + b",\n" + b'{"prompt": "\xff", "completion": "x"}\n]')
+    with pytest.raises(ValueError, match=r"latin1.json: line 3, column 13: not UTF-8 \(byte 0xff\)"):
+        load_records(str(array))
+
+
+def test_json_syntax_errors_name_file_line_and_column(tmp_path):
+    bad = tmp_path / "bad.json"
+    bad.write_text('[\n  {"prompt": "a", "completion": "b"},\n  {"prompt": }\n]')
+    with pytest.raises(ValueError, match=r"bad.json: line 3, column 14: not valid JSON \(Expecting value\)"):
+        load_records(str(bad))
+    (tmp_path / "list.jsonl").write_text('{"prompt": "a", "completion": "b"}\n["not", "a", "record"]\n')
+    with pytest.raises(ValueError, match=r"list.jsonl: line 2 is a JSON list, not an object"):
+        load_records(str(tmp_path / "list.jsonl"))
+
+
+def test_validation_errors_of_a_jsonl_file_name_its_line(tmp_path):
+    path = tmp_path / "gaps.jsonl"
+    path.write_text(json.dumps(SFT[0]) + "\n\n\n" + json.dumps({"prompt": "x"}) + "\n")
+    records = load_records(str(path))
+    with pytest.raises(ValueError, match=r"gaps.jsonl: line 4 \(record 1\) has no column 'completion'"):
+        validate_records(records, "sft", source=str(path))
+
+
+def test_a_directory_that_is_not_a_dataset_is_refused_without_writing_a_cache(tmp_path, monkeypatch):
+    """Issue 13, case 11: a directory holding no dataset ended in a `datasets` traceback (or was
+    read as a text dataset), and `datasets` wrote a cache under the home directory."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("HF_HOME", str(home / "hf"))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(home / "hf" / "datasets"))
+    for name, files in (("empty", {}), ("notes", {"README.txt": "hello", "model.bin": "x"})):
+        folder = tmp_path / name
+        folder.mkdir()
+        for file, text in files.items():
+            (folder / file).write_text(text)
+        with pytest.raises(ValueError, match=rf"{name}: not a dataset directory: no datasets.save_to_disk files "
+                                             r"\(dataset_info.json / dataset_dict.json\) and no .jsonl, .json or "
+                                             r".parquet file"):
+            load_records(str(folder))
+    # a folder of data files is read by fastrlhf itself: by split name, else every file is "train"
+    split = tmp_path / "split"
+    (split / "data").mkdir(parents=True)
+    (split / "data" / "train.jsonl").write_text(json.dumps(SFT[0]) + "\n")
+    (split / "data" / "test.jsonl").write_text(json.dumps(SFT[1]) + "\n")
+    assert load_records(str(split)) == [SFT[0]]
+    assert load_records(str(split), split="test") == [SFT[1]]
+    with pytest.raises(ValueError, match=r"no 'validation' split \(files for: test, train\)"):
+        load_records(str(split), split="validation")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "a.jsonl").write_text(json.dumps(SFT[0]) + "\n")
+    (plain / "b.jsonl").write_text(json.dumps(SFT[1]) + "\n")
+    assert load_records(str(plain)) == SFT
+    assert not home.exists()
+
+
 # --------------------------------------------------------------------------- validation
 
 
@@ -176,6 +240,24 @@ def test_preferences_explicit_and_implicit_prompt(tok):
     assert a == b
     assert trained_tokens(tok, a, "chosen_") == ["yes", "<|im_end|>"]
     assert trained_tokens(tok, a, "rejected_") == ["no", "no", "<|im_end|>"]
+
+
+def test_identical_chosen_and_rejected_pairs_are_counted_warned_and_dropped_on_request(tok):
+    """Issue 13, case 9: pairs with chosen == rejected (loss log 2, zero gradient, coin-flip
+    accuracy) were accepted without a word."""
+    pairs = [{"prompt": "say yes", "chosen": "yes", "rejected": "no"},
+             {"prompt": "say no", "chosen": "no", "rejected": "no"},
+             {"prompt": "the cat is", "chosen": "big . the dog", "rejected": "big . the cat"}]
+    with pytest.warns(UserWarning, match=r"pairs.jsonl: 1 of 3 pairs have chosen == rejected .*drop_identical_pairs"):
+        kept = tokenize_preferences(pairs, tok, max_length=64, source="pairs.jsonl")
+    assert len(kept) == 3
+    with pytest.warns(UserWarning, match=r"pairs.jsonl: 1 of 3 pairs have chosen == rejected .*dropped"):
+        kept = tokenize_preferences(pairs, tok, max_length=64, source="pairs.jsonl", drop_identical=True)
+    assert [trained_tokens(tok, e, "chosen_")[0] for e in kept] == ["yes", "big"]
+    # equal only after truncation to max_length: the same zero gradient
+    with pytest.warns(UserWarning, match=r"2 of 3 pairs have chosen == rejected "
+                                         r"\(identical tokens after truncation to max_length=11"):
+        tokenize_preferences(pairs, tok, max_length=11, source="pairs.jsonl")
 
 
 def test_prompts_keep_fields_and_the_generation_prompt_when_truncated(tok):

@@ -234,6 +234,15 @@ def test_resume_mid_epoch_repeats_the_uninterrupted_run(tok, tmp_path):
     for a, b in zip(expected[4:], resumed):
         assert a["loss"] == b["loss"] and a["kl"] == b["kl"]
 
+    # another batch size would make other groups (and KL rows): refused, naming the saved batch size
+    from fastrlhf.trainers.data_stream import DataPositionError
+
+    other = kto_config(tmp_path, "other", **dict(common, batch_size=2), resume="auto")
+    Path(other.output_dir).mkdir()
+    shutil.copytree(Path(full.output_dir) / "checkpoint-4", Path(other.output_dir) / "checkpoint-4")
+    with pytest.raises(DataPositionError, match="batch_size=3"):
+        KTOTrainer(make_model(tok), tok, other, UNPAIRED[:7]).train()
+
 
 # --------------------------------------------------------------------------- options
 

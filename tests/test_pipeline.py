@@ -101,6 +101,10 @@ def test_pipeline_wiring_on_a_tiny_model(tmp_path, monkeypatch):
     assert saved["policies"]["PPO"]["gold_reward"] == results["policies"]["PPO"]["gold_reward"]
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| PPO |" in table and "| reward model |" in table and "held-out pairs" in table
+    from fastrlhf.cli import CliError
+
+    with pytest.raises(CliError, match="is not empty"):  # a second pipeline does not overwrite the first
+        pipeline.run_pipeline(ModelOptions(model=str(tmp_path / "tiny")), opts)
     for name in ("sft", "pairs", "heldout_pairs", "prompts", "eval_prompts"):
         assert (tmp_path / "out" / "data" / f"{name}.jsonl").is_file()
     assert len((tmp_path / "out" / "eval" / "ppo.jsonl").read_text().splitlines()) == 4

@@ -1,6 +1,6 @@
 """The one training loop every fastrlhf trainer runs on, to read top to bottom:
 
-    train()          resume, open the logs, then per step: training_step -> log -> evaluate -> checkpoint
+    train()          output-dir rules, resume, logs, then per step: training_step -> log -> evaluate -> checkpoint
     training_step()  `grad_accum_steps` micro-batches from the data stream -> optimize()
     optimize()       forward + backward of each micro-batch, gradient sync, clipping, guarded optimizer step
     evaluate()       the mean of compute_loss's metrics over the eval data
@@ -15,8 +15,9 @@ A trainer subclass says only what is specific to its objective:
 
 Beside the loop, one job per module: config.py (the options), build.py (device placement, trained
 parameters, LR schedule, autocast mode), data_stream.py (records, batch order), metrics_log.py
-(metrics.jsonl, TensorBoard, tqdm, the host sync), checkpointing.py (save and resume),
-interrupt.py (Ctrl-C); `fastrlhf.memory` measures memory.
+(metrics.jsonl, TensorBoard, tqdm, the host sync), checkpointing.py (save and resume), run_dir.py
+(one run per output directory: run.json, what a new run or a resume may find there), interrupt.py
+(Ctrl-C); `fastrlhf.memory` measures memory.
 
 Gradient accumulation is exact: each micro-batch loss (a mean over its own items) is re-weighted by
 its share of the items in the whole optimizer step, over all micro-batches and all ranks. So
@@ -30,6 +31,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -41,12 +43,20 @@ from fastrlhf.distributed import DistContext
 from fastrlhf.guards import NonFiniteGuard
 from fastrlhf.memory import memory_summary, peak_memory_bytes, peak_memory_kind, reset_peak_memory
 from fastrlhf.trainers.build import make_scheduler, place_model, resolve_bf16, trainable_parameters
-from fastrlhf.trainers.checkpointing import load_trainer_checkpoint, loop_state, save_trainer_checkpoint
+from fastrlhf.trainers.checkpointing import (
+    apply_trainer_checkpoint,
+    check_world_size,
+    legacy_data_position,
+    loop_state,
+    read_trainer_checkpoint,
+    save_trainer_checkpoint,
+)
 from fastrlhf.trainers.config import TrainerConfig
 from fastrlhf.trainers.data_stream import BatchStream, load_and_check_records
 from fastrlhf.trainers.interrupt import DeferredCtrlC, StepBoundary
 from fastrlhf.trainers import from_trl
 from fastrlhf.trainers.metrics_log import MetricsLog
+from fastrlhf.trainers.run_dir import RunDirError, RunPlan, plan_run, run_record, write_run_record
 
 RewardFn = Callable[[list, list, list], list]
 """reward_fn(prompts: list[str], completions: list[str], records: list[dict]) -> list[float]."""
@@ -103,19 +113,18 @@ class Trainer:
             raise ValueError(f"the model has no trainable parameters for roles {self.trained_roles}")
         self.data = BatchStream(self.train_examples, config.batch_size, ctx=self.ctx, seed=config.seed,
                                 epochs=None if config.max_steps > 0 else config.epochs)
-        self.total_steps = config.max_steps or math.ceil(
-            config.epochs * self.data.batches_per_epoch / self.micro_batches_per_step())
+        self.step = 0                    # completed training steps
         self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
-        self.scheduler = make_scheduler(self.optimizer, schedule=config.lr_schedule, warmup_ratio=config.warmup_ratio,
-                                        total_steps=self.total_steps * self.optimizer_steps_per_step())
+        self.scheduler = None
+        self._set_total_steps(self._planned_total_steps())
         self.guard = NonFiniteGuard(config.max_consecutive_nonfinite, ctx=self.ctx)
         self.metrics_log = MetricsLog(self.ctx, config.output_dir, progress=config.progress,
                                       progress_keys=self.progress_keys, report_to=config.reporters(),
                                       callbacks=callbacks, config=config)
 
-        self.step = 0                    # completed training steps
         self._boundary = StepBoundary()  # data position + RNG after the last completed step
         self._saved_step = -1            # step of the last checkpoint written (or resumed from)
+        self._run_record: dict | None = None  # the run's identity (run.json), set on rank 0 by train()
         self.last_metrics: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
 
@@ -166,10 +175,12 @@ class Trainer:
         if self.device.type == "cuda":  # the CPU peak is process-wide: the pipeline measures its stages with it
             reset_peak_memory(self.device)
         seed_everything(cfg.seed + self.ctx.rank)  # sampling differs per rank; a resume restores the RNG below
-        resumed = self._resume()
+        plan = self._plan_run()
+        resumed = self._resume(plan)
         log.open(step=self.step, resumed=resumed)
         if self.is_main:
             out = Path(cfg.output_dir)
+            write_run_record(out, self._run_record)
             (out / "trainer_config.json").write_text(json.dumps(cfg.to_dict(), indent=2, default=str))
             report = self.model.memory_report(self.optimizer)
             (out / "memory_report.json").write_text(json.dumps(report, indent=2))
@@ -179,13 +190,13 @@ class Trainer:
         log.start_bar(total=self.total_steps, initial=self.step, desc=type(self).__name__)
         started = time.perf_counter()
         self._saved_step = self.step if resumed else -1
-        self._boundary.mark(self.data.consumed, self.ctx)
+        self._boundary.mark(self.data.position, self.ctx)
         try:
             with DeferredCtrlC(log.say, activity=log.activity) as ctrl_c:
                 while self.step < self.total_steps and not log.stop_requested:
                     metrics = self.training_step()
                     self.step += 1
-                    self._boundary.mark(self.data.consumed, self.ctx)
+                    self._boundary.mark(self.data.position, self.ctx)
                     log.accumulate(metrics)
                     if self.step % cfg.logging_steps == 0 or self.step == self.total_steps:
                         self.last_metrics = log.log_window(step=self.step, epoch=self.data.epoch(),
@@ -302,16 +313,17 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints and results
     def save_checkpoint(self, *, rng_states: list | None = None, partial_step: bool = False,
-                        consumed_batches: int | None = None) -> Path | None:
+                        data_position: int | None = None) -> Path | None:
         """Atomic `output_dir/checkpoint-<step>` (rank 0 writes; every rank takes part).
-        consumed_batches: the data position to record (default: the stream's current one)."""
-        consumed = self.data.consumed if consumed_batches is None else consumed_batches
-        state = {**loop_state(step=self.step, consumed_batches=consumed, batches_per_epoch=self.data.batches_per_epoch,
+        data_position: examples consumed to record (default: the stream's current position)."""
+        data = self.data.state_dict(data_position)
+        state = {**loop_state(step=self.step, data=data, epoch=data["examples"] / self.data.examples_per_epoch,
                               guard=self.guard, world_size=self.ctx.world_size),
                  **self.extra_state(), "partial_step": partial_step}
         path = save_trainer_checkpoint(self.ctx, self.model, self.trained_roles, self.optimizer, self.scheduler,
                                        output_dir=self.config.output_dir, step=self.step, trainer_state=state,
-                                       rng_states=rng_states, keep_last=self.config.save_total_limit)
+                                       rng_states=rng_states, keep_last=self.config.save_total_limit,
+                                       run_record=self._run_record)
         self._saved_step = self.step
         return path
 
@@ -322,24 +334,76 @@ class Trainer:
         if self.step > 0 and self._saved_step != self.step and not self.ctx.distributed:
             boundary = self._boundary
             path = self.save_checkpoint(rng_states=[boundary.rng], partial_step=boundary.weights_changed,
-                                        consumed_batches=boundary.consumed_batches)
+                                        data_position=boundary.data_position)
             self.metrics_log.say(f"interrupted: saved {path} at step {self.step}; continue with resume='auto'")
 
-    def _resume(self) -> bool:
-        """Continue from the checkpoint `config.resume` points at; False when there is none."""
-        loaded = load_trainer_checkpoint(self.ctx, self.model, self.trained_roles, self.optimizer, self.scheduler,
-                                         resume=self.config.resume, output_dir=self.config.output_dir)
-        if loaded is None:
-            if self.config.resume:
-                self.metrics_log.say(f"resume={self.config.resume!r}: no checkpoint in {self.config.output_dir}, starting fresh")
+    def _plan_run(self) -> RunPlan:
+        """The output directory's rules (`fastrlhf.trainers.run_dir`), decided on rank 0 before
+        anything is written: a new run needs an empty directory (or overwrite_output_dir), a resume
+        the same run. Every rank gets the plan, or raises the same RunDirError."""
+        cfg, decided = self.config, None
+        if self.is_main:
+            record = run_record(type(self).__name__, cfg, model=self.model, train_records=self.train_records,
+                                world_size=self.ctx.world_size)
+            try:
+                plan = plan_run(cfg.output_dir, resume=cfg.resume, overwrite=cfg.overwrite_output_dir, current=record)
+                plan.apply()
+                self._run_record = dict(record, run_id=plan.run_id)
+                decided = ("plan", plan)
+            except (RunDirError, OSError) as error:
+                decided = ("error", f"{type(error).__name__}: {error}" if isinstance(error, OSError) else str(error))
+        kind, value = self.ctx.broadcast_object(decided)
+        if kind == "error":
+            raise RunDirError(value)
+        for note in value.notes:
+            self.metrics_log.say(f"resume changes {note}")
+        return value
+
+    def _resume(self, plan: RunPlan) -> bool:
+        """Continue from the checkpoint the plan points at; False when there is none. ValueError
+        (CheckpointError, DataPositionError, RunDirError) when it cannot be continued exactly."""
+        cfg = self.config
+        contents = read_trainer_checkpoint(self.ctx, resume=plan.resume, output_dir=cfg.output_dir,
+                                           run_id=plan.run_id)
+        if contents is None:
+            if cfg.resume:
+                self.metrics_log.say(f"resume={cfg.resume!r}: no checkpoint in {cfg.output_dir}, starting fresh")
             return False
-        path, state = loaded
+        check_world_size(contents, self.ctx)
+        state = contents.trainer_state
+        if cfg.max_steps and cfg.max_steps < int(state["step"]):
+            raise RunDirError(f"--max-steps {cfg.max_steps} is below the step of {contents.path} (step "
+                              f"{int(state['step'])}): resume with --max-steps >= {int(state['step'])}")
+        data_state = state.get("data")
+        if data_state is None:
+            data_state = legacy_data_position(state, self.data)
+            warnings.warn(f"{contents.path} was written by an older fastrlhf that counted batches: its data "
+                          f"position is read with batch_size={cfg.batch_size}; it is exact only if that is the "
+                          "batch size it was written with", stacklevel=2)
         self.step = int(state["step"])
-        self.data.consumed = int(state["consumed_batches"])
+        self.data.load_state_dict(data_state)
+        self._set_total_steps(self._planned_total_steps())  # epochs with another batch size: another count
+        apply_trainer_checkpoint(self.ctx, contents, self.model, self.trained_roles, self.optimizer, self.scheduler)
         self.guard.load_state_dict(state.get("guard", {}))
         self.load_extra_state(state)
-        self.metrics_log.say(f"resumed from {path} at step {self.step}")
+        self.metrics_log.say(f"resumed from {contents.path} at step {self.step}")
         return True
+
+    def _planned_total_steps(self) -> int:
+        """max_steps, or the steps until the last epoch ends from the data position (the same number
+        as epochs x batches per epoch for a new run; recounted after a resume with another batch size)."""
+        if self.config.max_steps:
+            return self.config.max_steps
+        return self.step + math.ceil(self.data.batches_left() / self.micro_batches_per_step())
+
+    def _set_total_steps(self, total: int) -> None:
+        """Set the run length and (re)build the LR schedule over it."""
+        if self.scheduler is not None and total == self.total_steps:
+            return
+        self.total_steps = total
+        cfg = self.config
+        self.scheduler = make_scheduler(self.optimizer, schedule=cfg.lr_schedule, warmup_ratio=cfg.warmup_ratio,
+                                        total_steps=total * self.optimizer_steps_per_step())
 
     def save_model(self, output_dir: str | None = None) -> None:
         """The trained roles into output_dir (default: config.output_dir): fastrlhf's role files

@@ -1,6 +1,7 @@
-"""The options every trainer shares (`TrainerConfig`) and those of the trainers that learn from fixed
-sequences (`SupervisedConfig`). Each field's `help` is what `python -m fastrlhf.train STAGE --help`
-shows; `fastrlhf.cli` builds the command line from these dataclasses.
+"""The options every trainer shares (`TrainerConfig`), those of the trainers that learn from fixed
+sequences (`SupervisedConfig`) and of those that learn from preference pairs (`PreferenceConfig`).
+Each field's `help` is what `python -m fastrlhf.train STAGE --help` shows; `fastrlhf.cli` builds
+the command line from these dataclasses.
 
 Values are checked once, when the config is built (`__post_init__` -> `validate`), with errors that
 name the option; the CLI reports them as `--option: ...`. An option that can be off is typed
@@ -18,6 +19,7 @@ from fastrlhf.options import option_help, unset_as_none
 from fastrlhf.trl_compat import ConfigMeta
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
+DEFAULT_OUTPUT_ROOT = "fastrlhf-output"
 BF16_MODES = ("auto", "true", "false")
 REPORT_TO = ("tensorboard", "wandb")  # and "none", "all"
 
@@ -29,8 +31,13 @@ class TrainerConfig(metaclass=ConfigMeta):
     TRL's names are accepted too (`per_device_train_batch_size=`, `num_train_epochs=`, ...): see
     `fastrlhf.trl_compat`, the one table of them."""
 
-    output_dir: str = field(default="fastrlhf-output", metadata=option_help(
-        "directory for metrics.jsonl, TensorBoard logs, checkpoints and the trained adapters/heads"))
+    output_dir: str | None = field(default=None, metadata=option_help(
+        f"directory for metrics.jsonl, TensorBoard logs, checkpoints and the trained adapters/heads; it must be "
+        f"empty unless resuming or --overwrite-output-dir; "
+        f"none = {DEFAULT_OUTPUT_ROOT}/<stage> (the command: sft, rm, dpo, kto, ppo, grpo)"))
+    overwrite_output_dir: bool = field(default=False, metadata=option_help(
+        "start a new run in a non-empty output_dir: first remove what an earlier fastrlhf run wrote there "
+        "(checkpoints, logs, adapters, merged model); other files stay"))
     learning_rate: float = field(default=1e-4, metadata=option_help("peak AdamW learning rate"))
     batch_size: int = field(default=8, metadata=option_help(
         "examples per device per micro-batch (global batch = batch_size x grad_accum_steps x processes)"))
@@ -56,7 +63,8 @@ class TrainerConfig(metaclass=ConfigMeta):
     max_consecutive_nonfinite: int = field(default=5, metadata=option_help(
         "skip steps with NaN/inf loss or gradients; stop after this many in a row (0 = never stop)"))
     resume: str | None = field(default=None, metadata=option_help(
-        "resume from a checkpoint directory, or 'auto' for the latest in output_dir; none = start fresh"))
+        "resume from a checkpoint directory, or 'auto' for the newest intact one in output_dir (the same run: "
+        "only run length, batch size, cadence and progress options may change); none = start fresh"))
     fsdp: bool = field(default=False, metadata=option_help("shard the model with FSDP2 under torchrun (default: DDP-style gradient averaging)"))
     report_to: str = field(default="tensorboard", metadata=option_help(
         "where metrics go besides OUTPUT_DIR/metrics.jsonl: tensorboard (when installed), wandb (pip install wandb), "
@@ -71,6 +79,8 @@ class TrainerConfig(metaclass=ConfigMeta):
         Also brings accepted spellings to their one meaning, so nothing downstream re-interprets
         them: bf16 True/False/"TRUE" -> "true"/"false", resume "" -> None, save_total_limit 0 -> None.
         Safe to call again (the trainer does, since a config is a mutable dataclass)."""
+        if self.output_dir is None:
+            self.output_dir = default_output_dir(type(self))
         if not isinstance(self.output_dir, (str, os.PathLike)) or not str(self.output_dir):
             raise ValueError(f"output_dir must be a non-empty path, got {self.output_dir!r}")
         check_number("learning_rate", self.learning_rate, low=0, low_open=True)
@@ -107,6 +117,9 @@ class TrainerConfig(metaclass=ConfigMeta):
         self.resume = unset_as_none(self.resume)
         if self.resume is not None and not isinstance(self.resume, (str, os.PathLike)):
             raise ValueError(f"resume must be a checkpoint path, 'auto' or None, got {self.resume!r}")
+        if self.overwrite_output_dir and self.resume is not None:
+            raise ValueError(f"overwrite_output_dir starts a new run and resume={self.resume!r} continues one: "
+                             "give one of them")
 
     def reporters(self) -> tuple[str, ...]:
         """The integrations `report_to` names ("tensorboard", "wandb"); () for none."""
@@ -114,6 +127,16 @@ class TrainerConfig(metaclass=ConfigMeta):
 
     def to_dict(self) -> dict:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def default_output_dir(config_class: type) -> str:
+    """DEFAULT_OUTPUT_ROOT/<stage>, the stage being the command-line name of the trainer the config
+    belongs to (sft, rm, dpo, kto, ppo, grpo), so that the stages of a pipeline never share a directory."""
+    from fastrlhf.trainers import TRAINERS
+
+    stage = next((name for name, (_, config_name) in TRAINERS.items() if config_name == config_class.__name__),
+                 config_class.__name__.removesuffix("Config").lower() or "trainer")
+    return os.path.join(DEFAULT_OUTPUT_ROOT, stage)
 
 
 @dataclass
@@ -135,6 +158,9 @@ class PreferenceConfig(SupervisedConfig):
     max_prompt_length: int | None = field(default=None, metadata=option_help(
         "prompts longer than this keep their last tokens; none = cut a prompt (to max_length / 2) only when "
         "it would leave its pair no completion token within max_length"))
+    drop_identical_pairs: bool = field(default=False, metadata=option_help(
+        "leave out pairs whose chosen and rejected are identical after truncation (they are always counted and "
+        "warned about: their loss is log 2 with zero gradient)"))
 
     def validate(self) -> None:
         super().validate()
@@ -144,7 +170,6 @@ class PreferenceConfig(SupervisedConfig):
             if self.max_prompt_length >= self.max_length:
                 raise ValueError(f"max_prompt_length must be < max_length={self.max_length} (room for the completion), "
                                  f"got {self.max_prompt_length}")
-
 
 
 def canonical_report_to(value) -> str:

@@ -69,7 +69,8 @@ class DPOTrainer(Trainer):
         from fastrlhf.data import tokenize_preferences
 
         return tokenize_preferences(records, self.tokenizer, max_length=self.config.max_length,
-                                    max_prompt_length=self.config.max_prompt_length)
+                                    max_prompt_length=self.config.max_prompt_length,
+                                    drop_identical=self.config.drop_identical_pairs)
 
     def collate(self, examples):
         from fastrlhf.data import collate_preferences

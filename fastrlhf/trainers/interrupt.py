@@ -67,11 +67,11 @@ class StepBoundary:
     step, so there the interrupt stops the job without this extra save."""
 
     def __init__(self) -> None:
-        self.consumed_batches = 0
+        self.data_position = 0  # examples consumed (BatchStream.position)
         self.rng: dict | None = None
         self.weights_changed = False
 
-    def mark(self, consumed_batches: int, ctx) -> None:
+    def mark(self, data_position: int, ctx) -> None:
         self.weights_changed = False
         if not ctx.distributed:
-            self.consumed_batches, self.rng = consumed_batches, capture_rng_state()
+            self.data_position, self.rng = data_position, capture_rng_state()

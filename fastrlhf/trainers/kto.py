@@ -13,7 +13,8 @@ Batches. The rotation is fixed when the data is prepared, within consecutive gro
 seeded order (`_GroupStream`). So a batch's KL rows hold exactly its own completions (what TRL gets
 by sampling its data sequentially, without shuffling), and each KL row's reference log-prob is a
 property of its example: it can be precomputed once, saved with checkpoints, and a resumed run
-finds the same batches from the number consumed. Evaluation uses groups of `eval_batch_size` (in a
+finds the same batches from the number of groups consumed (a resume with another batch size is
+refused: it would make other groups). Evaluation uses groups of `eval_batch_size` (in a
 single process, its batches; under torchrun the ranks' strided shards mix them, so there the KL
 rows pair a batch's prompts with completions from other batches: still mismatched pairs).
 
@@ -37,7 +38,7 @@ from fastrlhf.contracts import KTO_LOSS_TYPES
 from fastrlhf.options import option_help
 from fastrlhf.trainers.base import Trainer
 from fastrlhf.trainers.config import SupervisedConfig
-from fastrlhf.trainers.data_stream import BatchStream
+from fastrlhf.trainers.data_stream import BatchStream, DataPositionError
 
 
 @dataclass
@@ -74,10 +75,24 @@ class _GroupStream(BatchStream):
     def __init__(self, examples, batch_size: int, *, ctx, seed: int, epochs: int | None) -> None:
         groups = [examples[i : i + batch_size] for i in range(0, len(examples), batch_size)]
         super().__init__(groups, 1, ctx=ctx, seed=seed, epochs=epochs)
+        self.group_size = batch_size
 
-    def _from(self, start: int):
-        for (group,) in super()._from(start):
-            yield group
+    def take(self, n: int) -> list[list]:
+        """Up to `n` groups; the position counts groups (the stream's examples)."""
+        return [group for (group,) in super().take(n)]
+
+    def state_dict(self, position: int | None = None) -> dict:
+        return dict(super().state_dict(position), group_size=self.group_size)
+
+    def load_state_dict(self, state: dict) -> None:
+        """As BatchStream's, but the batch size cannot change: it fixed the groups and their KL rows."""
+        saved = state.get("group_size", self.group_size)
+        if saved != self.group_size:
+            raise DataPositionError(
+                f"KTO's batches are fixed groups of batch_size examples (their KL rows are rotated within them): "
+                f"the checkpoint was written with batch_size={saved}, this run has {self.group_size}; resume with "
+                f"batch_size={saved}")
+        super().load_state_dict(state)
 
 
 class KTOTrainer(Trainer):

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -92,17 +94,20 @@ class MetricsLog:
     # ------------------------------------------------------------------ files and bar
     def open(self, *, step: int, resumed: bool) -> None:
         """Open metrics.jsonl for appending (after a resume: without the lines logged after the
-        checkpoint's `step`, so the file reads like one run; otherwise emptied) and TensorBoard."""
+        checkpoint's `step`, so the file reads like one run, and without lines that are not JSON,
+        e.g. one torn by a crash, each skipped with a warning; otherwise emptied) and TensorBoard."""
         if not self.ctx.is_main:
             return
         self.output_dir.mkdir(parents=True, exist_ok=True)
         path = self.output_dir / "metrics.jsonl"
         if resumed and path.exists():
-            kept = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-            path.write_text("".join(ln + "\n" for ln in kept))
+            kept = [line for line, record in read_metrics_lines(path) if record.get("step", 0) <= step]
+            from fastrlhf.checkpoint import write_text_atomic
+
+            write_text_atomic(path, "".join(line + "\n" for line in kept))  # a crash here keeps the old file
         elif not resumed and path.exists():
             path.unlink()
-        self._file = open(path, "a")
+        self._file = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         samples = self.output_dir / "completions.jsonl"
         if not resumed and samples.exists():
             samples.unlink()
@@ -144,18 +149,18 @@ class MetricsLog:
     def close(self) -> None:
         self.close_bar()
         if self._file is not None:
-            self._file.close()
+            os.close(self._file)
             self._file = None
         if self._callbacks is not None:
             self._callbacks.call("on_train_end")
             self._callbacks = None
 
     def write(self, record: dict[str, Any]) -> None:
-        """One JSON line (rank 0); its numbers also go to TensorBoard at `record["step"]`."""
+        """One JSON line (rank 0); its numbers also go to TensorBoard at `record["step"]`.
+        The line reaches the file whole or not at all (`append_line`)."""
         if not self.ctx.is_main:
             return
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        append_line(self._file, json.dumps(record) + "\n")
         if self._callbacks is not None:
             self._callbacks.state.global_step = record.get("step", self._callbacks.state.global_step)
             self._callbacks.state.log_history.append(dict(record))
@@ -184,3 +189,40 @@ class MetricsLog:
         if self._bar is not None:
             self._bar.set_postfix({k: f"{floats[k]:.4g}" for k in self.progress_keys if k in floats}, refresh=False)
         return record
+
+
+def append_line(fd: int, line: str) -> None:
+    """Append `line` to the file opened as `fd` (O_APPEND) whole or not at all: one os.write of the
+    whole line (continued if the OS writes part of it); if writing fails part-way (a full disk),
+    the file is cut back to its length before the line and the error is raised."""
+    data = line.encode("utf-8")
+    start = os.lseek(fd, 0, os.SEEK_END)
+    written = 0
+    try:
+        while written < len(data):
+            written += os.write(fd, data[written:])
+    except BaseException:
+        if written or os.lseek(fd, 0, os.SEEK_END) != start:
+            os.ftruncate(fd, start)
+        raise
+
+
+def read_metrics_lines(path) -> list[tuple[str, dict]]:
+    """(line, record) for every line of a metrics.jsonl that is a JSON object; other lines (a
+    write torn by a crash or a full disk) are skipped with a warning naming the file and line."""
+    out = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            line = raw.decode("utf-8", errors="replace").rstrip("\n")
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if not isinstance(record, dict):
+                warnings.warn(f"{path}: line {number} is not valid JSON (a torn write?): skipped: {line[:80]!r}",
+                              stacklevel=3)
+                continue
+            out.append((line, record))
+    return out

@@ -56,12 +56,14 @@ class RewardTrainer(Trainer):
 def tokenize_preference_examples(trainer: Trainer, records: list[dict], extra_fields=()) -> list[dict]:
     """`fastrlhf.data.tokenize_preferences` plus per-record fields (e.g. "margin") carried along.
 
-    tokenize_preferences drops pairs that truncation emptied and does not keep extra columns, so
+    tokenize_preferences drops pairs that truncation emptied (and identical pairs with
+    drop_identical_pairs) and does not keep extra columns, so
     when a field is wanted and pairs were dropped, records are re-tokenised one by one to realign.
     """
     from fastrlhf.data import tokenize_preferences
 
-    lengths = {"max_length": trainer.config.max_length, "max_prompt_length": trainer.config.max_prompt_length}
+    lengths = {"max_length": trainer.config.max_length, "max_prompt_length": trainer.config.max_prompt_length,
+               "drop_identical": trainer.config.drop_identical_pairs}
     examples = tokenize_preferences(records, trainer.tokenizer, **lengths)
     fields = [f for f in extra_fields if records and f in records[0]]
     if not fields:
