@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import torch
 from torch import nn
@@ -35,6 +35,28 @@ ROLES = ("policy", "value", "reward")
 REFERENCE = "reference"
 HEAD_ROLES = ("value", "reward")  # roles with a scalar head
 CONFIG_FILE = "fastrlhf_roles.json"
+
+
+class HeadInputs(NamedTuple):
+    """What the fused RL head (`fastrlhf.policy_loss_from_hidden`, `dpo_loss_from_hidden`,
+    `sft_loss_from_hidden`) takes from a role, in the next-token layout of `token_logprobs`:
+
+    hidden   `[B, T-1, H]` final hidden states of positions 0..T-2 (a view of `[B, T, H]`, no copy),
+             on the policy's device, with grad when the role trains
+    targets  `[B, T-1]` the next tokens `input_ids[:, 1:]`, -100 where `attention_mask[:, 1:]` is 0
+             (and outside `loss_mask[:, 1:]` when one was given)
+    weight   `[V, H]` LM-head weight; bias `[V]` or None; softcap the model's final-logit soft-cap or None
+    """
+
+    hidden: torch.Tensor
+    targets: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    softcap: float | None
+
+    def head_kwargs(self) -> dict:
+        """bias= and softcap= keyword arguments of the fused head functions."""
+        return {"bias": self.bias, "softcap": self.softcap}
 
 
 class RoleModel(nn.Module):
@@ -124,6 +146,12 @@ class RoleModel(nn.Module):
     def lm_head_bias(self) -> torch.Tensor | None:
         """[V] output bias or None."""
         return getattr(self.causal_lm.get_output_embeddings(), "bias", None)
+
+    @property
+    def logit_softcap(self) -> float | None:
+        """The model's final-logit soft-cap c (Gemma 2: logits -> c * tanh(logits / c)) or None. Every
+        log-prob and fused loss computed from hidden states must apply it (`softcap=`)."""
+        return self._logit_softcap
 
     @property
     def reference_copy(self) -> nn.Module | None:
@@ -226,6 +254,51 @@ class RoleModel(nn.Module):
         )
         device = self.device
         return tuple(t.to(device) for t in out) if return_entropy else out.to(device)
+
+    def head_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        loss_mask: torch.Tensor | None = None,
+    ) -> HeadInputs:
+        """The policy's final hidden states and LM head for a fused loss (`HeadInputs`), e.g.
+
+            h = roles.head_inputs(input_ids, attention_mask, loss_mask=loss_mask)
+            loss, metrics = fastrlhf.sft_loss_from_hidden(h.hidden, h.weight, h.targets, **h.head_kwargs())
+
+        The loss is then the final node and computes the head's gradients in its forward (6·N·V·H
+        FLOPs instead of the 8·N·V·H of `token_logprobs` + a loss). input_ids, attention_mask,
+        loss_mask: `[B, T]`; loss_mask (optional) 1 where a token's log-prob counts: targets are -100
+        outside it, so the head reads no logits there.
+        """
+        self._require("policy")
+        hidden = self._decoder_hidden("policy", input_ids, attention_mask)
+        return self._head_inputs(hidden, input_ids, attention_mask, loss_mask)
+
+    def head_inputs_and_values(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[HeadInputs, torch.Tensor]:
+        """(`head_inputs(...)`, values [B, T]): the policy's fused-head inputs and the value role's
+        values, like `token_logprobs_and_values`. Without LoRA one trunk forward serves both (the
+        value head sits on the policy trunk); with LoRA it is one forward per adapter."""
+        self._require("policy")
+        self._require("value")
+        if self._trunks.value_shares_policy_forward:
+            hidden = self._decoder_hidden("policy", input_ids, attention_mask)
+            return (self._head_inputs(hidden, input_ids, attention_mask, None),
+                    self._values_from_hidden(hidden, attention_mask))
+        return self.head_inputs(input_ids, attention_mask), self.values(input_ids, attention_mask)
+
+    def _head_inputs(self, hidden, input_ids, attention_mask, loss_mask) -> HeadInputs:
+        """`HeadInputs` of the policy from its `[B, T, H]` hidden states (on the policy trunk's device)."""
+        device = hidden.device
+        keep = attention_mask.to(device)[:, 1:] != 0
+        if loss_mask is not None:
+            keep = keep & (loss_mask.to(device)[:, 1:] != 0)
+        targets = input_ids.to(device)[:, 1:].masked_fill(~keep, IGNORE_INDEX)
+        head = self._trunk("policy").get_output_embeddings()
+        return HeadInputs(hidden[:, :-1], targets, head.weight, getattr(head, "bias", None), self._logit_softcap)
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[B, T] float32 (float64 for a float64 base) value estimates V(s_t) (value role + value head); 0 on padding."""

@@ -271,7 +271,7 @@ def _trainer_and_config(spec: StepSpec, target: str):
     trainer_class, config_class = getattr(trainers, trainer_name), getattr(trainers, config_name)
     options = dict(output_dir="/nonexistent/fastrlhf-planner", batch_size=spec.batch_size,
                    grad_accum_steps=spec.grad_accum_steps, progress=False, save_final=False, max_steps=1,
-                   backend="auto" if target == "cuda" else "torch", bf16="false")
+                   backend="auto" if target == "cuda" else "torch", bf16="false", fused_head=spec.fused_head)
     if spec.stage in ("sft", "rm", "dpo"):
         options["max_length"] = spec.seq_len
         options["eval_batch_size"] = spec.batch_size
@@ -306,6 +306,8 @@ def _label_role_methods(role_model, counter_ref: list) -> None:
     wrap("values", lambda args: "value")
     wrap("rewards", lambda args: "reward")
     wrap("token_logprobs_and_values", lambda args: "policy")
+    wrap("head_inputs", lambda args: "policy")
+    wrap("head_inputs_and_values", lambda args: "policy")
 
 
 def _decoder_layer_lists(role_model) -> list:

@@ -260,29 +260,48 @@ class PolicyGradientTrainer(Trainer):
         return self.kl_ctl.value if self.kl_in_loss else 0.0
 
     def policy_forward(self, micro: dict[str, torch.Tensor]):
-        """(logps, entropy [B, T-1], extras) of the policy on a micro-batch; PPO adds the values."""
+        """(logps, entropy [B, T-1], extras) of the policy on a micro-batch; PPO adds the values.
+        The path of `fused_head=False`."""
         logps, entropy = self.model.token_logprobs("policy", micro["input_ids"], micro["attention_mask"],
                                                    temperature=self.config.temperature, return_entropy=True)
         return logps, entropy, {}
 
+    def policy_head(self, micro: dict[str, torch.Tensor]):
+        """(`RoleModel.head_inputs`, extras) of the policy on a micro-batch, for the fused head; PPO
+        adds the values."""
+        return self.model.head_inputs(micro["input_ids"], micro["attention_mask"]), {}
+
+    def policy_objective(self, micro: dict[str, torch.Tensor]) -> dict:
+        """The keyword arguments `ppo_loss` and `policy_loss_from_hidden` share: the objective and its
+        options, the KL and entropy terms, the aggregation."""
+        cfg = self.config
+        kl_coef = self.loss_kl_coef
+        loss_type, ratio_level = TRAINER_LOSS_TYPES[cfg.loss_type]
+        return dict(
+            loss_type=loss_type, ratio_level=ratio_level, clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high,
+            dual_clip=cfg.dual_clip, sapo_tau_pos=cfg.sapo_tau_pos, sapo_tau_neg=cfg.sapo_tau_neg,
+            rollout_logps=micro["rollout_logps"] if cfg.is_correction else None, is_correction=cfg.is_correction,
+            is_clip_min=cfg.is_clip_min, is_clip_max=cfg.is_clip_max, top_entropy_quantile=cfg.top_entropy_quantile,
+            ref_logps=micro.get("ref_logps") if kl_coef > 0 else None, kl_coef=kl_coef,
+            kl_estimator=cfg.kl_estimator, entropy_coef=cfg.entropy_coef, loss_agg=cfg.loss_agg,
+        )
+
     def policy_loss(self, micro: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg = self.config
+        objective = self.policy_objective(micro)
+        if cfg.fused_head:
+            # The policy loss is the final node: the LM head's gradients are made in its forward. Without
+            # old_logps (GRPO's single on-policy pass) the current log-probs are the constants.
+            head, extras = self.policy_head(micro)
+            loss, metrics = fastrlhf.policy_loss_from_hidden(
+                head.hidden, head.weight, head.targets, micro.get("old_logps"), micro["advantages"], micro["mask"],
+                temperature=cfg.temperature, **head.head_kwargs(), **objective)
+            return self.extra_loss(micro, extras, loss, metrics)
         logps, entropy, extras = self.policy_forward(micro)
         old_logps = micro["old_logps"] if "old_logps" in micro else logps.detach()  # single on-policy pass
-        kl_coef = self.loss_kl_coef
-        ref_logps = micro.get("ref_logps") if kl_coef > 0 else None
-        loss_type, ratio_level = TRAINER_LOSS_TYPES[cfg.loss_type]
         loss, metrics = fastrlhf.ppo_loss(
-            logps, old_logps, micro["advantages"], micro["mask"], loss_type=loss_type, ratio_level=ratio_level,
-            clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, dual_clip=cfg.dual_clip,
-            sapo_tau_pos=cfg.sapo_tau_pos, sapo_tau_neg=cfg.sapo_tau_neg,
-            rollout_logps=micro["rollout_logps"] if cfg.is_correction else None, is_correction=cfg.is_correction,
-            is_clip_min=cfg.is_clip_min, is_clip_max=cfg.is_clip_max,
-            top_entropy_quantile=cfg.top_entropy_quantile,
-            ref_logps=ref_logps, kl_coef=kl_coef, kl_estimator=cfg.kl_estimator,
-            entropy=entropy if cfg.entropy_coef > 0 else entropy.detach(), entropy_coef=cfg.entropy_coef,
-            loss_agg=cfg.loss_agg,
-        )
+            logps, old_logps, micro["advantages"], micro["mask"],
+            entropy=entropy if cfg.entropy_coef > 0 else entropy.detach(), **objective)
         return self.extra_loss(micro, extras, loss, metrics)
 
     def extra_loss(self, micro, extras, loss, metrics):

@@ -9,7 +9,8 @@ import torch
 logger = logging.getLogger("fastrlhf.trainers")
 
 # RoleModel methods that run the trunk: FSDP2 must gather the shards around each of them.
-ROLE_MODEL_FORWARDS = ("hidden_states", "token_logprobs", "token_logprobs_and_values", "values", "rewards", "generate")
+ROLE_MODEL_FORWARDS = ("hidden_states", "token_logprobs", "token_logprobs_and_values", "head_inputs",
+                       "head_inputs_and_values", "values", "rewards", "generate")
 
 
 def resolve_bf16(mode: str, device: torch.device) -> bool:

@@ -113,6 +113,10 @@ class PPOTrainer(PolicyGradientTrainer):
             micro["input_ids"], micro["attention_mask"], temperature=self.config.temperature, return_entropy=True)
         return logps, entropy, {"values": values[:, :-1]}
 
+    def policy_head(self, micro):
+        head, values = self.model.head_inputs_and_values(micro["input_ids"], micro["attention_mask"])
+        return head, {"values": values[:, :-1]}
+
     def extra_loss(self, micro, extras, loss, metrics):
         cfg = self.config
         vf_loss, vf_metrics = fastrlhf.value_loss(extras["values"], micro["values"], micro["returns"], micro["mask"],

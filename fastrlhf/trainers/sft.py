@@ -1,7 +1,9 @@
 """Supervised fine-tuning: masked NLL of the completion tokens under the policy role.
 
-Log-probs come from `RoleModel.token_logprobs("policy", ...)`, i.e. the fused kernel on the hidden
-states: the [B, T, V] logits are never materialised.
+The loss comes straight from the policy's hidden states (`RoleModel.head_inputs` ->
+`fastrlhf.sft_loss_from_hidden`, the LM head's gradients made in its forward); with
+`fused_head=False` from `RoleModel.token_logprobs("policy", ...)` and the masked NLL. Either way the
+[B, T, V] logits are never materialised.
 """
 from __future__ import annotations
 
@@ -49,6 +51,10 @@ class SFTTrainer(Trainer):
         return super().batch_weight(batch)
 
     def compute_loss(self, batch):
+        if self.config.fused_head:  # the loss is the final node: gradients made in the head's forward
+            head = self.model.head_inputs(batch["input_ids"], batch["attention_mask"], loss_mask=batch["loss_mask"])
+            return fastrlhf.sft_loss_from_hidden(head.hidden, head.weight, head.targets, loss_agg=self.config.loss_agg,
+                                                 **head.head_kwargs())
         logps = self.model.token_logprobs("policy", batch["input_ids"], batch["attention_mask"])
         mask = batch["loss_mask"][:, 1:]
         if self.config.loss_agg == "token-mean":

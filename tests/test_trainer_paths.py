@@ -1,0 +1,163 @@
+"""The trainers' loss path and memory options on a tiny random Llama (CPU): the fused RL head against
+the recompute path (`token_logprobs` + the loss), activation checkpointing in every trainer (PPO/GRPO
+included, which run in eval mode), gradient accumulation with whole-step totals, the optimizer
+choice, and the reference copy under FSDP."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastrlhf
+from fastrlhf.testing import tiny_llama, tiny_tokenizer
+
+SFT_RECORDS = [
+    {"prompt": "say red", "completion": "red red red"},
+    {"prompt": "say blue", "completion": "blue cat"},
+    {"prompt": "count to three", "completion": "one two three four five"},
+    {"prompt": "hi", "completion": "hello"},
+] * 2
+PREFERENCE_RECORDS = [
+    {"prompt": "what color is the sun", "chosen": "yellow and big", "rejected": "blue"},
+    {"prompt": "say yes", "chosen": "yes", "rejected": "no no no"},
+    {"prompt": "count to two", "chosen": "one two", "rejected": "three"},
+] * 2
+PROMPT_RECORDS = [{"prompt": p} for p in ("say yes", "hi", "count to three", "what color is the sun", "say red",
+                                          "answer with one word")]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def make_model(tok, roles=("policy",), *, lm_head_scale=10.0, **kwargs):
+    from fastrlhf.roles import RoleModel
+
+    base = tiny_llama(vocab_size=len(tok), hidden_size=32, seed=0)
+    with torch.no_grad():
+        base.lm_head.weight.mul_(lm_head_scale)
+    torch.manual_seed(0)
+    kwargs.setdefault("lora_r", 8)
+    return RoleModel(base, roles=roles, **kwargs)
+
+
+def read_metrics(output_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(output_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def length_reward(prompts, completions, records):
+    return [float(len(c) % 7) for c in completions]  # varies between samples: non-zero advantages
+
+
+def _run(stage, tok, tmp_path, name, *, backend, model_kwargs=None, **options):
+    from fastrlhf import trainers
+
+    trainer_name, config_name = trainers.TRAINERS[stage]
+    trainer_class, config_class = getattr(trainers, trainer_name), getattr(trainers, config_name)
+    roles = {"sft": ("policy",), "dpo": ("policy",), "ppo": ("policy", "value"), "grpo": ("policy",)}[stage]
+    records = {"sft": SFT_RECORDS, "dpo": PREFERENCE_RECORDS}.get(stage, PROMPT_RECORDS)
+    base = dict(output_dir=str(tmp_path / name), learning_rate=1e-2, batch_size=4, max_steps=3,
+                lr_schedule="constant", progress=False, backend=backend, save_final=False)
+    if stage in ("ppo", "grpo"):
+        base.update(max_new_tokens=6, ppo_epochs=2, num_minibatches=2)
+    base.update(options)
+    model = make_model(tok, roles=roles, **(model_kwargs or {}))
+    reward_fn = length_reward if stage in ("ppo", "grpo") else None
+    trainer = trainer_class(model, tok, config_class(**base), records, reward_fn=reward_fn)
+    trainer.train()
+    return read_metrics(base["output_dir"]), model
+
+
+def assert_same_metrics(fused, recompute, *, rel, abs_):
+    assert len(fused) == len(recompute) > 0
+    for a, b in zip(fused, recompute):
+        keys = set(a) - {"elapsed_s"}
+        assert keys == set(b) - {"elapsed_s"}
+        for key in keys:
+            assert a[key] == pytest.approx(b[key], rel=rel, abs=abs_), (key, a[key], b[key])
+
+
+# --------------------------------------------------------------------------- 1. the fused RL head
+
+FUSED_CASES = [
+    ("sft", {}),
+    ("sft", {"loss_agg": "seq-mean-token-mean"}),
+    ("dpo", {}),
+    ("dpo", {"loss_type": "ipo"}),
+    ("dpo", {"loss_type": "simpo", "simpo_gamma": 0.5}),
+    ("ppo", {"kl_in_reward": False, "entropy_coef": 0.01}),
+    ("ppo", {"loss_agg": "seq-mean-token-sum-norm", "dual_clip": 3.0, "clip_eps_high": 0.28}),
+    ("grpo", {}),
+    ("grpo", {"loss_type": "gspo", "is_correction": "sequence_truncate"}),
+    ("grpo", {"loss_type": "cispo", "is_correction": "token_mask", "is_clip_min": 0.5}),
+    ("grpo", {"loss_type": "sapo", "top_entropy_quantile": 0.5, "loss_agg": "seq-mean-token-mean"}),
+    ("grpo", {"ppo_epochs": 1, "num_minibatches": 1, "entropy_coef": 0.01}),  # on-policy: no old_logps
+]
+
+
+@pytest.mark.parametrize("stage,options", FUSED_CASES,
+                         ids=[f"{s}-" + "-".join(f"{k}={v}" for k, v in o.items()) for s, o in FUSED_CASES])
+def test_fused_head_trains_like_the_recompute_path_torch(tok, tmp_path, stage, options):
+    """A few steps of each trainer with the fused RL head and with token_logprobs + the loss: the same
+    losses and metrics (float rounding apart) at every step, on the torch backend."""
+    fused, _ = _run(stage, tok, tmp_path, "fused", backend="torch", fused_head=True, **options)
+    recompute, _ = _run(stage, tok, tmp_path, "recompute", backend="torch", fused_head=False, **options)
+    assert_same_metrics(fused, recompute, rel=1e-4, abs_=1e-5)
+
+
+TRITON_CASES = [("sft", {}), ("dpo", {}), ("ppo", {"kl_in_reward": False, "entropy_coef": 0.01}),
+                ("grpo", {"loss_type": "gspo"})]
+
+
+@pytest.mark.parametrize("stage,options", TRITON_CASES, ids=[s for s, _ in TRITON_CASES])
+def test_fused_head_trains_like_the_recompute_path_triton(tok, tmp_path, stage, options):
+    """The same on the Triton backend (the interpreter on CPU): the fused kernels, not their twins."""
+    short = dict(max_steps=2) if stage in ("ppo", "grpo") else {}
+    fused, _ = _run(stage, tok, tmp_path, "fused", backend="triton", fused_head=True, **short, **options)
+    recompute, _ = _run(stage, tok, tmp_path, "recompute", backend="triton", fused_head=False, **short, **options)
+    assert_same_metrics(fused, recompute, rel=1e-4, abs_=1e-5)
+
+
+def test_head_inputs_are_the_policy_hidden_states_targets_and_head(tok):
+    """RoleModel.head_inputs: hidden[:, :-1] of the policy, next-token targets with -100 outside the
+    attention and loss masks, the LM head and the model's soft-cap; a fused loss on them equals
+    token_logprobs + the loss (the soft-cap applied by both)."""
+    from fastrlhf.roles import RoleModel
+
+    base = tiny_llama(vocab_size=len(tok), hidden_size=32, seed=0)
+    base.config.final_logit_softcapping = 5.0
+    with torch.no_grad():
+        base.lm_head.weight.mul_(100.0)  # logits of order 10: the cap changes them
+    roles = RoleModel(base, roles=("policy",), lora_r=4)
+    assert roles.logit_softcap == 5.0
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, len(tok), (3, 9), generator=g)
+    am = torch.ones_like(ids)
+    am[1, 6:] = 0
+    loss_mask = torch.zeros_like(ids)
+    loss_mask[:, 4:] = 1
+    head = roles.head_inputs(ids, am, loss_mask=loss_mask)
+    torch.testing.assert_close(head.hidden, roles.hidden_states("policy", ids, am)[:, :-1])
+    keep = (am[:, 1:] * loss_mask[:, 1:]).bool()
+    assert torch.equal(head.targets, ids[:, 1:].masked_fill(~keep, -100))
+    assert head.weight is roles.lm_head_weight and head.bias is None and head.softcap == 5.0
+    with fastrlhf.use_backend("torch"):
+        loss, _ = fastrlhf.sft_loss_from_hidden(head.hidden, head.weight, head.targets, **head.head_kwargs())
+        logps = roles.token_logprobs("policy", ids, am)
+    expected = -(logps * keep).sum() / keep.sum()
+    torch.testing.assert_close(loss, expected)
+    uncapped, _ = fastrlhf.sft_loss_from_hidden(head.hidden, head.weight, head.targets, backend="torch")
+    assert not torch.allclose(uncapped, expected)  # the cap matters at these logits
+
