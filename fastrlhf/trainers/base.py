@@ -88,6 +88,8 @@ class Trainer:
         self.eval_examples = None if self.eval_records is None else self.prepare(self.eval_records)
 
         self.use_bf16 = resolve_bf16(config.bf16, self.device)
+        if config.gradient_checkpointing:  # also effective in eval mode (PPO/GRPO): RoleModel.train
+            model.gradient_checkpointing_enable()
         place_model(model, self.ctx, fsdp=config.fsdp, bf16=self.use_bf16)
         self.params = trainable_parameters(model, self.trained_roles)
         if not self.params:

@@ -52,6 +52,9 @@ class TrainerConfig:
     resume: str | None = field(default=None, metadata=option_help(
         "resume from a checkpoint directory, or 'auto' for the latest in output_dir; none = start fresh"))
     fsdp: bool = field(default=False, metadata=option_help("shard the model with FSDP2 under torchrun (default: DDP-style gradient averaging)"))
+    gradient_checkpointing: bool = field(default=False, metadata=option_help(
+        "activation checkpointing: recompute each decoder layer in backward instead of storing its activations "
+        "(also in PPO/GRPO, whose iteration runs in eval mode)"))
     fused_head: bool = field(default=True, metadata=option_help(
         "compute the final loss (SFT, DPO, PPO/GRPO policy) straight from the hidden states with the LM head's "
         "gradients made in the forward (6·N·V·H FLOPs); --no-fused-head: token log-probs, then the loss "
