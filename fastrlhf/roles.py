@@ -270,7 +270,9 @@ class RoleModel(nn.Module):
         The loss is then the final node and computes the head's gradients in its forward (6·N·V·H
         FLOPs instead of the 8·N·V·H of `token_logprobs` + a loss). input_ids, attention_mask,
         loss_mask: `[B, T]`; loss_mask (optional) 1 where a token's log-prob counts: targets are -100
-        outside it, so the head reads no logits there.
+        outside it, so the head reads no logits there. Under FSDP2 (a registered forward method) the
+        LM head stays gathered after the call, until the backward: the root is not resharded after
+        its forward.
         """
         self._require("policy")
         hidden = self._decoder_hidden("policy", input_ids, attention_mask)
@@ -284,11 +286,13 @@ class RoleModel(nn.Module):
         value head sits on the policy trunk); with LoRA it is one forward per adapter."""
         self._require("policy")
         self._require("value")
-        if self._trunks.value_shares_policy_forward:
-            hidden = self._decoder_hidden("policy", input_ids, attention_mask)
-            return (self._head_inputs(hidden, input_ids, attention_mask, None),
-                    self._values_from_hidden(hidden, attention_mask))
-        return self.head_inputs(input_ids, attention_mask), self.values(input_ids, attention_mask)
+        hidden = self._decoder_hidden("policy", input_ids, attention_mask)
+        head = self._head_inputs(hidden, input_ids, attention_mask, None)
+        if not self._trunks.value_shares_policy_forward:
+            hidden = self._decoder_hidden("value", input_ids, attention_mask).to(self.device)
+        # Private helpers only, no nested public forward method: under FSDP2 a nested one's end marks
+        # the root idle, and the outer one's end would then reshard the LM head the loss still reads.
+        return head, self._values_from_hidden(hidden, attention_mask)
 
     def _head_inputs(self, hidden, input_ids, attention_mask, loss_mask) -> HeadInputs:
         """`HeadInputs` of the policy from its `[B, T, H]` hidden states (on the policy trunk's device)."""

@@ -241,3 +241,205 @@ def test_checkpointing_lowers_the_ppo_peak_in_real_and_simulated_runs():
     off = simulate(StepSpec("ppo", **spec), big).peak_bytes / 2**30
     on = simulate(StepSpec("ppo", checkpointing=True, **spec), big).peak_bytes / 2**30
     assert off > 150 and on < 35, (off, on)
+
+
+# --------------------------------------------------------------------------- 3. whole-step totals
+
+
+def _ragged_experience(trainer, prompts):
+    """A real PPO/GRPO experience with ragged rows: completions cut to different lengths (so
+    `select_rows` gives micro-batches of different widths), one row with no counted token at all."""
+    with torch.no_grad():
+        trainer.model.eval()
+        experience, _ = trainer.make_experience(prompts)
+    am, mask = experience["attention_mask"].clone(), experience["mask"].clone()
+    rows, width = am.shape
+    for row in range(rows):
+        cut = width - 1 - (row * 3) % 5  # real tokens kept in this row
+        am[row, cut:] = 0
+        mask[row, cut - 1:] = 0
+    mask[1] = 0  # a row whose tokens all sit outside the loss (an empty completion)
+    experience.update(attention_mask=am, mask=mask)
+    for key in ("advantages", "old_logps", "ref_logps", "values", "returns", "rollout_logps"):
+        if key in experience:
+            experience[key] = experience[key] * mask
+    return experience
+
+
+def _step_gradients(trainer, experience, grad_accum_steps):
+    """One optimizer step's gradients and logged metrics of `update` (the optimizer does not move the
+    weights, so each call starts from the same ones)."""
+    captured = {}
+
+    def capture():
+        captured["grads"] = [None if p.grad is None else p.grad.clone() for p in trainer.params]
+
+    trainer.optimizer.step = capture
+    trainer.config.grad_accum_steps = grad_accum_steps
+    torch.manual_seed(0)  # the same row order
+    metrics = trainer.update(experience)
+    return captured["grads"], {k: float(v) for k, v in metrics.items()}
+
+
+ACCUMULATION_CASES = [(stage, agg, "torch") for stage in ("ppo", "grpo")
+                      for agg in ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm")]
+ACCUMULATION_CASES += [("ppo", "seq-mean-token-sum-norm", "triton"), ("grpo", "seq-mean-token-mean", "triton")]
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+@pytest.mark.parametrize("stage,loss_agg,backend", ACCUMULATION_CASES, ids=["-".join(c) for c in ACCUMULATION_CASES])
+def test_gradient_accumulation_equals_one_big_batch_for_every_loss_agg(tok, tmp_path, stage, loss_agg, backend):
+    """One optimizer step over 6 ragged rows (different lengths, a row with no counted token), as one
+    micro-batch or as 2 or 3 accumulated ones: the same gradients, loss, pg_loss and vf_loss. Each
+    micro-batch's loss is normalised by the step's totals (tokens, counted sequences, width); the
+    former re-weighting by micro-batch rows/tokens was off for seq-mean-* whenever micro-batches
+    differed in counted rows or width."""
+    from fastrlhf.trainers.grpo import GRPOConfig, GRPOTrainer
+    from fastrlhf.trainers.ppo import PPOConfig, PPOTrainer
+
+    common = dict(output_dir=str(tmp_path / "run"), batch_size=6 if stage == "ppo" else 3, max_new_tokens=8,
+                  max_grad_norm=0.0, progress=False, backend=backend, loss_agg=loss_agg, entropy_coef=0.01,
+                  kl_coef=0.1)
+    if stage == "ppo":
+        trainer = PPOTrainer(make_model(tok, roles=("policy", "value")), tok,
+                             PPOConfig(**common, kl_in_reward=False), PROMPT_RECORDS, reward_fn=length_reward)
+    else:
+        trainer = GRPOTrainer(make_model(tok), tok, GRPOConfig(**common, group_size=2), PROMPT_RECORDS,
+                              reward_fn=length_reward)
+    with fastrlhf.use_backend(backend):
+        experience = _ragged_experience(trainer, trainer.train_examples[:common["batch_size"]])
+        grads_big, metrics_big = _step_gradients(trainer, experience, 1)
+        for accum in (2, 3):
+            grads, metrics = _step_gradients(trainer, experience, accum)
+            for a, b in zip(grads, grads_big):
+                if b is None:
+                    assert a is None
+                else:
+                    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+            for key in ("loss", "pg_loss", "vf_loss", "kl"):
+                if key in metrics_big:
+                    assert metrics[key] == pytest.approx(metrics_big[key], rel=1e-5, abs=1e-7), (key, accum)
+    assert any(g is not None and g.abs().sum() > 0 for g in grads_big)
+
+
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
+@pytest.mark.parametrize("fused_head", [True, False])
+def test_sft_gradient_accumulation_equals_one_big_batch(tok, tmp_path, loss_agg, fused_head):
+    """SFT: 8 sequences of different lengths as one batch or 4 micro-batches of 2: the same losses
+    and weights after 3 steps, for both aggregations and both loss paths."""
+    from fastrlhf.trainers.sft import SFTConfig, SFTTrainer
+
+    finals = []
+    for name, batch_size, accum in (("big", 8, 1), ("accum", 2, 4)):
+        model = make_model(tok)
+        config = SFTConfig(output_dir=str(tmp_path / name), learning_rate=1e-2, batch_size=batch_size,
+                           grad_accum_steps=accum, max_steps=3, lr_schedule="constant", progress=False,
+                           backend="torch", loss_agg=loss_agg, fused_head=fused_head, save_final=False)
+        SFTTrainer(model, tok, config, SFT_RECORDS).train()
+        finals.append(([r["loss"] for r in read_metrics(config.output_dir)], model.trainable_parameters("policy")))
+    (losses_a, params_a), (losses_b, params_b) = finals
+    assert losses_a == pytest.approx(losses_b, rel=1e-5)
+    for a, b in zip(params_a, params_b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- 2 ranks == 1 process
+
+PG_RANKS_ROWS, PG_RANKS_WIDTH = 8, 14
+
+
+def _pg_step_on_fixed_rows(opt: dict, ctx=None) -> tuple[dict, dict]:
+    """One PPO optimizer step (grad_accum_steps micro-batches) over this rank's share of 8 fixed
+    ragged rows: (full gradients by parameter name, logged metrics). The experience is computed by
+    the model itself (old and reference log-probs, values), so a sharded reference is exercised."""
+    from fastrlhf.distributed import DistContext
+    from fastrlhf.trainers.ppo import PPOConfig, PPOTrainer
+
+    ctx = ctx or DistContext.from_env()
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = make_model(tok, roles=("policy", "value"), use_lora=opt["use_lora"])
+    config = PPOConfig(output_dir=opt["output_dir"], batch_size=PG_RANKS_ROWS // ctx.world_size, max_new_tokens=8,
+                       grad_accum_steps=opt["grad_accum_steps"], max_grad_norm=0.0, progress=False, backend="torch",
+                       loss_agg=opt["loss_agg"], kl_in_reward=False, kl_coef=0.1, entropy_coef=0.01,
+                       fsdp=opt["fsdp"], save_final=False, learning_rate=1e-3)
+    trainer = PPOTrainer(model, tok, config, PROMPT_RECORDS, reward_fn=length_reward, ctx=ctx)
+    # before any forward: FSDP2 then lists the sharded parameters (an unsharded root lists its gathered ones)
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, len(tok), (PG_RANKS_ROWS, PG_RANKS_WIDTH), generator=g)
+    am = torch.ones_like(ids)
+    mask = torch.zeros(PG_RANKS_ROWS, PG_RANKS_WIDTH - 1)
+    for row in range(PG_RANKS_ROWS):
+        length = PG_RANKS_WIDTH - (row * 3) % 5
+        am[row, length:] = 0
+        ids[row, length:] = tok.pad_token_id
+        mask[row, 5:length - 1] = 1
+    mask[1] = 0
+    advantages = torch.randn(mask.shape, generator=g) * mask
+    returns = torch.randn(mask.shape, generator=g) * mask
+    rows = torch.arange(ctx.rank, PG_RANKS_ROWS, ctx.world_size)
+    ids, am, mask, advantages, returns = (t[rows].to(ctx.device) for t in (ids, am, mask, advantages, returns))
+    trainer.model.eval()
+    with torch.no_grad():
+        old_logps, values = trainer.model.token_logprobs_and_values(ids, am)
+        ref_logps = trainer.model.token_logprobs("reference", ids, am)
+    experience = dict(input_ids=ids, attention_mask=am, mask=mask, advantages=advantages, returns=returns,
+                      old_logps=(old_logps + 0.05) * mask, ref_logps=ref_logps * mask,
+                      values=values[:, :-1] * mask)
+    captured = {}
+
+    def capture():
+        captured.update({names[id(p)]: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).clone()
+                         for p in trainer.params if p.grad is not None})
+
+    trainer.optimizer.step = capture
+    torch.manual_seed(0)
+    metrics = trainer.metrics_log.to_floats(trainer.update(experience))
+    del trainer, model
+    return captured, metrics
+
+
+def _scenario_pg_step(options_json: str):
+    from fastrlhf.distributed import DistContext
+
+    opt = json.loads(options_json)
+    ctx = DistContext.from_env()
+    grads, metrics = _pg_step_on_fixed_rows(opt, ctx)
+    if ctx.is_main:
+        torch.save({"grads": grads, "metrics": metrics}, Path(opt["output_dir"]) / "step.pt")
+    from test_distributed import close_and_check
+
+    close_and_check(ctx)
+
+
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")
+@pytest.mark.parametrize("fsdp,use_lora,loss_agg", [(False, True, "seq-mean-token-sum-norm"),
+                                                    (True, True, "seq-mean-token-mean"),
+                                                    (True, False, "token-mean")],
+                         ids=["ddp-lora", "fsdp2-lora", "fsdp2-full"])
+def test_two_ranks_with_accumulation_equal_one_process(tmp_path, fsdp, use_lora, loss_agg):
+    """PPO: 2 gloo ranks x 2 accumulated micro-batches over the halves of 8 ragged rows == one process
+    with all 8 rows in one micro-batch: the same gradients (policy and value), loss, pg_loss and
+    vf_loss. FSDP2 without LoRA also shards the frozen reference copy, which computes the reference
+    log-probs here."""
+    from test_distributed import child_output, run_torchrun
+
+    single, single_metrics = _pg_step_on_fixed_rows(dict(output_dir=str(tmp_path / "one"), use_lora=use_lora,
+                                                         grad_accum_steps=1, loss_agg=loss_agg, fsdp=False))
+    options = dict(output_dir=str(tmp_path), use_lora=use_lora, grad_accum_steps=2, loss_agg=loss_agg, fsdp=fsdp)
+    result = run_torchrun([__file__, "pg_step", json.dumps(options)], timeout=300)
+    assert result.returncode == 0, child_output(result)
+    ranks = torch.load(tmp_path / "step.pt")
+    assert sorted(ranks["grads"]) == sorted(single) and single
+    for name, grad in single.items():
+        torch.testing.assert_close(ranks["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    for key in ("loss", "pg_loss", "vf_loss", "kl"):
+        assert ranks["metrics"][key] == pytest.approx(single_metrics[key], rel=1e-5, abs=1e-7), key
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    {"pg_step": _scenario_pg_step}[sys.argv[1]](*sys.argv[2:])

@@ -249,9 +249,26 @@ class PolicyGradientTrainer(Trainer):
         return {key: value / max(steps, 1) for key, value in sums.items()}
 
     def loss_weight(self, micro: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The weight of a micro-batch's metrics in the step's (tokens for token-mean, else rows)."""
         if self.config.loss_agg == "token-mean":
             return micro["mask"].sum().float()
         return torch.tensor(float(micro["mask"].shape[0]), device=self.device)
+
+    step_total_metrics = ("pg_loss", "vf_loss")
+
+    def whole_step_totals(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict:
+        """The aggregation denominators of the optimizer step's whole minibatch (all micro-batches,
+        all ranks), as ppo_loss / value_loss take them: total_tokens N (counted tokens),
+        total_sequences S (rows with at least one counted token: fully masked rows never count) and
+        norm_length L (the minibatch's token width, the longest of its micro-batches' after
+        `select_rows` cut each to its own longest row). N and S are divided by the world size
+        (gradients are averaged over ranks); each is at least 1 overall, as for one batch."""
+        masks = [mb["mask"] for mb in micro_batches]
+        counts = torch.stack([sum(m.sum() for m in masks), sum((m.sum(-1) > 0).sum() for m in masks)]).float()
+        tokens, sequences = (self.ctx.all_reduce_sum(counts).clamp(min=1) / self.ctx.world_size).unbind()
+        width = torch.tensor([max(m.shape[1] for m in masks)], device=self.device)
+        width = int(self.ctx.all_reduce_max(width).item())  # select_rows already synced for the widths
+        return {"total_tokens": tokens, "total_sequences": sequences, "norm_length": float(max(width, 1))}
 
     @property
     def loss_kl_coef(self) -> float:
@@ -273,7 +290,7 @@ class PolicyGradientTrainer(Trainer):
 
     def policy_objective(self, micro: dict[str, torch.Tensor]) -> dict:
         """The keyword arguments `ppo_loss` and `policy_loss_from_hidden` share: the objective and its
-        options, the KL and entropy terms, the aggregation."""
+        options, the KL and entropy terms, the aggregation with the step's totals."""
         cfg = self.config
         kl_coef = self.loss_kl_coef
         loss_type, ratio_level = TRAINER_LOSS_TYPES[cfg.loss_type]
@@ -284,6 +301,7 @@ class PolicyGradientTrainer(Trainer):
             is_clip_min=cfg.is_clip_min, is_clip_max=cfg.is_clip_max, top_entropy_quantile=cfg.top_entropy_quantile,
             ref_logps=micro.get("ref_logps") if kl_coef > 0 else None, kl_coef=kl_coef,
             kl_estimator=cfg.kl_estimator, entropy_coef=cfg.entropy_coef, loss_agg=cfg.loss_agg,
+            **(self.step_totals or {}),
         )
 
     def policy_loss(self, micro: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -120,7 +120,8 @@ class PPOTrainer(PolicyGradientTrainer):
     def extra_loss(self, micro, extras, loss, metrics):
         cfg = self.config
         vf_loss, vf_metrics = fastrlhf.value_loss(extras["values"], micro["values"], micro["returns"], micro["mask"],
-                                                  clip_eps=cfg.value_clip_eps, loss_agg=cfg.loss_agg)
+                                                  clip_eps=cfg.value_clip_eps, loss_agg=cfg.loss_agg,
+                                                  **(self.step_totals or {}))
         return loss + cfg.vf_coef * vf_loss, {**metrics, **vf_metrics}
 
     def after_update(self, experience, metrics) -> None:
