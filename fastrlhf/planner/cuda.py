@@ -18,7 +18,9 @@ simulation only, each decision that changes memory:
   which acts on these tensors. Its casting lists cover the same matmul-type ops; the ops where the
   two lists differ (CUDA runs pow / rsqrt / exp / softmax / sum in fp32) receive fp32 inputs in
   these models anyway (RMSNorm and the rotary embedding upcast explicitly).
-- AdamW: the for-each implementation (the default on CUDA), with its [all parameters] temporaries.
+- AdamW: an AdamW built without an explicit choice gets the for-each implementation (torch's
+  default on CUDA), with its [all parameters] temporaries; fastrlhf's trainers ask for the fused one
+  on CUDA (`trainers.build.make_optimizer`), which fake tensors reporting `is_cuda` also get.
 """
 from __future__ import annotations
 

@@ -44,7 +44,13 @@ from fastrlhf.checkpoint import seed_everything
 from fastrlhf.distributed import DistContext
 from fastrlhf.guards import NonFiniteGuard
 from fastrlhf.memory import memory_summary, peak_memory_bytes, peak_memory_kind, reset_peak_memory
-from fastrlhf.trainers.build import make_scheduler, place_model, resolve_bf16, trainable_parameters
+from fastrlhf.trainers.build import (
+    make_optimizer,
+    make_scheduler,
+    place_model,
+    resolve_bf16,
+    trainable_parameters,
+)
 from fastrlhf.trainers.checkpointing import load_trainer_checkpoint, loop_state, save_trainer_checkpoint
 from fastrlhf.trainers.config import TrainerConfig
 from fastrlhf.trainers.data_stream import BatchStream, load_and_check_records
@@ -102,7 +108,7 @@ class Trainer:
                                 epochs=None if config.max_steps > 0 else config.epochs)
         self.total_steps = config.max_steps or math.ceil(
             config.epochs * self.data.batches_per_epoch / self.micro_batches_per_step())
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.optimizer = make_optimizer(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, schedule=config.lr_schedule, warmup_ratio=config.warmup_ratio,
                                         total_steps=self.total_steps * self.optimizer_steps_per_step())
         self.guard = NonFiniteGuard(config.max_consecutive_nonfinite, ctx=self.ctx)

@@ -48,6 +48,18 @@ def trainable_parameters(model, roles) -> list[torch.nn.Parameter]:
     return params
 
 
+def make_optimizer(params, *, lr: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW over `params`: fused (one kernel per parameter group and step) when they are all CUDA
+    tensors, FSDP2's DTensor shards included; torch's default (for-each) elsewhere. For-each AdamW
+    makes temporaries of the size of all trained parameters during its step, so its step held one
+    more copy of them: predicted for full fine-tuning of Qwen2.5-7B (SFT, B=8, T=2048, bf16) 70.9 GiB
+    at the optimizer step instead of 56.8 (`fastrlhf.planner`). On the CPU the default stays: the
+    tests' trajectories are the for-each ones."""
+    params = list(params)
+    fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, **({"fused": True} if fused else {}))
+
+
 def make_scheduler(optimizer, *, schedule: str, warmup_ratio: float, total_steps: int):
     """transformers' `get_scheduler`: linear warmup over `warmup_ratio` of the `total_steps`
     optimizer steps, then `schedule` ("cosine", "linear", "constant")."""
