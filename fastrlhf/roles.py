@@ -160,6 +160,12 @@ class RoleModel(nn.Module):
         `state_dict()` of the RoleModel neither move, train nor save it."""
         return self._trunks.reference_lm
 
+    def shard_reference_copy(self, ctx, *, mixed_precision: torch.dtype | None = None) -> bool:
+        """Shard the frozen no-LoRA reference copy with FSDP2 over `ctx`'s ranks (the trainers do it
+        with --fsdp, after sharding this model): see `FullTrunks.shard_reference`. False when there is
+        no copy (LoRA: the reference is the shared base) or it lives on another device type."""
+        return self._trunks.shard_reference(ctx, mixed_precision=mixed_precision)
+
     @property
     def _adapter_params(self) -> dict[str, list[nn.Parameter]]:
         """LoRA mode: {role: its LoRA parameters}."""
@@ -190,9 +196,12 @@ class RoleModel(nn.Module):
         params = list(self.heads[role].parameters()) if role in self.heads else []
         return params + (owned if owned is not None else self._trunks.owned_params())[role]
 
-    def _decoder_hidden(self, role: str, input_ids, attention_mask) -> torch.Tensor:
-        """[B, T, H] hidden states of `role`, on the device of its trunk."""
+    def _decoder_hidden(self, role: str, input_ids, attention_mask, then=None) -> torch.Tensor:
+        """[B, T, H] hidden states of `role`, on the device of its trunk; or `then(hidden)` (e.g. the
+        log-probs), computed in the same reference pass (a sharded reference copy gathers its LM
+        head for that pass only: `RoleTrunks.run_reference`)."""
         _check_role(role)
+        then = then or (lambda hidden: hidden)
         trunk = self._trunk(role)
         device = trunk.get_output_embeddings().weight.device
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
@@ -204,11 +213,11 @@ class RoleModel(nn.Module):
         )
         decoder = decoder_of(trunk)
         if role == REFERENCE:
-            with self._trunks.reference_forward():
-                return decoder(**kwargs).last_hidden_state
+            return self._trunks.run_reference(lambda: then(decoder(**kwargs).last_hidden_state))
         self._trunks.activate(role)
         with self._low_precision_forward():
-            return decoder(**kwargs).last_hidden_state
+            hidden = decoder(**kwargs).last_hidden_state
+        return then(hidden)
 
     # ------------------------------------------------------------------ public API
 
@@ -240,8 +249,8 @@ class RoleModel(nn.Module):
         if role not in ("policy", REFERENCE):
             raise ValueError(f"role must be 'policy' or 'reference' for token_logprobs, got {role!r}")
         with torch.set_grad_enabled(torch.is_grad_enabled() and role != REFERENCE):
-            hidden = self._decoder_hidden(role, input_ids, attention_mask)
-            return self._logprobs_from_hidden(role, hidden, input_ids, attention_mask, temperature, return_entropy)
+            return self._decoder_hidden(role, input_ids, attention_mask, then=lambda hidden: self._logprobs_from_hidden(
+                role, hidden, input_ids, attention_mask, temperature, return_entropy))
 
     def _logprobs_from_hidden(self, role, hidden, input_ids, attention_mask, temperature, return_entropy):
         """Fused lm_head + log-softmax + gather on the trunk's device; results on the policy device."""
@@ -482,6 +491,7 @@ class RoleModel(nn.Module):
             "params_bytes": _unique_bytes(list(reference_copy.parameters())) if reference_copy is not None else 0,
             "device": str(self._trunks.reference_device),
             "shared_with_base": self._trunks.reference_shares_base,
+            "sharded": getattr(self._trunks, "reference_sharded", False),
         }
         report[REFERENCE] = reference
         report["total_bytes"] = total + reference["params_bytes"]

@@ -396,6 +396,8 @@ def _pg_step_on_fixed_rows(opt: dict, ctx=None) -> tuple[dict, dict]:
     trainer.optimizer.step = capture
     torch.manual_seed(0)
     metrics = trainer.metrics_log.to_floats(trainer.update(experience))
+    metrics["reference_bytes"] = model.memory_report()["reference"]["params_bytes"]  # this rank's
+    metrics["reference_sharded"] = float(model.memory_report()["reference"]["sharded"])
     del trainer, model
     return captured, metrics
 
@@ -421,8 +423,8 @@ def _scenario_pg_step(options_json: str):
 def test_two_ranks_with_accumulation_equal_one_process(tmp_path, fsdp, use_lora, loss_agg):
     """PPO: 2 gloo ranks x 2 accumulated micro-batches over the halves of 8 ragged rows == one process
     with all 8 rows in one micro-batch: the same gradients (policy and value), loss, pg_loss and
-    vf_loss. FSDP2 without LoRA also shards the frozen reference copy, which computes the reference
-    log-probs here."""
+    vf_loss. FSDP2 without LoRA also shards the frozen reference copy (each rank holds half of it),
+    which computes the reference log-probs (hence the KL term) here."""
     from test_distributed import child_output, run_torchrun
 
     single, single_metrics = _pg_step_on_fixed_rows(dict(output_dir=str(tmp_path / "one"), use_lora=use_lora,
@@ -436,6 +438,9 @@ def test_two_ranks_with_accumulation_equal_one_process(tmp_path, fsdp, use_lora,
         torch.testing.assert_close(ranks["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
     for key in ("loss", "pg_loss", "vf_loss", "kl"):
         assert ranks["metrics"][key] == pytest.approx(single_metrics[key], rel=1e-5, abs=1e-7), key
+    if not use_lora:  # each rank holds half of the reference copy (sharded like the policy)
+        assert ranks["metrics"]["reference_sharded"] == 1.0 and single_metrics["reference_sharded"] == 0.0
+        assert ranks["metrics"]["reference_bytes"] <= 0.55 * single_metrics["reference_bytes"]
 
 
 
@@ -467,6 +472,19 @@ def test_adamw_is_fused_on_cuda_and_its_step_holds_no_copy_of_the_parameters(tok
     monkeypatch.setattr(base, "make_optimizer", lambda params, **kw: torch.optim.AdamW(params, **kw))
     _, for_each = made_in_optimizer_step()
     assert for_each >= 0.9 * parameters and fused < 0.1 * for_each, (parameters, fused, for_each)
+
+
+def test_planner_counts_the_fsdp_reference_copy_as_sharded_unless_on_the_cpu():
+    """--fsdp --no-lora shards the reference copy (`RoleModel.shard_reference_copy`; the two-rank
+    test above checks the real bytes), so the planner divides it by the FSDP degree, except for a
+    copy kept on the CPU (`reference_device="cpu"`), which stays whole."""
+    from fastrlhf.planner.simulate import Prediction
+    from fastrlhf.planner.steps import StepSpec
+
+    part = ("parameters", "reference", "step setup")
+    assert Prediction(StepSpec("ppo", setup="full"), "m", 2, "cuda")._sharded(part)
+    assert not Prediction(StepSpec("ppo", setup="full", reference_device="cpu"), "m", 2, "cuda")._sharded(part)
+
 
 if __name__ == "__main__":
     import sys

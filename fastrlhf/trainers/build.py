@@ -26,13 +26,18 @@ def resolve_bf16(mode: str, device: torch.device) -> bool:
 
 def place_model(model, ctx, *, fsdp: bool, bf16: bool) -> None:
     """Move the model to this rank's device (the reference copy of a no-LoRA RoleModel stays where
-    RoleModel put it), then shard it with FSDP2 when `fsdp` and running under torchrun."""
+    RoleModel put it), then shard it with FSDP2 when `fsdp` and running under torchrun: the model,
+    and the frozen no-LoRA reference copy when it lives on the ranks' device (`shard_reference`; a
+    copy kept on the CPU with `reference_device="cpu"` stays whole there)."""
     first = next(iter(model.parameters()), None)
     if first is not None and first.device != ctx.device:
         model.to(ctx.device)
     if fsdp and ctx.distributed:
-        ctx.apply_fsdp(model, forward_methods=ROLE_MODEL_FORWARDS,
-                       mixed_precision=torch.bfloat16 if bf16 else None)
+        mixed_precision = torch.bfloat16 if bf16 else None
+        ctx.apply_fsdp(model, forward_methods=ROLE_MODEL_FORWARDS, mixed_precision=mixed_precision)
+        shard_reference = getattr(model, "shard_reference_copy", None)
+        if shard_reference is not None:
+            shard_reference(ctx, mixed_precision=mixed_precision)
 
 
 def trainable_parameters(model, roles) -> list[torch.nn.Parameter]:
