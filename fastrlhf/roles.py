@@ -160,6 +160,12 @@ class RoleModel(nn.Module):
         `state_dict()` of the RoleModel neither move, train nor save it."""
         return self._trunks.reference_lm
 
+    @property
+    def value_shares_policy_forward(self) -> bool:
+        """Whether one trunk pass serves the policy and the value head (full fine-tuning), or the
+        value role runs a pass of its own (LoRA: its own adapter)."""
+        return self._trunks.value_shares_policy_forward
+
     def shard_reference_copy(self, ctx, *, mixed_precision: torch.dtype | None = None) -> bool:
         """Shard the frozen no-LoRA reference copy with FSDP2 over `ctx`'s ranks (the trainers do it
         with --fsdp, after sharding this model): see `FullTrunks.shard_reference`. False when there is

@@ -305,22 +305,29 @@ class PolicyGradientTrainer(Trainer):
         )
 
     def policy_loss(self, micro: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, metrics) of a micro-batch: the policy term, plus `extra_loss` (PPO: the value loss)."""
+        loss, metrics, extras = self.policy_term(micro, self.policy_head, self.policy_forward)
+        return self.extra_loss(micro, extras, loss, metrics)
+
+    def policy_term(self, micro: dict[str, torch.Tensor], head_fn, forward_fn):
+        """(loss, metrics, extras) of the policy objective, by the fused head on `head_fn(micro)`
+        (`policy_head`) or from the log-probs of `forward_fn(micro)` (`policy_forward`)."""
         cfg = self.config
         objective = self.policy_objective(micro)
         if cfg.fused_head:
             # The policy loss is the final node: the LM head's gradients are made in its forward. Without
             # old_logps (GRPO's single on-policy pass) the current log-probs are the constants.
-            head, extras = self.policy_head(micro)
+            head, extras = head_fn(micro)
             loss, metrics = fastrlhf.policy_loss_from_hidden(
                 head.hidden, head.weight, head.targets, micro.get("old_logps"), micro["advantages"], micro["mask"],
                 temperature=cfg.temperature, **head.head_kwargs(), **objective)
-            return self.extra_loss(micro, extras, loss, metrics)
-        logps, entropy, extras = self.policy_forward(micro)
+            return loss, metrics, extras
+        logps, entropy, extras = forward_fn(micro)
         old_logps = micro["old_logps"] if "old_logps" in micro else logps.detach()  # single on-policy pass
         loss, metrics = fastrlhf.ppo_loss(
             logps, old_logps, micro["advantages"], micro["mask"],
             entropy=entropy if cfg.entropy_coef > 0 else entropy.detach(), **objective)
-        return self.extra_loss(micro, extras, loss, metrics)
+        return loss, metrics, extras
 
     def extra_loss(self, micro, extras, loss, metrics):
         """Hook to add terms to the policy loss (PPO: the value loss on `extras["values"]`)."""
