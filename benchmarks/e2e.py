@@ -131,11 +131,10 @@ def _checkpoint(model) -> None:
 # ----------------------------------------------------------------------------- PPO
 
 
-def _next_token_targets(ids, am, loss_mask):
-    """Targets [B, T-1] for hidden[:, :-1]: the next token, -100 outside the loss mask (the fused
-    head reads no logits there), and the mask [B, T-1] itself."""
-    mask = loss_mask[:, 1:].bool() & am[:, 1:].bool()
-    return ids[:, 1:].masked_fill(~mask, -100), mask
+def _next_token_mask(am, loss_mask):
+    """The mask [B, T-1] of the tokens whose log-probs count (the fused head's targets are -100
+    outside it: `RoleModel.head_inputs(..., loss_mask=)`)."""
+    return loss_mask[:, 1:].bool() & am[:, 1:].bool()
 
 
 def build_ppo(kind, config, device, dtype, ckpt=False):
@@ -197,7 +196,7 @@ def _ppo_step_fused(roles, opt, ids, am, loss_mask):
     import fastrlhf
 
     rm = roles.roles
-    targets, mask = _next_token_targets(ids, am, loss_mask)
+    mask = _next_token_mask(am, loss_mask)
 
     def step():
         with torch.no_grad():
@@ -208,10 +207,10 @@ def _ppo_step_fused(roles, opt, ids, am, loss_mask):
             rewards = torch.zeros_like(values)
             rewards[:, -1] = scores.to(rewards.dtype)
             adv, returns = fastrlhf.gae(rewards, values.detach(), mask, gamma=1.0, lam=0.95)
-        hidden = rm.hidden_states("policy", ids, am)
+        head = rm.head_inputs(ids, am, loss_mask=loss_mask)  # what the trainers call
         # old_logps=None: one on-policy pass (ratio 1), what ppo_step_fn's logps.detach() does.
-        loss, _ = fastrlhf.policy_loss_from_hidden(hidden[:, :-1], rm.lm_head_weight, targets, None, adv, mask,
-                                                   ref_logps=ref, kl_coef=0.05)
+        loss, _ = fastrlhf.policy_loss_from_hidden(head.hidden, head.weight, head.targets, None, adv, mask,
+                                                   ref_logps=ref, kl_coef=0.05, **head.head_kwargs())
         vloss, _ = fastrlhf.value_loss(values, values.detach(), returns, mask)
         (loss + 0.1 * vloss).backward()
         opt.step()
@@ -282,15 +281,15 @@ def _dpo_step_fused(roles, opt, ids, am, loss_mask):
     import fastrlhf
 
     rm = roles.roles
-    targets, mask = _next_token_targets(ids, am, loss_mask)
+    mask = _next_token_mask(am, loss_mask)
     pairs = ids.shape[0] // 2
 
     def step():
         with torch.no_grad():
             ref_seq = fastrlhf.sequence_logps(rm.token_logprobs("reference", ids, am), mask)
-        hidden = rm.hidden_states("policy", ids, am)
-        loss, _ = fastrlhf.dpo_loss_from_hidden(hidden[:, :-1], rm.lm_head_weight, targets, ref_seq[:pairs],
-                                                ref_seq[pairs:], beta=0.1)
+        head = rm.head_inputs(ids, am, loss_mask=loss_mask)  # what DPOTrainer calls
+        loss, _ = fastrlhf.dpo_loss_from_hidden(head.hidden, head.weight, head.targets, ref_seq[:pairs],
+                                                ref_seq[pairs:], beta=0.1, **head.head_kwargs())
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -291,6 +291,7 @@ class DistContext:
         forward_methods: Sequence[str] = (),
         mixed_precision: torch.dtype | None = None,
         reshard_after_forward: bool = True,
+        reshard_root_after_forward: bool = False,
     ) -> torch.nn.Module:
         """Shard `module` with FSDP2 (`fully_shard`): each decoder layer, then `module` as the root.
 
@@ -299,7 +300,10 @@ class DistContext:
         root that run a forward pass (e.g. "hidden_states", "values", "rewards", "generate"): FSDP2
         only gathers parameters around `forward()`, so these are registered with
         `register_fsdp_forward_method`. `mixed_precision` (e.g. torch.bfloat16) sets the parameter
-        dtype for compute; gradients are reduced in fp32. No-op with one process.
+        dtype for compute; gradients are reduced in fp32. `reshard_root_after_forward`: free the root's
+        own gathered parameters after each forward too (a frozen module that never runs backward,
+        e.g. the reference copy); by default they stay gathered until the backward. No-op with one
+        process. May be called once per root module (the model, then the reference copy).
         """
         if not self.distributed:
             return module
@@ -318,7 +322,7 @@ class DistContext:
             kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=mixed_precision, reduce_dtype=torch.float32)
         for layer in decoder_layers(module):
             fully_shard(layer, reshard_after_forward=reshard_after_forward, **kwargs)
-        fully_shard(module, reshard_after_forward=False, **kwargs)
+        fully_shard(module, reshard_after_forward=reshard_root_after_forward, **kwargs)
         for name in forward_methods:
             if hasattr(module, name):
                 register_fsdp_forward_method(module, name)
@@ -332,7 +336,7 @@ class DistContext:
         after = dict(module.named_parameters(remove_duplicate=False))
         _rebind_cached_parameters(module, {old: after[name] for old, name in names_before.items() if name in after})
         self.fsdp = True
-        self._fsdp_params = {id(p) for p in module.parameters()}
+        self._fsdp_params |= {id(p) for p in module.parameters()}  # one call per root module
         return module
 
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable
+from typing import Iterable, NamedTuple
 
 import torch
 from torch import nn
@@ -37,6 +37,28 @@ REFERENCE = "reference"
 HEAD_ROLES = ("value", "reward")  # roles with a scalar head
 CONFIG_FILE = "fastrlhf_roles.json"
 BASE_FILE = "fastrlhf_base.json"  # the identity of the base the adapters were trained on
+
+
+class HeadInputs(NamedTuple):
+    """What the fused RL head (`fastrlhf.policy_loss_from_hidden`, `dpo_loss_from_hidden`,
+    `sft_loss_from_hidden`) takes from a role, in the next-token layout of `token_logprobs`:
+
+    hidden   `[B, T-1, H]` final hidden states of positions 0..T-2 (a view of `[B, T, H]`, no copy),
+             on the policy's device, with grad when the role trains
+    targets  `[B, T-1]` the next tokens `input_ids[:, 1:]`, -100 where `attention_mask[:, 1:]` is 0
+             (and outside `loss_mask[:, 1:]` when one was given)
+    weight   `[V, H]` LM-head weight; bias `[V]` or None; softcap the model's final-logit soft-cap or None
+    """
+
+    hidden: torch.Tensor
+    targets: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    softcap: float | None
+
+    def head_kwargs(self) -> dict:
+        """bias= and softcap= keyword arguments of the fused head functions."""
+        return {"bias": self.bias, "softcap": self.softcap}
 
 
 class RoleModel(nn.Module):
@@ -131,11 +153,29 @@ class RoleModel(nn.Module):
         return getattr(self.causal_lm.get_output_embeddings(), "bias", None)
 
     @property
+    def logit_softcap(self) -> float | None:
+        """The model's final-logit soft-cap c (Gemma 2: logits -> c * tanh(logits / c)) or None. Every
+        log-prob and fused loss computed from hidden states must apply it (`softcap=`)."""
+        return self._logit_softcap
+
+    @property
     def reference_copy(self) -> nn.Module | None:
         """The frozen full-fine-tuning reference copy, or None (LoRA mode: the reference is the base
         with the adapters off). It is kept outside the module tree: `.to()`, `.parameters()` and
         `state_dict()` of the RoleModel neither move, train nor save it."""
         return self._trunks.reference_lm
+
+    @property
+    def value_shares_policy_forward(self) -> bool:
+        """Whether one trunk pass serves the policy and the value head (full fine-tuning), or the
+        value role runs a pass of its own (LoRA: its own adapter)."""
+        return self._trunks.value_shares_policy_forward
+
+    def shard_reference_copy(self, ctx, *, mixed_precision: torch.dtype | None = None) -> bool:
+        """Shard the frozen no-LoRA reference copy with FSDP2 over `ctx`'s ranks (the trainers do it
+        with --fsdp, after sharding this model): see `FullTrunks.shard_reference`. False when there is
+        no copy (LoRA: the reference is the shared base) or it lives on another device type."""
+        return self._trunks.shard_reference(ctx, mixed_precision=mixed_precision)
 
     @property
     def _adapter_params(self) -> dict[str, list[nn.Parameter]]:
@@ -167,9 +207,12 @@ class RoleModel(nn.Module):
         params = list(self.heads[role].parameters()) if role in self.heads else []
         return params + (owned if owned is not None else self._trunks.owned_params())[role]
 
-    def _decoder_hidden(self, role: str, input_ids, attention_mask) -> torch.Tensor:
-        """[B, T, H] hidden states of `role`, on the device of its trunk."""
+    def _decoder_hidden(self, role: str, input_ids, attention_mask, then=None) -> torch.Tensor:
+        """[B, T, H] hidden states of `role`, on the device of its trunk; or `then(hidden)` (e.g. the
+        log-probs), computed in the same reference pass (a sharded reference copy gathers its LM
+        head for that pass only: `RoleTrunks.run_reference`)."""
         _check_role(role)
+        then = then or (lambda hidden: hidden)
         trunk = self._trunk(role)
         device = trunk.get_output_embeddings().weight.device
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
@@ -181,11 +224,11 @@ class RoleModel(nn.Module):
         )
         decoder = decoder_of(trunk)
         if role == REFERENCE:
-            with self._trunks.reference_forward():
-                return decoder(**kwargs).last_hidden_state
+            return self._trunks.run_reference(lambda: then(decoder(**kwargs).last_hidden_state))
         self._trunks.activate(role)
         with self._low_precision_forward():
-            return decoder(**kwargs).last_hidden_state
+            hidden = decoder(**kwargs).last_hidden_state
+        return then(hidden)
 
     # ------------------------------------------------------------------ public API
 
@@ -217,8 +260,8 @@ class RoleModel(nn.Module):
         if role not in ("policy", REFERENCE):
             raise ValueError(f"role must be 'policy' or 'reference' for token_logprobs, got {role!r}")
         with torch.set_grad_enabled(torch.is_grad_enabled() and role != REFERENCE):
-            hidden = self._decoder_hidden(role, input_ids, attention_mask)
-            return self._logprobs_from_hidden(role, hidden, input_ids, attention_mask, temperature, return_entropy)
+            return self._decoder_hidden(role, input_ids, attention_mask, then=lambda hidden: self._logprobs_from_hidden(
+                role, hidden, input_ids, attention_mask, temperature, return_entropy))
 
     def _logprobs_from_hidden(self, role, hidden, input_ids, attention_mask, temperature, return_entropy):
         """Fused lm_head + log-softmax + gather on the trunk's device; results on the policy device."""
@@ -231,6 +274,55 @@ class RoleModel(nn.Module):
         )
         device = self.device
         return tuple(t.to(device) for t in out) if return_entropy else out.to(device)
+
+    def head_inputs(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        *,
+        loss_mask: torch.Tensor | None = None,
+    ) -> HeadInputs:
+        """The policy's final hidden states and LM head for a fused loss (`HeadInputs`), e.g.
+
+            h = roles.head_inputs(input_ids, attention_mask, loss_mask=loss_mask)
+            loss, metrics = fastrlhf.sft_loss_from_hidden(h.hidden, h.weight, h.targets, **h.head_kwargs())
+
+        The loss is then the final node and computes the head's gradients in its forward (6·N·V·H
+        FLOPs instead of the 8·N·V·H of `token_logprobs` + a loss). input_ids, attention_mask,
+        loss_mask: `[B, T]`; loss_mask (optional) 1 where a token's log-prob counts: targets are -100
+        outside it, so the head reads no logits there. Under FSDP2 (a registered forward method) the
+        LM head stays gathered after the call, until the backward: the root is not resharded after
+        its forward.
+        """
+        self._require("policy")
+        hidden = self._decoder_hidden("policy", input_ids, attention_mask)
+        return self._head_inputs(hidden, input_ids, attention_mask, loss_mask)
+
+    def head_inputs_and_values(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[HeadInputs, torch.Tensor]:
+        """(`head_inputs(...)`, values [B, T]): the policy's fused-head inputs and the value role's
+        values, like `token_logprobs_and_values`. Without LoRA one trunk forward serves both (the
+        value head sits on the policy trunk); with LoRA it is one forward per adapter."""
+        self._require("policy")
+        self._require("value")
+        hidden = self._decoder_hidden("policy", input_ids, attention_mask)
+        head = self._head_inputs(hidden, input_ids, attention_mask, None)
+        if not self._trunks.value_shares_policy_forward:
+            hidden = self._decoder_hidden("value", input_ids, attention_mask).to(self.device)
+        # Private helpers only, no nested public forward method: under FSDP2 a nested one's end marks
+        # the root idle, and the outer one's end would then reshard the LM head the loss still reads.
+        return head, self._values_from_hidden(hidden, attention_mask)
+
+    def _head_inputs(self, hidden, input_ids, attention_mask, loss_mask) -> HeadInputs:
+        """`HeadInputs` of the policy from its `[B, T, H]` hidden states (on the policy trunk's device)."""
+        device = hidden.device
+        keep = attention_mask.to(device)[:, 1:] != 0
+        if loss_mask is not None:
+            keep = keep & (loss_mask.to(device)[:, 1:] != 0)
+        targets = input_ids.to(device)[:, 1:].masked_fill(~keep, IGNORE_INDEX)
+        head = self._trunk("policy").get_output_embeddings()
+        return HeadInputs(hidden[:, :-1], targets, head.weight, getattr(head, "bias", None), self._logit_softcap)
 
     def values(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[B, T] float32 (float64 for a float64 base) value estimates V(s_t) (value role + value head); 0 on padding."""
@@ -276,18 +368,83 @@ class RoleModel(nn.Module):
         return params
 
     def gradient_checkpointing_enable(self) -> None:
-        """Recompute decoder activations during backward instead of storing them.
+        """Recompute decoder activations during backward instead of storing them, in training AND
+        in eval mode.
 
         Non-reentrant checkpointing (works with a frozen embedding). In LoRA mode the recomputation
         re-activates the adapter that was active in the forward (`LoraTrunks.checkpoint_kwargs`).
+        transformers checkpoints a layer only while `layer.training` is True, and PPO/GRPO run their
+        whole iteration in eval mode (no dropout, so the update's log-probs equal the rollout's):
+        there checkpointing would be silently off (Qwen2.5-7B PPO, B=8, T=2048: 211 GiB instead of
+        28 GiB predicted). So while checkpointing is on, `eval()` keeps the decoder layers themselves
+        flagged as training and every other module (dropout, attention, LoRA layers) in eval mode:
+        the outputs are eval mode's, and layers are checkpointed whenever gradients are recorded
+        (under no_grad nothing is checkpointed or stored either way). See `_checkpointed_layers`.
         """
         kwargs = {"use_reentrant": False, **self._trunks.checkpoint_kwargs()}
-        trunks = {id(self._trunk(r)): self._trunk(r) for r in self.roles}.values()
-        for trunk in trunks:
+        for trunk in self._trained_trunks():
             if hasattr(trunk, "activation_checkpointing_enable"):  # transformers >= 5
                 trunk.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
             else:
                 trunk.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        self._checkpointing = True
+        if not self.training:
+            self._flag_checkpointed_layers()
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return getattr(self, "_checkpointing", False)
+
+    def train(self, mode: bool = True):
+        """`nn.Module.train`; in eval mode (`mode=False`) with checkpointing on, the decoder layers stay
+        flagged as training so that they are still checkpointed (`gradient_checkpointing_enable`)."""
+        super().train(mode)
+        if not mode and self.is_gradient_checkpointing:
+            self._flag_checkpointed_layers()
+        return self
+
+    def _trained_trunks(self) -> list[nn.Module]:
+        """The distinct causal LMs the roles run on (the reference copy is never trained)."""
+        return list({id(self._trunk(r)): self._trunk(r) for r in self.roles}.values())
+
+    def _flag_checkpointed_layers(self) -> None:
+        for layer in self._checkpointed_layers():
+            layer.training = True  # the layer object only: its children keep eval mode
+
+    def _checkpointed_layers(self) -> list[nn.Module]:
+        """The decoder layers that transformers checkpoints (`GradientCheckpointingLayer` with
+        checkpointing on) and whose own forward does not read `self.training` (flagging one that does,
+        e.g. a layer calling functional dropout with training=self.training, would switch its dropout
+        on). Layers that read it, or transformers without `GradientCheckpointingLayer` (< 4.52, which
+        checked `model.training` in the model's loop), stay unflagged: checkpointing is then off in
+        eval mode, with a warning."""
+        cached = getattr(self, "_checkpointed_layers_cache", None)
+        if cached is not None:
+            return cached
+        try:
+            from transformers.modeling_layers import GradientCheckpointingLayer
+        except ImportError:
+            GradientCheckpointingLayer = None
+        layers, refused = [], set()
+        for trunk in self._trained_trunks():
+            for module in trunk.modules():
+                if GradientCheckpointingLayer is None or not isinstance(module, GradientCheckpointingLayer):
+                    continue
+                if not getattr(module, "gradient_checkpointing", False):
+                    continue
+                if _forward_reads_training(type(module)):
+                    refused.add(type(module).__name__)
+                else:
+                    layers.append(module)
+        if GradientCheckpointingLayer is None or refused:
+            import warnings
+
+            warnings.warn("activation checkpointing stays off in eval mode (PPO/GRPO updates) for "
+                          + (", ".join(sorted(refused)) + " (its forward reads self.training)" if refused
+                             else "this transformers version (no GradientCheckpointingLayer; needs >= 4.52)"),
+                          stacklevel=3)
+        self._checkpointed_layers_cache = layers
+        return layers
 
     def token_logprobs_and_values(
         self,
@@ -345,6 +502,7 @@ class RoleModel(nn.Module):
             "params_bytes": _unique_bytes(list(reference_copy.parameters())) if reference_copy is not None else 0,
             "device": str(self._trunks.reference_device),
             "shared_with_base": self._trunks.reference_shares_base,
+            "sharded": getattr(self._trunks, "reference_sharded", False),
         }
         report[REFERENCE] = reference
         report["total_bytes"] = total + reference["params_bytes"]
@@ -507,6 +665,15 @@ def _optimizer_bytes(params: list[nn.Parameter], optimizer) -> int:
     if allocated:
         return allocated
     return sum(2 * 4 * p.numel() for p in params)  # AdamW: exp_avg + exp_avg_sq in fp32
+
+
+def _forward_reads_training(cls: type) -> bool:
+    """Whether `cls.forward` itself (under transformers' checkpointing wrapper) reads `.training`."""
+    forward = cls.forward
+    while hasattr(forward, "__wrapped__"):
+        forward = forward.__wrapped__
+    code = getattr(forward, "__code__", None)
+    return code is None or "training" in code.co_names
 
 
 def decoder_of(causal_lm) -> torch.nn.Module:

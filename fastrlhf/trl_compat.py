@@ -84,9 +84,6 @@ TRL_REFUSED: dict[str, str] = {
     "ref_model": "the reference is the base model with the adapters switched off (or a frozen copy without LoRA)",
     "model_init_kwargs": "pass a loaded model (fastrlhf.load_causal_lm(path, dtype=...)) instead",
     "save_strategy": "save_steps > 0 saves every N steps; 0 only at the end",
-    # a config field of the same name takes precedence over this entry once the trainers have one
-    "gradient_checkpointing": "this version's trainer configs have no activation-checkpointing option "
-                              "(RoleModel.gradient_checkpointing_enable() turns it on for a model you build)",
     "eval_strategy": "eval_steps > 0 evaluates every N steps; 0 only at the end",
 }
 

@@ -382,6 +382,29 @@ def test_sft_matches_twin_and_closed_form(loss_agg, softcap, shift, dtype, devic
         check_result(result, expected, dtype, f"{loss_agg} {backend}")
 
 
+@pytest.mark.parametrize("loss_agg", ["token-mean", "seq-mean-token-mean"])
+def test_sft_whole_batch_totals_add_micro_batches_up_to_the_full_batch(loss_agg, device):
+    """total_tokens / total_sequences of the whole batch: the losses and gradients of two micro-batches
+    add up to the full batch's closed form (float64), on both backends; a tensor total works too."""
+    hidden, _, weight, b = make_head((4, 6), 131, torch.float32, device, bias=True)
+    targets = torch.randint(0, 131, (4, 6), device=device)
+    targets[:, :2] = IGNORE
+    targets[0, 3:] = IGNORE  # micro-batches with different token counts
+    targets[3] = IGNORE  # a sequence without completion tokens (counts as a sequence)
+    loss_exp, _, grads_exp = sft_closed_form(dict(hidden=hidden, weight=weight, bias=b, targets=targets), loss_agg)
+    totals = ({"total_tokens": torch.tensor(float((targets != IGNORE).sum()), device=device)}
+              if loss_agg == "token-mean" else {"total_sequences": 4})
+    for backend in ("triton", "torch"):
+        loss, grads = 0.0, [0.0, 0.0, 0.0]
+        for rows in (slice(0, 1), slice(1, 4)):
+            part, _, part_grads = run(fastrlhf.sft_loss_from_hidden, hidden[rows], weight, b, targets[rows],
+                                      backend=backend, loss_agg=loss_agg, chunk_size=4, **totals)
+            loss += part
+            grads[0] = part_grads[0] if rows.start == 0 else torch.cat([grads[0], part_grads[0]])
+            grads[1], grads[2] = grads[1] + part_grads[1], grads[2] + part_grads[2]
+        check_result((loss, {}, grads), (loss_exp, {}, grads_exp), torch.float32, f"{loss_agg} {backend}")
+
+
 def test_sft_flat_rows_equal_the_trainer_formula(device):
     """[N, H] rows and the SFTTrainer expression -sequence_logps(logps, mask).sum() / mask.sum()."""
     hidden, _, weight, _ = make_head((11,), 131, torch.float32, device)

@@ -70,6 +70,7 @@ def test_readme_dpo_scripts_run(workdir):
     out = tmp_path / "SmolLM2-DPO"
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
     assert len([r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]) == 2
+    out.rename(tmp_path / "from-python")  # the command line is the other way to the same run, in the same directory
     run_cli(blocks["dpo-cli"], model)
     assert json.loads((out / "summary.json").read_text())["steps"] == 2 and (out / "merged" / "config.json").is_file()
 
@@ -84,6 +85,7 @@ def test_readme_grpo_scripts_run(workdir):
     # the command line reads the same reward functions from rewards.py
     code = blocks["grpo-python"]
     (tmp_path / "rewards.py").write_text(code[code.index("def reward_len"):code.index("args =")])
+    out.rename(tmp_path / "from-python")
     run_cli(blocks["grpo-cli"], model)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 2 and "reward" in summary["metrics"]

@@ -86,14 +86,19 @@ def _sft_trainer(tmp_path, *, max_steps, max_consecutive_nonfinite, nan_at_steps
                        max_consecutive_nonfinite=max_consecutive_nonfinite)
     trainer = SFTTrainer(model, tokenizer, config, sft_records(), ctx=DistContext())
 
-    # NaN fed into the loss: the policy log-probs of the chosen steps are poisoned
-    real_logprobs = model.token_logprobs
+    # NaN fed into the loss at the chosen steps: the policy's hidden states for the fused head (the
+    # SFT loss's path) and its log-probs (the --no-fused-head path) are poisoned
+    real_logprobs, real_head_inputs = model.token_logprobs, model.head_inputs
 
     def poisoned(*args, **kwargs):
         logps = real_logprobs(*args, **kwargs)
         return logps * float("nan") if trainer.step + 1 in nan_at_steps else logps
 
-    model.token_logprobs = poisoned
+    def poisoned_head_inputs(*args, **kwargs):
+        head = real_head_inputs(*args, **kwargs)
+        return head._replace(hidden=head.hidden * float("nan")) if trainer.step + 1 in nan_at_steps else head
+
+    model.token_logprobs, model.head_inputs = poisoned, poisoned_head_inputs
     # snapshot of the trainable weights after every step
     snapshots = []
     real_step = trainer.training_step

@@ -389,14 +389,18 @@ def test_ppo_with_reward_role_kl_in_loss_and_exact_resume(tok, tmp_path):
 
 
 def record_ppo_loss_calls(monkeypatch) -> list[dict]:
-    """The keyword arguments of every fastrlhf.ppo_loss call (the real loss still runs)."""
-    calls, real = [], fastrlhf.ppo_loss
+    """The keyword arguments of every policy loss call, fastrlhf.ppo_loss or the fused head's
+    fastrlhf.policy_loss_from_hidden (the real loss still runs)."""
+    calls = []
 
-    def recording(*args, **kwargs):
-        calls.append(kwargs)
-        return real(*args, **kwargs)
+    def recording(real):
+        def record(*args, **kwargs):
+            calls.append(kwargs)
+            return real(*args, **kwargs)
+        return record
 
-    monkeypatch.setattr(fastrlhf, "ppo_loss", recording)
+    for name in ("ppo_loss", "policy_loss_from_hidden"):
+        monkeypatch.setattr(fastrlhf, name, recording(getattr(fastrlhf, name)))
     return calls
 
 

@@ -89,6 +89,7 @@ from fastrlhf._checks import (
     check_ppo_args,
     check_same_device,
     check_softcap,
+    check_totals,
 )
 from fastrlhf._dispatch import resolve_backend
 from fastrlhf.contracts import (
@@ -646,12 +647,13 @@ def policy_loss_from_logits(
 # --------------------------------------------------------------------------- SFT
 
 
-def _sft_row_scale(mask_f: torch.Tensor, loss_agg: str) -> torch.Tensor:
+def _sft_row_scale(mask_f: torch.Tensor, loss_agg: str, total_tokens, total_sequences) -> torch.Tensor:
     """Per-sequence weight of the SFT trainer's aggregations, mask_f `[B, T]` -> `[B]` (torch ops)."""
     if loss_agg == "token-mean":
-        return aggregation_row_scale(mask_f, "token-mean")
-    # mean over all B sequences (an empty one counts as 0) of each sequence's mean token NLL
-    return 1.0 / (mask_f.sum(-1).clamp(min=1) * max(mask_f.shape[0], 1))
+        return aggregation_row_scale(mask_f, "token-mean", total_tokens=total_tokens)
+    # mean over all sequences (an empty one counts as 0) of each sequence's mean token NLL
+    sequences = max(mask_f.shape[0], 1) if total_sequences is None else torch.as_tensor(total_sequences).to(mask_f)
+    return 1.0 / (mask_f.sum(-1).clamp(min=1) * sequences)
 
 
 def sft_loss_from_hidden(
@@ -662,6 +664,8 @@ def sft_loss_from_hidden(
     bias: torch.Tensor | None = None,
     softcap: float | None = None,
     loss_agg: str = "token-mean",
+    total_tokens: float | torch.Tensor | None = None,
+    total_sequences: float | torch.Tensor | None = None,
     chunk_size: int | None = None,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -671,11 +675,16 @@ def sft_loss_from_hidden(
     which is what `SFTTrainer` computes from `token_logprobs` with mask = targets != -100;
     "seq-mean-token-mean" (SFTTrainer's other option, `targets` `[B, T]`): the mean over all B
     sequences of each one's mean token NLL. 6·N·V·H FLOPs fwd+bwd, no `[N, V]` logits.
+    total_tokens (token-mean) / total_sequences (seq-mean-token-mean) replace the count / B by the
+    WHOLE batch's (all micro-batches and ranks of an optimizer step; every sequence counts, empty
+    ones too), so that micro-batch losses add up to the full-batch loss exactly (as in `ppo_loss`).
 
     Args:
         hidden: `[N, H]` or `[B, T, H]` (strided views included). weight: `[V, H]`. bias: `[V]`.
         targets: hidden's leading shape; -100 marks tokens outside the loss (no logits read for them).
         softcap: Gemma-2 logit soft-cap, as in `token_logprobs`.
+        total_tokens, total_sequences: None (this call's counts), a number > 0, or a one-element
+            tensor on hidden's device (no host sync).
         chunk_size, backend: as in `policy_loss_from_hidden`.
 
     Returns:
@@ -687,12 +696,14 @@ def sft_loss_from_hidden(
     if loss_agg != "token-mean":
         check_ndim("targets", targets, 2, "[B, T]")
     softcap = check_softcap(softcap)
+    check_totals(total_tokens, total_sequences, None, hidden.device)
     if resolve_backend(backend, hidden, weight, targets, bias) == "torch":
         return twin.sft_loss_from_hidden(hidden, weight, targets, bias=bias, softcap=softcap,
-                                              loss_agg=loss_agg, chunk_size=chunk_size)
+                                         loss_agg=loss_agg, total_tokens=total_tokens,
+                                         total_sequences=total_sequences, chunk_size=chunk_size)
     token_targets = (targets.reshape(1, -1) if targets.dim() != 2 else targets).contiguous()
     mask_f = (token_targets != IGNORE_INDEX).float()
-    row_scale = _sft_row_scale(mask_f, loss_agg)
+    row_scale = _sft_row_scale(mask_f, loss_agg, total_tokens, total_sequences)
 
     def compute(hidden_rows, weight_, bias_, need):
         return _row_local_loss(

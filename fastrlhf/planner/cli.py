@@ -86,7 +86,8 @@ def spec_from_options(command: str, options: dict[type, Any]):
         targets = tuple(t.strip() for t in model.lora_target_modules.split(",") if t.strip())
     kwargs = dict(stage=command, setup="shared-lora" if model.lora else "full", batch_size=config.batch_size,
                   grad_accum_steps=config.grad_accum_steps, dtype=dtype, lora_r=model.lora_r,
-                  lora_alpha=model.lora_alpha, lora_target_modules=targets)
+                  lora_alpha=model.lora_alpha, lora_target_modules=targets,
+                  fused_head=getattr(config, "fused_head", True))
     if command in ("ppo", "grpo"):
         reward_fn = next((getattr(v, "reward_fn", "") for k, v in options.items() if k.__name__ == "RewardOptions"), "")
         kwargs.update(seq_len=config.max_prompt_length + config.max_new_tokens, prompt_len=config.max_prompt_length,

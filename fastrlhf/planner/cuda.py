@@ -8,7 +8,7 @@ simulation only, each decision that changes memory:
   around each kernel runs (output buffers, chunking, vocab tiles), the launches themselves are
   no-ops (`KernelInterface.__getitem__`). Fake tensors answer `is_cuda` True, so the fp32-output
   GEMM branches are taken; logits chunks get the CUDA budget (`CHUNK_BYTES_CUDA`, 256 MiB instead
-  of 32 MiB) and launchers the GPU block sizes.
+  of 32 MiB; the fused RL head's `FUSED_CHUNK_BYTES_CUDA`, 1.25 GiB) and launchers the GPU block sizes.
 - attention: `F.scaled_dot_product_attention` picks the kernel PyTorch picks on sm90 for bf16/fp16:
   flash attention without a mask (causal), memory-efficient attention with a mask (the boolean
   mask is turned into an additive one of the query dtype, as ATen does, and padded to a multiple
@@ -18,7 +18,9 @@ simulation only, each decision that changes memory:
   which acts on these tensors. Its casting lists cover the same matmul-type ops; the ops where the
   two lists differ (CUDA runs pow / rsqrt / exp / softmax / sum in fp32) receive fp32 inputs in
   these models anyway (RMSNorm and the rotary embedding upcast explicitly).
-- AdamW: the for-each implementation (the default on CUDA), with its [all parameters] temporaries.
+- AdamW: an AdamW built without an explicit choice gets the for-each implementation (torch's
+  default on CUDA), with its [all parameters] temporaries; fastrlhf's trainers ask for the fused one
+  on CUDA (`trainers.build.make_optimizer`), which fake tensors reporting `is_cuda` also get.
 """
 from __future__ import annotations
 
@@ -58,7 +60,7 @@ def _kernel_modules():
 
     found = {}
     for name in ("fastrlhf._dispatch", "fastrlhf.losses.logprobs", "fastrlhf.reference.logprobs",
-                 "fastrlhf.twins.logprobs", "fastrlhf.kernels._launch"):
+                 "fastrlhf.twins.logprobs", "fastrlhf.losses.fused_head", "fastrlhf.kernels._launch"):
         try:
             found[name] = importlib.import_module(name)
         except ImportError:
@@ -125,6 +127,9 @@ def cuda_semantics():
             module = modules.get(name)
             if module is not None and hasattr(module, "CHUNK_BYTES_CUDA"):
                 stack.enter_context(_patched(module, "CHUNK_BYTES_CPU", module.CHUNK_BYTES_CUDA))
+        fused = modules.get("fastrlhf.losses.fused_head")
+        if fused is not None and hasattr(fused, "FUSED_CHUNK_BYTES_CUDA"):  # the fused head's own CUDA budget
+            stack.enter_context(_patched(fused, "CHUNK_BYTES_CPU", fused.FUSED_CHUNK_BYTES_CUDA))
         launch = modules.get("fastrlhf.kernels._launch")
         if launch is not None:
             stack.enter_context(_patched(launch, "GPU_SIZES_EVERYWHERE", True))

@@ -120,18 +120,20 @@ class Prediction:
 
     def _sharded(self, key: tuple[str, str, str]) -> bool:
         """Whether FSDP shards the bytes of a (category, role, phase created) part: parameters,
-        gradients, optimizer state, and the optimizer step's temporaries (for-each AdamW works on
-        the local shards), except the frozen reference copy of fastrlhf's full fine-tuning, which
-        lives outside the module that --fsdp wraps."""
+        gradients, optimizer state, and the optimizer step's temporaries (AdamW works on the local
+        shards). The frozen reference copy of fastrlhf's full fine-tuning is sharded too
+        (`RoleModel.shard_reference_copy`), unless it is kept on the CPU (`reference_device`), where
+        it stays whole."""
         category, role, phase = key
         if category == "parameters" and role == "reference" and self.spec.setup == "full":
-            return False
+            return self.spec.reference_device in (None, "cuda")
         return category in STATIC_CATEGORIES or (category == "temporaries" and phase == "optimizer step")
 
     def fsdp_peak_bytes(self, gpus: int) -> int:
         """Peak per GPU with FSDP over `gpus` GPUs: the sharded parts (`_sharded`) divided, the
         activations and other temporaries not; taken over every region (the peak may move).
-        FSDP's own all-gather buffers (about two layers of weights) are not counted."""
+        FSDP's own all-gather buffers (about two layers of weights, plus the embeddings and LM head
+        of the root whose forward runs) are not counted."""
         if gpus < 1:
             raise ValueError(f"gpus must be >= 1, got {gpus}")
         best = 0

@@ -47,7 +47,9 @@ class StepSpec:
     reference_device: str | None = None
     legacy_peft_upcast: bool = False  # LoRA as before 6828f2e: peft's fp32 input upcast, no autocast
     reference_copy: bool | None = None  # full fine-tuning: keep a frozen reference copy (None: as fastrlhf.train)
-    fused_adamw: bool = False       # AdamW(fused=True) instead of the for-each default
+    fused_adamw: bool = False       # AdamW(fused=True) instead of the for-each default (TRL-style setups;
+                                    # fastrlhf's trainers are fused on CUDA anyway)
+    fused_head: bool = True         # the trainers' final loss by the fused RL head (False: token_logprobs + loss)
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:

@@ -23,9 +23,8 @@ simulated) and the step calls `Trainer.optimize` with collated batches of the pl
     - PPO/GRPO: one optimizer step of the update (each of the ppo_epochs x num_minibatches steps
       holds the same memory); at most 2 micro-batches of a gradient-accumulation window are run
       (the second one already holds the first one's gradients, as every later one does).
-    - activation checkpointing in PPO/GRPO: their trainers put the model in eval mode for the whole
-      iteration, and transformers checkpoints a layer only in training mode; with checkpointing
-      requested the decoder layers alone (not their dropout children) are flagged as training.
+    - activation checkpointing: the trainer's own `gradient_checkpointing` option (which keeps it
+      on in PPO/GRPO's eval-mode iteration: `RoleModel.gradient_checkpointing_enable`).
 The optimizer state exists before the measured step (as in any step after the first): AdamW's
 own step runs once on zero gradients, then the counter's peaks are reset.
 """
@@ -271,7 +270,8 @@ def _trainer_and_config(spec: StepSpec, target: str):
     trainer_class, config_class = getattr(trainers, trainer_name), getattr(trainers, config_name)
     options = dict(output_dir="/nonexistent/fastrlhf-planner", batch_size=spec.batch_size,
                    grad_accum_steps=spec.grad_accum_steps, progress=False, save_final=False, max_steps=1,
-                   backend="auto" if target == "cuda" else "torch", bf16="false")
+                   backend="auto" if target == "cuda" else "torch", bf16="false", fused_head=spec.fused_head,
+                   gradient_checkpointing=spec.checkpointing)
     if spec.stage in ("sft", "rm", "dpo"):
         options["max_length"] = spec.seq_len
         options["eval_batch_size"] = spec.batch_size
@@ -306,6 +306,8 @@ def _label_role_methods(role_model, counter_ref: list) -> None:
     wrap("values", lambda args: "value")
     wrap("rewards", lambda args: "reward")
     wrap("token_logprobs_and_values", lambda args: "policy")
+    wrap("head_inputs", lambda args: "policy")
+    wrap("head_inputs_and_values", lambda args: "policy")
 
 
 def _decoder_layer_lists(role_model) -> list:
@@ -316,21 +318,6 @@ def _decoder_layer_lists(role_model) -> list:
         trunks += [m for m in (getattr(role_model, "reward_lm", None), _reference_copy(role_model))
                    if m is not None]
     return [decoder_layers(t) for t in trunks]
-
-
-def _keep_layers_training(role_model, layer_lists) -> None:
-    """model.eval() everywhere but the decoder layers themselves flagged training, so that
-    transformers' activation checkpointing (which looks at layer.training) stays on in PPO/GRPO,
-    whose trainers run the whole iteration in eval mode; dropout modules stay in eval mode."""
-    original_eval = role_model.eval
-
-    def eval_keeping_checkpointing():
-        original_eval()
-        for layers in layer_lists:
-            for layer in layers:
-                layer.training = True
-        return role_model
-    role_model.eval = eval_keeping_checkpointing
 
 
 def _reference_copy(role_model):
@@ -362,12 +349,6 @@ def _build_fastrlhf(spec: StepSpec, config, *, fake: bool, target: str, seed: in
         modules.append(reference)
     prepare(modules)  # fake tensors in place, before any optimizer holds the parameters
     layer_lists = _decoder_layer_lists(role_model)
-    if spec.checkpointing:
-        role_model.gradient_checkpointing_enable()
-        if spec.stage in ("ppo", "grpo"):
-            _keep_layers_training(role_model, layer_lists[:1])
-            notes.append("PPO/GRPO trainers run in eval mode, which turns transformers' activation checkpointing "
-                         "off; simulated with the decoder layers flagged training")
     owner = role_of_parameters(role_model)
 
     counter_ref: list = [None]

@@ -311,9 +311,26 @@ class PolicyGradientTrainer(Trainer):
         return {key: value / max(steps, 1) for key, value in sums.items()}
 
     def loss_weight(self, micro: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The weight of a micro-batch's metrics in the step's (tokens for token-mean, else rows)."""
         if self.config.loss_agg == "token-mean":
             return micro["mask"].sum().float()
         return torch.tensor(float(micro["mask"].shape[0]), device=self.device)
+
+    step_total_metrics = ("pg_loss", "vf_loss")
+
+    def whole_step_totals(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict:
+        """The aggregation denominators of the optimizer step's whole minibatch (all micro-batches,
+        all ranks), as ppo_loss / value_loss take them: total_tokens N (counted tokens),
+        total_sequences S (rows with at least one counted token: fully masked rows never count) and
+        norm_length L (the minibatch's token width, the longest of its micro-batches' after
+        `select_rows` cut each to its own longest row). N and S are divided by the world size
+        (gradients are averaged over ranks); each is at least 1 overall, as for one batch."""
+        masks = [mb["mask"] for mb in micro_batches]
+        counts = torch.stack([sum(m.sum() for m in masks), sum((m.sum(-1) > 0).sum() for m in masks)]).float()
+        tokens, sequences = (self.ctx.all_reduce_sum(counts).clamp(min=1) / self.ctx.world_size).unbind()
+        width = torch.tensor([max(m.shape[1] for m in masks)], device=self.device)
+        width = int(self.ctx.all_reduce_max(width).item())  # select_rows already synced for the widths
+        return {"total_tokens": tokens, "total_sequences": sequences, "norm_length": float(max(width, 1))}
 
     @property
     def loss_kl_coef(self) -> float:
@@ -322,30 +339,57 @@ class PolicyGradientTrainer(Trainer):
         return self.kl_ctl.value if self.kl_in_loss else 0.0
 
     def policy_forward(self, micro: dict[str, torch.Tensor]):
-        """(logps, entropy [B, T-1], extras) of the policy on a micro-batch; PPO adds the values."""
+        """(logps, entropy [B, T-1], extras) of the policy on a micro-batch; PPO adds the values.
+        The path of `fused_head=False`."""
         logps, entropy = self.model.token_logprobs("policy", micro["input_ids"], micro["attention_mask"],
                                                    temperature=self.config.temperature, return_entropy=True)
         return logps, entropy, {}
 
-    def policy_loss(self, micro: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def policy_head(self, micro: dict[str, torch.Tensor]):
+        """(`RoleModel.head_inputs`, extras) of the policy on a micro-batch, for the fused head; PPO
+        adds the values."""
+        return self.model.head_inputs(micro["input_ids"], micro["attention_mask"]), {}
+
+    def policy_objective(self, micro: dict[str, torch.Tensor]) -> dict:
+        """The keyword arguments `ppo_loss` and `policy_loss_from_hidden` share: the objective and its
+        options, the KL and entropy terms, the aggregation with the step's totals."""
         cfg = self.config
-        logps, entropy, extras = self.policy_forward(micro)
-        old_logps = micro["old_logps"] if "old_logps" in micro else logps.detach()  # single on-policy pass
         kl_coef = self.loss_kl_coef
-        ref_logps = micro.get("ref_logps") if kl_coef > 0 else None
         loss_type, ratio_level = TRAINER_LOSS_TYPES[cfg.loss_type]
-        loss, metrics = fastrlhf.ppo_loss(
-            logps, old_logps, micro["advantages"], micro["mask"], loss_type=loss_type, ratio_level=ratio_level,
-            clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high, dual_clip=cfg.dual_clip,
-            sapo_tau_pos=cfg.sapo_tau_pos, sapo_tau_neg=cfg.sapo_tau_neg,
+        return dict(
+            loss_type=loss_type, ratio_level=ratio_level, clip_eps=cfg.clip_eps, clip_eps_high=cfg.clip_eps_high,
+            dual_clip=cfg.dual_clip, sapo_tau_pos=cfg.sapo_tau_pos, sapo_tau_neg=cfg.sapo_tau_neg,
             rollout_logps=micro["rollout_logps"] if cfg.is_correction else None, is_correction=cfg.is_correction,
-            is_clip_min=cfg.is_clip_min, is_clip_max=cfg.is_clip_max,
-            top_entropy_quantile=cfg.top_entropy_quantile,
-            ref_logps=ref_logps, kl_coef=kl_coef, kl_estimator=cfg.kl_estimator,
-            entropy=entropy if cfg.entropy_coef > 0 else entropy.detach(), entropy_coef=cfg.entropy_coef,
-            loss_agg=cfg.loss_agg,
+            is_clip_min=cfg.is_clip_min, is_clip_max=cfg.is_clip_max, top_entropy_quantile=cfg.top_entropy_quantile,
+            ref_logps=micro.get("ref_logps") if kl_coef > 0 else None, kl_coef=kl_coef,
+            kl_estimator=cfg.kl_estimator, entropy_coef=cfg.entropy_coef, loss_agg=cfg.loss_agg,
+            **(self.step_totals or {}),
         )
+
+    def policy_loss(self, micro: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(loss, metrics) of a micro-batch: the policy term, plus `extra_loss` (PPO: the value loss)."""
+        loss, metrics, extras = self.policy_term(micro, self.policy_head, self.policy_forward)
         return self.extra_loss(micro, extras, loss, metrics)
+
+    def policy_term(self, micro: dict[str, torch.Tensor], head_fn, forward_fn):
+        """(loss, metrics, extras) of the policy objective, by the fused head on `head_fn(micro)`
+        (`policy_head`) or from the log-probs of `forward_fn(micro)` (`policy_forward`)."""
+        cfg = self.config
+        objective = self.policy_objective(micro)
+        if cfg.fused_head:
+            # The policy loss is the final node: the LM head's gradients are made in its forward. Without
+            # old_logps (GRPO's single on-policy pass) the current log-probs are the constants.
+            head, extras = head_fn(micro)
+            loss, metrics = fastrlhf.policy_loss_from_hidden(
+                head.hidden, head.weight, head.targets, micro.get("old_logps"), micro["advantages"], micro["mask"],
+                temperature=cfg.temperature, **head.head_kwargs(), **objective)
+            return loss, metrics, extras
+        logps, entropy, extras = forward_fn(micro)
+        old_logps = micro["old_logps"] if "old_logps" in micro else logps.detach()  # single on-policy pass
+        loss, metrics = fastrlhf.ppo_loss(
+            logps, old_logps, micro["advantages"], micro["mask"],
+            entropy=entropy if cfg.entropy_coef > 0 else entropy.detach(), **objective)
+        return loss, metrics, extras
 
     def extra_loss(self, micro, extras, loss, metrics):
         """Hook to add terms to the policy loss (PPO: the value loss on `extras["values"]`)."""

@@ -19,10 +19,14 @@ parameters, LR schedule, autocast mode), data_stream.py (records, batch order), 
 (one run per output directory: run.json, what a new run or a resume may find there), interrupt.py
 (Ctrl-C); `fastrlhf.memory` measures memory.
 
-Gradient accumulation is exact: each micro-batch loss (a mean over its own items) is re-weighted by
-its share of the items in the whole optimizer step, over all micro-batches and all ranks. So
-`batch_size=8` equals `batch_size=4, grad_accum_steps=2` and equals 2 ranks of 4 (up to float
-rounding), even for token-mean losses whose micro-batches hold different numbers of tokens.
+Gradient accumulation is exact: a trainer whose loss has whole-batch denominators (`step_totals`:
+SFT, PPO, GRPO) normalises each micro-batch loss by the optimizer step's total tokens / sequences
+over all micro-batches and ranks (`ppo_loss(total_tokens=..., total_sequences=..., norm_length=...)`,
+the fused head's equivalents), so the micro-batch losses add up to the one big batch's loss; the
+others (DPO, RM: a mean over pairs, every pair counts) re-weight each micro-batch loss, a mean over
+its own items, by its share of the step's items. So `batch_size=8` equals `batch_size=4,
+grad_accum_steps=2` and equals 2 ranks of 4 (up to float rounding), for every aggregation, even when
+micro-batches hold different numbers of tokens, empty rows or different widths.
 """
 from __future__ import annotations
 
@@ -42,7 +46,13 @@ from fastrlhf.checkpoint import seed_everything
 from fastrlhf.distributed import DistContext
 from fastrlhf.guards import NonFiniteGuard
 from fastrlhf.memory import memory_summary, peak_memory_bytes, peak_memory_kind, reset_peak_memory
-from fastrlhf.trainers.build import make_scheduler, place_model, resolve_bf16, trainable_parameters
+from fastrlhf.trainers.build import (
+    make_optimizer,
+    make_scheduler,
+    place_model,
+    resolve_bf16,
+    trainable_parameters,
+)
 from fastrlhf.trainers.checkpointing import (
     apply_trainer_checkpoint,
     check_world_size,
@@ -107,6 +117,8 @@ class Trainer:
         self.eval_examples = None if self.eval_records is None else self.prepare(self.eval_records)
 
         self.use_bf16 = resolve_bf16(config.bf16, self.device)
+        if config.gradient_checkpointing:  # also effective in eval mode (PPO/GRPO): RoleModel.train
+            model.gradient_checkpointing_enable()
         place_model(model, self.ctx, fsdp=config.fsdp, bf16=self.use_bf16)
         self.params = trainable_parameters(model, self.trained_roles)
         if not self.params:
@@ -114,7 +126,7 @@ class Trainer:
         self.data = BatchStream(self.train_examples, config.batch_size, ctx=self.ctx, seed=config.seed,
                                 epochs=None if config.max_steps > 0 else config.epochs)
         self.step = 0                    # completed training steps
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
+        self.optimizer = make_optimizer(self.params, lr=config.learning_rate, weight_decay=config.weight_decay)
         self.scheduler = None
         self._set_total_steps(self._planned_total_steps())
         self.guard = NonFiniteGuard(config.max_consecutive_nonfinite, ctx=self.ctx)
@@ -122,6 +134,7 @@ class Trainer:
                                       progress_keys=self.progress_keys, report_to=config.reporters(),
                                       callbacks=callbacks, config=config)
 
+        self.step_totals: dict | None = None  # see whole_step_totals; set only inside optimize()
         self._boundary = StepBoundary()  # data position + RNG after the last completed step
         self._saved_step = -1            # step of the last checkpoint written (or resumed from)
         self._run_record: dict | None = None  # the run's identity (run.json), set on rank 0 by train()
@@ -143,6 +156,19 @@ class Trainer:
     def batch_weight(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """How many items `compute_loss` averages over (default: rows)."""
         return torch.tensor(float(batch["input_ids"].shape[0]), device=self.device)
+
+    # Metrics that a loss normalised by `step_totals` reports already as its share of the step
+    # (summed over micro-batches, not weighted), e.g. the aggregated policy term `pg_loss`.
+    step_total_metrics: tuple[str, ...] = ()
+
+    def whole_step_totals(self, micro_batches: list[dict[str, torch.Tensor]]) -> dict | None:
+        """The denominators of the whole optimizer step's loss (all micro-batches, all ranks), as the
+        keyword arguments of the loss (e.g. {"total_tokens": ...}), for THIS rank's loss: a count
+        over all ranks divided by the world size, since gradients are averaged over ranks. While
+        the micro-batch losses of the step run they are `self.step_totals`, and `compute_loss` then
+        returns its micro-batch's share of the step's loss (the losses add up to the step's).
+        None (default): `compute_loss` averages over its own items and `optimize` re-weights it."""
+        return None
 
     def check_config_against_data(self) -> None:
         """Checks that need both the config and the data/model (subclasses)."""
@@ -253,14 +279,23 @@ class Trainer:
 
         total_loss = torch.zeros((), device=self.device)
         sums: dict[str, torch.Tensor] = {}
-        for mb, w in zip(micro_batches, weights):
-            with self.autocast():
-                loss, metrics = loss_fn(mb)
-            share = w * scale
-            (loss * share).backward()
-            total_loss = total_loss + loss.detach().float() * share
-            for key, value in metrics.items():
-                sums[key] = sums.get(key, 0.0) + value.detach().float() * share
+        # Losses with whole-step denominators are already each micro-batch's share of the step's
+        # loss; the others are re-weighted by `share`. Metrics are weighted by `share` either way,
+        # except those that the totals already scale (`step_total_metrics`).
+        self.step_totals = self.whole_step_totals(micro_batches)
+        summed = set(self.step_total_metrics) if self.step_totals is not None else set()
+        try:
+            for mb, w in zip(micro_batches, weights):
+                with self.autocast():
+                    loss, metrics = loss_fn(mb)
+                share = w * scale
+                part = loss if self.step_totals is not None else loss * share
+                part.backward()
+                total_loss = total_loss + part.detach().float()
+                for key, value in metrics.items():
+                    sums[key] = sums.get(key, 0.0) + value.detach().float() * (1.0 if key in summed else share)
+        finally:
+            self.step_totals = None
 
         self.ctx.sync_gradients(self.params)
         grad_norm = None

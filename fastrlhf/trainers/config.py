@@ -69,6 +69,13 @@ class TrainerConfig(metaclass=ConfigMeta):
     report_to: str = field(default="tensorboard", metadata=option_help(
         "where metrics go besides OUTPUT_DIR/metrics.jsonl: tensorboard (when installed), wandb (pip install wandb), "
         "both comma-separated, all, or none"))
+    gradient_checkpointing: bool = field(default=False, metadata=option_help(
+        "activation checkpointing: recompute each decoder layer in backward instead of storing its activations "
+        "(also in PPO/GRPO, whose iteration runs in eval mode)"))
+    fused_head: bool = field(default=True, metadata=option_help(
+        "compute the final loss (SFT, DPO, PPO/GRPO policy) straight from the hidden states with the LM head's "
+        "gradients made in the forward (6·N·V·H FLOPs); --no-fused-head: token log-probs, then the loss "
+        "(the logits are made again in backward, 8·N·V·H)"))
 
     def __post_init__(self) -> None:
         self.validate()

@@ -1,6 +1,8 @@
 """Direct preference optimisation (and IPO, hinge, robust, SimPO, ORPO) on the policy role.
 
-Chosen and rejected rows go through the policy in ONE forward (`collate_preferences`). Reference
+Chosen and rejected rows go through the policy in ONE forward (`collate_preferences`), and the loss
+comes straight from its hidden states (`fastrlhf.dpo_loss_from_hidden`, the LM head's gradients made
+in its forward; `fused_head=False`: `token_logprobs` -> `sequence_logps` -> `dpo_loss`). Reference
 log-probs come from the "reference" role (LoRA: the same base with adapters disabled) in the same
 step under no_grad, or are precomputed once before training (`precompute_ref_logps`, automatic
 without LoRA, where the reference is a separate frozen copy): then they are saved in checkpoints,
@@ -89,19 +91,31 @@ class DPOTrainer(Trainer):
         average = self.config.loss_type in LENGTH_AVERAGED_LOSS_TYPES
         return fastrlhf.sequence_logps(logps, batch["loss_mask"][:, 1:], average=average)
 
+    def reference_logps(self, batch) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(ref_chosen [B], ref_rejected [B]): precomputed, or the reference role's without grad;
+        (None, None) for the reference-free losses."""
+        if self.reference_free:
+            return None, None
+        if "ref_logps" in batch:
+            ref = batch["ref_logps"]
+        else:
+            with torch.no_grad():
+                ref = self.sequence_logps("reference", batch)
+        return ref.chunk(2)
+
     def compute_loss(self, batch):
-        chosen, rejected = self.sequence_logps("policy", batch).chunk(2)
-        ref_chosen = ref_rejected = None
-        if not self.reference_free:
-            if "ref_logps" in batch:
-                ref = batch["ref_logps"]
-            else:
-                with torch.no_grad():
-                    ref = self.sequence_logps("reference", batch)
-            ref_chosen, ref_rejected = ref.chunk(2)
         cfg = self.config
-        return fastrlhf.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, beta=cfg.beta,
-                                 loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing, gamma=cfg.simpo_gamma)
+        options = dict(beta=cfg.beta, loss_type=cfg.loss_type, label_smoothing=cfg.label_smoothing,
+                       gamma=cfg.simpo_gamma)
+        if cfg.fused_head:
+            # The reference pass first: its no-grad activations are gone before the policy's graph exists.
+            ref_chosen, ref_rejected = self.reference_logps(batch)
+            head = self.model.head_inputs(batch["input_ids"], batch["attention_mask"], loss_mask=batch["loss_mask"])
+            return fastrlhf.dpo_loss_from_hidden(head.hidden, head.weight, head.targets, ref_chosen, ref_rejected,
+                                                 **head.head_kwargs(), **options)
+        chosen, rejected = self.sequence_logps("policy", batch).chunk(2)
+        ref_chosen, ref_rejected = self.reference_logps(batch)
+        return fastrlhf.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, **options)
 
     # ---- precomputed reference log-probs (saved with checkpoints)
     def before_train(self) -> None:

@@ -113,11 +113,36 @@ class PPOTrainer(PolicyGradientTrainer):
             micro["input_ids"], micro["attention_mask"], temperature=self.config.temperature, return_entropy=True)
         return logps, entropy, {"values": values[:, :-1]}
 
+    def policy_head(self, micro):
+        head, values = self.model.head_inputs_and_values(micro["input_ids"], micro["attention_mask"])
+        return head, {"values": values[:, :-1]}
+
     def extra_loss(self, micro, extras, loss, metrics):
+        vf_loss, vf_metrics = self.value_loss(micro, extras["values"])
+        return loss + self.config.vf_coef * vf_loss, {**metrics, **vf_metrics}
+
+    def value_loss(self, micro, values):
+        """(vf_loss, metrics): the clipped value loss of `values` [B, T-1], with the step's totals."""
         cfg = self.config
-        vf_loss, vf_metrics = fastrlhf.value_loss(extras["values"], micro["values"], micro["returns"], micro["mask"],
-                                                  clip_eps=cfg.value_clip_eps, loss_agg=cfg.loss_agg)
-        return loss + cfg.vf_coef * vf_loss, {**metrics, **vf_metrics}
+        return fastrlhf.value_loss(values, micro["values"], micro["returns"], micro["mask"],
+                                   clip_eps=cfg.value_clip_eps, loss_agg=cfg.loss_agg, **(self.step_totals or {}))
+
+    def policy_loss(self, micro):
+        """With LoRA the value role runs a trunk pass of its own: it goes first, forward AND backward
+        (its gradients are the value adapter's and head's alone), so its saved activations are freed
+        before the policy's pass instead of adding to them (Qwen2.5-7B, B=8, T=2048, checkpointing:
+        27.97 -> 24.69 GiB predicted). The gradients equal those of the joint loss. Without LoRA one
+        trunk pass serves both and the joint loss is kept. Only with whole-step totals (in
+        `optimize`), where the loss needs no re-weighting after the call."""
+        if self.model.value_shares_policy_forward or self.step_totals is None:
+            return super().policy_loss(micro)
+        cfg = self.config
+        values = self.model.values(micro["input_ids"], micro["attention_mask"])[:, :-1]
+        vf_loss, vf_metrics = self.value_loss(micro, values)
+        (cfg.vf_coef * vf_loss).backward()
+        del values
+        loss, metrics, _ = self.policy_term(micro, super().policy_head, super().policy_forward)
+        return loss + cfg.vf_coef * vf_loss.detach(), {**metrics, **vf_metrics}
 
     def after_update(self, experience, metrics) -> None:
         if self.config.adaptive_kl:

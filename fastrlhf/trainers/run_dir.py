@@ -39,10 +39,11 @@ LEGACY_CONFIG_FILE = "trainer_config.json"  # what older versions recorded (and 
 
 # Options a resumed run may change: they set how long it runs, how its batches are cut (the data
 # position is kept in examples), how often it logs, evaluates and saves, and what it shows, but
-# not what it optimises. max_steps / epochs may grow, never below the checkpoint's step.
+# not what it optimises (activation checkpointing recomputes the same values: memory only). max_steps /
+# epochs may grow, never below the checkpoint's step.
 RESUME_OVERRIDABLE = frozenset({
-    "max_steps", "epochs", "batch_size", "grad_accum_steps", "eval_batch_size", "fsdp",
-    "logging_steps", "eval_steps", "save_steps", "save_total_limit", "save_final", "progress",
+    "max_steps", "epochs", "batch_size", "grad_accum_steps", "eval_batch_size", "fsdp", "gradient_checkpointing",
+    "logging_steps", "eval_steps", "save_steps", "save_total_limit", "save_final", "progress", "report_to",
     "max_consecutive_nonfinite",
 })
 # Options that say where and how to start, not what the run is.

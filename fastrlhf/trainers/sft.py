@@ -1,11 +1,15 @@
 """Supervised fine-tuning: masked NLL of the completion tokens under the policy role.
 
-Log-probs come from `RoleModel.token_logprobs("policy", ...)`, i.e. the fused kernel on the hidden
-states: the [B, T, V] logits are never materialised.
+The loss comes straight from the policy's hidden states (`RoleModel.head_inputs` ->
+`fastrlhf.sft_loss_from_hidden`, the LM head's gradients made in its forward); with
+`fused_head=False` from `RoleModel.token_logprobs("policy", ...)` and the masked NLL. Either way the
+[B, T, V] logits are never materialised.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import torch
 
 import fastrlhf
 from fastrlhf._checks import check_choice
@@ -55,11 +59,28 @@ class SFTTrainer(Trainer):
             return batch["loss_mask"][:, 1:].sum().float()
         return super().batch_weight(batch)
 
+    def whole_step_totals(self, micro_batches):
+        """token-mean: the step's completion tokens; seq-mean-token-mean: its sequences (every
+        row counts, an empty one as 0), over all micro-batches and ranks, per rank."""
+        local = sum(self.batch_weight(mb) for mb in micro_batches)
+        total = self.ctx.all_reduce_sum(torch.as_tensor(local, dtype=torch.float32, device=self.device).clone())
+        total = total.clamp(min=1) / self.ctx.world_size
+        return {"total_tokens": total} if self.config.loss_agg == "token-mean" else {"total_sequences": total}
+
     def compute_loss(self, batch):
+        """Mean NLL of the completion tokens (or of each sequence's mean), over the whole optimizer
+        step when `step_totals` are set (in training), else over this batch (evaluation)."""
+        totals = self.step_totals or {}
+        if self.config.fused_head:  # the loss is the final node: gradients made in the head's forward
+            head = self.model.head_inputs(batch["input_ids"], batch["attention_mask"], loss_mask=batch["loss_mask"])
+            return fastrlhf.sft_loss_from_hidden(head.hidden, head.weight, head.targets, loss_agg=self.config.loss_agg,
+                                                 **totals, **head.head_kwargs())
         logps = self.model.token_logprobs("policy", batch["input_ids"], batch["attention_mask"])
         mask = batch["loss_mask"][:, 1:]
         if self.config.loss_agg == "token-mean":
-            loss = -fastrlhf.sequence_logps(logps, mask).sum() / mask.sum().clamp(min=1)
+            tokens = totals.get("total_tokens", mask.sum().clamp(min=1))
+            loss = -fastrlhf.sequence_logps(logps, mask).sum() / tokens
         else:
-            loss = -fastrlhf.sequence_logps(logps, mask, average=True).mean()
+            sequences = totals.get("total_sequences", max(mask.shape[0], 1))
+            loss = -fastrlhf.sequence_logps(logps, mask, average=True).sum() / sequences
         return loss, {}

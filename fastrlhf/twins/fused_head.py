@@ -111,15 +111,20 @@ def sft_loss_from_hidden(
     bias: torch.Tensor | None = None,
     softcap: float | None = None,
     loss_agg: str = "token-mean",
+    total_tokens: float | torch.Tensor | None = None,
+    total_sequences: float | torch.Tensor | None = None,
     chunk_size: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """SFTTrainer's NLL from hidden `[N, H]` / `[B, T, H]` and targets (-100 = not in the loss):
     "token-mean" -sum(logp) / max(count, 1); "seq-mean-token-mean" (targets `[B, T]`) the mean over
-    the B sequences of their mean token NLL. Metrics: none (`{}`)."""
+    the B sequences of their mean token NLL. total_tokens / total_sequences replace max(count, 1) /
+    B (the whole batch's counts). Metrics: none (`{}`)."""
     logps = token_logprobs(hidden, weight, targets, bias=bias, softcap=softcap, chunk_size=chunk_size)
     mask = targets != IGNORE_INDEX
     if loss_agg == "token-mean":
-        loss = -logps.sum() / mask.sum().clamp(min=1)
+        tokens = mask.sum().clamp(min=1) if total_tokens is None else total_tokens
+        loss = -logps.sum() / tokens
     else:
-        loss = -sequence_logps(logps, mask, average=True).sum() / max(targets.shape[0], 1)
+        sequences = max(targets.shape[0], 1) if total_sequences is None else total_sequences
+        loss = -sequence_logps(logps, mask, average=True).sum() / sequences
     return loss, {}
