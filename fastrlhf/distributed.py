@@ -41,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 from fastrlhf._checks import check_whiten_args
+from fastrlhf.losses.advantages import whiten
 from fastrlhf.twins import advantages as twin_advantages
 
 T = TypeVar("T")
@@ -481,7 +482,8 @@ def whiten_global(
     ctx None) it IS `fastrlhf.whiten`, bit for bit and differentiable; across ranks no gradient
     flows through the global statistics.
     """
+    reduce_sum = _sum_over_ranks(ctx)
+    if reduce_sum is None:  # one process: the library function itself (its Triton kernel on CUDA)
+        return whiten(x, mask, shift_mean=shift_mean, eps=eps)
     check_whiten_args(x, mask, eps)
-    return twin_advantages.whiten_with_reduce(
-        x, mask, shift_mean=shift_mean, eps=eps, reduce_sum=_sum_over_ranks(ctx)
-    )
+    return twin_advantages.whiten_with_reduce(x, mask, shift_mean=shift_mean, eps=eps, reduce_sum=reduce_sum)

@@ -14,7 +14,8 @@ from fastrlhf.testing import tiny_llama
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
 ROLES = ("policy", "value", "reward")
-HEAD_KEYS = ["heads.value.weight", "heads.value.bias", "heads.reward.weight", "heads.reward.bias"]
+# the reward head has no bias (like transformers' sequence-classification `score`: it exports as one)
+HEAD_KEYS = ["heads.value.weight", "heads.value.bias", "heads.reward.weight"]
 
 
 def test_lora_tree_is_the_heads_then_one_peft_model():
@@ -49,7 +50,7 @@ def test_full_tree_is_the_heads_then_the_trunks_and_never_the_reference():
         f"{t}.{n}" for t in ("policy_lm", "reward_lm") for n in names]
     assert set(model.role_state_dict("policy")) == {f"trunk.{k}" for k in keys}
     assert set(model.role_state_dict("value")) == {"head.weight", "head.bias"}  # rides on the policy trunk
-    assert set(model.role_state_dict("reward")) == {f"trunk.{k}" for k in keys} | {"head.weight", "head.bias"}
+    assert set(model.role_state_dict("reward")) == {f"trunk.{k}" for k in keys} | {"head.weight"}
 
     reference = model.reference_copy
     assert reference is not None and not any(m is reference for m in model.modules())
