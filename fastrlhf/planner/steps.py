@@ -420,7 +420,7 @@ def _fastrlhf_step(spec: StepSpec, trainer, counter: MemoryCounter, inputs: dict
     if spec.stage in ("sft", "rm", "dpo"):
         micro = _micro_batches(inputs)
         if spec.stage == "dpo" and trainer.precompute:
-            # as DPOTrainer._precompute: without a reference copy the untrained policy is the reference
+            # as PrecomputedReference._precompute (DPO, KTO): without a reference copy the untrained policy is the reference
             role = "reference" if _reference_copy(trainer.model) is not None else "policy"
             trainer.model.eval()
             with counter.label(phase="reference precompute"), torch.no_grad():

@@ -25,6 +25,7 @@ from fastrlhf.contracts import (
 from fastrlhf.options import option_help
 from fastrlhf.trainers.base import Trainer
 from fastrlhf.trainers.config import PreferenceConfig
+from fastrlhf.trainers.precomputed_reference import PrecomputedReference
 
 
 @dataclass
@@ -50,7 +51,7 @@ class DPOConfig(PreferenceConfig):
             raise ValueError(f"simpo_gamma must be 0 unless loss_type='simpo', got {self.simpo_gamma}")
 
 
-class DPOTrainer(Trainer):
+class DPOTrainer(PrecomputedReference, Trainer):
     """Trains the "policy" role on {"prompt", "chosen", "rejected"} records. Logged (TRL names):
     loss, rewards/chosen, rewards/rejected, rewards/accuracies, rewards/margins, logps/chosen, logps/rejected."""
 
@@ -117,42 +118,11 @@ class DPOTrainer(Trainer):
         ref_chosen, ref_rejected = self.reference_logps(batch)
         return fastrlhf.dpo_loss(chosen, rejected, ref_chosen, ref_rejected, **options)
 
-    # ---- precomputed reference log-probs (saved with checkpoints)
-    def before_train(self) -> None:
-        if not self.precompute:
-            return
-        for examples in (self.train_examples, self.eval_examples or []):
-            if examples and "ref_chosen_logps" not in examples[0]:
-                self._precompute(examples)
+    # ---- precomputed reference log-probs (PrecomputedReference)
+    reference_keys = ("ref_chosen_logps", "ref_rejected_logps")
+    reference_state_key = "ref_logps"
 
-    @torch.no_grad()
-    def _precompute(self, examples: list[dict]) -> None:
-        # Without a reference copy (RoleModel(..., with_reference=False)) the untrained policy IS the
-        # reference: this runs before the first step.
-        role = "reference"
-        if not getattr(self.model, "use_lora", True) and getattr(self.model, "reference_copy", None) is None:
-            if self.step > 0:
-                raise RuntimeError("DPO: the model has no reference copy and the policy has already been "
-                                   "trained, so reference log-probs cannot be computed any more")
-            role = "policy"
-        self.model.eval()
-        size = self.config.eval_batch_size
-        for start in range(0, len(examples), size):
-            chunk = examples[start : start + size]
-            with self.autocast():
-                ref = self.sequence_logps(role, self.collate(chunk)).float().cpu().tolist()
-            half = len(chunk)
-            for example, c, r in zip(chunk, ref[:half], ref[half:]):
-                example["ref_chosen_logps"], example["ref_rejected_logps"] = c, r
-        self.model.train()
-
-    def extra_state(self) -> dict:
-        if not self.precompute or "ref_chosen_logps" not in self.train_examples[0]:
-            return {}
-        return {"ref_logps": [[e["ref_chosen_logps"], e["ref_rejected_logps"]] for e in self.train_examples]}
-
-    def load_extra_state(self, state: dict) -> None:
-        saved = state.get("ref_logps")
-        if saved is not None and len(saved) == len(self.train_examples):
-            for example, (c, r) in zip(self.train_examples, saved):
-                example["ref_chosen_logps"], example["ref_rejected_logps"] = c, r
+    def reference_values(self, batch, role: str) -> list[list[float]]:
+        ref = self.sequence_logps(role, batch).float().cpu().tolist()
+        half = len(ref) // 2
+        return [[c, r] for c, r in zip(ref[:half], ref[half:])]

@@ -39,6 +39,7 @@ from fastrlhf.options import option_help
 from fastrlhf.trainers.base import Trainer
 from fastrlhf.trainers.config import SupervisedConfig
 from fastrlhf.trainers.data_stream import BatchStream, DataPositionError
+from fastrlhf.trainers.precomputed_reference import PrecomputedReference
 
 
 @dataclass
@@ -95,7 +96,7 @@ class _GroupStream(BatchStream):
         super().load_state_dict(state)
 
 
-class KTOTrainer(Trainer):
+class KTOTrainer(PrecomputedReference, Trainer):
     """Trains the "policy" role on {"prompt", "completion", "label"} records. Logged (TRL names):
     loss, rewards/chosen, rewards/rejected, rewards/margins, logps/chosen, logps/rejected, kl,
     count/chosen, count/rejected ("chosen" = desirable). Per step, metrics of several micro-batches
@@ -207,46 +208,11 @@ class KTOTrainer(Trainer):
                                  desirable_weight=cfg.desirable_weight, undesirable_weight=cfg.undesirable_weight,
                                  loss_type=cfg.loss_type)
 
-    # ---- precomputed reference log-probs (saved with checkpoints)
-    def before_train(self) -> None:
-        if not self.precompute:
-            return
-        for examples in (self.train_examples, self.eval_examples or []):
-            if examples and "ref_logps" not in examples[0]:
-                self._precompute(examples)
+    # ---- precomputed reference log-probs (PrecomputedReference)
+    reference_keys = ("ref_logps", "ref_kl_logps")
+    reference_state_key = "kto_ref_logps"
 
-    @torch.no_grad()
-    def _precompute(self, examples: list[dict]) -> None:
-        # Without a reference copy (RoleModel(..., with_reference=False)) the untrained policy IS the
-        # reference: this runs before the first step.
-        role = "reference"
-        if not getattr(self.model, "use_lora", True) and getattr(self.model, "reference_copy", None) is None:
-            if self.step > 0:
-                raise RuntimeError("KTO: the model has no reference copy and the policy has already been "
-                                   "trained, so reference log-probs cannot be computed any more")
-            role = "policy"
-        self.model.eval()
-        size = self.config.eval_batch_size
-        for start in range(0, len(examples), size):
-            chunk = examples[start : start + size]
-            with self.autocast():
-                ref, ref_kl = self.reference_logps(self.collate(chunk), role)
-            for example, value in zip(chunk, ref.float().cpu().tolist()):
-                example["ref_logps"] = value
-            if ref_kl is not None:
-                for example, value in zip(chunk, ref_kl.float().cpu().tolist()):
-                    example["ref_kl_logps"] = value
-        self.model.train()
-
-    def extra_state(self) -> dict:
-        if not self.precompute or "ref_logps" not in self.train_examples[0]:
-            return {}
-        return {"kto_ref_logps": [[e["ref_logps"], e.get("ref_kl_logps")] for e in self.train_examples]}
-
-    def load_extra_state(self, state: dict) -> None:
-        saved = state.get("kto_ref_logps")
-        if saved is not None and len(saved) == len(self.train_examples):
-            for example, (ref, ref_kl) in zip(self.train_examples, saved):
-                example["ref_logps"] = ref
-                if ref_kl is not None:
-                    example["ref_kl_logps"] = ref_kl
+    def reference_values(self, batch, role: str) -> list[list[float | None]]:
+        ref, ref_kl = self.reference_logps(batch, role)
+        ref_kl = ref_kl.float().cpu().tolist() if ref_kl is not None else [None] * ref.shape[0]
+        return [[r, k] for r, k in zip(ref.float().cpu().tolist(), ref_kl)]
