@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from fastrlhf._checks import check_choice, check_int, check_number
 from fastrlhf._dispatch import BACKENDS
 from fastrlhf.options import option_help, unset_as_none
+from fastrlhf.trainers import TRAINERS
 from fastrlhf.trl_compat import ConfigMeta
 
 LR_SCHEDULES = ("cosine", "linear", "constant")
@@ -139,8 +140,6 @@ class TrainerConfig(metaclass=ConfigMeta):
 def default_output_dir(config_class: type) -> str:
     """DEFAULT_OUTPUT_ROOT/<stage>, the stage being the command-line name of the trainer the config
     belongs to (sft, rm, dpo, kto, ppo, grpo), so that the stages of a pipeline never share a directory."""
-    from fastrlhf.trainers import TRAINERS
-
     stage = next((name for name, (_, config_name) in TRAINERS.items() if config_name == config_class.__name__),
                  config_class.__name__.removesuffix("Config").lower() or "trainer")
     return os.path.join(DEFAULT_OUTPUT_ROOT, stage)
