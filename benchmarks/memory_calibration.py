@@ -141,7 +141,30 @@ def _export_tree(commit: str, into: Path) -> Path:
     shutil.copy(Path(__file__), into / "benchmarks" / Path(__file__).name)
     if (into / "kernels").is_dir() and not (into / "fastrlhf" / "kernels").exists():
         shutil.copytree(into / "kernels", into / "fastrlhf" / "kernels")
+    _add_missing_checks(into)
     return into
+
+
+def _add_missing_checks(tree: Path) -> None:
+    """The simulator validates its spec with `fastrlhf._checks` functions an older tree may not have
+    (e.g. check_int): append today's definitions of exactly those, self-contained ones, to the old
+    module. Nothing the old code defines is replaced, so the old code still runs its own checks."""
+    import ast
+
+    wanted = set()
+    for source in (ROOT / "fastrlhf" / "planner").glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module == "fastrlhf._checks":
+                wanted.update(alias.name for alias in node.names)
+    old_path = tree / "fastrlhf" / "_checks.py"
+    old_source = old_path.read_text()
+    defined = {node.name for node in ast.parse(old_source).body if isinstance(node, ast.FunctionDef)}
+    today = (ROOT / "fastrlhf" / "_checks.py").read_text()
+    added = [ast.get_source_segment(today, node) for node in ast.parse(today).body
+             if isinstance(node, ast.FunctionDef) and node.name in wanted - defined]
+    if added:
+        old_path.write_text(old_source + "\n\n# added by benchmarks/memory_calibration.py for the simulator\n"
+                            + "\n\n".join(added) + "\n")
 
 
 def _run_worker(tree: Path, legacy_upcast: bool) -> list[dict]:

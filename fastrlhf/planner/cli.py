@@ -118,7 +118,7 @@ def run_plan(command: str, options: dict[type, Any]) -> int:
     if spec.stage in ("ppo", "grpo") and spec.rollout_rows < spec.num_minibatches * spec.grad_accum_steps:
         raise CliError(f"--plan: --num-minibatches x --grad-accum-steps = {spec.num_minibatches * spec.grad_accum_steps} "
                        f"exceeds the {spec.rollout_rows} sequences per iteration")
-    print(f"planning {command} on {name} (simulating the step on fake tensors, about a minute) ...", flush=True)
+    print(f"planning {command} on {name} (simulating the step on fake tensors, under a minute) ...", flush=True)
     try:
         plan = make_plan(spec, config, name, gpu_memory_gib=gib, gpu_source=source,
                          fsdp_gpus=plan_options.fsdp_degrees(),
