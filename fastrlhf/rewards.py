@@ -157,6 +157,8 @@ class RewardFunctions:
                                  f"got {type(source).__name__}")
         self.weights = [1.0] * len(sources) if weights is None else [float(w) for w in weights]
         self.__name__ = "+".join(self.names)
+        self.metric_names = _metric_names(self.names)
+        self.last_scores: list[list[float]] | None = None  # the table of the last call (per-function metrics)
 
     def to(self, device) -> "RewardFunctions":
         for fn in self.functions:
@@ -189,6 +191,7 @@ class RewardFunctions:
 
     def __call__(self, prompts, completions, records) -> list[float]:
         table = self.scores_per_function(prompts, completions, records)
+        self.last_scores = table
         totals = []
         for j in range(len(completions)):
             terms = [w * column[j] for w, column in zip(self.weights, table) if not math.isnan(column[j])]
@@ -218,6 +221,18 @@ class RewardFunctions:
                 raise ValueError(f"reward function {name!r} failed on a dry call {style} with {len(batch)} "
                                  f"records of the training data and the completion {FAKE_COMPLETION!r}: "
                                  f"{type(error).__name__}: {error}") from error
+
+
+def _metric_names(names: Sequence[str]) -> list[str]:
+    """Short, unique names for the per-function metrics `rewards/<name>/mean` (TRL's keys): a function's
+    __name__, the last path component of a reward model; a repeated name gets _2, _3, ..."""
+    short = [name.rstrip("/").rsplit("/", 1)[-1].removeprefix("reward model ") for name in names]
+    seen: dict[str, int] = {}
+    unique = []
+    for name in short:
+        seen[name] = seen.get(name, 0) + 1
+        unique.append(name if seen[name] == 1 else f"{name}_{seen[name]}")
+    return unique
 
 
 def _takes_var_keywords(fn: Callable) -> bool:

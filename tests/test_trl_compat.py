@@ -259,6 +259,18 @@ def test_reward_functions_trl_convention_weights_and_conversational_completions(
     assert seen["prompts"] == [r["prompt"] for r in records]  # the records' prompts, as messages
     assert seen["completions"] == [[{"role": "assistant", "content": "yes yes"}], [{"role": "assistant", "content": "maybe"}]]
     assert seen["answer"] == ["yes", "no"] and seen["kwargs"] == {"level": [1, 2]}
+    # per-function metrics: the last call's table under short unique names; None left out of mean/std
+    from fastrlhf.trainers._policy_gradient import _reward_term_metrics
+
+    assert rewards.metric_names == ["count_words", "says_answer", "spy"]
+    spy_metrics = _reward_term_metrics("spy", torch.tensor(rewards.last_scores[2]))
+    assert spy_metrics == {"rewards/spy/mean": 2.0, "rewards/spy/std": 0.0}
+    nothing = _reward_term_metrics("x", torch.tensor([float("nan")] * 3))
+    assert nothing == {"rewards/x/mean": 0.0, "rewards/x/std": 0.0}
+    from fastrlhf.rewards import _metric_names
+
+    names = ["count_words", "count_words", "/models/my-rm/", "reward model org/rm"]
+    assert _metric_names(names) == ["count_words", "count_words_2", "my-rm", "rm"]
 
     def legacy(prompts, completions, records):  # fastrlhf's positional convention still works
         return [float(len(records))] * len(completions)
@@ -297,6 +309,12 @@ def test_grpo_with_weighted_reward_functions_logs_the_weighted_sum(tiny, tmp_pat
                     for s in entry["samples"]]
         assert [s["reward"] for s in entry["samples"]] == pytest.approx(expected)
         assert metrics["reward"] == pytest.approx(sum(expected) / len(expected), rel=1e-5)
+        # each function's own scores (TRL's keys), unweighted: all 4 completions of the step are in the samples
+        words = torch.tensor([float(count_words([s["completion"]])[0]) for s in entry["samples"]])
+        said = torch.tensor([float(answers[s["prompt"]] in s["completion"].split()) for s in entry["samples"]])
+        for name, column in (("count_words", words), ("says_answer", said)):
+            assert metrics[f"rewards/{name}/mean"] == pytest.approx(float(column.mean()), rel=1e-5, abs=1e-7)
+            assert metrics[f"rewards/{name}/std"] == pytest.approx(float(column.std()), rel=1e-5, abs=1e-7)
 
 
 def other_tokenizer():

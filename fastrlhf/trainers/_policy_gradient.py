@@ -235,6 +235,9 @@ class PolicyGradientTrainer(Trainer):
                 raise ValueError(f"reward_fn must return a list of floats, got {values!r:.200}") from error
             if scores.shape != (len(examples),) or not torch.isfinite(scores).all():
                 raise ValueError(f"reward_fn must return {len(examples)} finite floats, got {values!r:.200}")
+            table = getattr(self.reward_fn, "last_scores", None)  # RewardFunctions: each function's scores
+            if table is not None:
+                batch["reward_terms"] = dict(zip(self.reward_fn.metric_names, table))
         else:
             with self.autocast():
                 scores = self.model.rewards(batch["input_ids"], batch["attention_mask"]).float()
@@ -254,10 +257,13 @@ class PolicyGradientTrainer(Trainer):
         every = self.config.log_completions_steps
         if every and (self.step + 1) % every == 0:
             self.log_samples(batch, scores)
-        return {
+        metrics = {
             "completions/mean_length": batch["response_length"].float().mean(),
             "completions/clipped_ratio": (~batch["has_eos"]).float().mean(),
         }
+        for name, column in batch.get("reward_terms", {}).items():
+            metrics.update(_reward_term_metrics(name, torch.tensor(column, dtype=torch.float32, device=self.device)))
+        return metrics
 
     def log_samples(self, batch: dict, scores: torch.Tensor) -> None:
         """The first num_completions_to_print completions of this iteration, with their prompts and
@@ -439,3 +445,14 @@ def sequence_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean over rows of the per-row masked sum of `x` [B, T-1]."""
     return (x * mask).sum(-1).mean() if x.shape[0] else x.new_zeros(())
 
+
+def _reward_term_metrics(name: str, values: torch.Tensor) -> dict[str, torch.Tensor]:
+    """TRL's `rewards/<name>/mean` and `rewards/<name>/std` (sample std) of one reward function's
+    scores over this rank's completions, leaving out those it returned None for (NaN); 0 when none
+    is left. Under torchrun the logged value is the mean of the ranks' values."""
+    valid = ~torch.isnan(values)
+    count = valid.sum()
+    x = torch.where(valid, values, 0.0)
+    mean = x.sum() / count.clamp(min=1)
+    var = (torch.where(valid, values - mean, 0.0) ** 2).sum() / (count - 1).clamp(min=1)
+    return {f"rewards/{name}/mean": mean, f"rewards/{name}/std": var.sqrt()}
