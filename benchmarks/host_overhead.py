@@ -47,8 +47,10 @@ from typing import Callable
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-if "cuda" not in sys.argv:
-    os.environ["TRITON_INTERPRET"] = "1"  # before the kernel modules import: the Triton path on CPU tensors
+if __name__ == "__main__" and "cuda" not in sys.argv:
+    # Before the kernel modules import: the Triton path on CPU tensors. Only as the program: the
+    # tests import this module, and must not have their interpreter setting changed by it.
+    os.environ["TRITON_INTERPRET"] = "1"
 
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
@@ -125,7 +127,7 @@ def _replace_kernels(counter: list, *, run: bool) -> list:
     return replaced
 
 
-def _graph_leaves(output: torch.Tensor) -> list[torch.Tensor]:
+def graph_leaves(output: torch.Tensor) -> list[torch.Tensor]:
     """The leaf tensors requiring grad that `output` was computed from."""
     leaves, seen, stack = [], set(), [output.grad_fn]
     while stack:
@@ -161,7 +163,7 @@ def _cases(device: str) -> dict[str, Callable[[], tuple[Callable, Callable | Non
         loss = out[0] if isinstance(out, tuple) else out
         if loss.shape not in upstream:
             upstream[loss.shape] = torch.ones_like(loss)
-        torch.autograd.grad(loss, _graph_leaves(loss), grad_outputs=upstream[loss.shape])
+        torch.autograd.grad(loss, graph_leaves(loss), grad_outputs=upstream[loss.shape])
 
     def ppo(**options):
         def make():

@@ -35,7 +35,7 @@ from test_ppo import FP32_TOL, _kl_closed, assert_close_to_closed, make_ppo_inpu
 
 import fastrlhf
 import fastrlhf.twins as twins
-from benchmarks.host_overhead import LaunchingOps
+from benchmarks.host_overhead import LaunchingOps, graph_leaves
 from fastrlhf._checks import once_per_signature
 from fastrlhf.kernels import _launch
 
@@ -105,7 +105,7 @@ def test_each_call_is_its_kernels_and_no_torch_op(name):
     out = forward()
     loss = out[0] if isinstance(out, tuple) else out
     upstream = torch.ones_like(loss)
-    leaves = [t for t in _leaves(loss)]
+    leaves = graph_leaves(loss)
     with recorded_launches() as launches, LaunchingOps() as ops:
         out = forward()
     assert _kernel_names(launches) == sorted(fwd_kernels), name
@@ -119,18 +119,6 @@ def test_each_call_is_its_kernels_and_no_torch_op(name):
     assert _kernel_names(launches) == sorted(bwd_kernels), name
     assert ops.ops == [], f"{name} backward ran torch ops {ops.ops}"
 
-
-def _leaves(output):
-    found, stack, seen = [], [output.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if hasattr(node, "variable"):
-            found.append(node.variable)
-        stack.extend(fn for fn, _ in node.next_functions)
-    return found
 
 
 # ============================================================================ ppo_loss / value_loss tiles
