@@ -15,6 +15,7 @@ import fastrlhf
 from fastrlhf._checks import check_choice, check_int, check_number
 from fastrlhf.contracts import IS_CORRECTIONS, KL_ESTIMATORS, LOSS_AGGS, TRAINER_LOSS_TYPES
 from fastrlhf.data import eos_token_ids
+from fastrlhf.distributed import DistContext, global_masked_mean_var
 from fastrlhf.options import option_help, unset_as_none
 from fastrlhf.trainers.base import Trainer
 from fastrlhf.trainers.config import TrainerConfig
@@ -262,7 +263,8 @@ class PolicyGradientTrainer(Trainer):
             "completions/clipped_ratio": (~batch["has_eos"]).float().mean(),
         }
         for name, column in batch.get("reward_terms", {}).items():
-            metrics.update(_reward_term_metrics(name, torch.tensor(column, dtype=torch.float32, device=self.device)))
+            column = torch.tensor(column, dtype=torch.float32, device=self.device)
+            metrics.update(_reward_term_metrics(name, column, self.ctx))
         return metrics
 
     def log_samples(self, batch: dict, scores: torch.Tensor) -> None:
@@ -446,13 +448,9 @@ def sequence_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (x * mask).sum(-1).mean() if x.shape[0] else x.new_zeros(())
 
 
-def _reward_term_metrics(name: str, values: torch.Tensor) -> dict[str, torch.Tensor]:
+def _reward_term_metrics(name: str, values: torch.Tensor, ctx: DistContext | None = None) -> dict[str, torch.Tensor]:
     """TRL's `rewards/<name>/mean` and `rewards/<name>/std` (sample std) of one reward function's
-    scores over this rank's completions, leaving out those it returned None for (NaN); 0 when none
-    is left. Under torchrun the logged value is the mean of the ranks' values."""
-    valid = ~torch.isnan(values)
-    count = valid.sum()
-    x = torch.where(valid, values, 0.0)
-    mean = x.sum() / count.clamp(min=1)
-    var = (torch.where(valid, values - mean, 0.0) ** 2).sum() / (count - 1).clamp(min=1)
+    scores, leaving out the completions it returned None for (NaN); 0 when none is left. Over every
+    rank's completions (`global_masked_mean_var`, a collective: every rank calls it)."""
+    mean, var = global_masked_mean_var(values, ~torch.isnan(values), ctx)
     return {f"rewards/{name}/mean": mean, f"rewards/{name}/std": var.sqrt()}
